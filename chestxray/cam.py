@@ -1,0 +1,82 @@
+"""Heatmaps: all-label class activation maps from the forward pass, optional Grad-CAM on the trunk, overlays.
+
+Why one pass is enough: with LSE pooling followed by a linear layer, d logit_c / d A_k(i,j) = W_ck softmax_ij(r A_k)
+and the softmax sums to 1 over (i,j), so Grad-CAM's channel weight mean_ij(dy_c/dA_k) is W_ck / (h w) and
+Grad-CAM at the transition layer is ReLU(W_c . A) / (h w): the class activation map (Zhou et al. 2016), for all
+labels in one einsum, with no backward pass and no hooks (safe to call from several threads).
+Written by hand because no library exploits this; pytorch-grad-cam is the independent check in the tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+
+from .model import ChestXrayNet
+
+
+def class_activation_maps(model: ChestXrayNet, features: torch.Tensor) -> torch.Tensor:
+    """A (N, 1024, h, w) -> raw maps (N, L, h, w) float32, W_c . A / (h w) (before ReLU); equals Grad-CAM's sum."""
+    weight = model.classifier.weight.float()
+    h, w = features.shape[-2:]
+    return torch.einsum("lc,nchw->nlhw", weight, features.float()) / (h * w)
+
+
+def predict_with_maps(model: ChestXrayNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: x (N, 3, S, S) -> (logits (N, L), raw maps (N, L, h, w))."""
+    features = model.features(x)
+    return model.head(features), class_activation_maps(model, features)
+
+
+def grad_cam_trunk(model: ChestXrayNet, x: torch.Tensor, label_indices: list[int] | None = None) -> torch.Tensor:
+    """Grad-CAM on the trunk's last block: x (N, 3, S, S) -> (N, K, h, w) float32 >= 0 (K labels, default all).
+
+    The trunk runs once without gradients; its output becomes a leaf and only the head is backpropagated.
+    """
+    labels = list(range(model.classifier.out_features)) if label_indices is None else list(label_indices)
+    with torch.no_grad():
+        trunk_out = model.trunk(x)
+    with torch.enable_grad():
+        leaf = trunk_out.detach().float().requires_grad_(True)
+        logits = model.head(model.transition(leaf))
+        maps = []
+        for c in labels:
+            (grad,) = torch.autograd.grad(logits[:, c].sum(), leaf, retain_graph=True)
+            alpha = grad.mean(dim=(2, 3), keepdim=True)
+            maps.append(torch.relu((alpha * leaf).sum(dim=1)))
+    return torch.stack(maps, dim=1).detach()
+
+
+def normalize_map(cam: np.ndarray | torch.Tensor) -> np.ndarray:
+    """ReLU then scale to [0, 1] by the maximum (an all-negative map becomes all zeros); (h, w) float32."""
+    m = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    peak = float(m.max()) if m.size else 0.0
+    return m / peak if peak > 0 else m
+
+
+def upsample_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(h, w) map -> (height, width), bilinear (half-pixel centres, like cv2.resize)."""
+    t = torch.as_tensor(np.asarray(cam, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
+    """Blend a heatmap over an X-ray: image (H, W) in [0, 1], cam (h, w) raw -> RGB PIL image (W x H)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    h, w = image.shape
+    heat = upsample_map(normalize_map(cam), h, w)
+    colour = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    blended = (1 - alpha) * gray + alpha * colour
+    return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
+
+
+def heatmap_image(cam: np.ndarray, height: int, width: int, colormap: str = "jet") -> Image.Image:
+    """The colour-mapped heatmap alone, RGBA with opacity following the heat (for a CSS-blended layer)."""
+    heat = upsample_map(normalize_map(cam), height, width)
+    rgba = colormaps[colormap](np.clip(heat, 0, 1))
+    rgba[..., 3] = np.clip(heat, 0, 1)
+    return Image.fromarray(np.round(rgba * 255).astype(np.uint8), mode="RGBA")
