@@ -153,6 +153,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (a cut-off file, junk, a legacy pickle) is refused here.
+        raise CheckpointError(f"{path} is truncated or corrupt, or not a PyTorch checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -132,13 +132,23 @@ def _read_dicom(data: bytes) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
+        # pydicom drops a truncated element with a warning instead of raising.
+        if any("end of file" in str(w.message).lower() for w in caught):
+            raise InvalidImage("the DICOM file is truncated or corrupt")
+    except InvalidImage:
+        raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
         raise InvalidImage("the DICOM file is truncated or corrupt") from None
     except Exception:  # pydicom raises assorted errors on malformed headers; none may escape as a 500
         raise InvalidImage("the DICOM file is truncated or corrupt") from None
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop_class = getattr(ds.get("SOPClassUID"), "name", "") or ""
+        if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class:
+            raise InvalidImage("the DICOM file is truncated or corrupt: it describes an image but holds no pixel data")
         raise InvalidImage(
             "the DICOM file has no pixel data (it is not an image, e.g. a structured report or a presentation state)"
         )

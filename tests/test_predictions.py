@@ -1,0 +1,151 @@
+"""predictions.py: Predictor (probabilities, calls, heatmaps, preprocessing from the checkpoint) and its CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predictions
+from chestxray.imaging import InvalidImage, read_xray
+from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT, make_checkpoint
+from predictions import Predictor
+
+
+def test_probabilities_are_a_single_sigmoid_of_the_logits(tiny_predictor):
+    pred = tiny_predictor.predict(NIH_PNG)
+    with torch.no_grad():
+        logits = tiny_predictor.model(tiny_predictor.preprocess(read_xray(NIH_PNG)))[0]
+    expected = torch.sigmoid(logits).numpy()
+    np.testing.assert_allclose([pred.probabilities[n] for n in LABELS], expected, rtol=1e-5, atol=1e-6)
+    probs = np.array(list(pred.probabilities.values()))
+    # A double sigmoid squeezes everything into (0.5, 0.73); the biased head spreads these over (0, 1).
+    assert probs.min() < 0.2 and probs.max() > 0.8
+
+
+def test_keys_follow_the_checkpoint_label_order_and_thresholds(tmp_path):
+    labels = tuple(reversed(CHESTXRAY8_LABELS))
+    thresholds = [0.05, 0.95, 0.5, 0.5, 0.5, 0.5, 0.5, 0.99]
+    path = make_checkpoint(tmp_path / "c8.pth", labels=labels, thresholds=thresholds, bias_spread=0.0)
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    pred = predictor.predict(NIH_PNG)
+    assert list(pred.probabilities) == list(labels) == list(pred.thresholds)
+    assert pred.thresholds[labels[1]] == 0.95
+    for name, t in zip(labels, thresholds):
+        assert (name in pred.positive) == (pred.probabilities[name] >= t)
+    assert labels[0] in pred.positive  # threshold 0.05 against p ~ 0.5
+    assert pred.heatmaps.shape == (8, 2, 2)
+
+
+def test_preprocessing_comes_from_the_checkpoint(tmp_path):
+    path = make_checkpoint(tmp_path / "c96.pth", image_size=96)
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    assert predictor.preprocess(read_xray(NIH_PNG)).shape == (1, 3, 96, 96)
+    pred = predictor.predict(NIH_PNG)
+    assert pred.heatmaps.shape == (14, 3, 3)
+
+
+def test_prediction_overlay_and_ranking(tiny_predictor):
+    pred = tiny_predictor.predict(DICOM_MONO2)
+    ranked = pred.ranked()
+    assert sorted(ranked) == sorted(LABELS)
+    assert pred.probabilities[ranked[0]] == max(pred.probabilities.values())
+    image = pred.overlay(ranked[0])
+    assert image.size == (1024, 1024)
+    with pytest.raises(KeyError, match="unknown label"):
+        pred.overlay("Tumour")
+    assert tiny_predictor.predict(NIH_PNG, heatmaps=False).heatmaps is None
+
+
+def test_invalid_image_propagates(tiny_predictor):
+    with pytest.raises(InvalidImage):
+        tiny_predictor.predict(b"not an image")
+
+
+def test_model_card(tiny_predictor):
+    card = tiny_predictor.model_card()
+    assert card["arch"] == "resnet18" and card["image_size"] == 64 and card["labels"] == list(LABELS)
+    json.dumps(card)
+
+
+def test_full_size_resnet50_at_512(tmp_path):
+    """The seed architecture at its real input size, on a real 1024-px image."""
+    path = make_checkpoint(tmp_path / "r50.pth", arch="resnet50", image_size=512)
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    pred = predictor.predict(NIH_PNG)
+    assert pred.heatmaps.shape == (14, 16, 16)
+    assert pred.overlay(pred.ranked()[0]).size == (1024, 1024)
+    assert all(0 <= p <= 1 for p in pred.probabilities.values()) and np.isfinite(pred.heatmaps).all()
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(NIH_PNG, folder / "a.png")
+    shutil.copy(NIH_DIR / "images_64" / "00000001_001.png", folder / "sub" / "a.png")  # same stem, other folder
+    shutil.copy(DICOM_MONO2, folder / "sub" / "scan.dcm")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a picture")
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def _run_cli(capsys, *argv) -> tuple[int, list[dict], str]:
+    code = predictions.main(predictions.get_args_parser().parse_args([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_cli_on_a_mixed_folder(tiny_checkpoint, mixed_folder, tmp_path, capsys):
+    out_dir = tmp_path / "maps"
+    code, records, err = _run_cli(capsys, mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out_dir)
+    assert code == 1
+    by_name = {r["image"].split(str(mixed_folder) + "/")[1]: r for r in records}
+    assert set(by_name) == {"a.png", "sub/a.png", "sub/scan.dcm", "empty.png", "notes.jpg"}
+    assert "empty" in by_name["empty.png"]["error"]
+    assert "not a readable image" in by_name["notes.jpg"]["error"]
+    for name in ("a.png", "sub/a.png", "sub/scan.dcm"):
+        record = by_name[name]
+        assert list(record["probabilities"]) == list(LABELS)
+        assert set(record["heatmaps"]) == set(LABELS)
+        for path in record["heatmaps"].values():
+            with Image.open(path) as im:
+                assert im.format == "PNG"
+    # Two images with the stem "a" do not overwrite each other's heatmaps.
+    assert by_name["a.png"]["heatmaps"]["Mass"] != by_name["sub/a.png"]["heatmaps"]["Mass"]
+    assert "5/5" in err  # progress bar on stderr
+
+
+def test_cli_heatmaps_positive_and_none(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "t.pth", thresholds=[0.99] * 13 + [0.0])
+    code, (record,), _ = _run_cli(capsys, NIH_PNG, "--checkpoint", path, "--out", tmp_path / "o",
+                                  "--heatmaps", "positive")
+    assert code == 0 and record["positive"] == ["Hernia"] and list(record["heatmaps"]) == ["Hernia"]
+    code, (record,), _ = _run_cli(capsys, NIH_PNG, "--checkpoint", path, "--heatmaps", "none")
+    assert code == 0 and "heatmaps" not in record
+
+
+def test_cli_without_a_usable_checkpoint(tmp_path, capsys):
+    code, records, err = _run_cli(capsys, NIH_PNG, "--checkpoint", tmp_path / "missing.pth")
+    assert code == 2 and records == []
+    assert "not found" in err and "Model_Training/train.py" in err
+
+
+def test_cli_as_a_subprocess(tiny_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "predictions.py", str(NIH_PNG), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["image"] == str(NIH_PNG) and len(record["probabilities"]) == 14
