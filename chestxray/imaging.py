@@ -21,7 +21,7 @@ MIN_SIDE = 32
 ACCEPTED = "PNG, JPEG or DICOM"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # noqa: UP007 (a runtime alias)
 
 
 class InvalidImage(ValueError):
@@ -176,7 +176,9 @@ def _read_dicom(data: bytes) -> np.ndarray:
         pixels = ds.pixel_array
     except NotImplementedError:
         name = getattr(syntax, "name", None) or str(syntax)
-        raise InvalidImage(f"unsupported DICOM transfer syntax {name}: re-export the image uncompressed or as JPEG")
+        raise InvalidImage(
+            f"unsupported DICOM transfer syntax {name}: re-export the image uncompressed or as JPEG"
+        ) from None
     except RuntimeError as exc:
         # pydicom raises RuntimeError when no installed decoder handles the syntax.
         if "transfer syntax" in str(exc).lower() or "plugin" in str(exc).lower():

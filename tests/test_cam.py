@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import NIH_PNG
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -21,7 +22,6 @@ from chestxray.cam import (
 from chestxray.checkpoint import Meta, model_from_meta
 from chestxray.imaging import read_xray
 from chestxray.transforms import build_transform
-from conftest import NIH_PNG
 
 SIZE = 256  # 8 x 8 maps: enough structure for a meaningful correlation, fast on a CPU
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 
 from chestxray.checkpoint import (
     FORMAT,
@@ -17,7 +18,6 @@ from chestxray.checkpoint import (
 )
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
 from chestxray.transforms import build_transform
-from conftest import make_checkpoint
 
 
 def test_round_trip_gives_identical_logits_and_meta(tiny_checkpoint):

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT, make_checkpoint
 from PIL import Image
 
 import predictions
 from chestxray.imaging import InvalidImage, read_xray
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
-from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT, make_checkpoint
 from predictions import Predictor
 
 
