@@ -1,0 +1,548 @@
+"""The web app through Flask's test client: every route, every error status, no-model mode, retention, CSRF,
+security headers, privacy of DICOM headers, and concurrency. The tiny 64 px ResNet-18 checkpoint keeps it fast.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import DICOM_MONO1, DICOM_MONO2, NIH_PNG, OTHER_CXR_DIR, ROOT
+from flask import Flask
+from PIL import Image
+
+import main
+from chestxray.cam import heatmap_image
+from chestxray.checkpoint import CheckpointError, load_checkpoint
+from main import DISPLAY_MAX_SIDE, RESULT_ID, create_app, default_label
+from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
+
+JPEG = OTHER_CXR_DIR / "2c35005f.jpg"  # 2000 px grayscale JPEG
+RGBA_PNG = OTHER_CXR_DIR / "16745_3_1.png"
+PHI = ("Zyxwvut^Secretname", "PHI-ID-5550199", "Secret General Hospital")
+UPLOAD_NAME = "upload-name-QWERTY"  # a user-supplied file name that must never reach the disk
+
+
+@pytest.fixture
+def make_app(tiny_checkpoint, tmp_path):
+    def make(**config) -> Flask:
+        base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
+                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
+        return create_app({**base, **config})
+
+    return make
+
+
+@pytest.fixture
+def app(make_app) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def phi_dicom() -> bytes:
+    """The real JPEG-compressed DICOM with distinctive patient name, ID and institution in its header."""
+    ds = pydicom.dcmread(DICOM_MONO2)
+    ds.PatientName, ds.PatientID, ds.InstitutionName = PHI
+    ds.PatientBirthDate = "19450517"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    assert all(s.encode() in data for s in PHI)
+    return data
+
+
+def upload(source: Path | bytes, name: str | None = None) -> dict:
+    """Multipart data for the field `file` from a path or bytes."""
+    data = source.read_bytes() if isinstance(source, Path) else source
+    return {"file": (io.BytesIO(data), name or (source.name if isinstance(source, Path) else "x.png"))}
+
+
+def results_dir(app: Flask) -> Path:
+    return Path(app.config["RESULTS_DIR"])
+
+
+def saved_ids(app: Flask) -> set[str]:
+    return {p.name for p in results_dir(app).iterdir() if RESULT_ID.fullmatch(p.name)}
+
+
+def post_png(client) -> str:
+    """POST /predict with the NIH PNG; returns the new result id from the redirect."""
+    response = client.post("/predict", data=upload(NIH_PNG))
+    assert response.status_code == 303, response.data[:500]
+    return response.headers["Location"].rsplit("/", 1)[1]
+
+
+def flashes(body: bytes) -> list[str]:
+    return [html.unescape(m) for m in re.findall(r'<li class="flash[^"]*">(.*?)</li>', body.decode(), re.S)]
+
+
+# ---------------------------------------------------------------- serving set-up
+
+
+def test_import_builds_no_app_or_model():
+    assert not any(isinstance(value, Flask) for value in vars(main).values())
+
+
+def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("CXR_CHECKPOINT", raising=False)
+    args = main.get_args_parser().parse_args([])
+    assert (args.host, args.port, args.retention) == ("127.0.0.1", 5000, 200)
+    assert args.checkpoint == str(ROOT / DEFAULT_CHECKPOINT) == main.default_checkpoint()
+    monkeypatch.setenv("CXR_CHECKPOINT", str(tmp_path / "env.pth"))
+    assert main.get_args_parser().parse_args([]).checkpoint == str(tmp_path / "env.pth")
+
+
+def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):
+    monkeypatch.setenv("CXR_CHECKPOINT", str(tiny_checkpoint))
+    app = create_app({"RESULTS_DIR": str(tmp_path), "DEVICE": "cpu"})
+    state = app.extensions["chestxray"]
+    assert state.checkpoint == str(tiny_checkpoint) and state.predictor is not None and state.error is None
+    assert app.config["SECRET_KEY"] and app.config["WTF_CSRF_ENABLED"]
+    assert app.config["MAX_CONTENT_LENGTH"] == 50 * 1024 * 1024 and app.config["RETENTION"] == 200
+
+
+def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    import waitress
+
+    served = {}
+
+    class FakeServer:
+        effective_host, effective_port = "127.0.0.1", 5123
+
+        def run(self):
+            served["ran"] = True
+
+        def close(self):
+            pass
+
+    def create_server(app, host, port, threads):
+        served.update(app=app, host=host, port=port)
+        return FakeServer()
+
+    monkeypatch.setattr(waitress, "create_server", create_server)
+    args = main.get_args_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--port", "5123", "--device",
+                                              "cpu", "--results-dir", str(tmp_path), "--retention", "7"])
+    assert main.main(args) == 0
+    assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
+    assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
+    app = served["app"]
+    assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
+    assert app.extensions["chestxray"].predictor is not None
+
+
+def test_invalid_retention_is_refused(make_app):
+    with pytest.raises(ValueError, match="RETENTION"):
+        make_app(RETENTION=0)
+
+
+def test_healthz_and_model_card(client, tiny_predictor):
+    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True}
+    assert client.get("/api/model").get_json() == tiny_predictor.model_card()
+    assert client.get("/favicon.ico").status_code == 204
+
+
+def test_upload_page(make_app):
+    body = make_app(WTF_CSRF_ENABLED=True).test_client().get("/").data.decode()
+    assert re.search(r'<input[^>]*type="file"[^>]*multiple', body)
+    assert 'enctype="multipart/form-data"' in body and 'name="csrf_token"' in body
+    for accepted in (".png", ".jpg", ".jpeg", ".dcm"):
+        assert accepted in body
+    assert 'id="dropzone"' in body and "not for clinical use" in body.lower()
+    assert "NIH ChestX-ray14" in body
+    assert "resnet18" in body and "64 × 64 px" in body and "random init (test fixture)" in body
+
+
+# ---------------------------------------------------------------- the HTML flow
+
+
+def test_predict_redirects_to_result_page_with_all_labels(client, app, tiny_predictor):
+    rid = post_png(client)
+    body = client.get(f"/results/{rid}").data.decode()
+    record = json.loads((results_dir(app) / rid / "result.json").read_text())
+    expected = tiny_predictor.predict(NIH_PNG)
+
+    shown = re.findall(r'class="label-link" href="[^"]*"\s+data-label="([^"]+)"', body)
+    assert shown == expected.ranked() and len(shown) == len(tiny_predictor.labels)
+    assert body.count('class="finding positive') == len(expected.positive) > 0
+    for label in expected.labels:
+        assert f"{100 * expected.probabilities[label]:.1f}%" in body
+    assert body.count('class="threshold"') == len(expected.labels)  # the threshold mark on every bar
+    assert body.count('<td class="num threshold">50.0%</td>') == len(expected.labels)
+    top = default_label(record)
+    assert top == next(label for label in expected.ranked() if label in expected.positive)
+    assert f'src="/results/{rid}/heatmap/{top}.png"' in body and 'id="heat"' in body
+    assert f'href="/api/results/{rid}"' in body and f'src="/results/{rid}/image.png"' in body
+    assert 'id="opacity"' in body and 'id="plain"' in body
+    # model panel: arch, input size, training data, validation AUROC per label, date
+    assert "resnet18" in body and "64 × 64 px" in body and "random init (test fixture)" in body
+    assert "2026-11-25" in body and body.count("<td class=\"num\">0.500</td>") == len(expected.labels)
+
+
+def test_label_opacity_and_plain_view_render_server_side(client):
+    rid = post_png(client)
+    body = client.get(f"/results/{rid}?label=Mass&opacity=30").data.decode()
+    assert f'id="heat" src="/results/{rid}/heatmap/Mass.png"' in body
+    assert re.search(r'data-label="Mass"[^>]*aria-current="true"', body)
+    assert 'class="heat op-3"' in body and 'value="30"' in body and "hidden>" not in body
+    plain = client.get(f"/results/{rid}?label=Mass&plain=1").data.decode()
+    assert re.search(r'<img class="heat[^>]*hidden>', plain)
+    unknown = client.get(f"/results/{rid}?label=NotALabel&opacity=abc")
+    assert unknown.status_code == 200 and b'class="heat op-6"' in unknown.data
+
+
+def test_saved_result_layout_and_contents(client, app, tiny_predictor):
+    response = client.post("/predict", data=upload(NIH_PNG, f"{UPLOAD_NAME}.png"))
+    rid = response.headers["Location"].rsplit("/", 1)[1]
+    folder = results_dir(app) / rid
+    assert sorted(p.name for p in folder.iterdir()) == ["heatmap", "heatmaps.npy", "image.png", "result.json"]
+    record = json.loads((folder / "result.json").read_text())
+    expected = tiny_predictor.predict(NIH_PNG)
+    assert record["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    assert record["positive"] == expected.positive and record["format"] == "PNG"
+    assert record["original_size"] == [1024, 1024]
+    np.testing.assert_allclose(np.load(folder / "heatmaps.npy"), expected.heatmaps, rtol=1e-5, atol=1e-7)
+    with Image.open(folder / "image.png") as im:
+        assert im.mode == "L" and max(im.size) == DISPLAY_MAX_SIDE and list(im.size) == record["image_size"]
+    for path in results_dir(app).rglob("*"):
+        assert UPLOAD_NAME not in path.name
+        assert not path.is_file() or UPLOAD_NAME.encode() not in path.read_bytes()
+    assert not [p for p in results_dir(app).iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_heatmaps_are_rendered_on_first_request_and_kept(client, app):
+    rid = post_png(client)
+    folder = results_dir(app) / rid
+    record = json.loads((folder / "result.json").read_text())
+    top = default_label(record)
+    assert [p.name for p in (folder / "heatmap").iterdir()] == [f"{top}.png"]  # only the one shown first
+    other = next(label for label in record["labels"] if label != top)
+    response = client.get(f"/results/{rid}/heatmap/{other}.png")
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    saved = folder / "heatmap" / f"{other}.png"
+    assert saved.is_file()
+    with Image.open(io.BytesIO(response.data)) as im:
+        maps = np.load(folder / "heatmaps.npy")
+        independent = heatmap_image(maps[record["labels"].index(other)], im.height, im.width)
+        assert im.mode == "RGBA" and np.array_equal(np.asarray(im), np.asarray(independent))
+    mtime = saved.stat().st_mtime_ns
+    assert client.get(f"/results/{rid}/heatmap/{other}.png").data == response.data
+    assert saved.stat().st_mtime_ns == mtime  # served from disk, not rendered again
+    assert client.get(f"/results/{rid}/image.png").mimetype == "image/png"
+
+
+@pytest.mark.parametrize("path, fmt", [
+    (NIH_PNG, "PNG"), (JPEG, "JPEG"), (RGBA_PNG, "PNG"), (DICOM_MONO2, "DICOM"), (DICOM_MONO1, "DICOM"),
+], ids=["nih-png", "jpeg", "rgba-png", "dicom-mono2", "dicom-mono1"])
+def test_accepted_formats(client, tiny_predictor, path, fmt):
+    response = client.post("/api/predict", data=upload(path))
+    assert response.status_code == 200, response.get_json()
+    doc = response.get_json()
+    assert doc["format"] == fmt
+    assert doc["probabilities"] == pytest.approx(tiny_predictor.predict(path).probabilities, abs=1e-6)
+
+
+def test_several_files_give_a_list_of_results(client, app):
+    files = [(io.BytesIO(p.read_bytes()), p.name) for p in (NIH_PNG, DICOM_MONO2, JPEG)]
+    response = client.post("/predict", data={"file": files})
+    assert response.status_code == 303 and response.headers["Location"].startswith("/results?ids=")
+    ids = response.headers["Location"].split("=", 1)[1].split(",")
+    assert len(ids) == 3 and set(ids) == saved_ids(app)
+    body = client.get(response.headers["Location"]).data.decode()
+    assert [f"/results/{rid}" for rid in ids] == re.findall(r'href="(/results/[0-9a-f]{32})" class="result-link"', body)
+    assert "Image 3" in body and "DICOM" in body and "JPEG" in body
+
+
+def test_a_bad_file_among_several_is_reported_and_the_rest_analysed(client, app):
+    files = [(io.BytesIO(NIH_PNG.read_bytes()), "good.png"), (io.BytesIO(b"plain text"), "notes.txt")]
+    response = client.post("/predict", data={"file": files}, follow_redirects=True)
+    assert response.status_code == 200 and len(saved_ids(app)) == 1
+    assert flashes(response.data) == ["notes.txt: unsupported file type ('.txt'): upload a PNG, JPEG or DICOM file"]
+    assert b'id="heat"' in response.data
+
+
+# ---------------------------------------------------------------- JSON API
+
+
+def test_api_predict_document(client, app, tiny_predictor):
+    response = client.post("/api/predict", data=upload(NIH_PNG))
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    doc = response.get_json()
+    expected = tiny_predictor.predict(NIH_PNG)
+    assert {"id", "probabilities", "positive", "thresholds", "heatmaps", "model"} <= doc.keys()
+    assert list(doc["probabilities"]) == list(expected.labels)  # the model's label order
+    assert doc["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    assert doc["positive"] == [label for label in expected.labels if doc["probabilities"][label] >= 0.5]
+    assert doc["thresholds"] == expected.thresholds and doc["model"] == tiny_predictor.model_card()
+    assert set(doc["heatmaps"]) == set(expected.labels)
+    for label in ("Mass", expected.ranked()[-1]):
+        image = client.get(doc["heatmaps"][label])
+        assert image.status_code == 200 and image.data.startswith(b"\x89PNG")
+    assert client.get(doc["result"]).status_code == 200 and client.get(doc["image"]).status_code == 200
+    assert client.get(f"/api/results/{doc['id']}").get_json() == doc  # the page's JSON link
+    assert saved_ids(app) == {doc["id"]}
+
+
+BAD_UPLOADS = {
+    "empty": (b"", "x.png", 400, "the file is empty"),
+    "truncated-png": (NIH_PNG.read_bytes()[:3000], "x.png", 400, "truncated or corrupt"),
+    "text-named-png": (b"not an image at all", "x.png", 400, "not a readable image"),
+    "too-small": (None, "small.png", 400, "at least 32 pixels"),
+    "txt": (b"plain text notes", "notes.txt", 415, "unsupported file type"),
+    "pdf": (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj", "report.pdf", 415, "PDF"),
+    "gif": (None, "anim.gif", 415, "GIF"),
+    "gif-named-png": (None, "anim.png", 415, "GIF"),
+}
+
+
+def _bad_upload(case: str) -> tuple[bytes, str, int, str]:
+    data, name, status, message = BAD_UPLOADS[case]
+    if data is None:
+        buf = io.BytesIO()
+        if "gif" in case:
+            Image.new("L", (64, 64), 128).save(buf, "GIF")
+        else:
+            Image.new("L", (16, 16), 128).save(buf, "PNG")
+        data = buf.getvalue()
+    return data, name, status, message
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_api_rejects_bad_uploads_with_json_errors(client, app, case):
+    data, name, status, message = _bad_upload(case)
+    response = client.post("/api/predict", data=upload(data, name))
+    assert response.status_code == status and response.mimetype == "application/json"
+    assert message in response.get_json()["error"]
+    assert not saved_ids(app)
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_html_shows_the_same_errors_on_the_upload_page(client, case):
+    data, name, status, message = _bad_upload(case)
+    response = client.post("/predict", data=upload(data, name))
+    assert response.status_code == status and response.mimetype == "text/html"
+    messages = flashes(response.data)
+    assert len(messages) == 1 and messages[0].startswith(f"{name}: ") and message in messages[0]
+    assert b'id="dropzone"' in response.data and b"Traceback" not in response.data
+
+
+def test_missing_file_field(client):
+    response = client.post("/api/predict", data={"other": "x"})
+    assert response.status_code == 400 and "'file'" in response.get_json()["error"]
+    page = client.post("/predict", data={"file": (io.BytesIO(b""), "")})  # a form submitted with no file chosen
+    assert page.status_code == 400 and "No file was chosen" in flashes(page.data)[0]
+
+
+def test_too_large_uploads_get_413(make_app):
+    client = make_app(MAX_CONTENT_LENGTH=20_000).test_client()
+    api = client.post("/api/predict", data=upload(NIH_PNG))
+    assert api.status_code == 413 and "too large" in api.get_json()["error"]
+    page = client.post("/predict", data=upload(NIH_PNG))
+    assert page.status_code == 413 and "too large" in flashes(page.data)[0] and b'id="dropzone"' in page.data
+
+
+def test_too_many_files(make_app):
+    client = make_app(MAX_FILES=2).test_client()
+    files = [(io.BytesIO(NIH_PNG.read_bytes()), f"{i}.png") for i in range(3)]
+    response = client.post("/predict", data={"file": files})
+    assert response.status_code == 400 and "at most 2" in flashes(response.data)[0]
+
+
+# ---------------------------------------------------------------- no model loaded
+
+
+def _assert_no_model_everywhere(client, reason: str) -> None:
+    for path in ("/", "/nope"):
+        body = html.unescape(client.get(path).data.decode())
+        assert "No model is loaded" in body and reason in body
+        assert TRAIN_COMMAND in body and "python main.py --checkpoint PATH" in body
+    page = client.post("/predict", data=upload(NIH_PNG))
+    assert page.status_code == 503 and "No model is loaded" in flashes(page.data)[0]
+    for response in (client.post("/api/predict", data=upload(NIH_PNG)), client.get("/api/model")):
+        assert response.status_code == 503
+        error = response.get_json()["error"]
+        assert "No model is loaded" in error and reason in error and TRAIN_COMMAND in error and "--checkpoint" in error
+    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": False}
+
+
+def test_no_model_mode_when_the_checkpoint_is_missing(make_app, tmp_path):
+    missing = tmp_path / "missing.pth"
+    app = make_app(CHECKPOINT=str(missing))
+    assert app.extensions["chestxray"].predictor is None
+    _assert_no_model_everywhere(app.test_client(), f"checkpoint not found: {missing}")
+
+
+def test_no_model_mode_shows_the_loaders_error_for_a_broken_checkpoint(make_app, tmp_path, tiny_checkpoint):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as loader_error:
+        load_checkpoint(broken)
+    _assert_no_model_everywhere(make_app(CHECKPOINT=str(broken)).test_client(), str(loader_error.value))
+
+
+def test_saved_results_stay_viewable_without_a_model(make_app, tmp_path):
+    rid = post_png(make_app().test_client())
+    client = make_app(CHECKPOINT=str(tmp_path / "missing.pth")).test_client()
+    assert client.get(f"/results/{rid}").status_code == 200
+
+
+# ---------------------------------------------------------------- errors, retention, safety
+
+
+def test_404_405_and_500_have_our_pages_and_json(make_app):
+    app = make_app(PROPAGATE_EXCEPTIONS=False)
+
+    def boom():
+        raise RuntimeError("secret internal detail")
+
+    app.add_url_rule("/boom", "boom", boom)
+    app.add_url_rule("/api/boom", "api_boom", boom)
+    client = app.test_client()
+    for path, method, status in [("/nope", "get", 404), ("/predict", "get", 405), ("/boom", "get", 500),
+                                 (f"/results/{'0' * 32}", "get", 404), ("/results/..%2Fetc", "get", 404),
+                                 ("/results", "get", 404), (f"/results/{'0' * 32}/heatmap/Mass.png", "get", 404)]:
+        response = getattr(client, method)(path)
+        assert response.status_code == status and response.mimetype == "text/html", path
+        body = response.data.decode()
+        assert f"<h1>{status} ·" in body and "ChestX-ray14 classifier" in body
+        assert "Traceback" not in body and "secret internal detail" not in body
+    for path, method, status in [("/api/nope", "get", 404), ("/api/predict", "get", 405), ("/api/boom", "get", 500),
+                                 (f"/api/results/{'0' * 32}", "get", 404), ("/api/model", "post", 405)]:
+        response = getattr(client, method)(path)
+        assert response.status_code == status and set(response.get_json()) == {"error"}, path
+        assert "secret internal detail" not in response.get_json()["error"]
+
+
+def test_unknown_heatmap_label_is_404(client):
+    rid = post_png(client)
+    assert client.get(f"/results/{rid}/heatmap/Bogus.png").status_code == 404
+    assert client.get(f"/results/{rid}/heatmap/..%2Fresult.json.png").status_code == 404
+
+
+def test_retention_keeps_the_newest_results(make_app):
+    app = make_app(RETENTION=2)
+    client = app.test_client()
+    stale, fresh = results_dir(app) / ".tmp-crashed", results_dir(app) / ".tmp-in-progress"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    ids = [client.post("/api/predict", data=upload(NIH_PNG)).get_json()["id"] for _ in range(3)]
+    assert saved_ids(app) == set(ids[1:])
+    assert client.get(f"/results/{ids[0]}").status_code == 404 and b"expired" in client.get(f"/results/{ids[0]}").data
+    assert all(client.get(f"/results/{rid}").status_code == 200 for rid in ids[1:])
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_failed_save_leaves_nothing_behind(make_app, monkeypatch):
+    app = make_app(PROPAGATE_EXCEPTIONS=False)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(main, "render_heatmap", fail)
+    response = app.test_client().post("/api/predict", data=upload(NIH_PNG))
+    assert response.status_code == 500 and list(results_dir(app).iterdir()) == []
+
+
+def test_csrf_protects_the_form_but_not_the_api(make_app):
+    app = make_app(WTF_CSRF_ENABLED=True)
+    client = app.test_client()
+    rejected = client.post("/predict", data=upload(NIH_PNG))
+    assert rejected.status_code == 400 and "security token" in flashes(rejected.data)[0] and not saved_ids(app)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").data.decode()).group(1)
+    forged = client.post("/predict", data={**upload(NIH_PNG), "csrf_token": "forged"})
+    assert forged.status_code == 400 and not saved_ids(app)
+    accepted = client.post("/predict", data={**upload(NIH_PNG), "csrf_token": token})
+    assert accepted.status_code == 303
+    assert client.post("/api/predict", data=upload(NIH_PNG)).status_code == 200
+
+
+def test_security_headers_on_every_response(client):
+    rid = post_png(client)
+    responses = [client.get(path) for path in (
+        "/", f"/results/{rid}", f"/results/{rid}/image.png", "/static/css/app.css", "/static/js/app.js",
+        "/healthz", "/api/model", "/nope", "/api/nope",
+    )] + [client.post("/api/predict", data=upload(b"x", "x.txt")), client.post("/predict", data=upload(NIH_PNG))]
+    for response in responses:
+        csp = response.headers["Content-Security-Policy"]
+        directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+        assert directives["script-src"] == "'self'" and directives["frame-ancestors"] == "'none'"
+        assert "unsafe-inline" not in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_pages_have_no_inline_script_or_cdn(client):
+    rid = post_png(client)
+    other = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()["id"]
+    for path in ("/", f"/results/{rid}", f"/results?ids={rid},{other}", "/nope"):
+        body = client.get(path).data.decode()
+        scripts = re.findall(r"<script\b[^>]*>", body)
+        assert scripts == ['<script src="/static/js/app.js" defer>']
+        assert "</script>" in body and not re.search(r"<script[^>]*>[^<]+</script>", body)
+        assert not re.search(r"\son[a-z]+=", body) and " style=" not in body
+        assert not re.search(r'(src|href)="(https?:)?//', body.replace('href="https://nihcc.app.box.com', ""))
+
+
+def test_dicom_header_data_is_never_saved_or_shown(make_app, phi_dicom):
+    app = make_app(WTF_CSRF_ENABLED=False)
+    client = app.test_client()
+    answers = [client.post("/api/predict", data=upload(phi_dicom, "scan.dcm"))]
+    doc = answers[0].get_json()
+    page = client.post("/predict", data={"file": [(io.BytesIO(phi_dicom), "scan.dcm"),
+                                                  (io.BytesIO(NIH_PNG.read_bytes()), "b.png")]})
+    answers.append(page)
+    listing = client.get(page.headers["Location"])
+    answers.append(listing)
+    ids = page.headers["Location"].split("=", 1)[1].split(",") + [doc["id"]]
+    for rid in ids:
+        answers += [client.get(f"/results/{rid}"), client.get(f"/api/results/{rid}"),
+                    client.get(f"/results/{rid}/image.png")]
+    answers += [client.get(url) for url in doc["heatmaps"].values()]
+    assert all(r.status_code in (200, 303) for r in answers)
+    secrets = [s.encode() for s in (*PHI, "Zyxwvut", "Secretname", "19450517")]
+    saved = [p for p in results_dir(app).rglob("*") if p.is_file()]
+    assert len(saved) > 10
+    blobs = [r.data for r in answers] + [str(r.headers).encode() for r in answers] + [p.read_bytes() for p in saved]
+    for blob in blobs:
+        for secret in secrets:
+            assert secret not in blob
+
+
+def test_concurrent_requests_are_independent(app, tiny_predictor):
+    paths = [NIH_PNG, DICOM_MONO2, RGBA_PNG, DICOM_MONO1] * 2
+    expected = {p: tiny_predictor.predict(p).probabilities for p in set(paths)}
+
+    def post(path: Path) -> dict:
+        response = app.test_client().post("/api/predict", data=upload(path))
+        assert response.status_code == 200
+        return response.get_json()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        docs = list(pool.map(post, paths))
+    assert len({d["id"] for d in docs}) == len(paths) == len(saved_ids(app))
+    for path, doc in zip(paths, docs):
+        assert doc["probabilities"] == pytest.approx(expected[path], abs=1e-6)
+
+
+def test_uploads_stay_in_memory(client, monkeypatch):
+    import werkzeug.wrappers.request
+
+    def spool_to_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    monkeypatch.setattr(werkzeug.wrappers.request, "default_stream_factory", spool_to_disk)
+    big = OTHER_CXR_DIR / "b343e657.jpg"  # 1.1 MB, over Werkzeug's 500 KB in-memory limit
+    assert client.post("/api/predict", data=upload(big)).status_code == 200
