@@ -1,0 +1,338 @@
+"""Model_Training/train.py end to end on the real sample: run files, checkpoint contract, resume after SIGKILL,
+two-process DDP under torchrun (gloo), unreadable images, clean stops. ResNet-18 at 64 px keeps each run short."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from chestxray.checkpoint import load_checkpoint
+from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, subsample
+from chestxray.engine import predict_probabilities
+from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from chestxray.metrics import choose_thresholds, per_label_auroc
+from chestxray.model import PretrainedWeightsUnavailable
+from chestxray.transforms import build_transform
+from Model_Training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "Model_Training" / "train.py"
+TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commit", "split", "loss",
+                 "threshold_rule", "n_train", "n_val"}
+
+
+def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
+    return ["--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "64", "--epochs", str(epochs),
+            "--no-pretrained", "--device", "cpu", "--limit", str(limit), "--batch-size", "8", "--workers", "0",
+            "--no-progress", *extra]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = train.main(train.get_args_parser().parse_args(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    with (run_dir / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None):
+    """Re-create the checkpoint's validation set from its metadata alone and predict it in one process."""
+    model, meta, _ = load_checkpoint(checkpoint)
+    split = meta.training["split"]
+    splits = make_splits(load_index(data_dir), data_dir, val_fraction=split["val_fraction"], seed=split["seed"])
+    val = subsample(splits["val"], split["limit"], split["seed"])
+    dataset = XrayDataset(val, meta.labels, build_transform(meta), cache_dir=cache_dir)
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate_batch)
+    probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), progress=False)
+    assert indices.tolist() == list(range(len(val)))
+    return meta, probs, y
+
+
+def assert_auroc_matches(meta, probs, y, abs_tol: float) -> None:
+    recomputed = per_label_auroc(y, probs)
+    stored = np.array([np.nan if v is None else v for v in (meta.training["val_auroc"][n] for n in meta.labels)])
+    np.testing.assert_array_equal(np.isnan(recomputed), np.isnan(stored))
+    np.testing.assert_allclose(recomputed[~np.isnan(stored)], stored[~np.isnan(stored)], atol=abs_tol, rtol=0)
+    assert meta.training["val_mean_auroc"] == pytest.approx(float(np.nanmean(stored)))
+
+
+@pytest.fixture(scope="module")
+def trained_run(nih_dir, tmp_path_factory):
+    """One in-process training run (2 epochs, 48 + 48 images, with a cache); its outputs are shared."""
+    tmp = tmp_path_factory.mktemp("train")
+    argv = small_run(nih_dir, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
+                     "--cache-dir", str(tmp / "cache"))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = train.main(train.get_args_parser().parse_args(argv))
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "run": tmp / "run", "best": tmp / "best.pth",
+            "cache": tmp / "cache", "argv": argv}
+
+
+def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_dir):
+    assert trained_run["rc"] == 0, trained_run["err"]
+    out, run = trained_run["out"], trained_run["run"]
+    assert "notice: the test split is empty" in out
+    assert "official split: 48 train / 48 val / 0 test" in out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    for line in lines:
+        for part in ("train loss", "val loss", "val mean AUROC", "worst", "best", "img/s"):
+            assert part in line
+    assert json.loads((run / "args.json").read_text())["arch"] == "resnet18"
+    history = read_history(run)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert all(float(row["train_loss"]) > 0 and float(row["val_loss"]) > 0 for row in history)
+    with Image.open(run / "training_curves.png") as im:
+        assert im.format == "PNG" and im.width > 300
+    state = torch.load(run / "last.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["args"]["arch"] == "resnet18"
+    assert {"model", "optimizer", "scaler", "rng", "best_score", "best_epoch"} <= set(state)
+    # every train and validation image decoded and resized once into the cache
+    assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 96
+
+    model, meta, _ = load_checkpoint(trained_run["best"])
+    assert (meta.arch, meta.image_size, meta.labels) == ("resnet18", 64, LABELS)
+    assert TRAINING_KEYS <= set(meta.training)
+    assert meta.training["split"] == {"val_fraction": 0.1, "seed": 0, "official": True, "limit": 48}
+    assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 48, "wbce")
+    assert meta.training["epochs"] == state["best_epoch"]
+    assert meta.training["data_dir"] == "nih"
+    assert all(0.0 <= t <= 1.0 for t in meta.thresholds) and len(meta.thresholds) == 14
+
+
+def test_checkpoint_metrics_and_thresholds_reproduce_from_its_metadata(trained_run, nih_dir):
+    # through the same cache as training: its uint8 rounding moves probabilities by ~1e-3, enough to reorder the
+    # near-tied outputs of a barely trained model
+    meta, probs, y = validation_predictions(nih_dir, trained_run["best"], trained_run["cache"])
+    assert len(probs) == meta.training["n_val"]
+    assert_auroc_matches(meta, probs, y, abs_tol=1e-9)
+    np.testing.assert_allclose(meta.thresholds, choose_thresholds(y, probs, "f1"), atol=1e-6)
+
+
+def test_best_checkpoint_serves_predictions(trained_run, nih_dir):
+    from predictions import Predictor
+
+    prediction = Predictor.from_checkpoint(trained_run["best"], device="cpu").predict(
+        nih_dir / "images" / "00000001_000.png")
+    assert set(prediction.probabilities) == set(LABELS)
+    assert all(0.0 < p < 1.0 for p in prediction.probabilities.values())
+
+
+def test_run_folder_in_use_needs_resume(trained_run, nih_dir, capsys):
+    rc, _, err = run_main(small_run(nih_dir, "--run-dir", str(trained_run["run"]), "--output", "/dev/null"), capsys)
+    assert rc == 2 and "already holds a run" in err and "--resume" in err
+
+
+def test_resume_refuses_a_changed_setting(trained_run, nih_dir, capsys):
+    argv = small_run(nih_dir, "--run-dir", str(trained_run["run"]), "--resume", "--lr", "0.01")
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 2 and "--lr cannot change on --resume" in err
+
+
+def test_resume_of_a_finished_run_trains_no_more(trained_run, nih_dir, capsys):
+    before = (trained_run["run"] / "history.csv").read_text()
+    rc, out, _ = run_main(trained_run["argv"] + ["--resume"], capsys)
+    assert rc == 0 and "already finished its 2 epoch(s)" in out
+    assert (trained_run["run"] / "history.csv").read_text() == before
+
+
+def _subprocess_env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path):
+    def argv(run: str, output: str) -> list[str]:
+        return [sys.executable, str(TRAIN_PY), *small_run(nih_dir, "--run-dir", str(tmp_path / run), "--output",
+                                                          str(tmp_path / output), limit=64, epochs=3)]
+
+    proc = subprocess.Popen(argv("run", "best.pth"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_subprocess_env(), text=True)
+    state = tmp_path / "run" / "last.pth"
+    deadline = time.monotonic() + 240
+    while not state.exists():  # appears (atomically) when epoch 1 is complete
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "epoch 1 did not finish in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    assert [row["epoch"] for row in read_history(tmp_path / "run")] == ["1"]  # killed inside epoch 2
+
+    resumed = subprocess.run(argv("run", "best.pth") + ["--resume"], capture_output=True, text=True,
+                             env=_subprocess_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "after epoch 1" in resumed.stdout
+    history = read_history(tmp_path / "run")
+    assert [row["epoch"] for row in history] == ["1", "2", "3"]
+    assert torch.load(state, weights_only=True)["epoch"] == 3
+    model, meta, _ = load_checkpoint(tmp_path / "best.pth")
+    assert meta.training["epochs"] in (1, 2, 3) and meta.training["n_train"] == 64
+
+    # The resumed run continues exactly where an uninterrupted one goes (optimiser, sampler and RNG restored).
+    straight = subprocess.run(argv("straight", "straight.pth"), capture_output=True, text=True,
+                              env=_subprocess_env(), timeout=300)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    reference = read_history(tmp_path / "straight")
+    for key in ("train_loss", "val_loss", "val_mean_auroc"):
+        np.testing.assert_allclose([float(r[key]) for r in history], [float(r[key]) for r in reference], rtol=1e-6)
+
+
+def test_torchrun_two_processes_gloo(nih_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN_PY),
+           *small_run(nih_dir, "--output", "best.pth", "--labels", "chestxray8", limit=40)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1  # one run folder: the ranks agree on its name and only rank 0 writes
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pth")) == sorted(
+        ["best.pth", f"runs/{runs[0].name}/last.pth"])
+    assert proc.stdout.count("epoch 1/2 ") == 1 and proc.stdout.count("done:") == 1
+
+    shards = json.loads((runs[0] / "shards.json").read_text())
+    assert shards["world_size"] == 2
+    a, b = map(set, shards["train_indices"])
+    assert len(a) == len(b) == 20 and not a & b and a | b == set(range(40))
+
+    # validation metrics cover the whole validation set (gathered from both ranks), not one rank's half
+    meta, probs, y = validation_predictions(nih_dir, tmp_path / "best.pth")
+    assert meta.labels == CHESTXRAY8_LABELS
+    assert meta.training["n_val"] == 40 == len(probs) and meta.training["world_size"] == 2
+    assert_auroc_matches(meta, probs, y, abs_tol=1e-5)
+
+
+def _linked_data(nih_dir: Path, root: Path, names: list[str], lists: bool = True) -> Path:
+    """A data folder: labels.csv rows of `names`, links to their images, official lists with an empty test list."""
+    root.mkdir(parents=True)
+    lines = (nih_dir / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in names]))
+    for name in names:
+        (root / name).symlink_to(nih_dir / "images_64" / name)
+    if lists:
+        (root / "train_val_list.txt").write_text("\n".join(names))
+        (root / "test_list.txt").write_text("")
+    return root
+
+
+def test_unreadable_image_is_reported_by_name(nih_dir, tmp_path, capsys):
+    names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
+    root = _linked_data(nih_dir, tmp_path / "data", names)
+    split = make_splits(load_index(root), root, val_fraction=0.3)
+    bad = split["train"]["image"].iloc[0]
+    (root / bad).unlink()
+    (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature and nothing else
+
+    base = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
+            "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress", "--val-fraction", "0.3"]
+    rc, out, err = run_main(base + ["--run-dir", str(tmp_path / "a"), "--output", str(tmp_path / "a.pth")], capsys)
+    assert rc == 0, err
+    assert f"epoch 1: skipped 1 unreadable image(s): cannot read image {bad}" in out
+    assert (tmp_path / "a" / "unreadable.txt").read_text().startswith(f"{bad}\t")
+    assert int(read_history(tmp_path / "a")[0]["train_images"]) == len(split["train"]) - 1
+
+    rc, out, err = run_main(base + ["--check-data", "--run-dir", str(tmp_path / "b"), "--output",
+                                    str(tmp_path / "b.pth")], capsys)
+    assert rc == 0, err
+    assert f"checked {len(names)} images: 1 unreadable" in out
+    assert f"unreadable (train): cannot read image {bad}" in out
+    assert "skipped" not in out  # left out up front, so training meets no unreadable image
+
+
+def test_missing_images_stop_unless_allowed(nih_dir, tmp_path, capsys):
+    names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
+    root = _linked_data(nih_dir, tmp_path / "data", names)
+    (root / names[3]).unlink()
+    base = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
+            "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress", "--val-fraction", "0.3",
+            "--output", str(tmp_path / "x.pth")]
+    rc, _, err = run_main(base + ["--run-dir", str(tmp_path / "a")], capsys)
+    assert rc == 2 and "1 of the 24 images listed in labels.csv are missing" in err and names[3] in err
+    rc, out, err = run_main(base + ["--run-dir", str(tmp_path / "b"), "--allow-missing"], capsys)
+    assert rc == 0, err
+    assert "warning: skipping 1 of the 24 labelled images" in out and names[3] in out
+    assert (tmp_path / "b" / "missing.txt").read_text().split() == [names[3]]
+
+
+def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_dir, tmp_path, capsys):
+    names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:30]
+    root = _linked_data(nih_dir, tmp_path / "data", names, lists=False)
+    argv = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
+            "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress", "--val-fraction", "0.3",
+            "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x.pth")]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert "warning: no train_val_list.txt / test_list.txt" in out and "seeded patient-wise split" in out
+    _, meta, _ = load_checkpoint(tmp_path / "x.pth")
+    assert meta.training["split"]["official"] is False
+    with pytest.warns(UserWarning, match="patient-wise"):
+        splits = make_splits(load_index(root), root, val_fraction=0.3)
+    assert meta.training["n_train"] == len(splits["train"]) and meta.training["n_val"] == len(splits["val"])
+    assert len(splits["test"]) > 0  # held out, never trained or validated on
+
+
+def test_missing_pretrained_weights_stop_before_training(nih_dir, tmp_path, capsys, monkeypatch):
+    def offline(meta, pretrained=False):
+        assert pretrained
+        raise PretrainedWeightsUnavailable("ImageNet weights for resnet18 are not cached and could not be downloaded")
+
+    monkeypatch.setattr(train, "model_from_meta", offline)
+    argv = small_run(nih_dir, "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x.pth"))
+    argv.remove("--no-pretrained")
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2 and "could not be downloaded" in err and "--no-pretrained" in err
+    assert not (tmp_path / "run" / "history.csv").exists() and not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--data-dir is required"),
+    (["--data-dir", "D", "--resume"], "--resume needs --run-dir"),
+    (["--data-dir", "D", "--resume", "--run-dir", "EMPTY"], "no last.pth in"),
+    (["--data-dir", "D", "--labels", "Cardiomegaly,Heart"], "unknown label(s) ['Heart']"),
+    (["--data-dir", "D", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--data-dir", "D", "--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
+    (["--data-dir", "D", "--device", "cpu", "--amp", "on"], "--amp on needs a CUDA device"),
+    (["--data-dir", "EMPTY", "--device", "cpu", "--arch", "resnet18", "--no-pretrained"], "no label file in"),
+])
+def test_bad_input_stops_with_a_clear_error(argv, message, tmp_path, capsys):
+    (tmp_path / "EMPTY").mkdir()
+    argv = [str(tmp_path / a) if a in ("D", "EMPTY") else a for a in argv]
+    rc, _, err = run_main(argv + ["--run-dir", str(tmp_path / "run")] * ("--run-dir" not in argv and
+                                                                         "--resume" not in argv), capsys)
+    assert rc == 2
+    assert message in err
+
+
+def test_parse_labels():
+    assert train.parse_labels("all") == LABELS
+    assert train.parse_labels("chestxray8") == CHESTXRAY8_LABELS
+    assert train.parse_labels("Mass, Hernia") == ("Mass", "Hernia")
+
+
+def test_parser_flags_have_help_and_defaults():
+    parser = train.get_args_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, action.dest
+    args = parser.parse_args([])
+    assert (args.arch, args.image_size, args.batch_size, args.lr, args.loss, args.val_fraction, args.output) == (
+        "resnet50", 512, 16, 1e-4, "wbce", 0.1, "chestxray_model_resnet50.pth")
+    assert pd.isna(args.limit) and args.threshold_rule == "f1" and not args.hflip
