@@ -209,6 +209,13 @@ def analyse(upload: FileStorage, predictor: Predictor) -> dict:
     )
 
 
+def shown_name(filename: str, limit: int = 80) -> str:
+    """An upload's file name as a message shows it: its last path part, no control characters, at most `limit` chars."""
+    # The name is the client's to choose: NUL bytes, bidi overrides and "../" would otherwise be echoed into the page.
+    name = "".join(ch for ch in filename if ch.isprintable()).replace("\\", "/").rsplit("/", 1)[-1]
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
+
+
 def display_image(image: np.ndarray) -> Image.Image:
     """(H, W) float image in [0, 1] -> 8-bit grayscale PIL image, longest side at most DISPLAY_MAX_SIDE."""
     im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
@@ -371,7 +378,7 @@ def _register_routes(app: Flask) -> None:
                 records.append(analyse(upload, predictor))
             except HTTPException as exc:
                 failures.append(exc.code)
-                flash(f"{upload.filename}: {exc.description}", "error")
+                flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
         if not records:
             return render_template("index.html"), failures[0]
         if len(records) == 1:
@@ -526,7 +533,11 @@ def main(args: argparse.Namespace) -> int:
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
     })
     state = app.extensions["chestxray"]
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads)
+    # Waitress reads a whole request body before the app sees it (up to 1 GB by default, spooled to temporary
+    # files). Bounding it refuses a body far over the limit from its Content-Length alone; one up to twice the
+    # limit still reaches the app, whose 413 page says what the limit is.
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"])
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")

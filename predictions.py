@@ -20,7 +20,7 @@ from chestxray.cam import overlay, predict_with_maps
 from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint
 from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, Source, read_xray
 from chestxray.model import ChestXrayNet
-from chestxray.transforms import build_transform
+from chestxray.transforms import build_normalize, build_transform
 
 DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"
 TRAIN_COMMAND = "python Model_Training/train.py --data-dir /path/to/nih --output chestxray_model_resnet50.pth"
@@ -68,6 +68,7 @@ class Predictor:
         self.labels = meta.labels
         self.model = model.to(self.device).eval()
         self.transform = build_transform(meta, train=False)
+        self.normalize = build_normalize(meta)
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
 
     @classmethod
@@ -79,7 +80,7 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) tensor on the model's device, as in training."""
-        return self.transform(image).unsqueeze(0).to(self.device)
+        return self.normalize(self.transform(image).unsqueeze(0).to(self.device))
 
     def predict(self, image: Source | np.ndarray, heatmaps: bool = True) -> Prediction:
         """Path/bytes/array -> Prediction. One forward pass gives probabilities and every label's heatmap.
@@ -147,10 +148,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _heatmap_dir(out: Path, image: Path, used: set[str]) -> Path:
-    name, n = image.stem, 1
+    # The stem of "..png" is "." and of "...png" is "..": as a folder name they would put the overlays in --out
+    # itself or in its parent.
+    stem = image.stem if image.stem not in ("", ".", "..") else "image"
+    name, n = stem, 1
     while name in used:
         n += 1
-        name = f"{image.stem}_{n}"
+        name = f"{stem}_{n}"
     used.add(name)
     return out / name
 

@@ -52,7 +52,7 @@ from chestxray.report import (  # noqa: E402
     write_plots,
     write_report,
 )
-from chestxray.transforms import build_transform  # noqa: E402
+from chestxray.transforms import build_normalize, build_transform  # noqa: E402
 from predictions import DEFAULT_CHECKPOINT, resolve_device  # noqa: E402
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -256,7 +256,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                           skip_unreadable=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_batch, pin_memory=device.type == "cuda")
-    y_prob, y_true, indices = predict_probabilities(model, loader, device, amp=args.amp and device.type == "cuda",
+    y_prob, y_true, indices = predict_probabilities(model, loader, device, build_normalize(meta),
+                                                    amp=args.amp and device.type == "cuda",
                                                     progress=not args.no_progress)
     unreadable = sorted(set(rows["image"]) - set(rows["image"].iloc[indices]))
     if unreadable:

@@ -57,7 +57,7 @@ from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss  # noqa: E402
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds  # noqa: E402
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable  # noqa: E402
-from chestxray.transforms import build_transform  # noqa: E402
+from chestxray.transforms import build_normalize, build_transform  # noqa: E402
 
 STATE_FILE = "last.pth"
 STATE_FORMAT = 1
@@ -429,6 +429,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
 
     train_tf = build_transform(meta, train=True, hflip=args.hflip)
     eval_tf = build_transform(meta, train=False)
+    normalize = build_normalize(meta)  # per batch, on the device
 
     def datasets() -> tuple[XrayDataset, XrayDataset]:
         return (XrayDataset(splits["train"], labels, train_tf, args.cache_dir, skip_unreadable=True),
@@ -504,7 +505,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     progress = ddp.main and not args.no_progress
     for epoch in range(start_epoch, args.epochs + 1):
         train_sampler.set_epoch(epoch)
-        stats = train_one_epoch(net, train_loader, loss_fn, optimizer, device, scaler=scaler, amp=amp,
+        stats = train_one_epoch(net, train_loader, loss_fn, optimizer, device, normalize, scaler=scaler, amp=amp,
                                 clip_grad=args.clip_grad or None, channels_last=channels_last, progress=progress,
                                 desc=f"epoch {epoch}/{args.epochs} train")
         if ddp.enabled and epoch == start_epoch:
@@ -512,7 +513,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
             if ddp.main:
                 _check_shards(shards, run_dir, epoch, ddp)
         train_bad = [u for part in ddp.gather(stats.unreadable) for u in part]
-        result = evaluate(net, val_loader, loss_fn, device, amp=amp, channels_last=channels_last,
+        result = evaluate(net, val_loader, loss_fn, device, normalize, amp=amp, channels_last=channels_last,
                           progress=progress, desc=f"epoch {epoch}/{args.epochs} val")
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -159,8 +159,11 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message starts with advice to retry unsafely; quote only its line naming the refused object.
+        lines = [line.strip() for line in str(exc).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "unsupported content")
         raise CheckpointError(
-            f"{path} holds Python objects that a safe load refuses ({str(exc).splitlines()[0][:200]}); "
+            f"{path} holds Python objects that a safe load refuses ({detail[:200]}); "
             "it is not a checkpoint of this tool, or it was saved unsafely. Only load checkpoints you trust."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:

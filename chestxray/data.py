@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
 from .labels import LABELS, LabelError, parse_findings
-from .transforms import resize_square, to_tensor01
+from .transforms import to_uint8_square
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "labels.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
@@ -312,9 +312,8 @@ def subsample(df: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFram
 
 
 def resized_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) image in [0, 1] -> (size, size) uint8, resized exactly as transforms.resize_square does."""
-    x = resize_square(to_tensor01(image), size)[0]
-    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    """(H, W) image in [0, 1] -> (size, size) uint8: the per-image stage of transforms.py before augmentation."""
+    return to_uint8_square(image, size)[0].numpy()
 
 
 class ResizedCache:

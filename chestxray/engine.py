@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .data import DataError, Unreadable
 from .metrics import per_label_auroc
+from .transforms import Normalize
 
 
 @dataclass
@@ -59,9 +60,10 @@ def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[
     return images, targets, indices, list(batch[3]) if len(batch) > 3 else []
 
 
-def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool, normalize: Normalize) -> torch.Tensor:
+    # The loader yields (N, 1, S, S) uint8; the per-batch stage of transforms.py runs on the device.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=fmt)
+    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=fmt)
 
 
 def train_one_epoch(
@@ -70,6 +72,7 @@ def train_one_epoch(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    normalize: Normalize,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
     clip_grad: float | None = None,
@@ -92,7 +95,7 @@ def train_one_epoch(
             if _distributed():  # skipping a step on one rank only would hang the others' gradient all-reduce
                 raise DataError("a whole batch was unreadable: " + "; ".join(f"{u.name}: {u.reason}" for u in bad))
             continue
-        images = _to_device(images, device, channels_last)
+        images = _to_device(images, device, channels_last, normalize)
         targets = targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
@@ -135,6 +138,7 @@ def predict_logits(
     model: nn.Module,
     loader,
     device: torch.device,
+    normalize: Normalize,
     amp: bool = False,
     channels_last: bool = False,
     progress: bool = True,
@@ -150,7 +154,7 @@ def predict_logits(
         if images.numel() == 0:
             continue
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            out = model(_to_device(images, device, channels_last))
+            out = model(_to_device(images, device, channels_last, normalize))
         logits.append(out.float().cpu())
         targets.append(batch_targets.float())
         indices.append(batch_indices.long())
@@ -162,13 +166,13 @@ def predict_logits(
 
 
 def predict_probabilities(
-    model: nn.Module, loader, device: torch.device, amp: bool = False, progress: bool = True
+    model: nn.Module, loader, device: torch.device, normalize: Normalize, amp: bool = False, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eval-mode pass -> (probabilities (N, L) in [0, 1], targets (N, L), dataset indices (N,)) of this process.
 
     The sigmoid is applied here, exactly once. Items the loader reported unreadable are absent (see indices).
     """
-    logits, targets, indices, _ = predict_logits(model, loader, device, amp=amp, progress=progress)
+    logits, targets, indices, _ = predict_logits(model, loader, device, normalize, amp=amp, progress=progress)
     return torch.sigmoid(torch.from_numpy(logits)).numpy(), targets, indices
 
 
@@ -203,6 +207,7 @@ def evaluate(
     loader,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
+    normalize: Normalize,
     amp: bool = False,
     channels_last: bool = False,
     progress: bool = True,
@@ -211,7 +216,7 @@ def evaluate(
     """Predict the whole set (gathered over ranks) -> loss over its full label matrix, probabilities, AUROCs."""
     _sync_buffers(model)
     logits, targets, indices, unreadable = predict_logits(
-        model, loader, device, amp=amp, channels_last=channels_last, progress=progress, desc=desc
+        model, loader, device, normalize, amp=amp, channels_last=channels_last, progress=progress, desc=desc
     )
     logits, targets, indices, unreadable = gather_predictions(logits, targets, indices, unreadable)
     if len(indices) == 0:

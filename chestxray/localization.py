@@ -26,7 +26,7 @@ from .checkpoint import Meta
 from .imaging import read_xray
 from .labels import LABELS
 from .model import ChestXrayNet
-from .transforms import build_transform
+from .transforms import build_normalize, build_transform
 
 BOX_SPACE = 1024  # NIH boxes are given in the 1024 x 1024 original images
 BBOX_LABEL_NAMES = {"Infiltrate": "Infiltration"}  # BBox_List_2017 spelling -> Data_Entry spelling
@@ -167,7 +167,7 @@ def evaluate_localization(
     image, label, x, y, w, h (1024 space), width, height (loaded), iobb, iobb_60, iobb_180, candidates,
     pointing, centre. Images are read with read_xray and preprocessed with the checkpoint's transform."""
     device = torch.device(device)
-    transform = build_transform(meta, train=False)
+    transform, normalize = build_transform(meta, train=False), build_normalize(meta)
     index = {name: j for j, name in enumerate(meta.labels)}
     todo = boxes[boxes["image"].isin(list(image_paths)) & boxes["label"].isin(list(index))]
     groups = list(todo.groupby("image", sort=True))
@@ -177,7 +177,7 @@ def evaluate_localization(
         array = read_xray(image_paths[image])
         height, width = array.shape
         with torch.inference_mode():
-            _, maps = predict_with_maps(model, transform(array).unsqueeze(0).to(device))
+            _, maps = predict_with_maps(model, normalize(transform(array).unsqueeze(0).to(device)))
         maps = maps[0].float().cpu().numpy()
         for row in rows.itertuples(index=False):
             truth = Box(row.x, row.y, row.w, row.h).scaled(width / BOX_SPACE, height / BOX_SPACE)

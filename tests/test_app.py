@@ -128,8 +128,8 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
         def close(self):
             pass
 
-    def create_server(app, host, port, threads):
-        served.update(app=app, host=host, port=port)
+    def create_server(app, host, port, threads, max_request_body_size):
+        served.update(app=app, host=host, port=port, max_body=max_request_body_size)
         return FakeServer()
 
     monkeypatch.setattr(waitress, "create_server", create_server)
@@ -138,6 +138,7 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert main.main(args) == 0
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
+    assert served["max_body"] == 2 * 50 * 1024 * 1024  # waitress refuses far larger bodies from their headers
     app = served["app"]
     assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
     assert app.extensions["chestxray"].predictor is not None

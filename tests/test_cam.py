@@ -21,7 +21,7 @@ from chestxray.cam import (
 )
 from chestxray.checkpoint import Meta, model_from_meta
 from chestxray.imaging import read_xray
-from chestxray.transforms import build_transform
+from chestxray.transforms import preprocess
 
 SIZE = 256  # 8 x 8 maps: enough structure for a meaningful correlation, fast on a CPU
 
@@ -31,7 +31,7 @@ def model_and_input():
     torch.manual_seed(0)
     meta = Meta.new(arch="resnet18", image_size=SIZE)
     model = model_from_meta(meta).eval()
-    x = build_transform(meta)(read_xray(NIH_PNG)).unsqueeze(0)
+    x = preprocess(meta, read_xray(NIH_PNG))
     return model, x
 
 

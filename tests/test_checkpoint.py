@@ -17,7 +17,7 @@ from chestxray.checkpoint import (
     save_checkpoint,
 )
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
-from chestxray.transforms import build_transform
+from chestxray.transforms import preprocess
 
 
 def test_round_trip_gives_identical_logits_and_meta(tiny_checkpoint):
@@ -42,10 +42,9 @@ def test_meta_survives_json_and_rebuilds_preprocessing(tmp_path):
                     training={"val_auroc": {"Mass": 0.8}, "epochs": 3})
     again = Meta.from_dict(json.loads(json.dumps(meta.to_dict())))
     assert again == meta
-    transform = build_transform(again)
-    x = transform(torch.zeros(40, 50).numpy())
-    assert x.shape == (3, 96, 96)
-    torch.testing.assert_close(x, torch.full((3, 96, 96), -2.0))  # (0 - 0.5) / 0.25
+    x = preprocess(again, torch.zeros(40, 50).numpy())
+    assert x.shape == (1, 3, 96, 96)
+    torch.testing.assert_close(x, torch.full((1, 3, 96, 96), -2.0))  # (0 - 0.5) / 0.25
 
 
 def _save_raw(path: Path, obj) -> Path:

@@ -24,7 +24,7 @@ from chestxray.localization import (
     peak_point,
     read_bbox_csv,
 )
-from chestxray.transforms import build_transform
+from chestxray.transforms import preprocess
 
 NIH_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 
@@ -157,7 +157,7 @@ def test_evaluate_localization_on_real_images(boxed_data, tmp_path):
     # Independent check of the 256 px case: the 1024-space left half is x < 128 in the loaded image.
     image = read_xray(paths["00014716_007.png"])
     with torch.inference_mode():
-        _, maps = predict_with_maps(model, build_transform(meta)(image).unsqueeze(0))
+        _, maps = predict_with_maps(model, preprocess(meta, image))
     heat = upsample_map(maps[0, labels.index("Atelectasis")].numpy(), 256, 256)
     assert half["pointing"] == (peak_point(heat)[0] <= 128)
     assert half["centre"]  # (128, 128) lies on the half's edge

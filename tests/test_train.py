@@ -26,7 +26,7 @@ from chestxray.engine import predict_probabilities
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
 from chestxray.metrics import choose_thresholds, per_label_auroc
 from chestxray.model import PretrainedWeightsUnavailable
-from chestxray.transforms import build_transform
+from chestxray.transforms import build_normalize, build_transform
 from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,8 @@ def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | N
     val = subsample(splits["val"], split["limit"], split["seed"])
     dataset = XrayDataset(val, meta.labels, build_transform(meta), cache_dir=cache_dir)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate_batch)
-    probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), progress=False)
+    probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), build_normalize(meta),
+                                              progress=False)
     assert indices.tolist() == list(range(len(val)))
     return meta, probs, y
 

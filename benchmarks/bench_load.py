@@ -1,0 +1,303 @@
+"""Load test: concurrent clients posting real NIH images to `python main.py` (waitress) on 127.0.0.1.
+
+    .venv/bin/python benchmarks/bench_load.py [--clients 8] [--requests 200] [--images 20] [--arch resnet18]
+        [--image-size 224] [--retention 50] [--threads 4] [--out benchmarks/results/load.md]
+
+Starts the server on a free loopback port with a random-weight checkpoint (tests/conftest.make_checkpoint) and a
+temporary results folder, then:
+1. reads the server's resident memory (VmRSS from /proc/<pid>/status) before any request;
+2. posts each of --images real NIH PNGs once, one at a time: the reference probabilities;
+3. warms up with --warmup requests from the concurrent clients, and reads the memory again;
+4. runs --requests posts of the same images from --clients threads at once, recording each latency, status and
+   answer, while a watcher polls the results folder's size; then reads the memory a third time.
+It reports throughput, p50/p95 latency and errors, and checks the goals (issue "Reliability and security", item 2):
+zero errors, memory after the run within 20% of memory after warm-up, every concurrent answer equal (within 1e-6)
+to the same image predicted alone, and the results folder kept at --retention. Exit code 0 when all are met.
+Every wait is bounded (--timeout per request, --max-seconds for the run); only 127.0.0.1 is contacted.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import NIH_DIR, make_checkpoint  # noqa: E402
+
+from main import RESULT_ID  # noqa: E402
+
+BOUNDARY = "bench-load-boundary-5c2a"
+MEMORY_TOLERANCE = 0.20
+PROBABILITY_TOLERANCE = 1e-6
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--clients", type=int, default=8, help="concurrent client threads (default: %(default)s)")
+    add("--requests", type=int, default=200, help="posts in the measured run, all clients together "
+        "(default: %(default)s)")
+    add("--warmup", type=int, default=20, help="concurrent posts before the second memory reading "
+        "(default: %(default)s)")
+    add("--images", type=int, default=20, help="distinct NIH images posted in turn (default: %(default)s)")
+    add("--image-dir", default=str(NIH_DIR / "images"), help="folder of NIH PNGs (default: %(default)s)")
+    add("--arch", default="resnet18", help="checkpoint architecture (default: %(default)s)")
+    add("--image-size", type=int, default=224, help="checkpoint input size (default: %(default)s)")
+    add("--retention", type=int, default=50, help="the server's --retention (default: %(default)s)")
+    add("--threads", type=int, default=4, help="the server's waitress --threads (default: %(default)s)")
+    add("--timeout", type=float, default=120.0, help="seconds allowed per request (default: %(default)s)")
+    add("--max-seconds", type=float, default=900.0, help="stop sending after this long (default: %(default)s)")
+    add("--out", default=str(ROOT / "benchmarks" / "results" / "load.md"), help="Markdown report (default: "
+        "%(default)s)")
+    return parser
+
+
+@dataclass
+class Outcome:
+    """One request: which image, how long, and the probabilities or the error."""
+
+    image: int
+    seconds: float
+    status: int
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+
+def multipart(data: bytes, filename: str) -> bytes:
+    """A multipart/form-data body with the one field the API reads, `file`."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def post(port: int, body: bytes, image: int, timeout: float) -> Outcome:
+    """POST /api/predict on 127.0.0.1:port; never raises (a failure is an Outcome with an error)."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/api/predict", body=body,
+                     headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = conn.getresponse()
+        doc = json.loads(response.read())
+        seconds = time.perf_counter() - start
+        if response.status != 200:
+            return Outcome(image, seconds, response.status, error=str(doc.get("error")))
+        return Outcome(image, seconds, 200, probabilities=doc["probabilities"])
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return Outcome(image, time.perf_counter() - start, 0, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` in MiB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def count_results(folder: Path) -> int:
+    return sum(1 for name in os.listdir(folder) if RESULT_ID.fullmatch(name))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_path: Path,
+                 timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """`python main.py` on a free loopback port; returns (process, port) once /healthz answers."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+           "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
+           "--threads", str(args.threads), "--device", "cpu"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if json.load(response).get("model_loaded"):
+                    return proc, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{log_path.read_text()}")
+        time.sleep(0.2)
+
+
+def run_concurrently(port: int, bodies: list[bytes], n: int, clients: int, timeout: float,
+                     deadline: float) -> list[Outcome]:
+    """`n` posts (image i % len(bodies)) from `clients` threads; stops taking new work after `deadline`."""
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    next_index = iter(range(n))
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            outcome = post(port, bodies[i % len(bodies)], i % len(bodies), timeout)
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()) + timeout)
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the load test, print and write the report; exit code 0 when every goal is met."""
+    paths = sorted(Path(args.image_dir).glob("*.png"))[: args.images]
+    if len(paths) < args.images:
+        raise SystemExit(f"error: {args.images} images asked for, {len(paths)} PNGs in {args.image_dir}")
+    bodies = [multipart(p.read_bytes(), p.name) for p in paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = make_checkpoint(tmp / "model.pth", arch=args.arch, image_size=args.image_size)
+        results, log_path = tmp / "results", tmp / "server.log"
+        proc, port = start_server(args, checkpoint, results, log_path)
+        try:
+            rss_start = rss_mib(proc.pid)
+            reference = [post(port, body, i, args.timeout) for i, body in enumerate(bodies)]  # one at a time
+            warmup = run_concurrently(port, bodies, args.warmup, args.clients, args.timeout,
+                                      time.monotonic() + args.max_seconds)
+            rss_warm = rss_mib(proc.pid)
+
+            sizes: list[int] = []
+            stop = threading.Event()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    sizes.append(count_results(results))
+                    stop.wait(0.05)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            load_before = os.getloadavg()
+            start = time.perf_counter()
+            outcomes = run_concurrently(port, bodies, args.requests, args.clients, args.timeout,
+                                        time.monotonic() + args.max_seconds)
+            wall = time.perf_counter() - start
+            load_after = os.getloadavg()
+            stop.set()
+            watcher.join()
+            time.sleep(0.5)  # let the allocator settle before the last reading
+            rss_end = rss_mib(proc.pid)
+            final_count = count_results(results)
+            leftovers = [name for name in os.listdir(results) if not RESULT_ID.fullmatch(name)]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        console = log_path.read_text(errors="replace")
+
+    # --- figures and goals
+    bad_reference = [r for r in reference if r.probabilities is None]
+    if bad_reference:
+        raise SystemExit(f"error: the one-at-a-time pass failed: {bad_reference[0].error}")
+    errors = [o for o in outcomes if o.status != 200]
+    latencies = [o.seconds for o in outcomes if o.status == 200]
+    diffs = [max(abs(o.probabilities[k] - reference[o.image].probabilities[k]) for k in o.probabilities)
+             for o in outcomes if o.probabilities is not None]
+    max_diff = max(diffs, default=float("nan"))
+    mismatched = sum(d > PROBABILITY_TOLERANCE for d in diffs)
+    growth = rss_end / rss_warm - 1
+    saved = len(reference) + len(warmup) + len(outcomes) - len(errors)
+    goals = {
+        "zero errors": not errors and len(outcomes) == args.requests and not any(o.status != 200 for o in warmup),
+        f"memory after the run within {MEMORY_TOLERANCE:.0%} of memory after warm-up": abs(growth) <= MEMORY_TOLERANCE,
+        f"every answer equal to the image predicted alone (within {PROBABILITY_TOLERANCE:g})": mismatched == 0,
+        f"results folder bounded: at most --retention {args.retention} + {args.threads - 1} while running, "
+        f"{args.retention} at the end": max(sizes, default=0) <= args.retention + args.threads - 1
+        and final_count == min(args.retention, saved) and not leftovers,
+        "no traceback in the server's console": "Traceback" not in console,
+    }
+    command = "python benchmarks/bench_load.py " + " ".join(sys.argv[1:])
+    tolerance = f"{PROBABILITY_TOLERANCE:g}"
+    alone = statistics.median(r.seconds for r in reference)
+    import torch
+
+    verdict = "\n".join(f"- {'met' if ok else '**NOT met**'}: {goal}" for goal, ok in goals.items())
+    error_lines = "\n".join(f"  - {o.status}: {o.error}" for o in errors[:5])
+    report = f"""# Load test: {args.clients} concurrent clients against the waitress server
+
+Command: `{command.strip()}`
+
+Server: `python main.py --port <free> --retention {args.retention} --threads {args.threads} --device cpu` on
+127.0.0.1 with a random-weight {args.arch} checkpoint at {args.image_size} px; {os.cpu_count()} CPUs
+({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}.
+Clients: {args.clients} threads posting {args.images} real NIH PNGs (1024 px, `{paths[0].name}` …
+`{paths[-1].name}`) in turn to `POST /api/predict`, each request on a new connection.
+Load average before/after the run: {load_before[0]:.2f} / {load_after[0]:.2f}.
+
+| measure | value |
+|---|---:|
+| requests (measured run) | {len(outcomes)} |
+| errors | {len(errors)} |
+| wall time | {wall:.1f} s |
+| throughput | {len(outcomes) / wall:.2f} requests/s |
+| latency p50 | {1000 * percentile(latencies, 50):.0f} ms |
+| latency p95 | {1000 * percentile(latencies, 95):.0f} ms |
+| latency max | {1000 * max(latencies, default=0):.0f} ms |
+| one at a time (reference pass): median latency | {1000 * alone:.0f} ms (≈ {1 / alone:.2f} requests/s) |
+| server RSS before any request | {rss_start:.0f} MiB |
+| server RSS after warm-up ({len(reference)} one at a time + {len(warmup)} concurrent) | {rss_warm:.0f} MiB |
+| server RSS after the run | {rss_end:.0f} MiB ({growth:+.1%} vs after warm-up) |
+| largest difference from the one-at-a-time probabilities | {max_diff:.1e} ({mismatched} over {tolerance}) |
+| results folder: largest count seen while running (polled every 50 ms, {len(sizes)} polls) | {max(sizes, default=0)} |
+| results folder at the end | {final_count} (retention {args.retention}; other entries: {len(leftovers)}) |
+
+Goals (issue "Reliability and security", item 2):
+{verdict}
+{error_lines}
+The retention is applied right after each result is saved, so while several of the server's {args.threads} threads
+finish at once the folder can hold up to {args.threads - 1} results more than the retention for a moment; it is back
+at the retention as soon as they are done.
+"""
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    print(report)
+    print(f"wrote {args.out}")
+    return 0 if all(goals.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,131 @@
+"""Privacy: no DICOM patient-identifying value (name, ID, birth date, accession number, institution) from any corpus
+input appears in a response body or header, the session cookie, a saved file, the logs or warnings, the CLI's
+output or its heatmap files, or a real server's console.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from flask import Flask
+from flask.testing import FlaskClient
+from hostile import CORPUS, identified_dicom
+from test_hostile_web import file_field, multipart, post, serve
+
+from main import create_app
+
+
+def _secrets() -> tuple[str, ...]:
+    ds = identified_dicom()
+    name, birth = str(ds.PatientName), ds.PatientBirthDate
+    given = name.split("^")[1]  # alone, as a formatted name would show it (the 3-letter family name would match noise)
+    return (name, given, ds.PatientID, birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}", ds.AccessionNumber,
+            ds.InstitutionName)
+
+
+SECRETS = _secrets()
+PHI_KINDS = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in SECRETS)]
+
+
+def leaks(blob: str | bytes) -> list[str]:
+    """The secrets found in `blob`."""
+    data = blob.encode() if isinstance(blob, str) else blob
+    return [s for s in SECRETS if s.encode() in data]
+
+
+def test_the_corpus_carries_patient_data():
+    assert len(PHI_KINDS) >= 8 and "DICOM with patient data (valid)" in PHI_KINDS
+    assert any(CORPUS[kind].valid for kind in PHI_KINDS) and any(not CORPUS[kind].valid for kind in PHI_KINDS)
+
+
+@pytest.fixture
+def app(tiny_checkpoint, tmp_path) -> Flask:
+    return create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
+                       "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False})
+
+
+def exercise(client: FlaskClient, app: Flask, kind: str) -> dict[str, bytes]:
+    """POST the case to the API and the upload page, then GET every page and file a result offers; what came back."""
+    seen: dict[str, bytes] = {}
+    serializer = app.session_interface.get_signing_serializer(app)
+
+    def keep(what: str, response) -> None:
+        assert response.status_code < 500, (what, response.status_code)
+        seen[what] = response.data
+        seen[what + " headers"] = str(response.headers).encode()
+        for cookie in response.headers.getlist("Set-Cookie"):  # the session is signed, not encrypted: decode it
+            value = cookie.split(";", 1)[0].split("=", 1)[1]
+            if value:
+                seen[what + " session"] = json.dumps(serializer.loads(value)).encode()
+
+    case = CORPUS[kind]
+    api = client.post("/api/predict", data=file_field(case))
+    keep("api", api)
+    page = client.post("/predict", data=file_field(case))
+    keep("page", page)
+    if case.valid:
+        doc = api.get_json()
+        rids = [doc["id"], page.headers["Location"].removeprefix("/results/")]
+        for url in (page.headers["Location"], f"/results/{rids[1]}?plain=1&label=Mass", f"/api/results/{rids[0]}",
+                    f"/results?ids={','.join(rids)}", doc["image"], *doc["heatmaps"].values(), "/"):
+            keep(url, client.get(url))
+    return seen
+
+
+@pytest.mark.parametrize("kind", PHI_KINDS)
+def test_web_app_never_shows_saves_or_logs_patient_data(kind, app, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen = exercise(app.test_client(), app, kind)
+    for what, data in seen.items():
+        assert not leaks(data), what
+    results = Path(app.config["RESULTS_DIR"])
+    saved = list(results.rglob("*"))
+    assert len(saved) > 0 if CORPUS[kind].valid else saved == []
+    for path in saved:
+        assert not leaks(str(path.relative_to(results)))
+        if path.is_file():
+            assert not leaks(path.read_bytes()), path
+    captured = capsys.readouterr()
+    assert not leaks(caplog.text) and not leaks(captured.out) and not leaks(captured.err)
+    assert not leaks(" ".join(str(w.message) for w in caught))
+
+
+def test_predictions_cli_never_prints_or_writes_patient_data(tiny_checkpoint, tmp_path):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    for i, kind in enumerate(PHI_KINDS):
+        (inputs / f"case-{i:02d}.dcm").write_bytes(CORPUS[kind].make())
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "predictions.py", str(inputs), "--checkpoint", str(tiny_checkpoint),
+         "--out", str(out), "--heatmaps", "positive", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == len(PHI_KINDS) and sum("heatmaps" in r for r in records) == sum(
+        CORPUS[kind].valid for kind in PHI_KINDS)
+    assert not leaks(result.stdout) and not leaks(result.stderr)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) >= 1
+    for path in written:
+        assert not leaks(str(path.relative_to(out))) and not leaks(path.read_bytes()), path
+
+
+def test_a_real_server_console_never_shows_patient_data(tiny_checkpoint, tmp_path):
+    with serve(tiny_checkpoint, tmp_path / "live") as server:
+        for kind in PHI_KINDS:
+            status, doc = post(server, multipart(CORPUS[kind].make(), CORPUS[kind].filename.encode()))
+            assert (status == 200) == CORPUS[kind].valid and not leaks(json.dumps(doc))
+    console = server.log.read_text(errors="replace")
+    assert "Serving the chest X-ray app" in console and not leaks(console)
+    for path in server.results.rglob("*"):
+        assert not (path.is_file() and leaks(path.read_bytes())), path
