@@ -37,6 +37,7 @@ from chestxray.checkpoint import (  # noqa: E402
     Meta,
     atomic_torch_save,
     model_from_meta,
+    remove_stale_temporaries,
     safe_torch_load,
     save_checkpoint,
 )
@@ -60,6 +61,7 @@ from chestxray.model import ARCHS, PretrainedWeightsUnavailable  # noqa: E402
 from chestxray.transforms import build_normalize, build_transform  # noqa: E402
 
 STATE_FILE = "last.pth"
+PREVIOUS_STATE_FILE = "last.prev.pth"  # the state before last.pth: --resume falls back to it if last.pth is damaged
 STATE_FORMAT = 1
 DEFAULT_EPOCHS = 5
 # Settings that define the run: on --resume they come from the saved run; giving another value is an error.
@@ -345,6 +347,15 @@ def main(args: argparse.Namespace) -> int:
     except (UsageError, DataError, LabelError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:
+        if exc.filename is None and exc.errno is None:
+            raise
+        # A full disk or a read-only folder while writing a state or a checkpoint: the atomic writes leave the
+        # previous files as they were.
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'file operation'}). States and checkpoints are "
+              "written atomically, so the previous ones are unchanged; fix the cause (e.g. free disk space) and "
+              "continue with --resume.", file=sys.stderr, flush=True)
+        return 1
     except PretrainedWeightsUnavailable as exc:
         print(f"error: {exc}\nTo train without ImageNet weights, pass --no-pretrained.", file=sys.stderr,
               flush=True)
@@ -352,6 +363,40 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _read_state(path: Path) -> dict:
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or state.get("kind") != "train-state" or "args" not in state:
+        raise CheckpointError(f"{path} is not a resumable training state of this tool")
+    return state
+
+
+def load_resume_state(run_dir: Path, log=print) -> dict:
+    """The newest complete training state in run_dir: last.pth, else (damaged or missing) last.prev.pth.
+
+    Raises UsageError when the folder holds neither, CheckpointError when neither loads.
+    """
+    current, previous = run_dir / STATE_FILE, run_dir / PREVIOUS_STATE_FILE
+    if not current.is_file() and not previous.is_file():
+        raise UsageError(f"--resume: no {STATE_FILE} in {run_dir}; drop --resume to start a new run")
+    stale = remove_stale_temporaries(current)
+    if stale:
+        log(f"removed {len(stale)} partial state file(s) left by an interrupted write")
+    try:
+        if not current.is_file():
+            raise CheckpointError(f"{current} is missing (the run stopped while replacing it)")
+        return _read_state(current)
+    except CheckpointError as exc:
+        if not previous.is_file():
+            raise
+        log(f"warning: {exc}; falling back to the previous state {previous}")
+        try:
+            state = _read_state(previous)
+        except CheckpointError as prev_exc:
+            raise CheckpointError(f"neither training state can be used: {exc}; {prev_exc}") from None
+        log(f"resuming from {previous} (epoch {state['epoch']}); the epochs after it are trained again")
+        return state
 
 
 def _train(args: argparse.Namespace, ddp: _Dist) -> int:
@@ -362,12 +407,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     if args.resume:
         if not args.run_dir:
             raise UsageError("--resume needs --run-dir: the folder of the run to continue (it holds last.pth)")
-        state_path = Path(args.run_dir) / STATE_FILE
-        if not state_path.is_file():
-            raise UsageError(f"--resume: no {STATE_FILE} in {args.run_dir}; drop --resume to start a new run")
-        state = safe_torch_load(state_path)
-        if not isinstance(state, dict) or state.get("kind") != "train-state" or "args" not in state:
-            raise CheckpointError(f"{state_path} is not a resumable training state of this tool")
+        state = load_resume_state(Path(args.run_dir), ddp.log)
         notes = _merge_resumed_args(args, state["args"])
         ddp.log(f"resuming {args.run_dir} after epoch {state['epoch']}" + (f"; changed: {', '.join(notes)}"
                                                                             if notes else ""))
@@ -394,6 +434,8 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+        if remove_stale_temporaries(args.output):
+            ddp.log(f"removed a partial checkpoint file beside {args.output} left by an interrupted write")
     seed_everything(args.seed)
 
     # --- model first: a missing ImageNet download stops us before any data work --------------------------------
@@ -557,6 +599,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
                  "best_score": best_score, "best_epoch": best_epoch, "history": history, "args": plain_args(args),
                  "world_size": ddp.world_size},
                 run_dir / STATE_FILE,
+                backup=run_dir / PREVIOUS_STATE_FILE,
             )
             ddp.log(_epoch_line(epoch, args.epochs, stats, result, labels) + ("  * saved" if is_best else ""))
     ddp.barrier()

@@ -126,8 +126,12 @@ def model_from_meta(meta: Meta, pretrained: bool = False) -> ChestXrayNet:
     return build_model(meta.arch, len(meta.labels), meta.lse_r, meta.transition_kernel, pretrained)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike, backup: str | os.PathLike | None = None) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a half-written file.
+
+    With `backup`, the file being replaced is first renamed to it (only once the new one is safely on disk), so
+    the previous version survives a later corruption. A failed write (e.g. a full disk) leaves `path` as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -136,10 +140,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # name the file being written
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed atomic_torch_save(path) left beside `path`; returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(path: str | os.PathLike, model: ChestXrayNet, meta: Meta, train: dict | None = None) -> None:

@@ -206,7 +206,7 @@ def test_torchrun_two_processes_gloo(nih_dir, tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1  # one run folder: the ranks agree on its name and only rank 0 writes
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pth")) == sorted(
-        ["best.pth", f"runs/{runs[0].name}/last.pth"])
+        ["best.pth", f"runs/{runs[0].name}/last.prev.pth", f"runs/{runs[0].name}/last.pth"])
     assert proc.stdout.count("epoch 1/2 ") == 1 and proc.stdout.count("done:") == 1
 
     shards = json.loads((runs[0] / "shards.json").read_text())

@@ -1,0 +1,143 @@
+"""Faults in training: killed while writing a checkpoint, a truncated state, a full disk. Nothing complete is lost."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from chestxray.checkpoint import load_checkpoint
+from Model_Training import train
+from test_train import read_history, run_main, small_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs train.main in a child process whose torch.save writes half of the N-th file with key `match` (counting only
+# once `require` exists), then SIGKILLs itself: a crash in the middle of a checkpoint write.
+DYING_TRAINER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from Model_Training import train
+
+    real_save, calls = torch.save, [0]
+
+    def dying_save(obj, f, *args, **kwargs):
+        if {match!r} in obj and os.path.exists({require!r}):
+            calls[0] += 1
+            if calls[0] == {kill_at}:
+                real_save(obj, f, *args, **kwargs)
+                f.flush()
+                f.truncate(f.tell() // 2)
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = dying_save
+    sys.exit(train.main(train.get_args_parser().parse_args({argv!r})))
+""")
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# "kind" marks a training state (killed writing epoch 2's); "meta" a best checkpoint (killed writing the first one
+# after epoch 1's state: epoch 3 is this seeded run's next best epoch, so the state on disk is epoch 2's).
+@pytest.mark.parametrize("match, what", [("kind", "training state"), ("meta", "best checkpoint")])
+def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(nih_dir, tmp_path, match, what):
+    run, best = tmp_path / "run", tmp_path / "best.pth"
+    argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=3)
+    require = str(tmp_path) if match == "kind" else str(run / "last.pth")
+    script = DYING_TRAINER.format(root=str(ROOT), match=match, kill_at=2 if match == "kind" else 1,
+                                  require=require, argv=argv)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    # The interrupted write left only a temporary file; every complete file still loads.
+    leftovers = [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
+    assert len(leftovers) == 1, (what, leftovers)
+    state = torch.load(run / "last.pth", weights_only=True)
+    assert state["epoch"] == (1 if match == "kind" else 2)
+    if best.exists():
+        load_checkpoint(best)
+
+    resumed = subprocess.run([sys.executable, "Model_Training/train.py", *argv, "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "partial" in resumed.stdout
+    assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3"]
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3
+    assert not [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
+    model, meta, _ = load_checkpoint(best)
+    assert meta.training["epochs"] in (1, 2, 3)
+
+
+@pytest.fixture()
+def two_epochs(nih_dir, tmp_path, capsys):
+    run, best = tmp_path / "run", tmp_path / "best.pth"
+    argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=2)
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    assert torch.load(run / "last.prev.pth", weights_only=True)["epoch"] == 1
+    return run, best, argv
+
+
+def test_truncated_state_is_detected_and_resume_falls_back(two_epochs, capsys):
+    run, best, argv = two_epochs
+    data = (run / "last.pth").read_bytes()
+    (run / "last.pth").write_bytes(data[: len(data) // 2])
+    rc, out, err = run_main([*argv, "--resume", "--epochs", "3"], capsys)
+    assert rc == 0, err
+    assert "last.pth is truncated or corrupt" in out and "falling back" in out and "epoch 1" in out
+    assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3"]
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3
+    load_checkpoint(best)
+
+
+def test_both_states_damaged_is_a_clear_error(two_epochs, capsys):
+    run, _, argv = two_epochs
+    for name in ("last.pth", "last.prev.pth"):
+        (run / name).write_bytes(b"\x00" * 100)
+    rc, _, err = run_main([*argv, "--resume", "--epochs", "3"], capsys)
+    assert rc == 2 and "neither training state can be used" in err
+
+
+def test_full_disk_during_a_state_write_is_reported_and_the_previous_survives(nih_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    run, best = tmp_path / "run", tmp_path / "best.pth"
+    argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=2)
+    real_save, calls = torch.save, [0]
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "kind" in obj:
+            calls[0] += 1
+            if calls[0] == 2:
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 1
+    assert "No space left on device" in err and "last.pth" in err and "--resume" in err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1  # the previous state survives
+    load_checkpoint(best)
+    assert not [name for name in _files(run) if name.endswith(".tmp")]
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues
+    rc, _, err = run_main([*argv, "--resume"], capsys)
+    assert rc == 0, err
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_load_resume_state_without_any_state(tmp_path):
+    with pytest.raises(train.UsageError, match="no last.pth"):
+        train.load_resume_state(tmp_path)
