@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import read_history, run_main, small_run
 
 from chestxray.checkpoint import load_checkpoint
 from Model_Training import train
-from test_train import read_history, run_main, small_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import NIH_PNG
 from torchvision.transforms.v2 import functional as TF
 
 from chestxray.checkpoint import Meta
 from chestxray.imaging import read_xray
 from chestxray.transforms import build_normalize, build_transform, preprocess, to_uint8_square
-from conftest import NIH_PNG
 
 META = Meta.new(arch="resnet18", image_size=128)
 
