@@ -29,4 +29,4 @@ test: setup-dev browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup-dev
-	$(PY) benchmarks/run_all.py
+	PY=$(PY) bash benchmarks/run_all.sh

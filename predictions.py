@@ -17,22 +17,13 @@ import numpy as np
 import torch
 
 from chestxray.cam import overlay, predict_with_maps
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint
+from chestxray.device import resolve_device
 from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, Source, read_xray
 from chestxray.model import ChestXrayNet
 from chestxray.transforms import build_normalize, build_transform
 
-DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"
 TRAIN_COMMAND = "python Model_Training/train.py --data-dir /path/to/nih --output chestxray_model_resnet50.pth"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available else CPU; 'cpu' / 'cuda' as asked (cuda without a GPU is an error)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 @dataclass

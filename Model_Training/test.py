@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint  # noqa: E402
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint  # noqa: E402
 from chestxray.data import (  # noqa: E402
     DataError,
     XrayDataset,
@@ -36,6 +36,7 @@ from chestxray.data import (  # noqa: E402
     make_splits,
     subsample,
 )
+from chestxray.device import resolve_device  # noqa: E402
 from chestxray.engine import predict_probabilities  # noqa: E402
 from chestxray.localization import (  # noqa: E402
     BBoxError,
@@ -53,7 +54,6 @@ from chestxray.report import (  # noqa: E402
     write_report,
 )
 from chestxray.transforms import build_normalize, build_transform  # noqa: E402
-from predictions import DEFAULT_CHECKPOINT, resolve_device  # noqa: E402
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 SUBGROUPS = (("view", "PA"), ("view", "AP"), ("sex", "F"), ("sex", "M"))

@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from chestxray.checkpoint import (  # noqa: E402
+    DEFAULT_CHECKPOINT,
     CheckpointError,
     Meta,
     atomic_torch_save,
@@ -78,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-dir", default=None, help="NIH data folder: Data_Entry CSV + images below it (required, "
         "except on --resume, which reuses the saved one)")
-    add("--output", default="chestxray_model_resnet50.pth",
+    add("--output", default=DEFAULT_CHECKPOINT,
         help="best checkpoint, where the web app looks (default: %(default)s)")
     add("--run-dir", default=None, help="run folder for last.pth, history.csv, curves, args.json "
         "(default: runs/<timestamp>)")

@@ -22,6 +22,7 @@ from .labels import LABELS, LabelError, check_labels
 from .model import ARCHS, ChestXrayNet, build_model
 
 FORMAT = 1
+DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"  # where training writes and the web app looks
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

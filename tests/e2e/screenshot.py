@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/e2e/screenshot.py [--image PATH] [--arch resnet18] [--image-size 384] [--out PATH]
 
-Uses a randomly initialised checkpoint (tests/conftest.make_checkpoint), so the numbers and heatmaps show the layout,
-not a trained model's findings. A random ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias
+Uses --checkpoint when given (the README's picture: a ResNet-18 trained on the 937-image sample), else a randomly
+initialised checkpoint (tests/conftest.make_checkpoint), whose numbers and heatmaps show only the layout. A random ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias
 intends; a random ResNet-50's large logits pin most of them at 0% or 100%, which makes a less readable picture.
 Also writes the upload page to docs/screenshot-upload.png.
 """
@@ -24,6 +24,8 @@ from livesite import launch_chromium, run_server  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=str(NIH_PNG), help="X-ray to upload (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained checkpoint to show (default: a random one made with --arch/--image-size)")
     parser.add_argument("--arch", default="resnet18", help="checkpoint architecture (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=384, help="checkpoint input size (default: %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot-result.png"), help="PNG to write")
@@ -38,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = make_checkpoint(Path(tmp) / "model.pth", arch=args.arch, image_size=args.image_size)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
+            Path(tmp) / "model.pth", arch=args.arch, image_size=args.image_size)
         with run_server(checkpoint, Path(tmp) / "results") as base, sync_playwright() as p:
             browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})

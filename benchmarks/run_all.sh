@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run every benchmark one after another (never in parallel: they time the CPU) and rebuild BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+$PY benchmarks/bench_predict.py
+$PY benchmarks/bench_web.py
+$PY benchmarks/bench_cache.py
+$PY benchmarks/bench_load.py
+$PY benchmarks/collect.py
