@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import NIH_DIR, make_checkpoint  # noqa: E402
+from e2e.livesite import stop_server  # noqa: E402
 
 from main import RESULT_ID  # noqa: E402
 
@@ -221,12 +222,7 @@ def main(args: argparse.Namespace) -> int:
             final_count = count_results(results)
             leftovers = [name for name in os.listdir(results) if not RESULT_ID.fullmatch(name)]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
         console = log_path.read_text(errors="replace")
 
     # --- figures and goals

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NIH_DIR, ROOT
-from e2e.livesite import free_port
+from e2e.livesite import free_port, stop_server
 from flask import Flask
 from flask.testing import FlaskClient
 from hostile import CORPUS, Case, png_bytes
@@ -300,12 +300,7 @@ def serve(checkpoint: Path, root: Path, limit_mb: int = 1, timeout: float = 60.0
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

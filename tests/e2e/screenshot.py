@@ -3,8 +3,9 @@
     .venv/bin/python tests/e2e/screenshot.py [--image PATH] [--arch resnet18] [--image-size 384] [--out PATH]
 
 Uses --checkpoint when given (the README's picture: a ResNet-18 trained on the 937-image sample), else a randomly
-initialised checkpoint (tests/conftest.make_checkpoint), whose numbers and heatmaps show only the layout. A random ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias
-intends; a random ResNet-50's large logits pin most of them at 0% or 100%, which makes a less readable picture.
+initialised checkpoint (tests/conftest.make_checkpoint), whose numbers and heatmaps show only the layout. A random
+ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias intends; a random ResNet-50's large
+logits pin most of them at 0% or 100%, which makes a less readable picture.
 Also writes the upload page to docs/screenshot-upload.png.
 """
 from __future__ import annotations
