@@ -45,7 +45,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError
-from chestxray.imaging import ACCEPTED, IMAGE_SUFFIXES, InvalidImage
+from chestxray.imaging import ACCEPTED, IMAGE_SUFFIXES, InvalidImage, is_dicom
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND, Prediction, Predictor
 
 ROOT = Path(__file__).resolve().parent
@@ -179,7 +179,7 @@ def require_predictor() -> Predictor:
 
 def sniff_format(data: bytes, filename: str) -> str:
     """'PNG', 'JPEG' or 'DICOM' from the content; aborts 415 for other types, 400 for an image name with bad content."""
-    if data[128:132] == b"DICM":
+    if is_dicom(data):
         return "DICOM"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"

@@ -37,7 +37,7 @@ def read_xray(source: Source) -> np.ndarray:
     data = _read_bytes(source)
     if not data:
         raise InvalidImage("the file is empty")
-    if _is_dicom(data):
+    if is_dicom(data):
         image = _read_dicom(data)
     else:
         image = _read_pillow(data)
@@ -65,7 +65,8 @@ def _read_bytes(source: Source) -> bytes:
     raise TypeError(f"read_xray expects a path, bytes or a binary file object, not {type(source).__name__}")
 
 
-def _is_dicom(data: bytes) -> bool:
+def is_dicom(data: bytes) -> bool:
+    """True for a DICOM Part 10 file (the only DICOM form accepted)."""
     # Part 10 files carry "DICM" after a 128-byte preamble; that is the only DICOM form we accept.
     return len(data) >= 132 and data[128:132] == b"DICM"
 
