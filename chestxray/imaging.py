@@ -28,6 +28,42 @@ class InvalidImage(ValueError):
     """The input is not a chest X-ray image this tool can read; the message says why and what to do."""
 
 
+class UnsupportedFormat(InvalidImage):
+    """The input is a file of another type (GIF, PDF, ZIP, a web page, ...): the web app answers 415 for it."""
+
+
+# Content signatures of formats people upload by mistake; recognised so the message names them.
+OTHER_SIGNATURES = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"%PDF", "PDF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"RIFF", "RIFF (WebP)"), (b"PK\x03\x04", "ZIP"), (b"\x00\x00\x00\x0cjP", "JPEG 2000"),
+)
+
+
+def sniff(data: bytes, filename: str = "") -> str:
+    """'PNG', 'JPEG' or 'DICOM' from the content (the name never decides).
+
+    Raises UnsupportedFormat for a known other format, or for unknown content under a non-image name;
+    InvalidImage for unknown content named like an image (.png, .dcm, ...), or an empty file.
+    """
+    if not data:
+        raise InvalidImage("the file is empty")
+    if is_dicom(data):
+        return "DICOM"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    suffix = Path(filename).suffix.lower()[:12] if filename else ""
+    other = next((name for signature, name in OTHER_SIGNATURES if data.startswith(signature)), None)
+    if other:
+        raise UnsupportedFormat(f"unsupported file type ({other}): expected {ACCEPTED}")
+    if filename and suffix not in IMAGE_SUFFIXES:
+        kind = f"'{suffix}'" if suffix else "a file without extension"
+        raise UnsupportedFormat(f"unsupported file type ({kind}): expected {ACCEPTED}")
+    named = f": the file is named '{suffix}' but does not hold {ACCEPTED} data" if suffix else f": expected {ACCEPTED}"
+    raise InvalidImage(f"not a readable image{named}")
+
+
 def read_xray(source: Source) -> np.ndarray:
     """Read an X-ray from a path, bytes or binary file object -> (H, W) float32 in [0, 1], 0 = black.
 

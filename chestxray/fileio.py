@@ -1,0 +1,88 @@
+"""Small file helpers used across the project: atomic writes and strict JSON (NaN/inf -> null).
+
+Written by hand because they are a few lines each; every module that writes a file a crash must not leave half
+written (checkpoints, training state, history, the image cache, saved results) goes through `atomic_write`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | bytes | str,
+                 backup: str | os.PathLike | None = None, fsync: bool = False) -> Path:
+    """Write `path` via a temporary file in its folder and os.replace: readers see the old or the new file, never half.
+
+    `write` is bytes, a str (UTF-8), or a callable given the open binary file. With `backup`, the file being replaced
+    is first renamed to it (once the new one is safely on disk). A failed write leaves `path` as it was, removes the
+    temporary file, and re-raises (an OSError names `path`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(write, str):
+                f.write(write.encode("utf-8"))
+            elif isinstance(write, (bytes, bytearray, memoryview)):
+                f.write(write)
+            else:
+                write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            os.replace(path, backup)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # name the file being written
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed atomic_write(path) left beside `path`; returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def to_json_data(obj: Any) -> Any:
+    """Recursively make plain JSON data: NaN/inf -> None, numpy scalars/arrays -> Python numbers/lists, paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): to_json_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_data(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_data(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of to_json_data(obj): allow_nan=False guarantees no NaN token slips through."""
+    return json.dumps(to_json_data(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write strict, indented JSON atomically."""
+    return atomic_write(path, dumps_json(obj, indent=2) + "\n")
