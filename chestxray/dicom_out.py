@@ -217,7 +217,11 @@ def _with_placeholder_names(source: Dataset) -> Dataset:
     highdicom warns about a name without a caret and puts the name in the warning text, which would reach a console
     or a log. The placeholder passes its check; _copy_names then puts the source's names back unchanged.
     """
-    ref = Dataset(source)  # a new element dict: replacing an element here leaves the source untouched
+    # A new element dict (Dataset(source) and copy.copy share the source's dict): replacing an element here leaves
+    # the source untouched, and the elements themselves, pixel data included, are shared, not copied.
+    ref = Dataset()
+    for element in source:
+        ref.add(element)
     for keyword in PERSON_NAMES:
         if keyword in ref:
             ref[keyword] = DataElement(ref[keyword].tag, "PN", "^")
