@@ -29,9 +29,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     MRImageStorage,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -67,6 +71,7 @@ class Analyser:
     def __init__(self, predictor) -> None:
         self.predictor = predictor
         self.count: Counter[str] = Counter()
+        self.syntax: dict[str, str] = {}  # the transfer syntax each instance arrived in
         self.lock = threading.Lock()
 
     def __call__(self, data: bytes) -> Analysis:
@@ -74,6 +79,7 @@ class Analyser:
         prediction = self.predictor.predict(data)
         with self.lock:
             self.count[str(ds.SOPInstanceUID)] += 1
+            self.syntax[str(ds.SOPInstanceUID)] = ds.file_meta.TransferSyntaxUID
         return Analysis(result_id=uuid.uuid4().hex[:12], in_scope=ds.get("Modality") in ("CR", "DX"),
                         content=ReportContent.from_prediction(prediction, model_name=MODEL_NAME))
 
@@ -101,17 +107,17 @@ def radiograph(path: Path, size: int = 64, study: str | None = None) -> pydicom.
     return ds
 
 
-def storescu(port: int, *files: Path, aet: str = "XRAY_ROOM_1",
+def storescu(port: int, *files: Path, aet: str = "XRAY_ROOM_1", propose: str = "-xy",
              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """dcmtk's storescu, as an X-ray machine would send; -xy also proposes JPEG baseline for the compressed sample."""
-    return subprocess.run([STORESCU, "-xy", "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
+    """dcmtk's storescu, as an X-ray machine would send; -xy proposes JPEG baseline (the compressed sample) too."""
+    return subprocess.run([STORESCU, propose, "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
                            *map(str, files)], capture_output=True, text=True, timeout=WAIT)
 
 
 class Orthanc:
     """Debian's Orthanc on loopback with a generated configuration; REST helpers for the checks."""
 
-    def __init__(self, folder: Path, node_port: int, dicom_port: int) -> None:
+    def __init__(self, folder: Path, node_port: int, dicom_port: int, extra: dict | None = None) -> None:
         self.http_port, self.dicom_port = free_port(), dicom_port
         self.url = f"http://127.0.0.1:{self.http_port}"
         config = {
@@ -120,7 +126,7 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
             "DicomModalities": {"cxrai": [NODE_AET, "127.0.0.1", node_port]},
             "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "StableAge": 1, "LogExportedResources": False,
-        }
+        } | (extra or {})
         path = folder / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 (closed in stop)
@@ -267,6 +273,32 @@ def test_a_study_pushed_by_the_pacs_comes_back_with_results(pacs, tmp_path):
     assert analyser.count[source.SOPInstanceUID] == 1
     assert len(node.worklist()) == before + 1 and node.worklist()[0].send_status == "sent"
     check_results_in_study(orthanc, source, expected_instances=3)
+
+
+def test_the_readmes_orthanc_auto_forward_sends_new_radiographs_and_does_not_loop(tiny_predictor, tmp_path):
+    """The README's Lua script: an image stored in Orthanc goes to the node; the results stored back are not sent."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lua = readme.split("```lua\n", 1)[1].split("```", 1)[0]
+    assert "SendToModality" in lua
+    (tmp_path / "forward.lua").write_text(lua)
+    analyser = Analyser(tiny_predictor)
+    dicom_port = free_port()
+    with DicomNode(analyser, port=0, send_to=Destination(PACS_AET, "127.0.0.1", dicom_port)) as node:
+        orthanc = Orthanc(tmp_path, node.port, dicom_port, {"LuaScripts": [str(tmp_path / "forward.lua")]})
+        try:
+            source = radiograph(tmp_path / "new.dcm")
+            orthanc.post("/instances", (tmp_path / "new.dcm").read_bytes())
+            deadline = time.monotonic() + WAIT
+            while len(orthanc.study_instances(source.StudyInstanceUID)) < 3:
+                assert time.monotonic() < deadline, orthanc.study_instances(source.StudyInstanceUID)
+                time.sleep(0.2)
+            assert node.wait_idle(WAIT)
+            time.sleep(2)  # room for a loop to show: a forwarded result would be analysed again
+            assert node.wait_idle(WAIT)
+            check_results_in_study(orthanc, source, expected_instances=3)
+        finally:
+            orthanc.stop()
+    assert dict(analyser.count) == {source.SOPInstanceUID: 1}
 
 
 def test_a_ct_slice_is_received_but_out_of_scope_and_nothing_is_sent(pacs):
@@ -417,3 +449,39 @@ def test_four_machines_sending_25_images_each_at_once_lose_nothing(tiny_predicto
     assert set(counts.values()) == {1}, "every image analysed exactly once"
     assert len(entries) == 101 and len({e.result_id for e in entries}) == 101
     assert growth < 0.20, f"RSS grew by {growth:.0%}"
+
+
+@pytest.mark.parametrize("syntax, option", [
+    (ImplicitVRLittleEndian, "-xi"), (DeflatedExplicitVRLittleEndian, "-xd"), (RLELossless, "-xr"),
+    (JPEG2000Lossless, "-xv"),
+])
+def test_each_transfer_syntax_the_reader_decodes_is_accepted(tiny_predictor, tmp_path, syntax, option):
+    """storescu sends the file in its own transfer syntax (compressed ones encoded here with pydicom)."""
+    analyser = Analyser(tiny_predictor)
+    ds = radiograph(tmp_path / "plain.dcm")
+    if syntax.is_compressed:
+        ds.compress(syntax)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "sent.dcm", enforce_file_format=True)
+    with DicomNode(analyser, port=0) as node:
+        result = storescu(node.port, tmp_path / "sent.dcm", propose=option)
+        assert result.returncode == 0, result.stderr
+        assert node.wait_idle(WAIT)
+        assert node.worklist()[0].send_status == "not sent: no destination configured"
+    assert analyser.count[ds.SOPInstanceUID] == 1 and analyser.syntax[ds.SOPInstanceUID] == syntax
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("ORTHANC@127.0.0.1:4242", Destination("ORTHANC", "127.0.0.1", 4242)),
+    ("PACS@pacs.example.org:104", Destination("PACS", "pacs.example.org", 104)),
+])
+def test_destination_parses_aet_at_host_colon_port(text, expected):
+    assert Destination.parse(text) == expected and str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["ORTHANC", "127.0.0.1:4242", "@host:1", "A@host", "A@host:0", "A@host:x",
+                                  "A_VERY_LONG_AE_TITLE_X@host:104"])
+def test_a_bad_destination_says_the_expected_form(text):
+    with pytest.raises(ValueError, match="AET@HOST:PORT"):
+        Destination.parse(text)
