@@ -435,3 +435,28 @@ def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis
     send_to = Destination.parse(args.dicom_send) if args.dicom_send else None
     return DicomNode(analyse, aet=args.dicom_aet, host=args.dicom_host, port=args.dicom_port, allow=allow,
                      send_to=send_to)
+
+
+def model_name(predictor) -> str:
+    """A short model name for Series Descriptions: 'ChestX-ray14 <arch> <size>px'."""
+    return f"ChestX-ray14 {predictor.meta.arch} {predictor.meta.image_size}px"
+
+
+def analyser(predictor, store) -> Callable[[bytes], Analysis]:
+    """The web app's analyse callback: predict like an upload, save the result in `store` (no patient data).
+
+    predictor: a chestxray Predictor; store: a results store whose save(prediction) returns the record with its "id".
+    In scope: a radiograph SOP class (CR, DX, SC) and, where the prediction has it, the in-scope check's verdict.
+    """
+    name = model_name(predictor)
+
+    def analyse(data: bytes) -> Analysis:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        prediction = predictor.predict(data)
+        record = store.save(prediction)
+        in_scope = str(header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
+            bool(getattr(prediction, "in_scope", True))
+        return Analysis(result_id=record["id"], in_scope=in_scope,
+                        content=ReportContent.from_prediction(prediction, model_name=name))
+
+    return analyse
