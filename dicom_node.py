@@ -22,6 +22,7 @@ import io
 import itertools
 import logging
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -76,6 +77,7 @@ CANNOT_UNDERSTAND = 0xC000
 SUCCESSFUL_STORE = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (the object was stored)
 
 DEFAULT_AET = "CXR_AI"
+CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM's CS value representation (PS3.5 6.2)
 RETRY_DELAYS = (2.0, 5.0, 15.0, 60.0, 300.0)  # seconds before each retry: a PACS restart takes about a minute
 
 
@@ -146,7 +148,7 @@ class DicomNode:
 
     def __init__(self, analyse: Callable[[bytes], Analysis], *, aet: str = DEFAULT_AET, host: str = "127.0.0.1",
                  port: int = 11112, allow: Iterable[str] | None = None, send_to: Destination | None = None,
-                 queue_size: int = 64, retry_delays: Sequence[float] = RETRY_DELAYS, worklist_size: int = 1000,
+                 queue_size: int = 16, retry_delays: Sequence[float] = RETRY_DELAYS, worklist_size: int = 1000,
                  timeout: float = 30.0) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"a DICOM AE title has 1 to 16 characters; got {aet!r}")
@@ -158,6 +160,7 @@ class DicomNode:
         self.send_to = send_to
         self.retry_delays = tuple(retry_delays)
         self.timeout = timeout
+        # Bounded in images: 16 large uncompressed DX files are ~300 MB; a full queue pushes back on the sender.
         self._queue: queue.Queue[_Received | None] = queue.Queue(maxsize=queue_size)
         self._entries: deque[WorklistEntry] = deque(maxlen=worklist_size)  # bounded: oldest entries drop off
         self._by_number: dict[int, WorklistEntry] = {}
@@ -241,7 +244,7 @@ class DicomNode:
             data = event.encoded_dataset(include_meta=True)
             dataset = event.dataset
             sop_class = str(dataset.get("SOPClassUID", ""))
-            modality = str(dataset.get("Modality", "") or "")[:16]
+            modality = _code_string(dataset.get("Modality", ""))
         except Exception:
             log.warning("refused an image from %s: its data set cannot be decoded", _caller(event))
             return CANNOT_UNDERSTAND
@@ -405,10 +408,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _code_string(value) -> str:
+    """A DICOM code string (Modality) as shown and logged: 'CR', or '?' for anything but A-Z, 0-9, space, '_'."""
+    text = str(value or "").strip()
+    return text if CODE_STRING.fullmatch(text) else "?"
+
+
 def _caller(event) -> str:
-    # The calling AE title and address identify a device, not a patient.
+    # The calling AE title and address identify a device, not a patient; printable characters only (no log forging).
     requestor = event.assoc.requestor
-    return f"{requestor.ae_title}@{requestor.address}"
+    title = "".join(c if c.isprintable() else "?" for c in str(requestor.ae_title))[:16]
+    return f"{title}@{requestor.address}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

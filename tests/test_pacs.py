@@ -485,3 +485,28 @@ def test_destination_parses_aet_at_host_colon_port(text, expected):
 def test_a_bad_destination_says_the_expected_form(text):
     with pytest.raises(ValueError, match="AET@HOST:PORT"):
         Destination.parse(text)
+
+
+def test_a_full_queue_answers_out_of_resources_so_the_sender_keeps_the_image(tiny_predictor, tmp_path):
+    gate = threading.Event()
+    inner = Analyser(tiny_predictor)
+
+    def slow(data: bytes) -> Analysis:
+        gate.wait(WAIT)  # the worker is busy until the test opens the gate
+        return inner(data)
+
+    images = [radiograph(tmp_path / f"{i}.dcm") for i in range(3)]
+    with DicomNode(slow, port=0, queue_size=1, timeout=2.0) as node:
+        ae = AE(ae_title="XRAY_ROOM_3")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        try:
+            # The worker takes the first, the queue holds the second, the third finds no room.
+            statuses = [assoc.send_c_store(ds).Status for ds in images]
+        finally:
+            assoc.release()
+        gate.set()
+        assert node.wait_idle(WAIT)
+    assert statuses == [0x0000, 0x0000, 0xA700]
+    assert dict(inner.count) == {images[0].SOPInstanceUID: 1, images[1].SOPInstanceUID: 1}
