@@ -14,6 +14,7 @@ import highdicom as hd
 import numpy as np
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -31,6 +32,9 @@ UTF8 = "ISO_IR 192"  # the disclaimer's dash and label names are written as UTF-
 # Concepts without a standard code get codes of our own: "99" coding schemes are local by definition (PS3.16 8.2).
 SCHEME = "99CXRAI"
 PERSON_NAMES = ("PatientName", "ReferringPhysicianName")  # the PN attributes highdicom copies from a source
+# Type 2 attributes (present, maybe empty) of the patient and general study modules that highdicom copies.
+TYPE2_COPIED = PERSON_NAMES + ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                               "AccessionNumber", "StudyID")
 
 
 def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
@@ -212,26 +216,29 @@ def build_structured_report(source: Dataset, content: ReportContent) -> Dataset:
 
 
 def _with_placeholder_names(source: Dataset) -> Dataset:
-    """A shallow copy whose person names are placeholders; the source is left as it is.
+    """A shallow copy for highdicom: placeholder person names, empty Type 2 patient/study attributes where missing.
 
     highdicom warns about a name without a caret and puts the name in the warning text, which would reach a console
-    or a log. The placeholder passes its check; _copy_names then puts the source's names back unchanged.
+    or a log; the placeholder passes its check and _copy_names puts the source's names back unchanged. A source
+    without e.g. a Patient ID (allowed for some senders) still gives valid results: the attribute is present, empty.
     """
     # A new element dict (Dataset(source) and copy.copy share the source's dict): replacing an element here leaves
     # the source untouched, and the elements themselves, pixel data included, are shared, not copied.
     ref = Dataset()
     for element in source:
         ref.add(element)
+    for keyword in TYPE2_COPIED:
+        if keyword not in ref:
+            setattr(ref, keyword, "")
     for keyword in PERSON_NAMES:
-        if keyword in ref:
-            ref[keyword] = DataElement(ref[keyword].tag, "PN", "^")
+        ref[keyword] = DataElement(ref[keyword].tag, "PN", "^")
     return ref
 
 
 def _copy_names(source: Dataset, target: Dataset) -> None:
     for keyword in PERSON_NAMES:
-        if keyword in source:
-            target[keyword] = DataElement(source[keyword].tag, "PN", source[keyword].value)
+        value = source[keyword].value if keyword in source else ""
+        target[keyword] = DataElement(tag_for_keyword(keyword), "PN", value)
 
 
 def _label_code(name: str) -> str:

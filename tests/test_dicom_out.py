@@ -158,3 +158,14 @@ def test_building_warns_nothing_with_patient_data_and_leaves_the_source_as_it_is
     patient = str(source.PatientID)
     assert patient and not [w for w in caught if patient in str(w.message)]
     assert source.to_json_dict() == before
+
+
+def test_a_source_without_patient_or_study_details_still_gives_valid_objects(source, content):
+    bare = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+        setattr(bare, keyword, source[keyword].value)
+    for build in (build_secondary_capture, build_structured_report):
+        out = roundtrip(build(bare, content))
+        assert out.StudyInstanceUID == source.StudyInstanceUID
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+            assert keyword in out and not out[keyword].value, keyword  # Type 2: present, empty
