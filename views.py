@@ -83,7 +83,7 @@ def shown_name(filename: str, limit: int = 80) -> str:
 
 
 def api_document(record: dict) -> dict:
-    """The JSON answer for one result: result.json's record (Prediction.to_dict() + id, created, display_size) + URLs."""
+    """The JSON answer for one result: result.json's record (to_dict() + id, created, display_size) + its URLs."""
     rid = record["id"]
     return {
         **record,

@@ -32,13 +32,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import ROOT, conftest, livesite
 
-from conftest import NIH_DIR, make_checkpoint  # noqa: E402
-from e2e.livesite import stop_server  # noqa: E402
+from chestxray.results import RESULT_ID
 
-from main import RESULT_ID  # noqa: E402
+NIH_DIR, make_checkpoint, stop_server = conftest.NIH_DIR, conftest.make_checkpoint, livesite.stop_server
 
 BOUNDARY = "bench-load-boundary-5c2a"
 MEMORY_TOLERANCE = 0.20

@@ -16,8 +16,7 @@ from .cam import overlay, predict_with_maps
 from .checkpoint import Meta, load_checkpoint
 from .device import resolve_device
 from .fileio import to_json_data
-# imaging's own path/bytes/file reader, so a missing file gets read_xray's message (private there: see the report)
-from .imaging import Source, _read_bytes, read_xray, sniff
+from .imaging import Source, _read_bytes, read_xray, sniff  # _read_bytes: read_xray's own reader and messages
 from .metrics import binarize
 from .model import ChestXrayNet
 from .transforms import build_normalize, build_transform

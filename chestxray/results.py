@@ -33,7 +33,7 @@ STALE_TMP_SECONDS = 3600
 
 
 class ResultNotFound(LookupError):
-    """A malformed, unknown or expired result id, or a label the result's model does not have; the message says which."""
+    """A malformed, unknown or expired result id, or a label its model does not have; the message says which."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "result not found"

@@ -582,3 +582,23 @@ def test_uploads_stay_in_memory(client, monkeypatch):
     monkeypatch.setattr(werkzeug.wrappers.request, "default_stream_factory", spool_to_disk)
     big = OTHER_CXR_DIR / "b343e657.jpg"  # 1.1 MB, over Werkzeug's 500 KB in-memory limit
     assert client.post("/api/predict", data=upload(big)).status_code == 200
+
+
+# ---------------------------------------------------------------- one JSON shape
+
+
+def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny_checkpoint, capsys):
+    """The CLI's JSON line, the API's answer and result.json all hold Prediction.to_dict() for the same image."""
+    args = predictions.get_args_parser().parse_args([str(DICOM_MONO2), "--checkpoint", str(tiny_checkpoint),
+                                                     "--device", "cpu"])
+    assert predictions.main(args) == 0
+    line = json.loads(capsys.readouterr().out)
+    doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
+    record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
+    shared = ["labels", "positive", "format", "original_size", "model"]
+    assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
+    assert set(record) == {*shared, "id", "created", "display_size"}
+    assert set(doc) == {*record, "image", "heatmaps", "result"}  # the API adds the URLs
+    for key in shared:
+        assert line[key] == record[key] == doc[key], key
+    assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"/results/{doc['id']}/image.png"
