@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from chestxray.fileio import dumps_json
+from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage
 from chestxray.predictor import Prediction, Predictor
 
@@ -71,12 +71,11 @@ def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str,
     pred = predictor.predict(path, heatmaps=want_maps)
     record = pred.to_dict()
     if want_maps:
-        folder = _heatmap_dir(out, path, used)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = _heatmap_dir(out, path, used)  # made by atomic_write with the first overlay
         record["heatmaps"] = {}
         for label in pred.labels if which == "all" else pred.positive:
-            target = folder / f"{label}.png"
-            pred.overlay(label).save(target)
+            image = pred.overlay(label)
+            target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
             record["heatmaps"][label] = str(target)
     return record
 
