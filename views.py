@@ -5,6 +5,8 @@ HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404,
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import (
     Blueprint,
     abort,
@@ -25,6 +27,9 @@ from chestxray.predictor import Predictor
 from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
 from predictions import TRAIN_COMMAND
 
+if TYPE_CHECKING:
+    from main import ModelState
+
 POINT_COMMAND = "python main.py --checkpoint PATH"
 
 bp = Blueprint("views", __name__)
@@ -38,7 +43,7 @@ def no_model_message(reason: str) -> str:
     )
 
 
-def model_state():
+def model_state() -> ModelState:
     """The ModelState built at start-up (app.extensions["chestxray"])."""
     return current_app.extensions["chestxray"]
 

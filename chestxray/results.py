@@ -35,9 +35,6 @@ STALE_TMP_SECONDS = 3600
 class ResultNotFound(LookupError):
     """A malformed, unknown or expired result id, or a label its model does not have; the message says which."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "result not found"
-
 
 def display_image(image: np.ndarray) -> Image.Image:
     """(H, W) float image in [0, 1] -> 8-bit grayscale PIL image, longest side at most DISPLAY_MAX_SIDE."""
@@ -113,9 +110,12 @@ class ResultStore:
     def load(self, rid: str) -> dict:
         """result.json of a saved result. Raises ResultNotFound for a malformed, unknown or expired id."""
         try:
-            return json.loads((self._folder(rid) / "result.json").read_text())
+            record = json.loads((self._folder(rid) / "result.json").read_text())
         except FileNotFoundError:
             raise self._expired() from None
+        if "display_size" not in record:  # saved by a version before Prediction.to_dict: its pages cannot be drawn
+            raise ResultNotFound("This result was saved by an older version of the app and can no longer be shown.")
+        return record
 
     def image_path(self, rid: str) -> Path:
         """The saved plain image (image.png). Raises ResultNotFound."""

@@ -126,3 +126,12 @@ def test_retention_must_be_positive(tmp_path):
 def test_saving_needs_heatmaps(tmp_path, tiny_predictor):
     with pytest.raises(ValueError, match="heatmaps"):
         ResultStore(tmp_path, retention=2).save(tiny_predictor.predict(NIH_PNG, heatmaps=False))
+
+
+def test_a_result_saved_by_an_older_version_is_not_found(tmp_path, prediction):
+    store = ResultStore(tmp_path, retention=3)
+    record = store.save(prediction)
+    old = {k: v for k, v in record.items() if k != "display_size"} | {"image_size": record["display_size"]}
+    (tmp_path / record["id"] / "result.json").write_text(json.dumps(old))
+    with pytest.raises(ResultNotFound, match="older version"):
+        store.load(record["id"])
