@@ -19,7 +19,7 @@ from .fileio import to_json_data
 from .imaging import Source, _read_bytes, read_xray, sniff  # _read_bytes: read_xray's own reader and messages
 from .metrics import binarize
 from .model import ChestXrayNet
-from .transforms import build_normalize, build_transform
+from .transforms import preprocess
 
 
 @dataclass
@@ -75,8 +75,6 @@ class Predictor:
         self.meta = meta
         self.labels = meta.labels
         self.model = model.to(self.device).eval()
-        self.transform = build_transform(meta, train=False)
-        self.normalize = build_normalize(meta)
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
 
     @classmethod
@@ -88,8 +86,8 @@ class Predictor:
         return cls(model, meta, dev)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W) image in [0, 1] -> (1, 3, S, S) float tensor on the model's device, exactly as in training."""
-        return self.normalize(self.transform(image).unsqueeze(0).to(self.device))
+        """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
+        return preprocess(self.meta, image, self.device)
 
     def predict(self, image: Source | np.ndarray, heatmaps: bool = True, filename: str = "") -> Prediction:
         """Path/bytes/file/array -> Prediction. One forward pass gives probabilities and every label's heatmap.
