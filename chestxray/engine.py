@@ -1,7 +1,8 @@
 """Training and evaluation loops, shared by Model_Training/train.py and Model_Training/test.py.
 
-Loaders yield (images (B, 3, S, S), targets (B, L), indices (B,)[, unreadable]) as built by data.collate_batch
-(a plain default-collated 3-tuple works too). The model returns logits; the sigmoid is applied once, here.
+Loaders yield (images (B, 1, S, S) uint8, targets (B, L), indices (B,)[, unreadable]) as built by
+data.collate_batch (a plain default-collated 3-tuple works too); `normalize` turns the images into the model's
+(B, 3, S, S) float32 input on the device. The model returns logits; the sigmoid is applied once, here.
 Under torch.distributed, `evaluate` gathers every rank's predictions so metrics cover the whole set.
 """
 from __future__ import annotations

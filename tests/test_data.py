@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from chestxray.checkpoint import Meta
 from chestxray.data import (
     DataError,
+    MissingImages,
     ResizedCache,
     Unreadable,
     XrayDataset,
@@ -31,6 +31,7 @@ from chestxray.data import (
 )
 from chestxray.imaging import read_xray
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from chestxray.meta import Meta
 from chestxray.transforms import build_transform
 
 
@@ -136,8 +137,9 @@ def test_missing_images_stop_with_count_or_are_skipped(nih_dir, tmp_path, sample
     gone = sorted(sample_names)[:2]
     for name in gone:
         (root / name).unlink()
-    with pytest.raises(DataError, match=rf"2 of the 6 images .* missing .*{gone[0]}.*--allow-missing"):
+    with pytest.raises(MissingImages, match=rf"2 of the 6 images .* missing .*{gone[0]}.*allow_missing=True") as err:
         load_index(root)
+    assert isinstance(err.value, DataError) and err.value.missing == gone and "--" not in str(err.value)
     with pytest.warns(UserWarning, match="skipping 2 of the 6"):
         df = load_index(root, allow_missing=True)
     assert len(df) == 4 and not set(gone) & set(df["image"])
