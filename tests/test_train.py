@@ -2,7 +2,7 @@
 two-process DDP under torchrun (gloo), unreadable images, clean stops. ResNet-18 at 64 px keeps each run short."""
 from __future__ import annotations
 
-import csv
+import hashlib
 import io
 import json
 import os
@@ -19,11 +19,13 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from trainutil import read_history, run_main, small_run
 
 from chestxray.checkpoint import load_checkpoint
-from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, subsample
+from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, rebuild_splits
 from chestxray.engine import predict_probabilities
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from chestxray.meta import SplitSpec
 from chestxray.metrics import choose_thresholds, per_label_auroc
 from chestxray.model import PretrainedWeightsUnavailable
 from chestxray.transforms import build_normalize, build_transform
@@ -35,29 +37,10 @@ TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commi
                  "threshold_rule", "n_train", "n_val"}
 
 
-def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
-    return ["--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "64", "--epochs", str(epochs),
-            "--no-pretrained", "--device", "cpu", "--limit", str(limit), "--batch-size", "8", "--workers", "0",
-            "--no-progress", *extra]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = train.main(train.get_args_parser().parse_args(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    with (run_dir / "history.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None):
     """Re-create the checkpoint's validation set from its metadata alone and predict it in one process."""
     model, meta, _ = load_checkpoint(checkpoint)
-    split = meta.training["split"]
-    splits = make_splits(load_index(data_dir), data_dir, val_fraction=split["val_fraction"], seed=split["seed"])
-    val = subsample(splits["val"], split["limit"], split["seed"])
+    val = rebuild_splits(meta, load_index(data_dir), data_dir)["val"]
     dataset = XrayDataset(val, meta.labels, build_transform(meta), cache_dir=cache_dir)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate_batch)
     probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), build_normalize(meta),
@@ -97,22 +80,25 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     for line in lines:
         for part in ("train loss", "val loss", "val mean AUROC", "worst", "best", "img/s"):
             assert part in line
-    assert json.loads((run / "args.json").read_text())["arch"] == "resnet18"
+    config = json.loads((run / "args.json").read_text())  # the one copy of the run configuration
+    assert config["arch"] == "resnet18" and config["limit"] == 48 and config["lr"] == 1e-4
     history = read_history(run)
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert all(float(row["train_loss"]) > 0 and float(row["val_loss"]) > 0 for row in history)
     with Image.open(run / "training_curves.png") as im:
         assert im.format == "PNG" and im.width > 300
     state = torch.load(run / "last.pth", weights_only=True)
-    assert state["epoch"] == 2 and state["args"]["arch"] == "resnet18"
+    assert state["epoch"] == 2 and state["config"] == "args.json" and "args" not in state
     assert {"model", "optimizer", "scaler", "rng", "best_score", "best_epoch"} <= set(state)
     # every train and validation image decoded and resized once into the cache
     assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 96
 
-    model, meta, _ = load_checkpoint(trained_run["best"])
+    model, meta, train_info = load_checkpoint(trained_run["best"])
     assert (meta.arch, meta.image_size, meta.labels) == ("resnet18", 64, LABELS)
     assert TRAINING_KEYS <= set(meta.training)
-    assert meta.training["split"] == {"val_fraction": 0.1, "seed": 0, "official": True, "limit": 48}
+    assert train_info["run_config"] == str(run / "args.json") and "args" not in train_info
+    digest = hashlib.sha256((nih_dir / "labels.csv").read_bytes()).hexdigest()
+    assert meta.split == SplitSpec(official=True, val_fraction=0.1, seed=0, limit=48, data_entry_sha256=digest)
     assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 48, "wbce")
     assert meta.training["epochs"] == state["best_epoch"]
     assert meta.training["data_dir"] == "nih"
@@ -283,7 +269,7 @@ def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_
     assert rc == 0, err
     assert "warning: no train_val_list.txt / test_list.txt" in out and "seeded patient-wise split" in out
     _, meta, _ = load_checkpoint(tmp_path / "x.pth")
-    assert meta.training["split"]["official"] is False
+    assert meta.split.official is False
     with pytest.warns(UserWarning, match="patient-wise"):
         splits = make_splits(load_index(root), root, val_fraction=0.3)
     assert meta.training["n_train"] == len(splits["train"]) and meta.training["n_val"] == len(splits["val"])
