@@ -6,8 +6,12 @@
 --data-dir holds Data_Entry_2017_v2020.csv, Data_Entry_2017.csv or labels.csv, the images anywhere below it, and
 optionally the official train_val_list.txt / test_list.txt (validation is carved from train_val by patient; the
 test split is never used here). After every epoch the run folder (--run-dir) gets a resumable state (last.pth;
-continue with --resume), history.csv, training_curves.png; args.json at start. The epoch with the best validation
-mean AUROC is written to --output with per-label thresholds chosen on the validation set.
+continue with --resume), history.csv, training_curves.png; args.json, the run configuration (its one copy: the
+state and the checkpoint refer to it), at start. The epoch with the best validation mean AUROC is written to
+--output with per-label thresholds chosen on the validation set and the split it used (meta.training["split"]).
+
+The loop reads top to bottom: prepare_run -> build_meta_and_model -> load_data -> build_optimisation -> restore ->
+for each epoch run_epoch, save_epoch (torchvision's references/classification layout).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from chestxray.data import (
     targets,
 )
 from chestxray.device import DeviceUnavailable, resolve_device
-from chestxray.engine import evaluate, train_one_epoch
+from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
 from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
@@ -297,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
             dist.init_process_group(backend)
         return _train(args, ddp)
     except (UsageError, DataError, LabelError, CheckpointError, PretrainedWeightsUnavailable,
-            DeviceUnavailable) as exc:
+            DeviceUnavailable, TrainingDiverged) as exc:
         print(f"error: {exc}{_advice(exc)}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:
@@ -322,6 +326,8 @@ def _advice(exc: BaseException) -> str:
         return " (on the command line: --allow-missing)"
     if isinstance(exc, DeviceUnavailable):
         return " (pass --device cpu or auto)"
+    if isinstance(exc, TrainingDiverged):
+        return " (--lr, --clip-grad)"
     return ""
 
 

@@ -23,6 +23,10 @@ from .metrics import per_label_auroc
 from .transforms import Normalize
 
 
+class TrainingDiverged(FloatingPointError):
+    """The epoch's mean training loss is not finite (the scripts add their flag advice)."""
+
+
 @dataclass
 class EpochStats:
     """One training epoch: mean loss over images (all ranks), counts, throughput, skipped images."""
@@ -128,7 +132,8 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     mean_loss = counts[0].item() / counts[1].item() if counts[1].item() else math.nan
     if counts[1].item() and not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training diverged: the mean loss is {mean_loss}; lower --lr or set --clip-grad")
+        raise TrainingDiverged(f"training diverged: the mean loss is {mean_loss}; lower the learning rate or clip "
+                               "the gradient norm")
     idx = torch.cat(indices).numpy().astype(np.int64) if indices else np.zeros(0, dtype=np.int64)
     return EpochStats(mean_loss, int(counts[1].item()), seconds, counts[1].item() / max(seconds, 1e-9),
                       unreadable, idx)

@@ -323,3 +323,45 @@ def test_parser_flags_have_help_and_defaults():
     assert (args.arch, args.image_size, args.batch_size, args.lr, args.loss, args.val_fraction, args.output) == (
         "resnet50", 512, 16, 1e-4, "wbce", 0.1, "chestxray_model_resnet50.pth")
     assert pd.isna(args.limit) and args.threshold_rule == "f1" and not args.hflip
+
+
+def test_merge_config_locks_run_settings_and_reports_free_changes():
+    from chestxray.trainstate import LockedSettingChanged, merge_config
+
+    defaults = {"lr": 1e-4, "epochs": None, "workers": 4, "seed": 0}
+    saved = {"lr": 0.01, "epochs": 3, "workers": 2, "seed": 5, "gone": 1}
+    merged, changed = merge_config({"lr": 1e-4, "epochs": None, "workers": 8, "seed": 0}, saved, defaults,
+                                   locked=("lr", "seed"))
+    assert (merged["lr"], merged["seed"], merged["epochs"], merged["workers"]) == (0.01, 5, 3, 8)
+    assert changed == [("workers", 8, 2)] and "gone" not in merged
+    with pytest.raises(LockedSettingChanged) as err:
+        merge_config({"lr": 0.5, "epochs": None, "workers": 4, "seed": 0}, saved, defaults, locked=("lr", "seed"))
+    assert (err.value.key, err.value.saved) == ("lr", 0.01) and "--" not in str(err.value)
+
+
+def test_rng_state_round_trips_through_a_weights_only_state_file(tmp_path):
+    import random
+
+    from chestxray.trainstate import load_resume_state, rng_state, save_state, set_rng_state
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_state(tmp_path, {"epoch": 1, "rng": rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    state, notes = load_resume_state(tmp_path)
+    assert notes == [] and state["config"] == "args.json" and state["kind"] == "train-state"
+    set_rng_state(state["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_run_configuration_is_read_from_args_json_and_older_states(tmp_path):
+    from chestxray.checkpoint import CheckpointError
+    from chestxray.trainstate import read_config, write_config
+
+    with pytest.raises(CheckpointError, match="no args.json"):
+        read_config(tmp_path)
+    assert read_config(tmp_path, {"args": {"lr": 0.1}}) == {"lr": 0.1}  # a state written before args.json was one
+    write_config(tmp_path, {"lr": 0.2, "cache_dir": None})
+    assert read_config(tmp_path, {"args": {"lr": 0.1}}) == {"lr": 0.2, "cache_dir": None}
