@@ -86,6 +86,21 @@ def test_read_data_entry_2017_trailing_column_and_age_suffix(nih_dir, tmp_path):
     pd.testing.assert_frame_equal(df, expected)
 
 
+def test_v2020_data_entry_is_found_first_and_parsed_like_the_sample(nih_dir, metadata_dir, tmp_path):
+    # The real v2020 file's first rows (its header has commas inside brackets) beside a labels.csv that disagrees:
+    # the v2020 file wins, and its rows parse to the same values as the sample's labels.csv rows.
+    sample = set(read_data_entry(nih_dir / "labels.csv")["image"])
+    full = (metadata_dir / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    lines = [full[0]] + [line for line in full[1:200] if line.split(",")[0] in sample][:5]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text(lines[0] + "\n")
+    assert find_data_entry(tmp_path).name == "Data_Entry_2017_v2020.csv"
+    df = read_data_entry(find_data_entry(tmp_path))
+    expected = read_data_entry(nih_dir / "labels.csv").set_index("image").loc[df["image"]].reset_index()
+    assert len(df) == 5 and df["image"].tolist() == [line.split(",")[0] for line in lines[1:]]
+    pd.testing.assert_frame_equal(df, expected[df.columns], check_dtype=False)
+
+
 def test_find_data_entry_order_and_error(tmp_path):
     with pytest.raises(DataError, match="expected one of Data_Entry_2017_v2020.csv, Data_Entry_2017.csv, labels.csv"):
         find_data_entry(tmp_path)
