@@ -50,7 +50,7 @@ from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
 from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
-from chestxray.meta import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta
+from chestxray.meta import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
 from chestxray.trainstate import (
@@ -350,7 +350,7 @@ class Data:
     """The splits, datasets and loaders of a run; `unreadable` grows as epochs meet unreadable images."""
 
     index: object
-    official: bool
+    spec: SplitSpec  # how the splits were made; recorded in the checkpoint as meta.training["split"]
     splits: dict
     train_ds: XrayDataset
     val_ds: XrayDataset
@@ -500,7 +500,7 @@ def load_data(run: Run, meta: Meta) -> Data:
     unreadable: dict[str, str] = {}
     if args.check_data:
         splits = _leave_out_unreadable(run, meta, splits, unreadable)
-    return _loaders(run, meta, index, spec.official, splits, unreadable)
+    return _loaders(run, meta, index, spec, splits, unreadable)
 
 
 def _datasets(run: Run, meta: Meta, splits: dict) -> tuple[XrayDataset, XrayDataset]:
@@ -532,7 +532,7 @@ def _leave_out_unreadable(run: Run, meta: Meta, splits: dict, unreadable: dict[s
     return splits
 
 
-def _loaders(run: Run, meta: Meta, index, official: bool, splits: dict, unreadable: dict) -> Data:
+def _loaders(run: Run, meta: Meta, index, spec: SplitSpec, splits: dict, unreadable: dict) -> Data:
     args, ddp = run.args, run.ddp
     train_ds, val_ds = _datasets(run, meta, splits)
     train_sampler = DistributedSampler(train_ds, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
@@ -544,7 +544,7 @@ def _loaders(run: Run, meta: Meta, index, official: bool, splits: dict, unreadab
     train_loader = DataLoader(train_ds, sampler=train_sampler, drop_last=len(train_sampler) % args.batch_size == 1,
                               **loader_kwargs)
     val_loader = DataLoader(val_ds, sampler=val_sampler, **loader_kwargs)
-    return Data(index, official, splits, train_ds, val_ds, train_sampler, train_loader, val_loader,
+    return Data(index, spec, splits, train_ds, val_ds, train_sampler, train_loader, val_loader,
                 build_normalize(meta), unreadable)
 
 
@@ -665,9 +665,8 @@ def _check_shards(shards: list[list[int]], run_dir: Path, epoch: int, ddp: _Dist
 def _training_summary(run: Run, data: Data, result, epoch: int) -> dict:
     """meta.training: the model's results and data; the run configuration stays in args.json (train["run_config"])."""
     args, data_dir = run.args, Path(run.args.data_dir)
-    spec = split_spec(data.index, data_dir, args.val_fraction, args.seed, args.limit)
     return {
-        "data": f"NIH ChestX-ray14, {'official' if data.official else 'seeded patient-wise'} split, from "
+        "data": f"NIH ChestX-ray14, {'official' if data.spec.official else 'seeded patient-wise'} split, from "
                 f"{data_dir.name}",
         "data_dir": data_dir.name,
         "epochs": epoch,
@@ -676,7 +675,7 @@ def _training_summary(run: Run, data: Data, result, epoch: int) -> dict:
         "val_loss": _finite_or_none(result.loss),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "split": spec.to_dict(),
+        "split": data.spec.to_dict(),
         "loss": args.loss,
         "threshold_rule": args.threshold_rule,
         "n_train": len(data.train_ds),
