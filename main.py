@@ -22,7 +22,9 @@ from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+import dicom_node
 import views
+import worklist
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
@@ -104,6 +106,7 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.init_app(app)
     csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
     app.register_blueprint(views.bp)
+    app.register_blueprint(worklist.bp)  # /worklist: images from the DICOM node, when main() starts one
     _register_errors(app)
     app.after_request(_security_headers)
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
@@ -186,6 +189,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=50, help="request size limit (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    dicom_node.add_arguments(parser)
     return parser
 
 
@@ -210,6 +214,12 @@ def main(args: argparse.Namespace) -> int:
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")
+    try:
+        node = start_dicom_node(app, args)
+    except (ValueError, OSError) as exc:
+        server.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for host, port in listen:
         print(f"Serving the chest X-ray app on http://{f'[{host}]' if ':' in host else host}:{port}/", flush=True)
     print(f"Model: {model}\nNot for clinical use. Press Ctrl+C to stop.", flush=True)
@@ -219,7 +229,24 @@ def main(args: argparse.Namespace) -> int:
         pass
     finally:
         server.close()
+        if node is not None:
+            node.stop()
     return 0
+
+
+def start_dicom_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | None:
+    """Start the DICOM node the --dicom-* flags ask for, sharing the app's model and results store; None without.
+
+    Raises ValueError for bad flags or a missing model, OSError when the port cannot be bound.
+    """
+    if args.dicom_port is None:
+        return None
+    predictor = app.extensions["chestxray"].predictor
+    if predictor is None:
+        raise ValueError("the DICOM node needs a loaded model: " + no_model_message(app.extensions["chestxray"].error))
+    node = dicom_node.node_from_args(args, dicom_node.analyser(predictor, app.extensions["chestxray.results"]))
+    app.extensions["dicom_node"] = node.start()  # logs "DICOM node <AET> listening on <host>:<port>"
+    return node
 
 
 if __name__ == "__main__":

@@ -510,3 +510,144 @@ def test_a_full_queue_answers_out_of_resources_so_the_sender_keeps_the_image(tin
         assert node.wait_idle(WAIT)
     assert statuses == [0x0000, 0x0000, 0xA700]
     assert dict(inner.count) == {images[0].SOPInstanceUID: 1, images[1].SOPInstanceUID: 1}
+
+
+# ---------------------------------------------------------------- the web app's side: main.py --dicom-port
+
+
+def identified_file(path: Path) -> pydicom.Dataset:
+    """The real CR with patient data filled in (tests/hostile.py), new UIDs, written to path."""
+    ds = identified_dicom()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def leaked(blob: str | bytes) -> list[str]:
+    data = blob.encode() if isinstance(blob, str) else blob
+    return [s for s in SECRETS if s.encode() in data]
+
+
+@pytest.fixture
+def web(tiny_checkpoint, tmp_path):
+    """The web app with a DICOM node started as main.py starts it (flags parsed by main's parser)."""
+    import main
+
+    app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
+                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
+    args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET])
+    node = main.start_dicom_node(app, args)
+    try:
+        yield app, node
+    finally:
+        node.stop()
+
+
+def test_a_received_image_is_saved_like_an_upload_and_listed_on_the_worklist(web, tmp_path, caplog):
+    app, node = web
+    caplog.set_level(logging.DEBUG)
+    client = app.test_client()
+    assert "Nothing received yet" in client.get("/worklist").get_data(as_text=True)
+    identified_file(tmp_path / "cr.dcm")
+    radiograph(tmp_path / "dx.dcm")
+    ct = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
+    for path in (tmp_path / "cr.dcm", tmp_path / "dx.dcm", CT_SMALL):
+        assert storescu(node.port, path).returncode == 0
+    assert node.wait_idle(WAIT)
+    entries = node.worklist()
+    assert [e.modality for e in entries] == ["CT", "DX", "CR"]  # newest first
+    assert [e.in_scope for e in entries] == [False, True, True] and entries[0].calls == ()
+    store = app.extensions["chestxray.results"]
+    page = client.get("/worklist")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    for entry in entries:
+        # The same saved result as an upload: its page and JSON answer.
+        record = store.load(entry.result_id)
+        assert [row["label"] for row in record["labels"]] == list(LABELS)
+        assert client.get(f"/results/{entry.result_id}").status_code == 200
+        assert client.get(f"/api/results/{entry.result_id}").status_code == 200
+        assert f'href="/results/{entry.result_id}"' in html
+        assert entry.send_status == "not sent: no destination configured" or not entry.in_scope
+    # Newest first by default; by the highest probability on request.
+    positions = [html.index(e.result_id) for e in entries]
+    assert positions == sorted(positions)
+    by_probability = client.get("/worklist?sort=probability").get_data(as_text=True)
+    ordered = sorted(entries, key=lambda e: -e.top_probability)
+    positions = [by_probability.index(e.result_id) for e in ordered]
+    assert positions == sorted(positions)
+    assert ct.Modality in html and "out of scope" in html
+    # Privacy: nothing from the header on the pages, in the results folder or in the logs.
+    everything = [html.encode(), by_probability.encode(), caplog.text.encode()]
+    everything += [p.read_bytes() for p in Path(app.config["RESULTS_DIR"]).rglob("*") if p.is_file()]
+    everything += [client.get(f"/api/results/{e.result_id}").data for e in entries]
+    assert not [leaked(blob) for blob in everything if leaked(blob)]
+
+
+def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
+    import main
+
+    app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
+                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
+    from dicom_node import analyser
+
+    state = app.extensions["chestxray"]
+    with DicomNode(analyser(state.predictor, app.extensions["chestxray.results"]), port=0,
+                   send_to=Destination("NOBODY", "127.0.0.1", free_port()), retry_delays=(0.1,)) as node:
+        app.extensions["dicom_node"] = node
+        radiograph(tmp_path / "dx.dcm")
+        assert storescu(node.port, tmp_path / "dx.dcm").returncode == 0
+        assert node.wait_idle(WAIT)
+        html = app.test_client().get("/worklist").get_data(as_text=True)
+    assert 'class="problem"' in html and "failed after 2 attempts" in html
+
+
+def test_main_refuses_bad_dicom_flags_with_the_expected_form(tiny_checkpoint, tmp_path):
+    import main
+
+    args = main.get_args_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--port", "0", "--device", "cpu",
+                                              "--results-dir", str(tmp_path), "--dicom-port", "0",
+                                              "--dicom-send", "ORTHANC:4242"])
+    assert main.main(args) == 2
+
+
+def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoint, tmp_path):
+    """python main.py --dicom-port: receive an identified image, open the worklist and the result; read the console."""
+    import re
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    console = tmp_path / "console.log"
+    cmd = [sys.executable, str(root / "main.py"), "--checkpoint", str(tiny_checkpoint), "--port", "0",
+           "--results-dir", str(tmp_path / "results"), "--device", "cpu", "--dicom-port", "0",
+           "--dicom-send", f"{PACS_AET}@127.0.0.1:{free_port()}"]
+    with open(console, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not (re.search(r"listening on 127\.0\.0\.1:(\d+)", console.read_text())
+                   and re.search(r"http://127\.0\.0\.1:(\d+)/", console.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, console.read_text()
+            time.sleep(0.2)
+        text = console.read_text()
+        dicom_port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", text).group(1))
+        http_port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", text).group(1))
+        url = f"http://127.0.0.1:{http_port}"
+        identified_file(tmp_path / "cr.dcm")
+        garbage(tmp_path / "garbage.dcm")
+        assert storescu(dicom_port, tmp_path / "cr.dcm").returncode == 0
+        assert storescu(dicom_port, tmp_path / "garbage.dcm").returncode != 0
+        while "/results/" not in (html := urllib.request.urlopen(url + "/worklist", timeout=WAIT).read().decode()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        rid = re.search(r'href="/results/([0-9a-f]{32})"', html).group(1)
+        pages = [html, urllib.request.urlopen(f"{url}/results/{rid}", timeout=WAIT).read().decode()]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    output = console.read_text()
+    assert "refused" in output  # the garbage file's log line is there, without patient data
+    assert not leaked(output) and not [leaked(p) for p in pages if leaked(p)]
+    files = [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    assert files and not [p for p in files if leaked(p.read_bytes())]
