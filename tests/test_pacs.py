@@ -603,13 +603,18 @@ def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
     assert 'class="problem"' in html and "failed after 2 attempts" in html
 
 
-def test_main_refuses_bad_dicom_flags_with_the_expected_form(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--dicom-send", "ORTHANC:4242"], "AET@HOST:PORT"),
+    (["--dicom-aet", "A_TITLE_LONGER_THAN_16"], "1 to 16 characters"),
+    (["--checkpoint", "missing.pth"], "the DICOM node needs a loaded model"),
+])
+def test_main_refuses_bad_dicom_settings_and_says_why(tiny_checkpoint, tmp_path, capsys, flags, message):
     import main
 
     args = main.get_args_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--port", "0", "--device", "cpu",
-                                              "--results-dir", str(tmp_path), "--dicom-port", "0",
-                                              "--dicom-send", "ORTHANC:4242"])
+                                              "--results-dir", str(tmp_path), "--dicom-port", "0", *flags])
     assert main.main(args) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoint, tmp_path):
