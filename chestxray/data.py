@@ -7,6 +7,7 @@ folders), and optionally the official `train_val_list.txt` / `test_list.txt` at 
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import tempfile
@@ -203,11 +204,12 @@ def has_official_lists(data_dir: str | os.PathLike) -> bool:
 
 
 def read_list(path: str | os.PathLike) -> set[str]:
-    """The image names of an official split list (one per line; the NIH files lack a final newline)."""
+    """The image names of an official split list, plain or .gz (one per line; the NIH files lack a final newline)."""
+    path = Path(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise DataError(f"cannot read split list {path}: {exc.strerror or exc}") from None
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read split list {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
