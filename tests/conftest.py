@@ -10,14 +10,12 @@ Area-specific fixtures live in the test modules that use them.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # predictions.py, main.py and Model_Training/ are top-level scripts
 
 SAMPLES = ROOT / "samples"
 NIH_DIR = SAMPLES / "nih"
