@@ -336,7 +336,7 @@ def split_spec(index: pd.DataFrame, data_dir: str | os.PathLike, val_fraction: f
     """The SplitSpec that make_splits(index, data_dir, val_fraction, seed) + a per-split `limit` follow."""
     entry = index.attrs.get("data_entry")
     digest = hashlib.sha256(Path(entry).read_bytes()).hexdigest() if entry else None
-    return SplitSpec(official=has_official_lists(data_dir), val_fraction=float(val_fraction), seed=int(seed),
+    return SplitSpec(official=has_official_lists(data_dir, index), val_fraction=float(val_fraction), seed=int(seed),
                      limit=limit, data_entry_sha256=digest)
 
 
@@ -351,8 +351,8 @@ def rebuild_splits(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike)
     if spec is None:
         warnings.warn("the checkpoint does not record its split; the default validation fraction 0.1 and seed 0 "
                       "are used, which may not be the split it was trained with", stacklevel=2)
-        spec = SplitSpec(official=has_official_lists(data_dir))
-    official = has_official_lists(data_dir)
+        spec = SplitSpec(official=has_official_lists(data_dir, index))
+    official = has_official_lists(data_dir, index)
     if spec.official != official:
         warnings.warn(f"the checkpoint was trained {'with' if spec.official else 'without'} the official split "
                       f"lists but {data_dir} has {'them' if official else 'none'}: the split differs", stacklevel=2)
