@@ -87,6 +87,17 @@ def metadata_dir() -> Path:
     return METADATA_DIR
 
 
+@pytest.fixture(scope="session")
+def official_lists_dir(tmp_path_factory) -> Path:
+    """A folder holding the official train_val_list.txt / test_list.txt as NIH ships them (from the bundle)."""
+    import gzip
+
+    folder = tmp_path_factory.mktemp("lists")
+    for name in ("train_val_list.txt", "test_list.txt"):
+        (folder / name).write_bytes(gzip.decompress((METADATA_DIR / f"{name}.gz").read_bytes()))
+    return folder
+
+
 def make_checkpoint(path: Path, arch: str = "resnet18", image_size: int = 64, labels=None, seed: int = 0,
                     bias_spread: float = 3.0, thresholds=None, training: dict | None = None) -> Path:
     """Save a randomly initialised checkpoint whose head bias spreads the probabilities over (0, 1)."""
