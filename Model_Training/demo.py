@@ -16,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make the chestxray package importable
-    sys.path.insert(0, str(ROOT))
+from chestxray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chestxray.meta import Meta
+from Model_Training import train
 
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, save_checkpoint  # noqa: E402
-from Model_Training import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_DIR = ROOT / "samples" / "nih"
 DEMO_CHECKPOINT = ROOT / ".cache" / "demo_model.pth"
