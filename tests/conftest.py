@@ -128,3 +128,24 @@ def tiny_predictor(tiny_checkpoint):
     from predictions import Predictor
 
     return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """One in-process training run shared by the whole session (test_train, test_evaluate): ResNet-18 at 64 px,
+    2 epochs on 48 training + the 21 validation images of the sample, with a resized-image cache."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from trainutil import small_run
+
+    from Model_Training import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    argv = small_run(NIH_DIR, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
+                     "--cache-dir", str(tmp / "cache"))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = train.main(train.get_args_parser().parse_args(argv))
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "run": tmp / "run", "best": tmp / "best.pth",
+            "cache": tmp / "cache", "argv": argv}
