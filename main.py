@@ -175,8 +175,12 @@ def _security_headers(response):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=default_checkpoint(),
-                        help="checkpoint file (default: $CXR_CHECKPOINT, else %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"checkpoint file (default: $CXR_CHECKPOINT, else {default_checkpoint()}; when neither "
+                        "is there, a demo model trained on the bundled sample)")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="with no checkpoint given or found, start without a model instead of serving the demo "
+                        "model (default: build it once into .cache/demo_model.pth and serve it)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes the app)")
     parser.add_argument("--port", type=int, default=5000, help="port (default: %(default)s; 0 picks a free one)")
@@ -189,11 +193,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def choose_checkpoint(args: argparse.Namespace) -> str:
+    """--checkpoint, else $CXR_CHECKPOINT, else the default file if it exists; else the demo model (built once).
+
+    A checkpoint the user names always wins, even a broken one (the app then says why it cannot load it). The demo
+    model is used only when nothing is named or found and --no-demo is not given; if it cannot be built, the app
+    starts without a model.
+    """
+    if args.checkpoint:
+        return args.checkpoint
+    default = default_checkpoint()
+    if args.no_demo or os.environ.get("CXR_CHECKPOINT") or Path(default).exists():
+        return default
+    from Model_Training.demo import DEMO_CHECKPOINT, DemoError, build_demo_model
+
+    print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
+          f"{DEMO_CHECKPOINT} (the first start trains it, 1-3 minutes on a CPU). Its answers are meaningless; "
+          "pass --no-demo to start without a model.", flush=True)
+    try:
+        return str(build_demo_model(DEMO_CHECKPOINT))
+    except DemoError as exc:
+        log.warning("the demo model could not be built: %s", exc)
+        return default
+
+
 def main(args: argparse.Namespace) -> int:
     """Build the app once and serve it with waitress until interrupted; returns the exit code."""
     from waitress import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.checkpoint = choose_checkpoint(args)
     app = create_app({
         "CHECKPOINT": args.checkpoint,
         "DEVICE": args.device,
@@ -210,6 +239,8 @@ def main(args: argparse.Namespace) -> int:
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")
+    if state.predictor and state.predictor.meta.training.get("demo"):
+        model = f"DEMO ({model}; its answers are meaningless; train a real one with: {TRAIN_COMMAND})"
     for host, port in listen:
         print(f"Serving the chest X-ray app on http://{f'[{host}]' if ':' in host else host}:{port}/", flush=True)
     print(f"Model: {model}\nNot for clinical use. Press Ctrl+C to stop.", flush=True)

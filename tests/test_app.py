@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, NIH_PNG, OTHER_CXR_DIR, ROOT
+from conftest import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
 from flask import Flask
 from PIL import Image
 
@@ -31,7 +31,7 @@ from main import create_app
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
 
 JPEG = OTHER_CXR_DIR / "2c35005f.jpg"  # 2000 px grayscale JPEG
-RGBA_PNG = OTHER_CXR_DIR / "16745_3_1.png"
+RGBA_PNG = NIH_DIR / "images_64" / "00000004_000.png"  # an NIH PNG stored as RGBA
 PHI = ("Zyxwvut^Secretname", "PHI-ID-5550199", "Secret General Hospital")
 UPLOAD_NAME = "upload-name-QWERTY"  # a user-supplied file name that must never reach the disk
 
@@ -132,10 +132,11 @@ def test_import_builds_no_app_or_model(monkeypatch):
 def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_CHECKPOINT", raising=False)
     args = main.get_args_parser().parse_args([])
-    assert (args.host, args.port, args.retention) == ("127.0.0.1", 5000, 200)
-    assert args.checkpoint == str(ROOT / DEFAULT_CHECKPOINT) == main.default_checkpoint()
+    assert (args.host, args.port, args.retention, args.checkpoint, args.no_demo) == ("127.0.0.1", 5000, 200, None,
+                                                                                     False)
+    assert main.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
     monkeypatch.setenv("CXR_CHECKPOINT", str(tmp_path / "env.pth"))
-    assert main.get_args_parser().parse_args([]).checkpoint == str(tmp_path / "env.pth")
+    assert main.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
 
 
 def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):
@@ -580,8 +581,11 @@ def test_uploads_stay_in_memory(client, monkeypatch):
         raise AssertionError("an upload was spooled to a temporary file")
 
     monkeypatch.setattr(werkzeug.wrappers.request, "default_stream_factory", spool_to_disk)
-    big = OTHER_CXR_DIR / "b343e657.jpg"  # 1.1 MB, over Werkzeug's 500 KB in-memory limit
-    assert client.post("/api/predict", data=upload(big)).status_code == 200
+    with Image.open(NIH_PNG) as im:  # the real 1024 px PNG stored uncompressed: 1 MB, over Werkzeug's 500 KB limit
+        big = io.BytesIO()
+        im.save(big, "PNG", compress_level=0)
+    assert big.tell() > 1_000_000
+    assert client.post("/api/predict", data=upload(big.getvalue(), "big.png")).status_code == 200
 
 
 # ---------------------------------------------------------------- one JSON shape

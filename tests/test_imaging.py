@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR
+from conftest import DICOM_MONO1, DICOM_MONO2, HAVE_SHARED, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, shared, shared_path
 from hostile import dicom_bytes as _dicom_bytes
 from hostile import png_header_only as _png_header_only
 from hostile import real_gray
@@ -21,27 +21,38 @@ from chestxray.imaging import MAX_PIXELS, InvalidImage, read_xray
 SECRET = "DOE^JANE_SECRET"
 
 
-def _other_cxr_manifest() -> list[dict]:
-    with open(OTHER_CXR_DIR / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
+def _manifest(folder: Path) -> list[dict]:
+    with open(folder / "manifest.csv", newline="") as f:
+        return [{**row, "folder": folder} for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("row", _other_cxr_manifest(), ids=lambda r: r["file"])
+def _other_cxr_cases() -> list:
+    """The bundled other-cxr files, then the shared corpus's others (16 in all: RGBA PNG, RGB JPEG, non-square)."""
+    cases = [pytest.param(row, id=row["file"]) for row in _manifest(OTHER_CXR_DIR)]
+    bundled = {row.values[0]["file"] for row in cases}
+    if HAVE_SHARED:
+        cases += [pytest.param(row, id=f"shared/{row['file']}", marks=shared)
+                  for row in _manifest(shared_path("other-cxr")) if row["file"] not in bundled]
+    else:
+        cases.append(pytest.param(None, id="shared/other-cxr", marks=shared))
+    return cases
+
+
+@pytest.mark.parametrize("row", _other_cxr_cases())
 def test_every_other_cxr_file_reads(row):
-    image = read_xray(OTHER_CXR_DIR / row["file"])
+    path = row["folder"] / row["file"]
+    image = read_xray(path)
     assert image.dtype == np.float32 and image.ndim == 2
     assert image.shape == (int(row["height"]), int(row["width"]))
     assert 0.0 <= image.min() < image.max() <= 1.0
     if row["format"] != "DICOM":
         # Independent reading: Pillow's own grayscale conversion.
-        with Image.open(OTHER_CXR_DIR / row["file"]) as im:
+        with Image.open(path) as im:
             expected = np.asarray(im.convert("RGB").convert("L"), dtype=np.float32) / 255
         assert np.abs(image - expected).max() <= 1 / 255 + 1e-6
 
 
-def test_every_nih_sample_image_reads_as_its_gray_values():
-    files = sorted(NIH_DIR.rglob("*.png"))
-    assert len(files) == 937
+def _assert_reads_as_gray_values(files: list[Path]) -> None:
     for path in files:
         image = read_xray(path)
         with Image.open(path) as im:
@@ -52,13 +63,29 @@ def test_every_nih_sample_image_reads_as_its_gray_values():
         assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, path
 
 
-def test_rgba_png_reads_as_gray():
-    path = NIH_DIR / "images" / "00000100_000.png"
+def test_every_nih_sample_image_reads_as_its_gray_values():
+    files = sorted(NIH_DIR.rglob("*.png"))
+    assert len(files) == len((NIH_DIR / "labels.csv").read_text().splitlines()) - 1 == 283
+    _assert_reads_as_gray_values(files)
+
+
+@shared
+def test_every_shared_nih_image_reads_as_its_gray_values():
+    files = sorted(shared_path("nih").rglob("*.png"))
+    assert len(files) == 937
+    _assert_reads_as_gray_values(files)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(NIH_DIR / "images_64" / "00000004_000.png", id="bundled-64px"),
+    pytest.param(shared_path("nih", "images", "00000100_000.png"), id="shared-1024px", marks=shared),
+])
+def test_rgba_png_reads_as_gray(path):
     with Image.open(path) as im:
         assert im.mode == "RGBA"
         rgba = np.asarray(im)
     image = read_xray(path)
-    assert image.shape == (1024, 1024)
+    assert image.shape == rgba.shape[:2]
     np.testing.assert_allclose(image, rgba[..., 0] / 255, atol=1e-6)
 
 
