@@ -199,7 +199,8 @@ def _read_pillow(data: bytes) -> np.ndarray:
                 im = ImageOps.exif_transpose(im)  # phone photos of films carry an orientation tag
             except Exception:  # struct.error, TypeError, ... from a malformed EXIF block
                 raise InvalidImage(
-                    "the JPEG file's EXIF orientation tag is corrupt; re-save the image without EXIF data"
+                    "the JPEG file's EXIF block is corrupt (its orientation cannot be applied); "
+                    "re-save the image without EXIF data"
                 ) from None
         return _pillow_to_gray(im)
 
