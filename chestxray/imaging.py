@@ -405,17 +405,18 @@ def _dicom_pixels(ds, caught: list[warnings.WarningMessage]) -> np.ndarray:
     else:
         lo_stored, hi_stored = 0, 2**bits_stored - 1
     try:
-        values = apply_modality_lut(pixels, ds).astype(np.float64)
+        # float32 holds any 24-bit value exactly; at the 25 MP budget every full-size float64 copy costs 200 MB.
+        values = apply_modality_lut(pixels, ds).astype(np.float32, copy=False)
         bounds = apply_modality_lut(np.array([lo_stored, hi_stored], dtype=pixels.dtype), ds).astype(np.float64)
     except Exception:
         raise InvalidImage("the DICOM Modality LUT or Rescale Slope/Intercept is invalid") from None
     del pixels
     lo, hi = float(bounds.min()), float(bounds.max())
 
-    image = _apply_voi(values, ds, lo, hi)
+    image = _apply_voi(values, ds, lo, hi).astype(np.float32, copy=False)
     if photometric == "MONOCHROME1":
-        image = 1.0 - image  # MONOCHROME1: the minimum value is white
-    return image.astype(np.float32)
+        np.subtract(1.0, image, out=image)  # MONOCHROME1: the minimum value is white
+    return image
 
 
 def _syntax_name(syntax) -> str:
@@ -589,7 +590,7 @@ def _apply_voi(values: np.ndarray, ds, lo: float, hi: float) -> np.ndarray:
         try:
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-            return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+            return _rescaled(out, 0.0, float(2**bits - 1))
         except Exception:
             raise InvalidImage("the DICOM VOI LUT is invalid") from None
 
@@ -613,8 +614,16 @@ def _apply_voi(values: np.ndarray, ds, lo: float, hi: float) -> np.ndarray:
         y_min, y_max = float(ends[0]), float(ends[1])
         if not (math.isfinite(y_min) and math.isfinite(y_max)) or y_min == y_max:
             raise InvalidImage("the DICOM window gives an empty output range")
-        return np.clip((out - y_min) / (y_max - y_min), 0.0, 1.0)
+        return _rescaled(out, y_min, y_max)
 
     if hi <= lo:
         raise InvalidImage("the DICOM pixel range is empty")
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    return _rescaled(values, lo, hi)
+
+
+def _rescaled(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(values - lo) / (hi - lo) clipped to [0, 1], as float32, in place where `values` is already float32."""
+    out = values.astype(np.float32, copy=False)
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)

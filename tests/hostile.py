@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import re
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
-from conftest import DICOM_MONO2, NIH_PNG
+from conftest import DICOM_MONO2, NIH_PNG, ROOT
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -282,6 +286,17 @@ def large_jpeg(width: int = 6000, height: int = 5000) -> bytes:
     return encode(canvas, "JPEG", quality=85)
 
 
+@functools.cache
+def largest_dicom() -> bytes:
+    """A real radiograph as a 5000 x 5000 16-bit (12 stored) windowed DICOM: the largest one accepted."""
+    side = 5000  # chestxray.imaging.MAX_DECODED_PIXELS = 25 MP
+    gray = np.asarray(Image.fromarray(real_gray(1024)).resize((side, side)), dtype=np.uint16) * 16
+    ds = small_dicom()
+    ds.set_pixel_data(gray, photometric_interpretation="MONOCHROME2", bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 3000
+    return dicom_bytes(ds)
+
+
 def structured_report() -> bytes:
     """A DICOM Basic Text SR: a valid DICOM file that is not an image."""
     meta = FileMetaDataset()
@@ -408,3 +423,43 @@ CORPUS: dict[str, Case] = {
     "hostile file name (../, NUL, non-ASCII)": Case("../../etc/\x00passwd-\u00e9\u4e2d.png", png_bytes, True, "",
                                                     "image/png"),
 }
+
+
+# Peak memory of one read: read_xray in a fresh interpreter, after a warm-up read of a small file of the same format
+# (imports done, decoder plugins loaded). Linux's peak resident size (VmHWM) is reset then (writing 5 to
+# /proc/self/clear_refs; ru_maxrss cannot be reset, and importing torch alone peaks higher than most reads), so
+# peak - idle is what the read itself added. The child's address space is capped 3 GB above its size, so an
+# unbounded reader fails fast instead of swapping the machine.
+_CHILD = """
+import gc, json, re, resource, sys
+from pathlib import Path
+from chestxray.imaging import InvalidImage, read_xray
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+read_xray(Path(sys.argv[2]))
+gc.collect()
+resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + 3 * 2**30, resource.RLIM_INFINITY))
+Path("/proc/self/clear_refs").write_text("5")
+idle = status("VmRSS")
+try:
+    read_xray(Path(sys.argv[1]))
+    message = None
+except InvalidImage as exc:
+    message = str(exc)
+print(json.dumps({"idle": idle, "peak": status("VmHWM"), "message": message}))
+"""
+
+
+def peak_memory(data: bytes, folder: Path) -> dict:
+    """{"idle": bytes, "peak": bytes, "message": InvalidImage's message or None} of read_xray(data), in a child."""
+    path, warm_up = folder / "input.bin", folder / "warm-up.bin"
+    path.write_bytes(data)
+    if data[128:132] == b"DICM":
+        warm_up.write_bytes(dicom_bytes(small_dicom()))
+    else:
+        warm_up.write_bytes(encode(Image.fromarray(real_gray()), "PNG" if data[1:4] == b"PNG" else "JPEG"))
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(warm_up)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"the child failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout)
