@@ -87,14 +87,15 @@ def sniff(data: bytes, filename: str = "") -> str:
     raise InvalidImage(f"not a readable image{named}")
 
 
-def read_xray(source: Source) -> np.ndarray:
+def read_xray(source: Source, max_bytes: int | None = None) -> np.ndarray:
     """Read an X-ray from a path, bytes or binary file object -> (H, W) float32 in [0, 1], 0 = black.
 
     PNG (8/16-bit; gray, RGB, RGBA, palette) and JPEG (gray, RGB, CMYK) go through Pillow; DICOM (MONOCHROME1/2,
     any transfer syntax pydicom can decode) through pydicom. A JPEG over MAX_DECODED_PIXELS comes back reduced by
-    2, 4 or 8. Raises InvalidImage for anything else, and nothing but InvalidImage.
+    2, 4 or 8. A file over `max_bytes` is refused before it is read. Raises InvalidImage for anything else, and
+    nothing but InvalidImage.
     """
-    data = _read_bytes(source)
+    data = _read_bytes(source, max_bytes)
     if not data:
         raise InvalidImage("the file is empty")
     dicom = is_dicom(data)
@@ -117,20 +118,35 @@ def read_xray(source: Source) -> np.ndarray:
     return image
 
 
-def _read_bytes(source: Source) -> bytes:
+def _read_bytes(source: Source, max_bytes: int | None) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, (str, os.PathLike)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise InvalidImage(f"no such file: {path}")
         try:
-            return path.read_bytes()
+            if max_bytes is not None:  # the size on disk first: a 12 GB sparse file is never read (issue 11)
+                _check_bytes(path.stat().st_size, max_bytes)
+            with path.open("rb") as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except OSError as exc:
             raise InvalidImage(f"cannot read {path}: {exc.strerror or exc}") from None
-    if hasattr(source, "read"):
-        return source.read()
-    raise TypeError(f"read_xray expects a path, bytes or a binary file object, not {type(source).__name__}")
+    elif hasattr(source, "read"):
+        data = source.read() if max_bytes is None else source.read(max_bytes + 1)
+    else:
+        raise TypeError(f"read_xray expects a path, bytes or a binary file object, not {type(source).__name__}")
+    if max_bytes is not None:
+        _check_bytes(len(data), max_bytes)
+    return data
+
+
+def _check_bytes(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise InvalidImage(
+            f"the file is larger than the {max_bytes / 2**20:g} MB limit per image; export it smaller "
+            "(or raise the limit)"
+        )
 
 
 def is_dicom(data: bytes) -> bool:

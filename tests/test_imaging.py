@@ -395,3 +395,17 @@ def test_peak_memory_of_each_bomb_is_bounded(kind, tmp_path):
     else:
         assert message in (measured["message"] or "")
     assert measured["peak"] - measured["idle"] <= MEMORY_LIMIT, measured
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path):
+    sparse = tmp_path / "huge.dcm"
+    with sparse.open("wb") as f:  # 12 GB on paper, nothing on disk: read_bytes would need 12 GB of memory
+        f.truncate(12 * 2**30)
+    with pytest.raises(InvalidImage, match="larger than the 50 MB limit per image"):
+        read_xray(sparse, max_bytes=50 * 2**20)
+    data = NIH_PNG.read_bytes()
+    for source in (data, io.BytesIO(data), NIH_PNG):
+        with pytest.raises(InvalidImage, match="limit per image"):
+            read_xray(source, max_bytes=len(data) - 1)
+        assert read_xray(source if not isinstance(source, io.BytesIO) else io.BytesIO(data),
+                         max_bytes=len(data)).shape == (1024, 1024)
