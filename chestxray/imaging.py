@@ -76,7 +76,10 @@ def sniff(data: bytes, filename: str = "") -> str:
         return "PNG"
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
-    suffix = Path(filename).suffix.lower()[:12] if filename else ""
+    # The name is the client's: only printable characters of its suffix are kept (no NUL, no U+202E bidi override
+    # that would make ".gpj.exe" read as ".exe.jpg" where the message is shown).
+    printable = "".join(ch for ch in filename.replace("\\", "/").rsplit("/", 1)[-1] if ch.isprintable())
+    suffix = Path(printable).suffix.lower()[:12] if printable else ""
     other = next((name for signature, name in OTHER_SIGNATURES if data.startswith(signature)), None)
     if other:
         raise UnsupportedFormat(f"unsupported file type ({other}): expected {ACCEPTED}")

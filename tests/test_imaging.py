@@ -47,7 +47,9 @@ from chestxray.imaging import (
     MAX_JPEG_SCANS,
     MAX_PIXELS,
     InvalidImage,
+    UnsupportedFormat,
     read_xray,
+    sniff,
 )
 
 SECRET = "DOE^JANE_SECRET"
@@ -409,3 +411,13 @@ def test_file_size_limit_is_checked_before_reading(tmp_path):
             read_xray(source, max_bytes=len(data) - 1)
         assert read_xray(source if not isinstance(source, io.BytesIO) else io.BytesIO(data),
                          max_bytes=len(data)).shape == (1024, 1024)
+
+
+@pytest.mark.parametrize(("filename", "shown"), [("scan.s\u202egv", ".sgv"), ("scan.\u202egvs", ".gvs"),
+                                               ("a\\b.s\x00vg", ".svg"), ("x/y.s\u200fvg", ".svg")])
+def test_sniff_messages_never_echo_control_or_bidi_characters(filename, shown):
+    with pytest.raises(UnsupportedFormat) as err:
+        sniff(b"<svg xmlns='http://www.w3.org/2000/svg'/>", filename)
+    message = str(err.value)
+    assert all(ch.isprintable() for ch in message), ascii(message)
+    assert f"('{shown}')" in message
