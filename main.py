@@ -517,6 +517,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=50, help="request size limit (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--connection-limit", type=int, default=500,
+                        help="open connections waitress accepts at once (default: %(default)s; under the 1024 of "
+                             "select())")
+    parser.add_argument("--channel-timeout", type=int, default=30,
+                        help="seconds a connection may stay silent before it is closed (default: %(default)s)")
+    parser.add_argument("--cleanup-interval", type=int, default=5,
+                        help="seconds between checks for silent connections (default: %(default)s)")
     return parser
 
 
@@ -533,11 +540,18 @@ def main(args: argparse.Namespace) -> int:
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
     })
     state = app.extensions["chestxray"]
-    # Waitress reads a whole request body before the app sees it (up to 1 GB by default, spooled to temporary
-    # files). Bounding it refuses a body far over the limit from its Content-Length alone; one up to twice the
-    # limit still reaches the app, whose 413 page says what the limit is.
+    # Waitress reads a whole request body before the app sees it (up to 1 GB by default). Bounding it refuses a
+    # body far over the limit from its Content-Length alone; one up to twice the limit still reaches the app, whose
+    # 413 page says what the limit is. Bodies up to the limit stay in memory (waitress would spool anything over
+    # 512 KB to an unlinked temporary file, DICOM header included: issue 11), so the memory held by uploads in
+    # flight is at most connection_limit x the limit. Silent connections are closed after channel_timeout;
+    # a client that trickles a header line every few seconds is not, which is what a reverse proxy in front is for
+    # (README, "Deploying").
+    limit = app.config["MAX_CONTENT_LENGTH"]
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"])
+                           max_request_body_size=2 * limit, inbuf_overflow=limit + 2**16,
+                           connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                           cleanup_interval=args.cleanup_interval)
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")
