@@ -128,8 +128,8 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
         def close(self):
             pass
 
-    def create_server(app, host, port, threads, max_request_body_size):
-        served.update(app=app, host=host, port=port, max_body=max_request_body_size)
+    def create_server(app, host, port, threads, max_request_body_size, **options):
+        served.update(app=app, host=host, port=port, max_body=max_request_body_size, options=options)
         return FakeServer()
 
     monkeypatch.setattr(waitress, "create_server", create_server)
@@ -139,6 +139,10 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
     assert served["max_body"] == 2 * 50 * 1024 * 1024  # waitress refuses far larger bodies from their headers
+    # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
+    assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
+    assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5
+    assert served["options"]["connection_limit"] == 500
     app = served["app"]
     assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
     assert app.extensions["chestxray"].predictor is not None
