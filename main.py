@@ -10,6 +10,9 @@ itself, its file name and any DICOM header are never written. Only the newest RE
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -19,7 +22,11 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +48,7 @@ from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from PIL import Image
 from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError
@@ -56,6 +63,9 @@ PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; spe
 RESULT_ID = re.compile(r"[0-9a-f]{32}")
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600
+RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
+# Part headers a multipart parser reads (Content-Disposition, Content-Type), to repair names that are not UTF-8.
+PART_HEADER = re.compile(rb"\r\nContent-(?:Disposition|Type):[^\r\n]*", re.IGNORECASE)
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -76,6 +86,24 @@ class MemoryRequest(Request):
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()  # Werkzeug's default spools uploads over 500 KB to a temporary file
 
+    def _load_form_data(self) -> None:
+        # Werkzeug decodes part headers as strict UTF-8 and, on a file name in another encoding (Latin-1 from an
+        # old browser, raw bytes from a script), silently returns an empty form: the page then said "security token
+        # missing" (issue 11). Such a body is parsed again with the bad bytes of its part headers replaced.
+        if self.mimetype != "multipart/form-data":
+            return super()._load_form_data()
+        body = self.get_data(cache=True)  # in memory anyway (MAX_CONTENT_LENGTH), read once
+        super()._load_form_data()
+        if self.form or self.files or not body:
+            return None
+        repaired = PART_HEADER.sub(lambda m: m.group(0).decode("utf-8", "replace").encode(), body)
+        if repaired != body:
+            self._cached_data = repaired
+            for name in ("form", "files", "stream"):
+                self.__dict__.pop(name, None)
+            super()._load_form_data()
+        return None
+
 
 @dataclass(frozen=True)
 class ModelState:
@@ -84,6 +112,51 @@ class ModelState:
     predictor: Predictor | None
     checkpoint: str
     error: str | None = None  # the loader's message when no model is loaded
+
+
+class DiskFull(HTTPException):
+    """507 Insufficient Storage (RFC 4918): the results disk is full."""
+
+    code = 507
+    description = ("The server's disk is full: the result could not be saved. Try again later, or tell the server's "
+                   "administrator.")
+
+
+class Busy(ServiceUnavailable):
+    """503: every analysis slot and queue place is taken; Retry-After says when to try again."""
+
+    description = "The server is busy analysing other images: try again in a few seconds."
+
+
+class AnalysisGate:
+    """At most `slots` analyses run at once and `queue` more wait (up to `wait` seconds); beyond that, Busy at once.
+
+    Bounding the analyses, not the worker threads, keeps threads free for /healthz and static files while images
+    are being analysed (issue 11: four requests of ten 60 MP PNGs each made /healthz wait 28 s).
+    """
+
+    def __init__(self, slots: int, queue: int, wait: float = 60.0):
+        self.slots, self.capacity, self.wait = threading.BoundedSemaphore(slots), slots + queue, wait
+        self.admitted = 0  # analysing + waiting
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        """Hold one analysis slot for the block; raises Busy when the queue is full or the wait runs out."""
+        with self._lock:
+            if self.admitted >= self.capacity:
+                raise Busy(retry_after=RETRY_AFTER_SECONDS)
+            self.admitted += 1
+        try:
+            if not self.slots.acquire(timeout=self.wait):
+                raise Busy(retry_after=RETRY_AFTER_SECONDS)
+            try:
+                yield
+            finally:
+                self.slots.release()
+        finally:
+            with self._lock:
+                self.admitted -= 1
 
 
 def default_checkpoint() -> str:
@@ -108,7 +181,8 @@ def load_model(checkpoint: str, device: str = "auto") -> ModelState:
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, MAX_FILES, MAX_CONTENT_LENGTH, SECRET_KEY.
+    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, RESULT_MIN_AGE, MAX_FILES,
+    MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY.
 
     Raises ValueError for an invalid RETENTION or MAX_FILES.
     """
@@ -119,7 +193,10 @@ def create_app(config: dict | None = None) -> Flask:
         DEVICE="auto",
         RESULTS_DIR=str(ROOT / "static" / "results"),
         RETENTION=200,
+        RESULT_MIN_AGE=600,  # seconds: a younger result is never pruned, so no one can flush another's new results
         MAX_FILES=20,
+        MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
+        ANALYSIS_QUEUE=1,  # requests that may wait for a slot; more get 503 + Retry-After
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
         SECRET_KEY=None,
         WTF_CSRF_ENABLED=True,
@@ -130,9 +207,10 @@ def create_app(config: dict | None = None) -> Flask:
         app.config["CHECKPOINT"] = default_checkpoint()
     if not app.config["SECRET_KEY"]:
         app.config["SECRET_KEY"] = secrets.token_hex(32)  # sessions only carry flash messages and the CSRF token
-    for key in ("RETENTION", "MAX_FILES"):
+    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
+    app.extensions["analyses"] = AnalysisGate(int(app.config["MAX_ANALYSES"]), int(app.config["ANALYSIS_QUEUE"]))
     app.json.sort_keys = False  # keep the model's label order in JSON
     Path(app.config["RESULTS_DIR"]).mkdir(parents=True, exist_ok=True)
 
@@ -144,6 +222,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_routes(app)
     _register_errors(app)
     app.after_request(_security_headers)
+    app.after_request(_no_store_for_results)
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
     app.jinja_env.filters["percent"] = lambda p: f"{100 * p:.1f}%"
 
@@ -185,7 +264,7 @@ def sniff_format(data: bytes, filename: str) -> str:
         return "PNG"
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
-    suffix = Path(filename).suffix.lower()[:12]
+    suffix = Path(shown_name(filename)).suffix.lower()[:12]  # printable only: no U+202E echoed (issue 11)
     other = next((name for signature, name in OTHER_SIGNATURES if data.startswith(signature)), None)
     if other or suffix not in IMAGE_SUFFIXES:
         kind = other or (f"'{suffix}'" if suffix else "a file without extension")
@@ -193,8 +272,11 @@ def sniff_format(data: bytes, filename: str) -> str:
     abort(400, f"not a readable image: the file is named '{suffix}' but does not hold {ACCEPTED} data")
 
 
-def analyse(upload: FileStorage, predictor: Predictor) -> dict:
-    """Read, check and predict one upload, save the result; returns its record. Aborts 400/415 for bad input."""
+def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
+    """Read, check and predict one upload, save the result; returns its record and adds its id to `batch`.
+
+    Aborts 400/415 for bad input, 507 when the results disk is full. Pruning spares `batch` (this request's results).
+    """
     data = upload.read()
     if not data:
         abort(400, "the file is empty")
@@ -203,10 +285,35 @@ def analyse(upload: FileStorage, predictor: Predictor) -> dict:
         prediction = predictor.predict(data)
     except InvalidImage as exc:
         abort(400, str(exc))
-    return save_result(
-        Path(current_app.config["RESULTS_DIR"]), prediction, image_format, predictor.model_card(),
-        int(current_app.config["RETENTION"]),
-    )
+    config = current_app.config
+    try:
+        record = save_result(Path(config["RESULTS_DIR"]), prediction, image_format, predictor.model_card(),
+                             source=request_source())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("cannot save a result: the results disk is full (%s)", config["RESULTS_DIR"])  # no traceback
+        raise DiskFull() from None
+    batch.add(record["id"])
+    prune_results(Path(config["RESULTS_DIR"]), int(config["RETENTION"]), protect=batch,
+                  min_age=float(config["RESULT_MIN_AGE"]))
+    return record
+
+
+def request_source() -> str:
+    """Who sent the request, as a keyed hash of the client address: retention is counted per source, and the
+    address itself is never written."""
+    key = current_app.config["SECRET_KEY"].encode()
+    return hmac.new(key, (request.remote_addr or "").encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def cross_origin_request() -> bool:
+    """True for a browser request sent by another site's page (Origin / Sec-Fetch-Site); scripts send neither."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and origin != request.host_url.rstrip("/")
 
 
 def shown_name(filename: str, limit: int = 80) -> str:
@@ -232,8 +339,8 @@ def default_label(record: dict) -> str:
 
 
 def save_result(results_dir: Path, prediction: Prediction, image_format: str, model_card: dict,
-                retention: int) -> dict:
-    """Write RESULTS_DIR/<new random id>/ atomically (temp folder + rename), then prune to `retention` results."""
+                source: str = "") -> dict:
+    """Write RESULTS_DIR/<new random id>/ atomically (temp folder + rename); returns its record."""
     rid = secrets.token_hex(16)
     image = display_image(prediction.image)
     record = {
@@ -247,6 +354,7 @@ def save_result(results_dir: Path, prediction: Prediction, image_format: str, mo
         "positive": prediction.positive,
         "thresholds": prediction.thresholds,
         "model": model_card,
+        "source": source,
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=results_dir))
@@ -261,12 +369,16 @@ def save_result(results_dir: Path, prediction: Prediction, image_format: str, mo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_results(results_dir, retention)
     return record
 
 
-def prune_results(results_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` results (by result.json time) and stale temp folders; returns deleted ids."""
+def prune_results(results_dir: Path, keep: int, protect: set[str] = frozenset(), min_age: float = 0.0) -> list[str]:
+    """Delete results beyond `keep` and stale temp folders; returns the deleted ids.
+
+    Never deletes a result in `protect` (the current request's batch) or younger than `min_age` seconds, so the
+    count may exceed `keep` for a while. Among the others, the source holding the most results loses its oldest
+    first: one client posting many images evicts its own results, not another's (issue 11).
+    """
     results, now = [], time.time()
     for entry in os.scandir(results_dir):
         try:
@@ -274,14 +386,39 @@ def prune_results(results_dir: Path, keep: int) -> list[str]:
                 if now - entry.stat().st_mtime > STALE_TMP_SECONDS:  # left by a crash mid-write
                     shutil.rmtree(entry.path, ignore_errors=True)
             elif RESULT_ID.fullmatch(entry.name):
-                results.append((os.stat(os.path.join(entry.path, "result.json")).st_mtime_ns, entry.name))
+                path = os.path.join(entry.path, "result.json")
+                mtime = os.stat(path).st_mtime
+                results.append((mtime, entry.name, _source_of(path)))
         except FileNotFoundError:  # removed meanwhile by a concurrent request
             continue
-    results.sort(reverse=True)
-    removed = [name for _, name in results[keep:]]
-    for name in removed:
+    excess = len(results) - keep
+    if excess <= 0:
+        return []
+    count: dict[str, int] = defaultdict(int)
+    candidates: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for mtime, name, source in results:
+        count[source] += 1
+        if name not in protect and now - mtime >= min_age:
+            candidates[source].append((mtime, name))
+    for group in candidates.values():
+        group.sort(reverse=True)  # oldest last, popped first
+    removed = []
+    while excess > 0 and any(candidates.values()):
+        source = max((s for s, group in candidates.items() if group), key=lambda s: (count[s], -candidates[s][-1][0]))
+        _, name = candidates[source].pop()
         shutil.rmtree(results_dir / name, ignore_errors=True)
+        removed.append(name)
+        count[source] -= 1
+        excess -= 1
     return removed
+
+
+def _source_of(result_json: str) -> str:
+    try:
+        with open(result_json) as f:
+            return str(json.load(f).get("source", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def heatmap_size(image_size: list[int]) -> tuple[int, int]:
@@ -372,13 +509,19 @@ def _register_routes(app: Flask) -> None:
             abort(400, f"No file was chosen: pick one or more {ACCEPTED} files.")
         if len(uploads) > app.config["MAX_FILES"]:
             abort(400, f"Too many files ({len(uploads)}): upload at most {app.config['MAX_FILES']} at once.")
-        records, failures = [], []
-        for upload in uploads:
-            try:
-                records.append(analyse(upload, predictor))
-            except HTTPException as exc:
-                failures.append(exc.code)
-                flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
+        records, failures, batch = [], [], set()
+        with current_app.extensions["analyses"].enter():
+            for upload in uploads:  # one file's failure, whatever it is, never loses the others' results
+                try:
+                    records.append(analyse(upload, predictor, batch))
+                except HTTPException as exc:
+                    failures.append(exc.code)
+                    flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
+                except Exception:
+                    log.exception("analysing one upload of a batch failed")
+                    failures.append(500)
+                    flash(f"{shown_name(upload.filename)}: something went wrong on our side while analysing it "
+                          "(the error was logged); the other files were analysed.", "error")
         if not records:
             return render_template("index.html"), failures[0]
         if len(records) == 1:
@@ -433,13 +576,17 @@ def _register_routes(app: Flask) -> None:
         return jsonify(api_document(load_result(rid)[1]))
 
     @app.post("/api/predict")
-    @csrf.exempt
+    @csrf.exempt  # no cookie is needed or used; browsers' cross-site requests are refused by their headers instead
     def api_predict():
+        if cross_origin_request():
+            abort(403, "cross-origin requests to the API are refused: post from this site's own pages, or from a "
+                       "script or command line (which send no Origin header)")
         predictor = require_predictor()
         upload = request.files.get("file")
         if upload is None:
             abort(400, f"missing the multipart form field 'file' ({ACCEPTED})")
-        return jsonify(api_document(analyse(upload, predictor)))
+        with current_app.extensions["analyses"].enter():
+            return jsonify(api_document(analyse(upload, predictor, set())))
 
     @app.get("/api/model")
     def api_model():
@@ -475,13 +622,27 @@ def _register_errors(app: Flask) -> None:
     def http_error(exc: HTTPException):
         message = exc.description
         if exc.code == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"]
-            message = f"The upload is too large: the limit is {limit / 1024 ** 2:g} MB in all."
+            message = too_large_message()
         if _wants_json():
-            return jsonify(error=message), exc.code
-        if request.endpoint == "predict" and exc.code in (400, 413, 415, 503):
-            return upload_page(message, exc.code)
-        return render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code
+            response = jsonify(error=message), exc.code
+        elif request.endpoint == "predict" and exc.code in (400, 413, 415, 503, 507):
+            response = upload_page(message, exc.code)
+        else:
+            response = render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response = app.make_response(response)
+            response.headers["Retry-After"] = str(retry_after)
+        return response
+
+    def too_large_message() -> str:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and request.content_length <= limit:
+            # Within the size limit: Werkzeug's form limits were hit, not ours (issue 11: both said "50 MB").
+            return (f"The form has more than {app.config.get('MAX_FORM_PARTS') or 1000} parts or a text field "
+                    f"over {(app.config.get('MAX_FORM_MEMORY_SIZE') or 500_000) // 1000} KB: send only the "
+                    "images, in the form field 'file'.")
+        return f"The upload is too large: the limit is {limit / 1024 ** 2:g} MB in all."
 
     @app.errorhandler(InternalServerError)
     def server_error(exc: InternalServerError):
@@ -490,6 +651,13 @@ def _register_errors(app: Flask) -> None:
         if _wants_json():
             return jsonify(error=message), 500
         return render_template("error.html", code=500, name="Internal Server Error", message=message), 500
+
+
+def _no_store_for_results(response):
+    # Result pages, images and JSON describe one patient's radiograph: no browser or proxy cache keeps them.
+    if request.path.startswith(("/results", "/api/", "/predict", "/static/results/")):
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _security_headers(response):
@@ -514,9 +682,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", default=str(ROOT / "static" / "results"),
                         help="folder for saved results (default: %(default)s)")
     parser.add_argument("--retention", type=int, default=200, help="keep the newest N results (default: %(default)s)")
+    parser.add_argument("--min-age", type=float, default=600,
+                        help="seconds a result is kept whatever the retention, so one client cannot flush another's "
+                             "new results (default: %(default)s)")
     parser.add_argument("--max-upload-mb", type=float, default=50, help="request size limit (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--max-analyses", type=int, default=2,
+                        help="images analysed at once; up to THREADS - MAX_ANALYSES - 1 more requests wait, the rest "
+                             "get 503 with Retry-After, and one thread stays free for /healthz (default: %(default)s)")
     parser.add_argument("--connection-limit", type=int, default=500,
                         help="open connections waitress accepts at once (default: %(default)s; under the 1024 of "
                              "select())")
@@ -537,6 +711,9 @@ def main(args: argparse.Namespace) -> int:
         "DEVICE": args.device,
         "RESULTS_DIR": args.results_dir,
         "RETENTION": args.retention,
+        "RESULT_MIN_AGE": args.min_age,
+        "MAX_ANALYSES": max(1, min(args.max_analyses, args.threads - 1)),
+        "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
     })
     state = app.extensions["chestxray"]

@@ -135,6 +135,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="which labels get an overlay PNG under --out (default: %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--max-file-mb", type=float, default=50,
+                        help="largest image file read, per image, as the web app's upload limit; larger ones get an "
+                             "error line (default: %(default)s)")
     return parser
 
 
@@ -173,7 +176,9 @@ def main(args: argparse.Namespace) -> int:
         record: dict = {"image": str(path)}
         try:
             want_maps = out is not None and args.heatmaps != "none"
-            pred = predictor.predict(path, heatmaps=want_maps)
+            # The same limits as the web app, per image: the file size here, the pixel budgets in read_xray.
+            image = read_xray(path, max_bytes=int(args.max_file_mb * 2**20))
+            pred = predictor.predict(image, heatmaps=want_maps)
             record["probabilities"] = {k: round(v, 6) for k, v in pred.probabilities.items()}
             record["positive"] = pred.positive
             if want_maps:

@@ -58,7 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--arch", default="resnet18", help="checkpoint architecture (default: %(default)s)")
     add("--image-size", type=int, default=224, help="checkpoint input size (default: %(default)s)")
     add("--retention", type=int, default=50, help="the server's --retention (default: %(default)s)")
-    add("--threads", type=int, default=4, help="the server's waitress --threads (default: %(default)s)")
+    add("--threads", type=int, default=10, help="the server's waitress --threads; THREADS - MAX_ANALYSES - 1 "
+        "requests may wait for an analysis slot, so keep it above --clients (default: %(default)s)")
+    add("--max-analyses", type=int, default=2, help="the server's --max-analyses (default: %(default)s)")
     add("--timeout", type=float, default=120.0, help="seconds allowed per request (default: %(default)s)")
     add("--max-seconds", type=float, default=900.0, help="stop sending after this long (default: %(default)s)")
     add("--out", default=str(ROOT / "benchmarks" / "results" / "load.md"), help="Markdown report (default: "
@@ -129,7 +131,8 @@ def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_
     port = free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
-           "--threads", str(args.threads), "--device", "cpu"]
+           "--threads", str(args.threads), "--max-analyses", str(args.max_analyses), "--device", "cpu",
+           "--min-age", "0"]  # results are pruned to the retention at once, as the folder check expects
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout

@@ -437,7 +437,7 @@ def test_unknown_heatmap_label_is_404(client):
 
 
 def test_retention_keeps_the_newest_results(make_app):
-    app = make_app(RETENTION=2)
+    app = make_app(RETENTION=2, RESULT_MIN_AGE=0)  # the minimum age is tested in test_hostile_limits.py
     client = app.test_client()
     stale, fresh = results_dir(app) / ".tmp-crashed", results_dir(app) / ".tmp-in-progress"
     stale.mkdir()
