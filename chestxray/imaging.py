@@ -98,7 +98,7 @@ def read_xray(source: Source, max_bytes: int | None = None) -> np.ndarray:
     2, 4 or 8. A file over `max_bytes` is refused before it is read. Raises InvalidImage for anything else, and
     nothing but InvalidImage.
     """
-    data = _read_bytes(source, max_bytes)
+    data = read_bytes(source, max_bytes)
     if not data:
         raise InvalidImage("the file is empty")
     dicom = is_dicom(data)
@@ -121,7 +121,9 @@ def read_xray(source: Source, max_bytes: int | None = None) -> np.ndarray:
     return image
 
 
-def _read_bytes(source: Source, max_bytes: int | None) -> bytes:
+def read_bytes(source: Source, max_bytes: int | None = None) -> bytes:
+    """The bytes of a path, bytes or binary file object. Raises InvalidImage for a missing or unreadable file, or
+    one over `max_bytes` (checked from the size on disk before reading)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -142,6 +144,9 @@ def _read_bytes(source: Source, max_bytes: int | None) -> bytes:
     if max_bytes is not None:
         _check_bytes(len(data), max_bytes)
     return data
+
+
+_read_bytes = read_bytes  # the name chestxray.predictor imports
 
 
 def _check_bytes(size: int, max_bytes: int) -> None:

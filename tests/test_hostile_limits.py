@@ -21,7 +21,8 @@ from flask import Flask
 from hostile import CORPUS, blank_png, png_bytes
 from PIL import Image
 
-from main import RESULT_ID, create_app
+from chestxray.results import RESULT_ID
+from main import create_app
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]
 
