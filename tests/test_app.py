@@ -561,7 +561,8 @@ def test_dicom_header_data_is_never_saved_or_shown(make_app, phi_dicom):
             assert secret not in blob
 
 
-def test_concurrent_requests_are_independent(app, tiny_predictor):
+def test_concurrent_requests_are_independent(make_app, tiny_predictor):
+    app = make_app(MAX_ANALYSES=4, ANALYSIS_QUEUE=4)  # 4 at once; the bound itself is tested in test_hostile_limits
     paths = [NIH_PNG, DICOM_MONO2, RGBA_PNG, DICOM_MONO1] * 2
     expected = {p: tiny_predictor.predict(p).probabilities for p in set(paths)}
 

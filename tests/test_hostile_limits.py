@@ -314,4 +314,4 @@ def test_cli_applies_per_image_limits_and_goes_on(tiny_checkpoint, tmp_path):
     records = {Path(r["image"]).name: r for r in map(json.loads, result.stdout.splitlines())}
     assert "limit per image" in records["huge.dcm"]["error"]
     assert "megapixel" in records["blank.png"]["error"]
-    assert "probabilities" in records["good.png"]
+    assert "labels" in records["good.png"] and "error" not in records["good.png"]
