@@ -316,7 +316,8 @@ the 25 MP decode budget) and a real 1024 px NIH PNG, for {args.healthz_seconds:g
 | /healthz max | {1000 * max(health, default=0):.0f} ms |
 | server RSS before / after | {rss_start:.0f} / {rss_end:.0f} MiB |
 
-Goal: /healthz p99 <= 1 s: {"met" if p99 <= 1.0 else "**NOT met**"}.
+Goal: /healthz p99 <= 1 s: {"met" if p99 <= 1.0 else "**NOT met**"}. Load average when it ended:
+{os.getloadavg()[0]:.1f} (other jobs share the machine).
 """
     Path(args.healthz_out).write_text(report)
     print(report)
