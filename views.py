@@ -1,7 +1,8 @@
 """The web app's routes, as one Blueprint: thin views over chestxray.predictor and chestxray.results.
 
 Every view reads the Predictor and the ResultStore that create_app hung on app.extensions; core errors map to
-HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404, no model -> 503).
+HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404, no model -> 503, every
+analysis slot busy -> 503 with Retry-After, a full results disk -> 507, a cross-origin API request -> 403).
 """
 from __future__ import annotations
 
