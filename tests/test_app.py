@@ -162,8 +162,8 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
         def close(self):
             pass
 
-    def create_server(app, host, port, threads, max_request_body_size):
-        served.update(app=app, host=host, port=port, max_body=max_request_body_size)
+    def create_server(app, host, port, threads, max_request_body_size, **options):
+        served.update(app=app, host=host, port=port, max_body=max_request_body_size, options=options)
         return FakeServer()
 
     monkeypatch.setattr(waitress, "create_server", create_server)
@@ -173,6 +173,10 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
     assert served["max_body"] == 2 * 50 * 1024 * 1024  # waitress refuses far larger bodies from their headers
+    # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
+    assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
+    assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5
+    assert served["options"]["connection_limit"] == 500
     app = served["app"]
     assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
     assert app.extensions["chestxray"].predictor is not None
@@ -469,7 +473,7 @@ def test_unknown_heatmap_label_is_404(client):
 
 
 def test_retention_keeps_the_newest_results(make_app):
-    app = make_app(RETENTION=2)
+    app = make_app(RETENTION=2, RESULT_MIN_AGE=0)  # the minimum age is tested in test_hostile_limits.py
     client = app.test_client()
     stale, fresh = results_dir(app) / ".tmp-crashed", results_dir(app) / ".tmp-in-progress"
     stale.mkdir()
@@ -558,7 +562,8 @@ def test_dicom_header_data_is_never_saved_or_shown(make_app, phi_dicom):
             assert secret not in blob
 
 
-def test_concurrent_requests_are_independent(app, tiny_predictor):
+def test_concurrent_requests_are_independent(make_app, tiny_predictor):
+    app = make_app(MAX_ANALYSES=4, ANALYSIS_QUEUE=4)  # 4 at once; the bound itself is tested in test_hostile_limits
     paths = [NIH_PNG, DICOM_MONO2, RGBA_PNG, DICOM_MONO1] * 2
     expected = {p: tiny_predictor.predict(p).probabilities for p in set(paths)}
 
@@ -601,8 +606,8 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
     shared = ["labels", "positive", "format", "original_size", "model"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
-    assert set(record) == {*shared, "id", "created", "display_size"}
-    assert set(doc) == {*record, "image", "heatmaps", "result"}  # the API adds the URLs
+    assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
+    assert set(doc) == {*record, "image", "heatmaps", "result"} - {"source"}  # the API adds the URLs
     for key in shared:
         assert line[key] == record[key] == doc[key], key
     assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"/results/{doc['id']}/image.png"
