@@ -77,6 +77,7 @@ CANNOT_UNDERSTAND = 0xC000
 SUCCESSFUL_STORE = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (the object was stored)
 
 DEFAULT_AET = "CXR_AI"
+RESULT_SOURCE = "dicom-node"  # the results store's retention key for received images
 CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM's CS value representation (PS3.5 6.2)
 RETRY_DELAYS = (2.0, 5.0, 15.0, 60.0, 300.0)  # seconds before each retry: a PACS restart takes about a minute
 
@@ -455,7 +456,7 @@ def model_name(predictor) -> str:
 def analyser(predictor, store) -> Callable[[bytes], Analysis]:
     """The web app's analyse callback: predict like an upload, save the result in `store` (no patient data).
 
-    predictor: a chestxray Predictor; store: a results store whose save(prediction) returns the record with its "id".
+    predictor: a chestxray Predictor; store: a chestxray.results.ResultStore (save returns the record with its "id").
     In scope: a radiograph SOP class (CR, DX, SC) and, where the prediction has it, the in-scope check's verdict.
     """
     name = model_name(predictor)
@@ -463,7 +464,9 @@ def analyser(predictor, store) -> Callable[[bytes], Analysis]:
     def analyse(data: bytes) -> Analysis:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         prediction = predictor.predict(data)
-        record = store.save(prediction)
+        # One retention source for everything the node receives: a flood from a modality loses its own oldest
+        # results first, never the web uploads' (chestxray.results counts retention per source).
+        record = store.save(prediction, source=RESULT_SOURCE)
         in_scope = str(header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
             bool(getattr(prediction, "in_scope", True))
         return Analysis(result_id=record["id"], in_scope=in_scope,

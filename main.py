@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from predictions import TRAIN_COMMAND
 from views import POINT_COMMAND, model_state, no_model_message
 
 ROOT = Path(__file__).resolve().parent
+# Part headers a multipart parser reads (Content-Disposition, Content-Type), to repair names that are not UTF-8.
+PART_HEADER = re.compile(rb"\r\nContent-(?:Disposition|Type):[^\r\n]*", re.IGNORECASE)
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -46,6 +49,24 @@ class MemoryRequest(Request):
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()  # Werkzeug's default spools uploads over 500 KB to a temporary file
+
+    def _load_form_data(self) -> None:
+        # Werkzeug decodes part headers as strict UTF-8 and, on a file name in another encoding (Latin-1 from an
+        # old browser, raw bytes from a script), silently returns an empty form: the page then said "security token
+        # missing" (issue 11). Such a body is parsed again with the bad bytes of its part headers replaced.
+        if self.mimetype != "multipart/form-data":
+            return super()._load_form_data()
+        body = self.get_data(cache=True)  # in memory anyway (MAX_CONTENT_LENGTH), read once
+        super()._load_form_data()
+        if self.form or self.files or not body:
+            return None
+        repaired = PART_HEADER.sub(lambda m: m.group(0).decode("utf-8", "replace").encode(), body)
+        if repaired != body:
+            self._cached_data = repaired
+            for name in ("form", "files", "stream"):
+                self.__dict__.pop(name, None)
+            super()._load_form_data()
+        return None
 
 
 @dataclass(frozen=True)
@@ -71,9 +92,10 @@ def load_model(checkpoint: str, device: str = "auto") -> ModelState:
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, MAX_FILES, MAX_CONTENT_LENGTH, SECRET_KEY.
+    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, RESULT_MIN_AGE, MAX_FILES,
+    MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY.
 
-    Raises ValueError for an invalid RETENTION or MAX_FILES.
+    Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES.
     """
     app = Flask(__name__)
     app.request_class = MemoryRequest
@@ -82,7 +104,10 @@ def create_app(config: dict | None = None) -> Flask:
         DEVICE="auto",
         RESULTS_DIR=str(ROOT / "static" / "results"),
         RETENTION=200,
+        RESULT_MIN_AGE=600,  # seconds: a younger result is never pruned, so no one can flush another's new results
         MAX_FILES=20,
+        MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
+        ANALYSIS_QUEUE=1,  # requests that may wait for a slot; more get 503 + Retry-After
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
         SECRET_KEY=None,
         WTF_CSRF_ENABLED=True,
@@ -93,7 +118,7 @@ def create_app(config: dict | None = None) -> Flask:
         app.config["CHECKPOINT"] = default_checkpoint()
     if not app.config["SECRET_KEY"]:
         app.config["SECRET_KEY"] = secrets.token_hex(32)  # sessions only carry flash messages and the CSRF token
-    for key in ("RETENTION", "MAX_FILES"):
+    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
@@ -102,13 +127,17 @@ def create_app(config: dict | None = None) -> Flask:
     if state.error:
         log.warning(no_model_message(state.error))
     app.extensions["chestxray"] = state
-    app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]))
+    app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]),
+                                                      min_age=float(app.config["RESULT_MIN_AGE"]))
+    app.extensions["analyses"] = views.AnalysisGate(int(app.config["MAX_ANALYSES"]),
+                                                    int(app.config["ANALYSIS_QUEUE"]))
     csrf.init_app(app)
     csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
     app.register_blueprint(views.bp)
     app.register_blueprint(worklist.bp)  # /worklist: images from the DICOM node, when main() starts one
     _register_errors(app)
     app.after_request(_security_headers)
+    app.after_request(_no_store_for_results)
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
     app.jinja_env.filters["percent"] = lambda p: f"{100 * p:.1f}%"
 
@@ -145,15 +174,26 @@ def _register_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        message = exc.description
-        if exc.code == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"]
-            message = f"The upload is too large: the limit is {limit / 1024 ** 2:g} MB in all."
+        message = too_large_message() if exc.code == 413 else exc.description
         if _wants_json():
-            return jsonify(error=message), exc.code
-        if request.endpoint == "views.predict" and exc.code in (400, 413, 415, 503):
-            return upload_page(message, exc.code)
-        return render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code
+            response = app.make_response((jsonify(error=message), exc.code))
+        elif request.endpoint == "views.predict" and exc.code in (400, 413, 415, 503, 507):
+            response = app.make_response(upload_page(message, exc.code))
+        else:
+            response = app.make_response(
+                (render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code))
+        if getattr(exc, "retry_after", None) is not None:  # views.Busy: when to try again
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    def too_large_message() -> str:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and request.content_length <= limit:
+            # Within the size limit: Werkzeug's form limits were hit, not ours (issue 11: both said "50 MB").
+            return (f"The form has more than {app.config.get('MAX_FORM_PARTS') or 1000} parts or a text field "
+                    f"over {(app.config.get('MAX_FORM_MEMORY_SIZE') or 500_000) // 1000} KB: send only the "
+                    "images, in the form field 'file'.")
+        return f"The upload is too large: the limit is {limit / 1024 ** 2:g} MB in all."
 
     @app.errorhandler(InternalServerError)
     def server_error(exc: InternalServerError):
@@ -162,6 +202,13 @@ def _register_errors(app: Flask) -> None:
         if _wants_json():
             return jsonify(error=message), 500
         return render_template("error.html", code=500, name="Internal Server Error", message=message), 500
+
+
+def _no_store_for_results(response):
+    # Result pages, images and JSON describe one patient's radiograph: no browser or proxy cache keeps them.
+    if request.path.startswith(("/results", "/api/", "/predict", "/static/results/")):
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _security_headers(response):
@@ -178,19 +225,60 @@ def _security_headers(response):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=default_checkpoint(),
-                        help="checkpoint file (default: $CXR_CHECKPOINT, else %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"checkpoint file (default: $CXR_CHECKPOINT, else {default_checkpoint()}; when neither "
+                        "is there, a demo model trained on the bundled sample)")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="with no checkpoint given or found, start without a model instead of serving the demo "
+                        "model (default: build it once into .cache/demo_model.pth and serve it)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes the app)")
     parser.add_argument("--port", type=int, default=5000, help="port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--results-dir", default=str(ROOT / "static" / "results"),
                         help="folder for saved results (default: %(default)s)")
     parser.add_argument("--retention", type=int, default=200, help="keep the newest N results (default: %(default)s)")
+    parser.add_argument("--min-age", type=float, default=600,
+                        help="seconds a result is kept whatever the retention, so one client cannot flush another's "
+                             "new results (default: %(default)s)")
     parser.add_argument("--max-upload-mb", type=float, default=50, help="request size limit (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--max-analyses", type=int, default=2,
+                        help="images analysed at once; up to THREADS - MAX_ANALYSES - 1 more requests wait, the rest "
+                             "get 503 with Retry-After, and one thread stays free for /healthz (default: %(default)s)")
+    parser.add_argument("--connection-limit", type=int, default=500,
+                        help="open connections waitress accepts at once (default: %(default)s; under the 1024 of "
+                             "select())")
+    parser.add_argument("--channel-timeout", type=int, default=30,
+                        help="seconds a connection may stay silent before it is closed (default: %(default)s)")
+    parser.add_argument("--cleanup-interval", type=int, default=5,
+                        help="seconds between checks for silent connections (default: %(default)s)")
     dicom_node.add_arguments(parser)
     return parser
+
+
+def choose_checkpoint(args: argparse.Namespace) -> str:
+    """--checkpoint, else $CXR_CHECKPOINT, else the default file if it exists; else the demo model (built once).
+
+    A checkpoint the user names always wins, even a broken one (the app then says why it cannot load it). The demo
+    model is used only when nothing is named or found and --no-demo is not given; if it cannot be built, the app
+    starts without a model.
+    """
+    if args.checkpoint:
+        return args.checkpoint
+    default = default_checkpoint()
+    if args.no_demo or os.environ.get("CXR_CHECKPOINT") or Path(default).exists():
+        return default
+    from Model_Training.demo import DEMO_CHECKPOINT, DemoError, build_demo_model
+
+    print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
+          f"{DEMO_CHECKPOINT} (the first start trains it, 1-3 minutes on a CPU). Its answers are meaningless; "
+          "pass --no-demo to start without a model.", flush=True)
+    try:
+        return str(build_demo_model(DEMO_CHECKPOINT))
+    except DemoError as exc:
+        log.warning("the demo model could not be built: %s", exc)
+        return default
 
 
 def main(args: argparse.Namespace) -> int:
@@ -198,22 +286,35 @@ def main(args: argparse.Namespace) -> int:
     from waitress import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.checkpoint = choose_checkpoint(args)
     app = create_app({
         "CHECKPOINT": args.checkpoint,
         "DEVICE": args.device,
         "RESULTS_DIR": args.results_dir,
         "RETENTION": args.retention,
+        "RESULT_MIN_AGE": args.min_age,
+        "MAX_ANALYSES": max(1, min(args.max_analyses, args.threads - 1)),
+        "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
     })
     state = app.extensions["chestxray"]
-    # Waitress reads a whole request body before the app sees it (up to 1 GB by default, spooled to temporary
-    # files). Bounding it refuses a body far over the limit from its Content-Length alone; one up to twice the
-    # limit still reaches the app, whose 413 page says what the limit is.
+    # Waitress reads a whole request body before the app sees it (up to 1 GB by default). Bounding it refuses a
+    # body far over the limit from its Content-Length alone; one up to twice the limit still reaches the app, whose
+    # 413 page says what the limit is. Bodies up to the limit stay in memory (waitress would spool anything over
+    # 512 KB to an unlinked temporary file, DICOM header included: issue 11), so the memory held by uploads in
+    # flight is at most connection_limit x the limit. Silent connections are closed after channel_timeout;
+    # a client that trickles a header line every few seconds is not, which is what a reverse proxy in front is for
+    # (docs/RELIABILITY.md, "Deploying").
+    limit = app.config["MAX_CONTENT_LENGTH"]
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"])
+                           max_request_body_size=2 * limit, inbuf_overflow=limit + 2**16,
+                           connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                           cleanup_interval=args.cleanup_interval)
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")
+    if state.predictor and state.predictor.meta.training.get("demo"):
+        model = f"DEMO ({model}; its answers are meaningless; train a real one with: {TRAIN_COMMAND})"
     try:
         node = start_dicom_node(app, args)
     except (ValueError, OSError) as exc:

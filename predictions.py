@@ -16,7 +16,7 @@ from pathlib import Path
 
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
-from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage
+from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_bytes
 from chestxray.predictor import Prediction, Predictor
 
 __all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="which labels get an overlay PNG under --out (default: %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--max-file-mb", type=float, default=50,
+                        help="largest image file read, per image, as the web app's upload limit; a larger one gets "
+                             "an error line (default: %(default)s)")
     return parser
 
 
@@ -65,10 +68,13 @@ def _heatmap_dir(out: Path, image: Path, used: set[str]) -> Path:
     return out / name
 
 
-def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str, used: set[str]) -> dict:
+def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str, used: set[str],
+                 max_bytes: int) -> dict:
     """to_dict() of one image, plus "heatmaps" {label: overlay PNG path} when `out` is given. Raises InvalidImage."""
     want_maps = out is not None and which != "none"
-    pred = predictor.predict(path, heatmaps=want_maps)
+    # The web app's limits, per image: the file size here (a 12 GB sparse file is never read), the pixel budgets in
+    # read_xray (issue 11).
+    pred = predictor.predict(read_bytes(path, max_bytes), heatmaps=want_maps, filename=path.name)
     record = pred.to_dict()
     if want_maps:
         folder = _heatmap_dir(out, path, used)  # made by atomic_write with the first overlay
@@ -101,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
         progress = tqdm(total=len(images), unit="img", file=sys.stderr)
     for path in images:
         try:
-            record = {"image": str(path), **_predict_one(predictor, path, out, args.heatmaps, used)}
+            record = {"image": str(path), **_predict_one(predictor, path, out, args.heatmaps, used,
+                                                         int(args.max_file_mb * 2**20))}
         except InvalidImage as exc:
             failed += 1
             record = {"image": str(path), "error": str(exc)}

@@ -1,10 +1,18 @@
 """The web app's routes, as one Blueprint: thin views over chestxray.predictor and chestxray.results.
 
 Every view reads the Predictor and the ResultStore that create_app hung on app.extensions; core errors map to
-HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404, no model -> 503).
+HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404, no model -> 503, every
+analysis slot busy -> 503 with Retry-After, a full results disk -> 507, a cross-origin API request -> 403).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from flask import (
@@ -20,7 +28,7 @@ from flask import (
     url_for,
 )
 from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
@@ -31,8 +39,55 @@ if TYPE_CHECKING:
     from main import ModelState
 
 POINT_COMMAND = "python main.py --checkpoint PATH"
+RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
 
 bp = Blueprint("views", __name__)
+log = logging.getLogger("chestxray.web")
+
+
+class Busy(ServiceUnavailable):
+    """503: every analysis slot and queue place is taken; Retry-After says when to try again."""
+
+    description = "The server is busy analysing other images: try again in a few seconds."
+
+
+class DiskFull(HTTPException):
+    """507 Insufficient Storage (RFC 4918): the results folder's disk is full."""
+
+    code = 507
+    description = ("The server's disk is full: the result could not be saved. Try again later, or tell the server's "
+                   "administrator.")
+
+
+class AnalysisGate:
+    """At most `slots` analyses run at once and `queue` more wait (up to `wait` seconds); beyond that, Busy at once.
+
+    Bounding the analyses, not the worker threads, keeps threads free for /healthz and static files while images
+    are being analysed (issue 11: four requests of ten 60 MP PNGs each made /healthz wait 28 s).
+    """
+
+    def __init__(self, slots: int, queue: int, wait: float = 60.0):
+        self.slots, self.capacity, self.wait = threading.BoundedSemaphore(slots), slots + queue, wait
+        self.admitted = 0  # analysing + waiting
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        """Hold one analysis slot for the block; raises Busy when the queue is full or the wait runs out."""
+        with self._lock:
+            if self.admitted >= self.capacity:
+                raise Busy(retry_after=RETRY_AFTER_SECONDS)
+            self.admitted += 1
+        try:
+            if not self.slots.acquire(timeout=self.wait):
+                raise Busy(retry_after=RETRY_AFTER_SECONDS)
+            try:
+                yield
+            finally:
+                self.slots.release()
+        finally:
+            with self._lock:
+                self.admitted -= 1
 
 
 def no_model_message(reason: str) -> str:
@@ -69,15 +124,42 @@ def load_result(rid: str) -> dict:
         abort(404, str(exc))
 
 
-def analyse(upload: FileStorage, predictor: Predictor) -> dict:
-    """Sniff, read and predict one upload, save the result; returns its record. Aborts 415/400 for bad input."""
+def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
+    """Sniff, read and predict one upload, save the result; returns its record and adds its id to `batch`.
+
+    Aborts 415/400 for bad input, 507 when the results disk is full. Pruning spares `batch` (this request's results).
+    """
     try:
         prediction = predictor.predict(upload.read(), filename=upload.filename or "")
     except UnsupportedFormat as exc:
         abort(415, str(exc))
     except InvalidImage as exc:
         abort(400, str(exc))
-    return result_store().save(prediction)
+    try:
+        record = result_store().save(prediction, source=request_source(), protect=batch)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("cannot save a result: the results folder's disk is full")  # one line, no traceback
+        raise DiskFull() from None
+    batch.add(record["id"])
+    return record
+
+
+def request_source() -> str:
+    """Who sent the request, as a keyed hash of the client address: retention is counted per source, and the
+    address itself is never written."""
+    key = str(current_app.config["SECRET_KEY"]).encode()
+    return hmac.new(key, (request.remote_addr or "").encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def cross_origin_request() -> bool:
+    """True for a browser request sent by another site's page (Origin / Sec-Fetch-Site); scripts send neither."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and origin != request.host_url.rstrip("/")
 
 
 def shown_name(filename: str, limit: int = 80) -> str:
@@ -91,7 +173,7 @@ def api_document(record: dict) -> dict:
     """The JSON answer for one result: result.json's record (to_dict() + id, created, display_size) + its URLs."""
     rid = record["id"]
     return {
-        **record,
+        **{key: value for key, value in record.items() if key != "source"},  # the keyed client hash stays inside
         "image": url_for("views.result_image", rid=rid),
         "heatmaps": {label: url_for("views.heatmap", rid=rid, label=label) for label in label_names(record)},
         "result": url_for("views.result", rid=rid),
@@ -119,13 +201,19 @@ def predict():
     limit = current_app.config["MAX_FILES"]
     if len(uploads) > limit:
         abort(400, f"Too many files ({len(uploads)}): upload at most {limit} at once.")
-    records, failures = [], []
-    for upload in uploads:
-        try:
-            records.append(analyse(upload, predictor))
-        except HTTPException as exc:
-            failures.append(exc.code)
-            flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
+    records, failures, batch = [], [], set()
+    with current_app.extensions["analyses"].enter():
+        for upload in uploads:  # one file's failure, whatever it is, never loses the others' results
+            try:
+                records.append(analyse(upload, predictor, batch))
+            except HTTPException as exc:
+                failures.append(exc.code)
+                flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
+            except Exception:
+                log.exception("analysing one upload of a batch failed")
+                failures.append(500)
+                flash(f"{shown_name(upload.filename)}: something went wrong on our side while analysing it (the "
+                      "error was logged); the other files were analysed.", "error")
     if not records:
         return render_template("index.html"), failures[0]
     if len(records) == 1:
@@ -185,11 +273,17 @@ def api_result(rid: str):
 
 @bp.post("/api/predict")
 def api_predict():
+    # CSRF-exempt (no cookie is needed or used), so a browser request from another site's page is refused by its
+    # own headers instead: five such posts could otherwise evict a user's results (issue 11).
+    if cross_origin_request():
+        abort(403, "cross-origin requests to the API are refused: post from this site's own pages, or from a "
+                   "script or command line (which send no Origin header)")
     predictor = require_predictor()
     upload = request.files.get("file")
     if upload is None:
         abort(400, f"missing the multipart form field 'file' ({ACCEPTED})")
-    return jsonify(api_document(analyse(upload, predictor)))
+    with current_app.extensions["analyses"].enter():
+        return jsonify(api_document(analyse(upload, predictor, set())))
 
 
 @bp.get("/api/model")

@@ -27,6 +27,7 @@ from chestxray.data import (
     DataError,
     MissingImages,
     XrayDataset,
+    bundled_metadata,
     collate_batch,
     has_official_lists,
     load_index,
@@ -59,6 +60,8 @@ SPLIT_CHOICES = ("test", "val", "train", "all")
 SUBGROUPS = (("view", "PA"), ("view", "AP"), ("sex", "F"), ("sex", "M"))
 PREDICTION_COLUMNS = ("image", "patient", "view", "sex", "age")
 
+BBOX_LIST = "BBox_List_2017.csv"  # looked for in --data-dir, else the bundled copy, when --bbox-csv is not given
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line; every flag has a default except --data-dir."""
@@ -75,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--limit", type=int, default=None, help="evaluate at most N images of the split, a seeded sample "
         "(smoke runs; default: all)")
     add("--bbox-csv", default=None, help="NIH's BBox_List_2017.csv: also score the heatmaps of the boxed images "
-        "found under --data-dir (default: no localization)")
+        "found under --data-dir (default: --data-dir's BBox_List_2017.csv, else the copy bundled in "
+        "samples/nih-metadata, when it boxes any image there; else no localization)")
     add("--bootstrap", type=int, default=1000, help="patient-bootstrap replicates for the 95%% confidence "
         "intervals; 0 = none (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the bootstrap and of --limit's sample (default: %(default)s)")
@@ -118,7 +122,7 @@ def select_split(index: pd.DataFrame, data_dir: Path, split: str, meta: Meta) ->
         warnings.simplefilter("always")
         df = rebuild_splits(meta, index, data_dir)[split]
     notes = [str(w.message) for w in caught]
-    official = has_official_lists(data_dir)
+    official = has_official_lists(data_dir, index)
     spec = meta.split or SplitSpec(official=official)
     if split == "test":
         description = ("the official NIH test list (test_list.txt), patient-disjoint from training" if official
@@ -211,9 +215,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         rows = subsample(rows, args.limit, args.seed)
     out = Path(args.out or Path("eval") / f"{Path(args.checkpoint).stem}-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
+    args.bbox_csv = args.bbox_csv or find_bbox_csv(index, data_dir)
     write_json(out / "args.json", vars(args))
-    for note in notes:
-        _log(f"warning: {note}")
+    for note in notes:  # e.g. the bundled official metadata standing in for the data folder's own
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     _log(f"evaluating {args.checkpoint} ({meta.arch}, {meta.image_size} px, {len(meta.labels)} labels) on "
          f"{len(rows)} images of {rows['patient'].nunique()} patients: {args.split} split, {description}")
 
@@ -257,6 +262,19 @@ def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFram
         raise DataError(f"none of the {len(rows)} images of the {args.split} split could be read")
     evaluated = rows.iloc[indices].reset_index(drop=True)
     return predictions_frame(evaluated, meta.labels, y_true, y_prob), unreadable
+
+
+def find_bbox_csv(index: pd.DataFrame, data_dir: Path) -> str | None:
+    """Without --bbox-csv: data_dir's BBox_List_2017.csv, else the bundled copy (saying so on stderr), when it boxes
+    any image of the index; None otherwise (no localization)."""
+    own = data_dir / BBOX_LIST
+    path = own if own.is_file() else bundled_metadata(BBOX_LIST)
+    if path is None or not index["image"].isin(set(read_bbox_csv(path)["image"])).any():
+        return None
+    if path != own:
+        print(f"warning: no --bbox-csv and no {BBOX_LIST} in {data_dir}: scoring the heatmaps with the copy "
+              f"bundled in {path.parent}", file=sys.stderr, flush=True)
+    return str(path)
 
 
 def localize(args: argparse.Namespace, model, meta: Meta, index: pd.DataFrame, data_dir: Path, device,

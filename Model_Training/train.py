@@ -482,8 +482,8 @@ def load_data(run: Run, meta: Meta) -> Data:
         index = load_index(data_dir, allow_missing=args.allow_missing)
         spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit)
         splits = rebuild_splits(meta.replace(training={"split": spec.to_dict()}), index, data_dir)
-    for w in caught:
-        ddp.log(f"warning: {w.message}")
+    for w in caught:  # e.g. the bundled official metadata standing in for the data folder's own: say so on stderr
+        ddp.log(f"warning: {w.message}", file=sys.stderr)
     if index.attrs.get("missing") and ddp.main:
         (run.dir / "missing.txt").write_text("\n".join(index.attrs["missing"]) + "\n")
     check_patient_disjoint(splits)  # asserted here too, on exactly what is trained and validated on

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import platform
@@ -56,11 +57,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--arch", default="resnet18", help="checkpoint architecture (default: %(default)s)")
     add("--image-size", type=int, default=224, help="checkpoint input size (default: %(default)s)")
     add("--retention", type=int, default=50, help="the server's --retention (default: %(default)s)")
-    add("--threads", type=int, default=4, help="the server's waitress --threads (default: %(default)s)")
+    add("--threads", type=int, default=10, help="the server's waitress --threads; THREADS - MAX_ANALYSES - 1 "
+        "requests may wait for an analysis slot, so keep it above --clients (default: %(default)s)")
+    add("--max-analyses", type=int, default=2, help="the server's --max-analyses (default: %(default)s)")
     add("--timeout", type=float, default=120.0, help="seconds allowed per request (default: %(default)s)")
     add("--max-seconds", type=float, default=900.0, help="stop sending after this long (default: %(default)s)")
     add("--out", default=str(ROOT / "benchmarks" / "results" / "load.md"), help="Markdown report (default: "
         "%(default)s)")
+    add("--healthz-run", action="store_true", help="instead: 4 clients post 60 MP PNGs and real NIH images for "
+        "--healthz-seconds while a fifth polls /healthz; writes --healthz-out (issue 11, item 4)")
+    add("--healthz-seconds", type=float, default=60.0, help="length of the --healthz-run (default: %(default)s)")
+    add("--healthz-out", default=str(ROOT / "benchmarks" / "results" / "load_healthz.md"),
+        help="Markdown report of the --healthz-run (default: %(default)s)")
     return parser
 
 
@@ -128,7 +136,8 @@ def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_
     port = free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
-           "--threads", str(args.threads), "--device", "cpu"]
+           "--threads", str(args.threads), "--max-analyses", str(args.max_analyses), "--device", "cpu",
+           "--min-age", "0"]  # results are pruned to the retention at once, as the folder check expects
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
@@ -239,8 +248,86 @@ def run_load(args: argparse.Namespace, bodies: list[bytes]) -> Run:
                sizes, final_count, leftovers, console)
 
 
+def healthz_run(args: argparse.Namespace) -> int:
+    """Four clients post blank 60 MP PNGs (58 KB each) and real NIH images in turn while a fifth polls /healthz;
+    reports the answers and the /healthz latency (goal: p99 <= 1 s). Exit code 0 when the goal is met."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8000, 7500)).save(buf, format="PNG")
+    blank = multipart(buf.getvalue(), "blank.png")
+    real = [multipart(p.read_bytes(), p.name) for p in sorted(Path(args.image_dir).glob("*.png"))[:4]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = make_checkpoint(tmp / "model.pth", arch=args.arch, image_size=args.image_size)
+        proc, port = start_server(args, checkpoint, tmp / "results", tmp / "server.log")
+        statuses: list[int] = []
+        health: list[float] = []
+        stop = time.monotonic() + args.healthz_seconds
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            i = 0
+            while time.monotonic() < stop:
+                body = blank if (i + k) % 2 == 0 else real[(i + k) % len(real)]
+                outcome = post(port, body, i, args.timeout)
+                with lock:
+                    statuses.append(outcome.status)
+                i += 1
+
+        def poll() -> None:
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as response:
+                        response.read()
+                    health.append(time.perf_counter() - start)
+                except OSError:
+                    health.append(float("inf"))
+                time.sleep(0.1)
+
+        try:
+            rss_start = rss_mib(proc.pid)
+            threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+            threads.append(threading.Thread(target=poll, daemon=True))
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(args.healthz_seconds + args.timeout)
+            rss_end = rss_mib(proc.pid)
+        finally:
+            stop_server(proc)
+    p99 = percentile(health, 99)
+    counts = {code: statuses.count(code) for code in sorted(set(statuses))}
+    report = f"""# /healthz under load: 4 clients posting 60 MP PNGs and NIH images
+
+Command: `python benchmarks/bench_load.py --healthz-run --healthz-seconds {args.healthz_seconds:g}` (server:
+`--threads {args.threads} --max-analyses {args.max_analyses}`, random-weight {args.arch} at {args.image_size} px,
+{os.cpu_count()} CPUs). Four clients post, in turn, a blank 8000 x 7500 PNG (58 KB; refused from its header: over
+the 25 MP decode budget) and a real 1024 px NIH PNG, for {args.healthz_seconds:g} s, while a fifth client polls
+`/healthz` every 100 ms. Before issue 11 each 60 MP PNG cost about 0.7 GB and 4 s, and `/healthz` waited 28 s.
+
+| measure | value |
+|---|---:|
+| posts answered, by status | {", ".join(f"{code}: {n}" for code, n in counts.items())} |
+| /healthz polls | {len(health)} |
+| /healthz p50 | {1000 * percentile(health, 50):.0f} ms |
+| /healthz p99 | {1000 * p99:.0f} ms |
+| /healthz max | {1000 * max(health, default=0):.0f} ms |
+| server RSS before / after | {rss_start:.0f} / {rss_end:.0f} MiB |
+
+Goal: /healthz p99 <= 1 s: {"met" if p99 <= 1.0 else "**NOT met**"}. Load average when it ended:
+{os.getloadavg()[0]:.1f} (other jobs share the machine).
+"""
+    Path(args.healthz_out).write_text(report)
+    print(report)
+    return 0 if p99 <= 1.0 else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the load test, print and write the report; exit code 0 when every goal is met."""
+    if args.healthz_run:
+        return healthz_run(args)
     paths = sorted(Path(args.image_dir).glob("*.png"))[: args.images]
     if len(paths) < args.images:
         raise SystemExit(f"error: {args.images} images asked for, {len(paths)} PNGs in {args.image_dir}")

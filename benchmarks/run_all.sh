@@ -7,4 +7,6 @@ $PY benchmarks/bench_predict.py
 $PY benchmarks/bench_web.py
 $PY benchmarks/bench_cache.py
 $PY benchmarks/bench_load.py
+$PY benchmarks/bench_load.py --healthz-run
+$PY benchmarks/bench_memory.py
 $PY benchmarks/collect.py

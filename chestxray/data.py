@@ -7,6 +7,7 @@ folders), and optionally the official `train_val_list.txt` / `test_list.txt` at 
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import warnings
@@ -29,6 +30,9 @@ DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "labels.
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
+# The official NIH metadata bundled with the repository, gzipped: used (with a warning) when a data folder lacks its
+# own Data_Entry CSV or split lists, so that the official split is reproducible from the repository alone.
+BUNDLED_METADATA = Path(__file__).resolve().parents[1] / "samples" / "nih-metadata"
 # Data_Entry header -> our column name. The header's bracketed names hold commas ("OriginalImage[Width,Height]"),
 # so they split into several CSV fields; we only use the columns before them, which parse cleanly.
 COLUMNS = {
@@ -64,14 +68,26 @@ def _examples(items: Sequence, n: int = 5) -> str:
 # Index
 
 
+def bundled_metadata(name: str) -> Path | None:
+    """The gzipped copy of NIH metadata file `name` in BUNDLED_METADATA (e.g. 'test_list.txt'), or None if absent."""
+    path = BUNDLED_METADATA / f"{name}.gz"
+    return path if path.is_file() else None
+
+
 def find_data_entry(data_dir: str | os.PathLike) -> Path:
-    """The label CSV in data_dir: Data_Entry_2017_v2020.csv, Data_Entry_2017.csv or labels.csv (first found)."""
+    """The label CSV of data_dir: its Data_Entry_2017_v2020.csv, Data_Entry_2017.csv or labels.csv (first found),
+    else the bundled Data_Entry_2017_v2020.csv.gz with a warning. Raises DataError when there is neither."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data folder not found: {data_dir}")
     for name in DATA_ENTRY_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
+    fallback = bundled_metadata(DATA_ENTRY_NAMES[0])
+    if fallback is not None:
+        warnings.warn(f"no label file in {data_dir}: using the NIH {DATA_ENTRY_NAMES[0]} bundled in "
+                      f"{fallback.parent}", stacklevel=2)
+        return fallback
     raise DataError(
         f"no label file in {data_dir}: expected one of {', '.join(DATA_ENTRY_NAMES)} at its top level "
         "(the NIH ChestX-ray14 Data_Entry CSV)"
@@ -165,9 +181,11 @@ def load_index(data_dir: str | os.PathLike, allow_missing: bool = False) -> pd.D
     paths = df["image"].map(files)
     missing = df["image"][paths.isna()].tolist()
     if missing and len(missing) == len(df):
+        where = ("is this the folder that holds the NIH images? (Model_Training/download_nih.py fetches them)"
+                 if csv_path.parent != data_dir else "put the images (any folder layout) below the CSV's folder")
         raise DataError(
             f"none of the {len(df)} images listed in {csv_path.name} was found under {data_dir} "
-            f"(e.g. {_examples(missing, 3)}); put the images (any folder layout) below the CSV's folder"
+            f"(e.g. {_examples(missing, 3)}); {where}"
         )
     if missing and not allow_missing:
         raise MissingImages(
@@ -199,22 +217,38 @@ def targets(df: pd.DataFrame, labels: Sequence[str] = LABELS) -> np.ndarray:
 # Splits
 
 
-def has_official_lists(data_dir: str | os.PathLike) -> bool:
-    """True when both train_val_list.txt and test_list.txt are in data_dir; DataError if only one is."""
+def has_official_lists(data_dir: str | os.PathLike, index: pd.DataFrame | None = None) -> bool:
+    """official_lists(data_dir, index) is not None: an official split applies."""
+    return official_lists(data_dir, index) is not None
+
+
+def official_lists(data_dir: str | os.PathLike, index: pd.DataFrame | None = None) -> tuple[Path, Path] | None:
+    """The (train_val, test) official list files for data_dir, or None when no official split applies.
+
+    data_dir's own train_val_list.txt / test_list.txt when it has both (DataError if only one); else, given the
+    index, the lists bundled in BUNDLED_METADATA when they name every image of it (NIH data without its lists).
+    """
     data_dir = Path(data_dir)
     present = [(data_dir / name).is_file() for name in (TRAIN_VAL_LIST, TEST_LIST)]
     if any(present) and not all(present):
         have, lack = (TRAIN_VAL_LIST, TEST_LIST) if present[0] else (TEST_LIST, TRAIN_VAL_LIST)
         raise DataError(f"{data_dir} has {have} but not {lack}; provide both official lists or neither")
-    return all(present)
+    if all(present):
+        return data_dir / TRAIN_VAL_LIST, data_dir / TEST_LIST
+    lists = bundled_metadata(TRAIN_VAL_LIST), bundled_metadata(TEST_LIST)
+    if index is None or not len(index) or None in lists:
+        return None
+    listed = read_list(lists[0]) | read_list(lists[1])
+    return lists if index["image"].isin(listed).all() else None
 
 
 def read_list(path: str | os.PathLike) -> set[str]:
-    """The image names of an official split list (one per line; the NIH files lack a final newline)."""
+    """The image names of an official split list, plain or .gz (one per line; the NIH files lack a final newline)."""
+    path = Path(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise DataError(f"cannot read split list {path}: {exc.strerror or exc}") from None
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read split list {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
@@ -253,16 +287,21 @@ def make_splits(
 ) -> dict[str, pd.DataFrame]:
     """{'train', 'val', 'test'} DataFrames; deterministic given (index, data_dir, val_fraction, seed).
 
-    With the official lists in data_dir, test = test_list and val = a seeded `val_fraction` of train_val's
-    patients. Without them, a seeded patient-wise split (val_fraction, test_fraction of patients) with a warning.
-    Index rows in neither official list are dropped with a warning. Raises DataError if a patient is in two splits.
+    With official lists (official_lists: data_dir's, else the bundled ones for NIH images, with a warning),
+    test = test_list and val = a seeded `val_fraction` of train_val's patients. Without, a seeded patient-wise
+    split (val_fraction, test_fraction of patients) with a warning. Index rows in neither official list are dropped
+    with a warning. Raises DataError if a patient is in two splits.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"the validation fraction must lie strictly between 0 and 1, got {val_fraction}")
     data_dir = Path(data_dir)
-    if has_official_lists(data_dir):
-        train_val_names = read_list(data_dir / TRAIN_VAL_LIST)
-        test_names = read_list(data_dir / TEST_LIST)
+    lists = official_lists(data_dir, index)
+    if lists is not None:
+        if lists[0].parent != data_dir:
+            warnings.warn(f"no {TRAIN_VAL_LIST} / {TEST_LIST} in {data_dir}: using the official NIH split lists "
+                          f"bundled in {lists[0].parent}", stacklevel=2)
+        train_val_names = read_list(lists[0])
+        test_names = read_list(lists[1])
         both = sorted(train_val_names & test_names)
         if both:
             raise DataError(f"{len(both)} image(s) are in both {TRAIN_VAL_LIST} and {TEST_LIST}: {_examples(both)}")
@@ -297,7 +336,7 @@ def split_spec(index: pd.DataFrame, data_dir: str | os.PathLike, val_fraction: f
     """The SplitSpec that make_splits(index, data_dir, val_fraction, seed) + a per-split `limit` follow."""
     entry = index.attrs.get("data_entry")
     digest = hashlib.sha256(Path(entry).read_bytes()).hexdigest() if entry else None
-    return SplitSpec(official=has_official_lists(data_dir), val_fraction=float(val_fraction), seed=int(seed),
+    return SplitSpec(official=has_official_lists(data_dir, index), val_fraction=float(val_fraction), seed=int(seed),
                      limit=limit, data_entry_sha256=digest)
 
 
@@ -312,8 +351,8 @@ def rebuild_splits(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike)
     if spec is None:
         warnings.warn("the checkpoint does not record its split; the default validation fraction 0.1 and seed 0 "
                       "are used, which may not be the split it was trained with", stacklevel=2)
-        spec = SplitSpec(official=has_official_lists(data_dir))
-    official = has_official_lists(data_dir)
+        spec = SplitSpec(official=has_official_lists(data_dir, index))
+    official = has_official_lists(data_dir, index)
     if spec.official != official:
         warnings.warn(f"the checkpoint was trained {'with' if spec.official else 'without'} the official split "
                       f"lists but {data_dir} has {'them' if official else 'none'}: the split differs", stacklevel=2)

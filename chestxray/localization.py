@@ -10,6 +10,7 @@ original and are scaled to the size actually loaded.
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,7 +70,7 @@ class Box:
 
 
 def read_bbox_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read NIH's BBox_List_2017.csv -> DataFrame[image, label, x, y, w, h] (1024-px space, labels as in LABELS).
+    """Read NIH's BBox_List_2017.csv or .csv.gz -> DataFrame[image, label, x, y, w, h] (1024-px space, LABELS names).
 
     The header is `Image Index,Finding Label,Bbox [x,y,w,h],,,` (its brackets split into several fields), so the
     file is read positionally: the first six fields of each row. "Infiltrate" becomes "Infiltration".
@@ -79,7 +80,8 @@ def read_bbox_csv(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise BBoxError(f"bounding-box file not found: {path}")
     rows = []
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    opener = gzip.open if path.suffix == ".gz" else open  # the copy bundled in samples/nih-metadata is gzipped
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0].strip() != "Image Index":

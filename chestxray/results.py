@@ -1,7 +1,9 @@
 """Saved results on disk: RESULTS_DIR/<random id>/ with image.png, heatmaps.npy, result.json, heatmap/<label>.png.
 
 No Flask here: the web views call ResultStore and map ResultNotFound to 404. A result folder is written whole
-(temporary folder + rename), so a reader never sees half a result; only the newest `retention` results are kept.
+(temporary folder + rename), so a reader never sees half a result; the newest `retention` results are kept, but
+never one younger than `min_age` or from the saving request's own batch, and the source holding the most results
+loses its oldest first (so one client cannot flush another's results).
 Each heatmap PNG is rendered on first view from the saved raw maps. The upload itself, its file name and any DICOM
 header are never written: result.json holds Prediction.to_dict() plus the id, the time and the display size.
 """
@@ -14,6 +16,8 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -71,15 +75,17 @@ def default_label(record: dict) -> str:
 class ResultStore:
     """The results folder. Thread- and process-safe by construction: whole-folder renames and atomic file writes."""
 
-    def __init__(self, folder: str | os.PathLike, retention: int) -> None:
+    def __init__(self, folder: str | os.PathLike, retention: int, min_age: float = 0.0) -> None:
         if int(retention) < 1:
             raise ValueError(f"retention must be at least 1, got {retention}")
         self.folder = Path(folder)
         self.retention = int(retention)
+        self.min_age = float(min_age)  # seconds a result is kept whatever the retention
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def save(self, prediction: Prediction) -> dict:
-        """Write <new random id>/ whole (temp folder + rename), then prune to `retention`; returns result.json's record.
+    def save(self, prediction: Prediction, source: str = "", protect: Collection[str] = ()) -> dict:
+        """Write <new random id>/ whole (temp folder + rename), then prune (sparing it and `protect`); returns
+        result.json's record. `source` (an opaque client key) is what retention counts per.
 
         The prediction must carry heatmaps. Raises OSError when the folder cannot be written (nothing is left).
         """
@@ -91,6 +97,7 @@ class ResultStore:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **prediction.to_dict(),
             "display_size": [image.width, image.height],  # image.png; the model's input size is model.image_size
+            "source": source,
         }
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.folder))
         try:
@@ -104,7 +111,7 @@ class ResultStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.prune()
+        self.prune(protect={*protect, record["id"]})
         return record
 
     def load(self, rid: str) -> dict:
@@ -134,8 +141,13 @@ class ResultStore:
         except FileNotFoundError:  # removed by retention while rendering
             raise ResultNotFound("This result has expired.") from None
 
-    def prune(self) -> list[str]:
-        """Delete all but the newest `retention` results (by result.json time) and stale temp folders; returns ids."""
+    def prune(self, protect: Collection[str] = ()) -> list[str]:
+        """Delete results beyond `retention`, and stale temp folders; returns the deleted ids.
+
+        Never deletes a result in `protect` or younger than `min_age`, so the count may exceed `retention` for a
+        while (issue 11: a batch of 20 with retention 5 expired 15 of its own results before the page showed them).
+        Among the others, the source holding the most results loses its oldest first.
+        """
         results, now = [], time.time()
         for entry in os.scandir(self.folder):
             try:
@@ -143,13 +155,28 @@ class ResultStore:
                     if now - entry.stat().st_mtime > STALE_TMP_SECONDS:  # left by a crash mid-write
                         shutil.rmtree(entry.path, ignore_errors=True)
                 elif RESULT_ID.fullmatch(entry.name):
-                    results.append((os.stat(os.path.join(entry.path, "result.json")).st_mtime_ns, entry.name))
+                    path = os.path.join(entry.path, "result.json")
+                    results.append((os.stat(path).st_mtime, entry.name, _source_of(path)))
             except FileNotFoundError:  # removed meanwhile by a concurrent request
                 continue
-        results.sort(reverse=True)
-        removed = [name for _, name in results[self.retention:]]
-        for name in removed:
+        excess = len(results) - self.retention
+        count: dict[str, int] = defaultdict(int)
+        candidates: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for mtime, name, source in results:
+            count[source] += 1
+            if name not in protect and now - mtime >= self.min_age:
+                candidates[source].append((mtime, name))
+        for group in candidates.values():
+            group.sort(reverse=True)  # oldest last, popped first
+        removed = []
+        while excess > 0 and any(candidates.values()):
+            source = max((s for s, group in candidates.items() if group),
+                         key=lambda s: (count[s], -candidates[s][-1][0]))
+            name = candidates[source].pop()[1]
             shutil.rmtree(self.folder / name, ignore_errors=True)
+            removed.append(name)
+            count[source] -= 1
+            excess -= 1
         return removed
 
     def _folder(self, rid: str) -> Path:
@@ -160,6 +187,14 @@ class ResultStore:
     def _expired(self) -> ResultNotFound:
         return ResultNotFound(f"This result does not exist or has expired (only the newest {self.retention} "
                               "results are kept).")
+
+
+def _source_of(result_json: str) -> str:
+    try:
+        with open(result_json) as f:
+            return str(json.load(f).get("source", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def _render_heatmap(folder: Path, record: dict, label: str) -> Path:

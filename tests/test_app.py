@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, NIH_PNG, OTHER_CXR_DIR, ROOT
+from conftest import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
 from flask import Flask
 from PIL import Image
 
@@ -31,7 +31,7 @@ from main import create_app
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
 
 JPEG = OTHER_CXR_DIR / "2c35005f.jpg"  # 2000 px grayscale JPEG
-RGBA_PNG = OTHER_CXR_DIR / "16745_3_1.png"
+RGBA_PNG = NIH_DIR / "images_64" / "00000004_000.png"  # an NIH PNG stored as RGBA
 PHI = ("Zyxwvut^Secretname", "PHI-ID-5550199", "Secret General Hospital")
 UPLOAD_NAME = "upload-name-QWERTY"  # a user-supplied file name that must never reach the disk
 
@@ -132,10 +132,11 @@ def test_import_builds_no_app_or_model(monkeypatch):
 def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_CHECKPOINT", raising=False)
     args = main.get_args_parser().parse_args([])
-    assert (args.host, args.port, args.retention) == ("127.0.0.1", 5000, 200)
-    assert args.checkpoint == str(ROOT / DEFAULT_CHECKPOINT) == main.default_checkpoint()
+    assert (args.host, args.port, args.retention, args.checkpoint, args.no_demo) == ("127.0.0.1", 5000, 200, None,
+                                                                                     False)
+    assert main.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
     monkeypatch.setenv("CXR_CHECKPOINT", str(tmp_path / "env.pth"))
-    assert main.get_args_parser().parse_args([]).checkpoint == str(tmp_path / "env.pth")
+    assert main.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
 
 
 def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):
@@ -161,8 +162,8 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
         def close(self):
             pass
 
-    def create_server(app, host, port, threads, max_request_body_size):
-        served.update(app=app, host=host, port=port, max_body=max_request_body_size)
+    def create_server(app, host, port, threads, max_request_body_size, **options):
+        served.update(app=app, host=host, port=port, max_body=max_request_body_size, options=options)
         return FakeServer()
 
     monkeypatch.setattr(waitress, "create_server", create_server)
@@ -172,6 +173,10 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
     assert served["max_body"] == 2 * 50 * 1024 * 1024  # waitress refuses far larger bodies from their headers
+    # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
+    assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
+    assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5
+    assert served["options"]["connection_limit"] == 500
     app = served["app"]
     assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
     assert app.extensions["chestxray"].predictor is not None
@@ -468,7 +473,7 @@ def test_unknown_heatmap_label_is_404(client):
 
 
 def test_retention_keeps_the_newest_results(make_app):
-    app = make_app(RETENTION=2)
+    app = make_app(RETENTION=2, RESULT_MIN_AGE=0)  # the minimum age is tested in test_hostile_limits.py
     client = app.test_client()
     stale, fresh = results_dir(app) / ".tmp-crashed", results_dir(app) / ".tmp-in-progress"
     stale.mkdir()
@@ -557,7 +562,8 @@ def test_dicom_header_data_is_never_saved_or_shown(make_app, phi_dicom):
             assert secret not in blob
 
 
-def test_concurrent_requests_are_independent(app, tiny_predictor):
+def test_concurrent_requests_are_independent(make_app, tiny_predictor):
+    app = make_app(MAX_ANALYSES=4, ANALYSIS_QUEUE=4)  # 4 at once; the bound itself is tested in test_hostile_limits
     paths = [NIH_PNG, DICOM_MONO2, RGBA_PNG, DICOM_MONO1] * 2
     expected = {p: tiny_predictor.predict(p).probabilities for p in set(paths)}
 
@@ -580,8 +586,11 @@ def test_uploads_stay_in_memory(client, monkeypatch):
         raise AssertionError("an upload was spooled to a temporary file")
 
     monkeypatch.setattr(werkzeug.wrappers.request, "default_stream_factory", spool_to_disk)
-    big = OTHER_CXR_DIR / "b343e657.jpg"  # 1.1 MB, over Werkzeug's 500 KB in-memory limit
-    assert client.post("/api/predict", data=upload(big)).status_code == 200
+    with Image.open(NIH_PNG) as im:  # the real 1024 px PNG stored uncompressed: 1 MB, over Werkzeug's 500 KB limit
+        big = io.BytesIO()
+        im.save(big, "PNG", compress_level=0)
+    assert big.tell() > 1_000_000
+    assert client.post("/api/predict", data=upload(big.getvalue(), "big.png")).status_code == 200
 
 
 # ---------------------------------------------------------------- one JSON shape
@@ -597,8 +606,8 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
     shared = ["labels", "positive", "format", "original_size", "model"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
-    assert set(record) == {*shared, "id", "created", "display_size"}
-    assert set(doc) == {*record, "image", "heatmaps", "result"}  # the API adds the URLs
+    assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
+    assert set(doc) == {*record, "image", "heatmaps", "result"} - {"source"}  # the API adds the URLs
     for key in shared:
         assert line[key] == record[key] == doc[key], key
     assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"/results/{doc['id']}/image.png"

@@ -1,6 +1,7 @@
 """The NIH index, splits, dataset and resized cache, on the real sample and the full metadata files."""
 from __future__ import annotations
 
+import gzip
 import multiprocessing
 import shutil
 import warnings
@@ -10,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import DATA_ENTRY_CSV, shared, shared_path
 
+from chestxray import data
 from chestxray.data import (
     DataError,
     MissingImages,
@@ -67,13 +70,13 @@ def sample_names(nih_dir) -> list[str]:
 
 def test_read_data_entry_sample(nih_dir):
     df = read_data_entry(nih_dir / "labels.csv")
-    assert len(df) == 937
+    assert len(df) == 283
     assert list(df.columns) == ["image", "findings", "patient", "age", "sex", "view", "follow_up"]
     first = df.iloc[0]
     assert (first["image"], first["findings"], first["patient"], first["age"], first["sex"], first["view"],
             first["follow_up"]) == ("00000001_000.png", "Cardiomegaly", 1, 57, "M", "PA", 0)
     assert set(df["sex"]) == {"M", "F"} and set(df["view"]) == {"PA", "AP"}
-    assert df["patient"].nunique() == 498  # the sample README's count
+    assert df["patient"].nunique() == 252  # samples/README.md's count
 
 
 def test_read_data_entry_2017_trailing_column_and_age_suffix(nih_dir, tmp_path):
@@ -86,11 +89,11 @@ def test_read_data_entry_2017_trailing_column_and_age_suffix(nih_dir, tmp_path):
     pd.testing.assert_frame_equal(df, expected)
 
 
-def test_v2020_data_entry_is_found_first_and_parsed_like_the_sample(nih_dir, metadata_dir, tmp_path):
+def test_v2020_data_entry_is_found_first_and_parsed_like_the_sample(nih_dir, tmp_path):
     # The real v2020 file's first rows (its header has commas inside brackets) beside a labels.csv that disagrees:
     # the v2020 file wins, and its rows parse to the same values as the sample's labels.csv rows.
     sample = set(read_data_entry(nih_dir / "labels.csv")["image"])
-    full = (metadata_dir / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    full = gzip.decompress(DATA_ENTRY_CSV.read_bytes()).decode().splitlines()
     lines = [full[0]] + [line for line in full[1:200] if line.split(",")[0] in sample][:5]
     (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "labels.csv").write_text(lines[0] + "\n")
@@ -101,7 +104,8 @@ def test_v2020_data_entry_is_found_first_and_parsed_like_the_sample(nih_dir, met
     pd.testing.assert_frame_equal(df, expected[df.columns], check_dtype=False)
 
 
-def test_find_data_entry_order_and_error(tmp_path):
+def test_find_data_entry_order_and_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BUNDLED_METADATA", tmp_path / "not-bundled")  # tests/test_bundled_metadata.py
     with pytest.raises(DataError, match="expected one of Data_Entry_2017_v2020.csv, Data_Entry_2017.csv, labels.csv"):
         find_data_entry(tmp_path)
     (tmp_path / "labels.csv").write_text("x")
@@ -144,7 +148,13 @@ def test_load_index_finds_images_in_any_layout(nih_dir, tmp_path, sample_names, 
 
 def test_index_covers_the_whole_sample(nih_dir):
     df = load_index(nih_dir)
-    assert len(df) == 937 and df["path"].notna().all()
+    assert len(df) == 283 and df["path"].notna().all()
+
+
+@shared
+def test_index_covers_the_whole_shared_sample():
+    df = load_index(shared_path("nih"))
+    assert len(df) == 937 and df["path"].notna().all() and df["patient"].nunique() == 498
 
 
 def test_missing_images_stop_with_count_or_are_skipped(nih_dir, tmp_path, sample_names):
@@ -185,12 +195,12 @@ def test_targets_parse_findings_in_label_order():
 
 
 @pytest.fixture(scope="module")
-def full_index(metadata_dir) -> pd.DataFrame:
-    return read_data_entry(metadata_dir / "Data_Entry_2017_v2020.csv")
+def full_index() -> pd.DataFrame:
+    return read_data_entry(DATA_ENTRY_CSV)
 
 
-def test_official_split_of_the_full_metadata(full_index, nih_dir):
-    splits = make_splits(full_index, nih_dir, val_fraction=0.1, seed=0)
+def test_official_split_of_the_full_metadata(full_index, official_lists_dir):
+    splits = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=0)
     assert len(splits["train"]) + len(splits["val"]) == 86_524
     assert len(splits["test"]) == 25_596
     patients = {name: set(df["patient"]) for name, df in splits.items()}
@@ -200,20 +210,21 @@ def test_official_split_of_the_full_metadata(full_index, nih_dir):
     n_patients = len(patients["train"] | patients["val"])
     assert abs(len(patients["val"]) / n_patients - 0.1) < 0.01
     # deterministic given (index, data_dir, val_fraction, seed); another seed gives another validation set
-    again = make_splits(full_index, nih_dir, val_fraction=0.1, seed=0)
+    again = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=0)
     assert again["val"]["image"].tolist() == splits["val"]["image"].tolist()
-    other = make_splits(full_index, nih_dir, val_fraction=0.1, seed=1)
+    other = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=1)
     assert set(other["val"]["image"]) != set(splits["val"]["image"])
 
 
-def test_validation_split_is_stable_under_a_subset_of_the_index(full_index, nih_dir):
-    full = make_splits(full_index, nih_dir, seed=3)
+def test_validation_split_is_stable_under_a_subset_of_the_index(full_index, official_lists_dir):
+    full = make_splits(full_index, official_lists_dir, seed=3)
     subset = full_index.sample(frac=0.3, random_state=0)
-    part = make_splits(subset, nih_dir, seed=3)
+    part = make_splits(subset, official_lists_dir, seed=3)
     assert set(part["val"]["image"]) == set(full["val"]["image"]) & set(subset["image"])
 
 
-def test_patient_wise_split_without_lists_warns(full_index, tmp_path):
+def test_patient_wise_split_without_lists_warns(full_index, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BUNDLED_METADATA", tmp_path / "not-bundled")  # else the bundled lists apply
     with pytest.warns(UserWarning, match="patient-wise split"):
         splits = make_splits(full_index, tmp_path, val_fraction=0.1, seed=0)
     assert sum(len(df) for df in splits.values()) == len(full_index)
@@ -223,8 +234,8 @@ def test_patient_wise_split_without_lists_warns(full_index, tmp_path):
     check_patient_disjoint(splits)
 
 
-def test_forced_patient_overlap_is_caught(full_index, nih_dir):
-    splits = make_splits(full_index, nih_dir)
+def test_forced_patient_overlap_is_caught(full_index, official_lists_dir):
+    splits = make_splits(full_index, official_lists_dir)
     leaked = splits["test"].iloc[[0]]
     forced = dict(splits, train=pd.concat([splits["train"], leaked]))
     patient = int(leaked["patient"].iloc[0])
@@ -257,9 +268,10 @@ def test_bad_official_lists(nih_dir, tmp_path):
 
 def test_sample_split_has_empty_test(nih_dir):
     index = load_index(nih_dir)
-    splits = make_splits(index, nih_dir)
+    with pytest.warns(UserWarning, match="official NIH split lists bundled in"):  # samples/nih has no lists
+        splits = make_splits(index, nih_dir)
     assert len(splits["test"]) == 0
-    assert len(splits["train"]) + len(splits["val"]) == 937
+    assert len(splits["train"]) + len(splits["val"]) == 283
 
 
 def test_subsample_is_seeded_and_bounded(nih_dir):
@@ -267,7 +279,7 @@ def test_subsample_is_seeded_and_bounded(nih_dir):
     a, b = subsample(df, 50, seed=1), subsample(df, 50, seed=1)
     assert len(a) == 50 and a["image"].tolist() == b["image"].tolist()
     assert a["image"].tolist() == sorted(a["image"].tolist())  # keeps the index order
-    assert subsample(df, None) is df and len(subsample(df, 10_000)) == 937
+    assert subsample(df, None) is df and len(subsample(df, 10_000)) == 283
     with pytest.raises(DataError, match="at least 1"):
         subsample(df, 0)
 
@@ -351,7 +363,7 @@ def test_dataset_requires_paths(nih_dir):
         XrayDataset(read_data_entry(nih_dir / "labels.csv"), LABELS, lambda x: x)
 
 
-def test_warnings_are_not_raised_for_clean_sample(nih_dir):
+def test_warnings_are_not_raised_for_clean_sample(nih_dir, official_lists_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_splits(load_index(nih_dir), nih_dir)
+        make_splits(load_index(nih_dir), official_lists_dir)  # the sample beside its own official lists

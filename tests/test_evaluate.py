@@ -8,14 +8,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import NIH_DIR, NIH_PNG
+from conftest import BBOX_CSV, NIH_DIR, NIH_PNG
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.labels import LABELS
 from Model_Training import test as evaluation
-from Model_Training import train
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ("predictions.csv", "metrics.json", "per_label.csv", "report.md", "args.json", "roc.png", "pr.png",
@@ -33,16 +32,11 @@ def _run(argv: list[str]) -> int:
     return evaluation.main(evaluation.get_args_parser().parse_args(argv))
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    """ResNet-18 at 64 px, one epoch on 48 sample images (and validated on 48), via train.main."""
-    folder = tmp_path_factory.mktemp("trained")
-    args = train.get_args_parser().parse_args([
-        "--data-dir", str(NIH_DIR), "--image-size", "64", "--epochs", "1", "--no-pretrained", "--device", "cpu",
-        "--arch", "resnet18", "--limit", "48", "--workers", "0", "--no-progress",
-        "--output", str(folder / "small.pth"), "--run-dir", str(folder / "run")])
-    assert train.main(args) == 0
-    return folder / "small.pth"
+@pytest.fixture(scope="session")
+def trained_checkpoint(trained_run):
+    """The session's training run (conftest.trained_run): ResNet-18 at 64 px, 48 training + 21 validation images."""
+    assert trained_run["rc"] == 0, trained_run["err"]
+    return trained_run["best"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def val_run(trained_checkpoint, tmp_path_factory):
     with contextlib.redirect_stdout(console):
         rc = _run(["--checkpoint", str(trained_checkpoint), "--data-dir", str(NIH_DIR), "--split", "val",
                    "--out", str(out), "--bootstrap", "50", "--workers", "0", "--no-progress", "--device", "cpu",
-                   "--bbox-csv", str(NIH_DIR.parent / "nih-metadata" / "BBox_List_2017.csv")])
+                   "--bbox-csv", str(BBOX_CSV)])
     assert rc == 0, console.getvalue()
     return out, console.getvalue()
 
@@ -76,7 +70,7 @@ def test_val_split_is_the_checkpoints_own(val_run, trained_checkpoint):
     metrics = _strict_json(out / "metrics.json")
     _, meta, _ = load_checkpoint(trained_checkpoint)
     # Training validated on exactly these images: same count, same mean AUROC from the same predictions.
-    assert metrics["n_images"] == meta.training["n_val"] == 48
+    assert metrics["n_images"] == meta.training["n_val"] == 21
     assert metrics["mean_auroc"] == pytest.approx(meta.training["val_mean_auroc"], abs=1e-6)
     for name in LABELS:
         assert metrics["per_label"][name]["threshold"] == pytest.approx(meta.thresholds[LABELS.index(name)])
@@ -171,7 +165,7 @@ def test_bad_input_is_a_clear_error(trained_checkpoint, tmp_path, capsys, argv, 
 def boxed_data_dir(tmp_path, metadata_dir):
     """A data folder with real NIH PNGs renamed as NIH boxed images (one Atelectasis, one 'Infiltrate' box) and a
     third, unboxed image, listed in a tiny labels.csv."""
-    boxes = pd.read_csv(metadata_dir / "BBox_List_2017.csv", usecols=[0, 1])
+    boxes = pd.read_csv(BBOX_CSV, usecols=[0, 1])
     boxes.columns = ["image", "label"]
     counts = boxes["image"].value_counts()
     single = boxes[boxes["image"].map(counts) == 1]
@@ -196,7 +190,7 @@ def test_localization_on_boxed_images(trained_checkpoint, boxed_data_dir, metada
     out = tmp_path / "out"
     rc = _run(["--checkpoint", str(trained_checkpoint), "--data-dir", str(data), "--split", "all", "--out", str(out),
                "--bootstrap", "20", "--workers", "0", "--no-progress",
-               "--bbox-csv", str(metadata_dir / "BBox_List_2017.csv")])
+               "--bbox-csv", str(BBOX_CSV)])
     console = capsys.readouterr()
     assert rc == 0, console.err
     loc = _strict_json(out / "metrics.json")["localization"]

@@ -45,10 +45,13 @@ def test_subset_keeps_model_order_and_ignores_other_known_labels():
     assert target.tolist() == [0.0, 1.0]
 
 
-def test_every_row_of_the_full_data_entry_parses(metadata_dir):
+def test_every_row_of_the_full_data_entry_parses():
     import csv
+    import gzip
 
-    with open(metadata_dir / "Data_Entry_2017_v2020.csv", newline="") as f:
+    from conftest import DATA_ENTRY_CSV
+
+    with gzip.open(DATA_ENTRY_CSV, "rt", newline="") as f:
         rows = list(csv.reader(f))[1:]
     targets = np.stack([parse_findings(r[1]) for r in rows])
     assert targets.shape == (112_120, 14)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import NIH_DIR, NIH_PNG
+from conftest import BBOX_CSV, NIH_DIR, NIH_PNG
 
 from chestxray.cam import predict_with_maps, upsample_map
 from chestxray.checkpoint import load_checkpoint
@@ -29,8 +29,8 @@ from chestxray.transforms import preprocess
 NIH_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 
 
-def test_real_bbox_list_parses_all_984_boxes(metadata_dir):
-    boxes = read_bbox_csv(metadata_dir / "BBox_List_2017.csv")
+def test_real_bbox_list_parses_all_984_boxes():
+    boxes = read_bbox_csv(BBOX_CSV)
     assert len(boxes) == 984 and boxes["image"].nunique() == 880
     counts = boxes["label"].value_counts().to_dict()
     assert counts["Infiltration"] == 123 and "Infiltrate" not in counts
@@ -126,8 +126,8 @@ def test_summary_counts_and_accuracy():
 
 @pytest.fixture()
 def boxed_data(tmp_path):
-    """Two real NIH images renamed as two boxed test images: the 1024 px original and a 256 px copy."""
-    small = sorted((NIH_DIR / "images_256").glob("*.png"))[0]
+    """Two real NIH images renamed as two boxed test images: the 1024 px original and a 128 px copy."""
+    small = sorted((NIH_DIR / "images_128").glob("*.png"))[0]
     folder = tmp_path / "data" / "images"
     folder.mkdir(parents=True)
     shutil.copy(NIH_PNG, folder / "00013118_008.png")
@@ -159,15 +159,15 @@ def test_evaluate_localization_on_real_images(boxed_data, tmp_path, monkeypatch)
     assert results[["image", "label"]].values.tolist() == [["00013118_008.png", "Infiltration"],
                                                            ["00014716_007.png", "Atelectasis"]]
     whole, half = results.iloc[0], results.iloc[1]
-    assert (whole["width"], whole["height"]) == (1024, 1024) and (half["width"], half["height"]) == (256, 256)
+    assert (whole["width"], whole["height"]) == (1024, 1024) and (half["width"], half["height"]) == (128, 128)
     assert whole["pointing"] and whole["centre"] and whole["iobb"] == pytest.approx(1.0)
-    # Independent check of the 256 px case: the 1024-space left half is x < 128 in the loaded image.
+    # Independent check of the 128 px case: the 1024-space left half is x < 64 in the loaded image.
     image = read_xray(paths["00014716_007.png"])
     with torch.inference_mode():
         _, maps = predict_with_maps(model, preprocess(meta, image))
-    heat = upsample_map(maps[0, labels.index("Atelectasis")].numpy(), 256, 256)
-    assert half["pointing"] == (peak_point(heat)[0] <= 128)
-    assert half["centre"]  # (128, 128) lies on the half's edge
+    heat = upsample_map(maps[0, labels.index("Atelectasis")].numpy(), 128, 128)
+    assert half["pointing"] == (peak_point(heat)[0] <= 64)
+    assert half["centre"]  # (64, 64) lies on the half's edge
     summary = localization_summary(results, boxes, labels)
     assert summary["boxes_evaluated"] == 2 and summary["images_evaluated"] == 2
     assert summary["labels_not_in_model"] == ["Hernia"] and summary["boxes_not_evaluated"] == 2

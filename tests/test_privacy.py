@@ -15,21 +15,12 @@ import pytest
 from conftest import ROOT
 from flask import Flask
 from flask.testing import FlaskClient
-from hostile import CORPUS, identified_dicom
+from hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
 from test_hostile_web import file_field, multipart, post, serve
 
 from main import create_app
 
-
-def _secrets() -> tuple[str, ...]:
-    ds = identified_dicom()
-    name, birth = str(ds.PatientName), ds.PatientBirthDate
-    given = name.split("^")[1]  # alone, as a formatted name would show it (the 3-letter family name would match noise)
-    return (name, given, ds.PatientID, birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}", ds.AccessionNumber,
-            ds.InstitutionName)
-
-
-SECRETS = _secrets()
+SECRETS = phi_strings()  # name (whole and given part), ID, birth date (2 forms), accession, institution, ...
 PHI_KINDS = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in SECRETS)]
 
 
@@ -128,4 +119,45 @@ def test_a_real_server_console_never_shows_patient_data(tiny_checkpoint, tmp_pat
     console = server.log.read_text(errors="replace")
     assert "Serving the chest X-ray app" in console and not leaks(console)
     for path in server.results.rglob("*"):
+        assert not (path.is_file() and leaks(path.read_bytes())), path
+
+
+CORRUPTED_LENGTH_KINDS = ["DICOM with a corrupted SOPClassUID length",
+                          "DICOM with patient data swallowed into PhotometricInterpretation"]
+
+
+def test_corrupted_length_dicoms_are_among_the_checked_kinds():
+    # Issue 11: a wrong length makes an element's value swallow its neighbours; pydicom then quotes the raw bytes.
+    for kind in CORRUPTED_LENGTH_KINDS:
+        assert kind in PHI_KINDS
+        data = CORPUS[kind].make()
+        assert sum(secret.encode() in data for secret in SECRETS) >= 10
+
+
+def test_train_py_skips_corrupted_dicoms_and_prints_no_patient_data(nih_dir, tmp_path):
+    from test_train import TRAIN_PY, _linked_data
+
+    names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
+    root = _linked_data(nih_dir, tmp_path / "data", names)
+    bad = names[:len(CORRUPTED_LENGTH_KINDS) + 1]
+    for name, data in zip(bad, [*(CORPUS[kind].make() for kind in CORRUPTED_LENGTH_KINDS),
+                                dicom_bytes(identified_dicom())[:600]]):
+        (root / name).unlink()
+        (root / name).write_bytes(data)  # a DICOM under an NIH name: the content decides
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-W", "always", str(TRAIN_PY), "--data-dir", str(root), "--arch", "resnet18",
+         "--image-size", "64", "--epochs", "1", "--no-pretrained", "--device", "cpu", "--batch-size", "4",
+         "--workers", "0", "--no-progress", "--val-fraction", "0.3", "--check-data", "--run-dir", str(run),
+         "--output", str(tmp_path / "x.pth")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"checked {len(names)} images: {len(bad)} unreadable" in result.stdout
+    for name in bad:
+        assert f"cannot read image {name}" in result.stdout
+    assert sorted(line.split("\t")[0] for line in (run / "unreadable.txt").read_text().splitlines()) == bad
+    assert not leaks(result.stdout) and not leaks(result.stderr)
+    for path in run.rglob("*"):
         assert not (path.is_file() and leaks(path.read_bytes())), path

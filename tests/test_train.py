@@ -3,14 +3,12 @@ two-process DDP under torchrun (gloo), unreadable images, clean stops. ResNet-18
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from trainutil import read_history, run_main, small_run
 
+from chestxray import data
 from chestxray.checkpoint import load_checkpoint
 from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, rebuild_splits
 from chestxray.engine import predict_probabilities
@@ -57,24 +56,12 @@ def assert_auroc_matches(meta, probs, y, abs_tol: float) -> None:
     assert meta.training["val_mean_auroc"] == pytest.approx(float(np.nanmean(stored)))
 
 
-@pytest.fixture(scope="module")
-def trained_run(nih_dir, tmp_path_factory):
-    """One in-process training run (2 epochs, 48 + 48 images, with a cache); its outputs are shared."""
-    tmp = tmp_path_factory.mktemp("train")
-    argv = small_run(nih_dir, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
-                     "--cache-dir", str(tmp / "cache"))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = train.main(train.get_args_parser().parse_args(argv))
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "run": tmp / "run", "best": tmp / "best.pth",
-            "cache": tmp / "cache", "argv": argv}
-
-
 def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_dir):
     assert trained_run["rc"] == 0, trained_run["err"]
     out, run = trained_run["out"], trained_run["run"]
     assert "notice: the test split is empty" in out
-    assert "official split: 48 train / 48 val / 0 test" in out
+    assert "official split: 48 train / 21 val / 0 test" in out  # the bundled lists: samples/nih has none
+    assert "using the official NIH split lists bundled in" in trained_run["err"]
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     for line in lines:
@@ -91,7 +78,7 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     assert state["epoch"] == 2 and state["config"] == "args.json" and "args" not in state
     assert {"model", "optimizer", "scaler", "rng", "best_score", "best_epoch"} <= set(state)
     # every train and validation image decoded and resized once into the cache
-    assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 96
+    assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 48 + 21
 
     model, meta, train_info = load_checkpoint(trained_run["best"])
     assert (meta.arch, meta.image_size, meta.labels) == ("resnet18", 64, LABELS)
@@ -99,7 +86,7 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     assert train_info["run_config"] == str(run / "args.json") and "args" not in train_info
     digest = hashlib.sha256((nih_dir / "labels.csv").read_bytes()).hexdigest()
     assert meta.split == SplitSpec(official=True, val_fraction=0.1, seed=0, limit=48, data_entry_sha256=digest)
-    assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 48, "wbce")
+    assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 21, "wbce")
     assert meta.training["epochs"] == state["best_epoch"]
     assert meta.training["data_dir"] == "nih"
     assert all(0.0 <= t <= 1.0 for t in meta.thresholds) and len(meta.thresholds) == 14
@@ -255,11 +242,13 @@ def test_missing_images_stop_unless_allowed(nih_dir, tmp_path, capsys):
     assert rc == 2 and "1 of the 24 images listed in labels.csv are missing" in err and names[3] in err
     rc, out, err = run_main(base + ["--run-dir", str(tmp_path / "b"), "--allow-missing"], capsys)
     assert rc == 0, err
-    assert "warning: skipping 1 of the 24 labelled images" in out and names[3] in out
+    assert "warning: skipping 1 of the 24 labelled images" in err and names[3] in err
     assert (tmp_path / "b" / "missing.txt").read_text().split() == [names[3]]
 
 
-def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_dir, tmp_path, capsys):
+def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(data, "BUNDLED_METADATA", tmp_path / "not-bundled")  # else the bundled lists apply
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:30]
     root = _linked_data(nih_dir, tmp_path / "data", names, lists=False)
     argv = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
@@ -267,7 +256,7 @@ def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_
             "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x.pth")]
     rc, out, err = run_main(argv, capsys)
     assert rc == 0, err
-    assert "warning: no train_val_list.txt / test_list.txt" in out and "seeded patient-wise split" in out
+    assert "warning: no train_val_list.txt / test_list.txt" in err and "seeded patient-wise split" in err
     _, meta, _ = load_checkpoint(tmp_path / "x.pth")
     assert meta.split.official is False
     with pytest.warns(UserWarning, match="patient-wise"):
@@ -297,7 +286,8 @@ def test_missing_pretrained_weights_stop_before_training(nih_dir, tmp_path, caps
     (["--data-dir", "D", "--epochs", "0"], "--epochs must be at least 1"),
     (["--data-dir", "D", "--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
     (["--data-dir", "D", "--device", "cpu", "--amp", "on"], "--amp on needs a CUDA device"),
-    (["--data-dir", "EMPTY", "--device", "cpu", "--arch", "resnet18", "--no-pretrained"], "no label file in"),
+    (["--data-dir", "EMPTY", "--device", "cpu", "--arch", "resnet18", "--no-pretrained"],
+     "none of the 112120 images listed in Data_Entry_2017_v2020.csv.gz"),  # the bundled one: no CSV there
 ])
 def test_bad_input_stops_with_a_clear_error(argv, message, tmp_path, capsys):
     (tmp_path / "EMPTY").mkdir()
