@@ -566,6 +566,7 @@ def test_a_received_image_is_saved_like_an_upload_and_listed_on_the_worklist(web
         # The same saved result as an upload: its page and JSON answer.
         record = store.load(entry.result_id)
         assert [row["label"] for row in record["labels"]] == list(LABELS)
+        assert record["source"] == "dicom-node"  # its own retention source, never an address or a patient
         assert client.get(f"/results/{entry.result_id}").status_code == 200
         assert client.get(f"/api/results/{entry.result_id}").status_code == 200
         assert f'href="/results/{entry.result_id}"' in html
