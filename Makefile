@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-dev browser run test bench
+.PHONY: setup setup-dev browser pacs run test bench
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ setup-dev: $(VENV)/.dev
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
 
+# Debian's Orthanc (a real PACS) and dcmtk (storescu as the X-ray machine) for the PACS tests; the tests start and
+# stop their own Orthanc, so the packaged service is stopped and disabled.
+pacs:
+	@command -v Orthanc >/dev/null 2>&1 && command -v storescu >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc dcmtk && \
+		{ service orthanc stop; update-rc.d orthanc disable; true; } >/dev/null 2>&1; }
+
 run: setup
 	$(PY) main.py $(ARGS)
 
-test: setup-dev browser
+test: setup-dev browser pacs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup-dev

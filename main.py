@@ -23,7 +23,9 @@ from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+import dicom_node
 import views
+import worklist
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
@@ -132,6 +134,7 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.init_app(app)
     csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
     app.register_blueprint(views.bp)
+    app.register_blueprint(worklist.bp)  # /worklist: images from the DICOM node, when main() starts one
     _register_errors(app)
     app.after_request(_security_headers)
     app.after_request(_no_store_for_results)
@@ -250,6 +253,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="seconds a connection may stay silent before it is closed (default: %(default)s)")
     parser.add_argument("--cleanup-interval", type=int, default=5,
                         help="seconds between checks for silent connections (default: %(default)s)")
+    dicom_node.add_arguments(parser)
     return parser
 
 
@@ -311,6 +315,12 @@ def main(args: argparse.Namespace) -> int:
              if state.predictor else "none loaded (see the warning above); predictions answer 503")
     if state.predictor and state.predictor.meta.training.get("demo"):
         model = f"DEMO ({model}; its answers are meaningless; train a real one with: {TRAIN_COMMAND})"
+    try:
+        node = start_dicom_node(app, args)
+    except (ValueError, OSError) as exc:
+        server.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for host, port in listen:
         print(f"Serving the chest X-ray app on http://{f'[{host}]' if ':' in host else host}:{port}/", flush=True)
     print(f"Model: {model}\nNot for clinical use. Press Ctrl+C to stop.", flush=True)
@@ -320,7 +330,24 @@ def main(args: argparse.Namespace) -> int:
         pass
     finally:
         server.close()
+        if node is not None:
+            node.stop()
     return 0
+
+
+def start_dicom_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | None:
+    """Start the DICOM node the --dicom-* flags ask for, sharing the app's model and results store; None without.
+
+    Raises ValueError for bad flags or a missing model, OSError when the port cannot be bound.
+    """
+    if args.dicom_port is None:
+        return None
+    predictor = app.extensions["chestxray"].predictor
+    if predictor is None:
+        raise ValueError("the DICOM node needs a loaded model: " + no_model_message(app.extensions["chestxray"].error))
+    node = dicom_node.node_from_args(args, dicom_node.analyser(predictor, app.extensions["chestxray.results"]))
+    app.extensions["dicom_node"] = node.start()  # logs "DICOM node <AET> listening on <host>:<port>"
+    return node
 
 
 if __name__ == "__main__":
