@@ -1,7 +1,8 @@
 """Export a checkpoint to ONNX: one graph (logits, all-label maps, pooled features) with the checkpoint's metadata.
 
     python Model_Training/export.py --checkpoint CKPT [--out model.onnx]
-    python Model_Training/export.py --checkpoint CKPT --int8 --calibration-dir DIR [--out model.int8.onnx]
+    python Model_Training/export.py --checkpoint CKPT --int8 --calibration-dir DIR [--out model.onnx]
+        (writes model.onnx and model.int8.onnx)
 
 The .onnx file is self-describing (labels, image size, normalisation, thresholds, training record and any other
 data the checkpoint carries are in its metadata); `predictions.py --backend onnx`, main.py and test.py read it.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,9 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", required=True, help="checkpoint written by Model_Training/train.py")
-    add("--out", default=None, help="the .onnx file to write (default: the checkpoint's name with .onnx, or "
-        ".int8.onnx with --int8)")
-    add("--int8", action="store_true", help="write a statically quantized int8 model (default: fp32)")
+    add("--out", default=None, help="the fp32 .onnx file to write (default: the checkpoint's name with .onnx)")
+    add("--int8", action="store_true", help="also write a statically quantized int8 model beside it, named "
+        "*.int8.onnx (default: fp32 only)")
     add("--calibration-dir", default=None, help="images to calibrate int8 on: an NIH data folder (its training "
         "split is used) or any folder of PNG/JPEG/DICOM files (required with --int8)")
     add("--calibration-images", type=int, default=128, help="how many calibration images, a seeded sample "
@@ -76,8 +76,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def default_out(checkpoint: Path, int8: bool) -> Path:
-    return checkpoint.with_suffix(".int8.onnx" if int8 else ".onnx")
+def int8_path(fp32_path: Path) -> Path:
+    """model.onnx -> model.int8.onnx (where --int8 writes)."""
+    return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
 
 
 def calibration_paths(folder: Path, meta: Meta, limit: int, seed: int) -> tuple[list[Path], str]:
@@ -138,35 +139,35 @@ def main(args: argparse.Namespace) -> int:
         model, meta, train = load_checkpoint(checkpoint)
         raw = safe_torch_load(checkpoint)
         extra = {k: v for k, v in raw.items() if k not in CHECKPOINT_KEYS}
-        out = Path(args.out) if args.out else default_out(checkpoint, args.int8)
+        out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
         out.parent.mkdir(parents=True, exist_ok=True)
+        if args.int8:  # find bad calibration input before the export's minute of work
+            paths, description = calibration_paths(Path(args.calibration_dir), meta, args.calibration_images,
+                                                   args.seed)
         torch.manual_seed(args.seed)
         probe = torch.randn(2, 3, meta.image_size, meta.image_size).numpy()
+        export_onnx(model, meta, out, train, extra)
+        diff = compare_with_torch(model, OnnxModel(out, device="cpu"), probe)
+        if diff > FP32_TOLERANCE:
+            out.unlink(missing_ok=True)
+            raise OnnxModelError(f"the export disagrees with PyTorch by {diff:.2e} in probability (limit "
+                                 f"{FP32_TOLERANCE}); it was removed. Report this with your torch/onnx versions")
+        print(f"wrote {out} (fp32, {out.stat().st_size / 1e6:.1f} MB); max |Δprobability| vs PyTorch {diff:.1e} "
+              f"on {len(probe)} random inputs")
         if not args.int8:
-            export_onnx(model, meta, out, train, extra)
-            diff = compare_with_torch(model, OnnxModel(out, device="cpu"), probe)
-            if diff > FP32_TOLERANCE:
-                out.unlink(missing_ok=True)
-                raise OnnxModelError(f"the export disagrees with PyTorch by {diff:.2e} in probability (limit "
-                                     f"{FP32_TOLERANCE}); it was removed. Report this with your torch/onnx versions")
-            print(f"wrote {out} (fp32, {out.stat().st_size / 1e6:.1f} MB); max |Δprobability| vs PyTorch "
-                  f"{diff:.1e} on {len(probe)} random inputs")
             return 0
-        paths, description = calibration_paths(Path(args.calibration_dir), meta, args.calibration_images, args.seed)
         skipped: list[str] = []
-        with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
-            fp32 = Path(tmp) / "fp32.onnx"
-            export_onnx(model, meta, fp32, train, extra)
-            quantize_int8(fp32, out, calibration_batches(paths, meta, args.batch_size, skipped),
-                          per_channel=not args.no_per_channel, exclude_head=not args.quantize_head,
-                          note={"calibration_data": description, "checkpoint": checkpoint.name})
-            diff = compare_with_torch(model, OnnxModel(out, device="cpu"), probe)
+        quantized = int8_path(out)
+        quantize_int8(out, quantized, calibration_batches(paths, meta, args.batch_size, skipped),
+                      per_channel=not args.no_per_channel, exclude_head=not args.quantize_head,
+                      note={"calibration_data": description, "checkpoint": checkpoint.name})
+        diff = compare_with_torch(model, OnnxModel(quantized, device="cpu"), probe)
     except (UsageError, CheckpointError, DataError) as exc:  # OnnxModelError is a CheckpointError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in skipped:
         print(f"skipped unreadable calibration image {line}", file=sys.stderr)
-    print(f"wrote {out} (int8, {out.stat().st_size / 1e6:.1f} MB), calibrated on {description}"
+    print(f"wrote {quantized} (int8, {quantized.stat().st_size / 1e6:.1f} MB), calibrated on {description}"
           f"{f' ({len(skipped)} unreadable skipped)' if skipped else ''}; max |Δprobability| vs PyTorch fp32 "
           f"{diff:.1e} on {len(probe)} random inputs. Check its quality on the validation split before use.")
     return 0
