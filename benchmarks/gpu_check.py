@@ -67,7 +67,7 @@ class Plan:
 
 FULL = Plan(device="cuda", arch="resnet50", image_size=512, images=2048, batch_size=32, workers=12, epochs=3,
             ceiling_steps=40, predict_images=128, web_posts=20, budget_s=450)
-DRY = Plan(device="cpu", arch="resnet18", image_size=64, images=48, batch_size=8, workers=1, epochs=2,
+DRY = Plan(device="cpu", arch="resnet18", image_size=64, images=64, batch_size=8, workers=1, epochs=2,
            ceiling_steps=3, predict_images=8, web_posts=3, budget_s=600)
 
 
@@ -212,9 +212,9 @@ def step_data(plan: Plan, work: Path, step: Step) -> Path:
         k = i % len(arrays)
         # Each copy is shifted by a few pixels so that no two files are identical.
         array = np.roll(arrays[k], shift=(int(rng.integers(-8, 9)), int(rng.integers(-8, 9))), axis=(0, 1))
-        name = f"{90000000 + i // 2:08d}_{i % 2:03d}.png"
+        name = f"{90000000 + i:08d}_000.png"  # one image per patient: the patient-wise split has many to draw
         jobs.append((str(data / "images" / name), np.ascontiguousarray(array)))
-        rows.append(f"{name},{findings[k]},{i % 2},{90000000 + i // 2},50,M,PA,{size},{size},0.143,0.143")
+        rows.append(f"{name},{findings[k]},0,{90000000 + i},50,M,PA,{size},{size},0.143,0.143")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(_write_png, jobs))
     (data / "labels.csv").write_text(NIH_HEADER + "\n" + "\n".join(rows) + "\n")
