@@ -106,23 +106,26 @@ class Runner:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, argv: list[str], timeout: float, label: str) -> tuple[int, str, float]:
-        """(returncode, combined output, seconds); returncode 124 on timeout."""
+    def run(self, argv: list[str], timeout: float, label: str, stdout_only: bool = False) -> tuple[int, str, float]:
+        """(returncode, output, seconds); returncode 124 on timeout. stdout_only: stderr (progress bars) goes to
+        the log alone, so the returned text is the program's stdout."""
         start = time.perf_counter()
         timeout = max(5.0, min(timeout, self.left()))
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE if stdout_only else subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            out, err = proc.communicate()
             rc = 124
         seconds = time.perf_counter() - start
         with self.log_path.open("a") as log:
-            log.write(f"\n===== {label}: rc {rc}, {seconds:.1f} s\n$ {' '.join(argv)}\n{out[-6000:]}\n")
-        return rc, out, seconds
+            log.write(f"\n===== {label}: rc {rc}, {seconds:.1f} s\n$ {' '.join(argv)}\n{out[-6000:]}\n"
+                      f"{(err or '')[-3000:]}\n")
+        return rc, out if not stdout_only or rc == 0 else out + (err or ""), seconds
 
 
 def _tail(text: str, n: int = 3) -> str:
@@ -464,7 +467,7 @@ def step_predictions(plan: Plan, runner: Runner, data: Path, checkpoint: Path, o
             argv += ["--backend", "torch"]
         if has_batch:
             argv += ["--batch-size", "16"]
-        rc, out, seconds = runner.run(argv, 150, f"predictions.py {backend}")
+        rc, out, seconds = runner.run(argv, 150, f"predictions.py {backend}", stdout_only=True)
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         good = rc == 0 and len(lines) == len(images) and all("probabilities" in r for r in lines)
         ok &= good
