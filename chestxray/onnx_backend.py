@@ -306,13 +306,14 @@ class OnnxModel:
 # int8
 
 
-def head_node_names(proto) -> list[str]:
-    """Names of the nodes downstream of the last Conv (the transition layer): LSE pool, classifier, CAM, pooling."""
+def head_node_names(proto, include_transition: bool = False) -> list[str]:
+    """Names of the nodes downstream of the last Conv (the transition layer): LSE pool, classifier, CAM, pooling;
+    with include_transition, that Conv too."""
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     if not convs:
         raise ValueError("the graph has no Conv node; is it a model exported by this tool?")
     produced = set(convs[-1].output)
-    head = []
+    head = [convs[-1].name] if include_transition else []
     for node in proto.graph.node:  # ONNX graphs are topologically sorted
         if any(i in produced for i in node.input):
             head.append(node.name)
@@ -339,7 +340,8 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
-                  per_channel: bool = True, exclude_head: bool = True, note: dict | None = None) -> Path:
+                  per_channel: bool = True, exclude_head: bool = True, float_transition: bool = False,
+                  symmetric_activations: bool = False, note: dict | None = None) -> Path:
     """Static int8 (QDQ, MinMax) of an exported fp32 model, calibrated on `batches`; metadata carried over.
 
     batches: normalised (B, 3, S, S) float32 arrays, e.g. training-split images (never the evaluation data).
@@ -359,17 +361,19 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Shape inference + graph optimisation (folds BatchNorm into Conv) so that each Conv gets one scale set.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        exclude = head_node_names(onnx.load(str(prepared))) if exclude_head else []
+        exclude = head_node_names(onnx.load(str(prepared)), float_transition) if exclude_head else []
+        activations = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
         quantize_static(
             str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=activations, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
         )
         if reader.count == 0:
             raise ValueError("no calibration images: give training-split images to calibrate the int8 model on")
         proto = onnx.load(str(quantized))
     quant = {"method": "onnxruntime quantize_static, QDQ, MinMax", "per_channel": per_channel,
-             "activations": "uint8", "weights": "int8", "float_nodes": exclude, "calibration_images": reader.count,
+             "activations": "int8" if symmetric_activations else "uint8", "weights": "int8",
+             "float_nodes": exclude, "calibration_images": reader.count,
              **(note or {})}
     _set_props(proto, metadata_props(info.meta, info.train, info.extra, "int8", quant))
     check_graph(proto, info.meta, str(out_path))
