@@ -15,22 +15,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .fileio import atomic_write
-from .imaging import InvalidImage, read_xray
+from .imaging import InvalidImage, _read_bytes, read_xray, sniff  # _read_bytes: as Predictor.predict reads a path
 
 
 @dataclass
 class Decoded:
-    """One file after the per-image stage: `inputs` (1, S, S) uint8 and `image` (H, W) float32, or an error."""
+    """One file after the per-image stage: `inputs` (1, S, S) uint8, `image` (H, W) float32 and its `format`
+    (imaging.sniff), or the InvalidImage message."""
 
     index: int
     path: Path
     inputs: torch.Tensor | None = None
     image: np.ndarray | None = None
+    format: str | None = None
     error: str | None = None
 
 
 class DecodedImages(Dataset):
-    """Paths -> Decoded (read_xray + the checkpoint's per-image transform); a bad file becomes its error text."""
+    """Paths -> Decoded, read exactly as Predictor.predict reads a path (sniff by content, then read_xray) plus the
+    checkpoint's per-image transform; a bad file becomes its error text."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform, keep_image: bool = True) -> None:
         self.paths = [Path(p) for p in paths]
@@ -41,12 +44,15 @@ class DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Decoded:
+        path = self.paths[i]
         try:
-            image = read_xray(self.paths[i])
+            data = _read_bytes(path)
+            image_format = sniff(data, path.name)
+            image = read_xray(data)
             inputs = self.transform(image)
         except InvalidImage as exc:
-            return Decoded(i, self.paths[i], error=str(exc))
-        return Decoded(i, self.paths[i], inputs, image if self.keep_image else None)
+            return Decoded(i, path, error=str(exc))
+        return Decoded(i, path, inputs, image if self.keep_image else None, image_format)
 
 
 def _single(item: Decoded) -> Decoded:  # module level: picklable for worker processes
