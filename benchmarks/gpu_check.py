@@ -462,19 +462,22 @@ def step_predictions(plan: Plan, runner: Runner, data: Path, checkpoint: Path, o
                                   if not has_backend else "no ONNX export"))
                 continue
             argv[argv.index(str(checkpoint))] = str(onnx_path)
+            # auto: the CUDA execution provider when this onnxruntime has it, else the CPU one (reported below)
+            argv[argv.index("--device") + 1] = "auto"
             argv += ["--backend", "onnx"]
         elif has_backend:
             argv += ["--backend", "torch"]
         if has_batch:
-            argv += ["--batch-size", "16"]
+            argv += ["--batch-size", "16", "--workers", str(plan.workers)]
         rc, out, seconds = runner.run(argv, 150, f"predictions.py {backend}", stdout_only=True)
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         good = rc == 0 and len(lines) == len(images) and all("probabilities" in r for r in lines)
         ok &= good
         outputs[backend] = lines
-        step.rows.append((f"predictions.py on {plan.device}, backend {backend}",
-                          f"exit code {rc}, {len(lines)}/{len(images)} results, {seconds:.1f} s for the whole "
-                          f"command ({len(images) / seconds:.1f} images/s including start-up)"))
+        ran_on = lines[0].get("model", {}).get("device", "?") if lines else "?"
+        step.rows.append((f"predictions.py, backend {backend}",
+                          f"exit code {rc}, {len(lines)}/{len(images)} results on {ran_on}, {seconds:.1f} s for the "
+                          f"whole command ({len(images) / seconds:.1f} images/s including start-up)"))
         if not good:
             step.notes.append(f"{backend}: {_tail(out)}")
     if len(outputs) == 2 and outputs["torch"] and outputs["onnx"]:
@@ -534,7 +537,7 @@ def step_web(plan: Plan, runner: Runner, data: Path, checkpoint: Path, onnx_path
             if onnx_path is None or "BACKEND" not in inspect.getsource(webapp):
                 step.rows.append(("POST /api/predict, backend onnx", "not available in this version of main.py"))
                 continue
-            config.update(CHECKPOINT=str(onnx_path), BACKEND="onnx")
+            config.update(CHECKPOINT=str(onnx_path), BACKEND="onnx", DEVICE="auto")  # CPU EP if no CUDA EP
         client = webapp.create_app(config).test_client()
         times, codes = [], []
         for i in range(plan.web_posts + 2):
@@ -546,9 +549,10 @@ def step_web(plan: Plan, runner: Runner, data: Path, checkpoint: Path, onnx_path
             codes.append(response.status_code)
         good = all(c == 200 for c in codes)
         ok &= good
-        step.rows.append((f"POST /api/predict on {plan.device}, backend {backend}",
-                          f"median {statistics.median(times) * 1000:.1f} ms over {len(times)} posts, status "
-                          f"codes {sorted(set(codes))}"))
+        ran_on = (response.get_json(silent=True) or {}).get("model", {}).get("device", "?")
+        step.rows.append((f"POST /api/predict, backend {backend}",
+                          f"median {statistics.median(times) * 1000:.1f} ms over {len(times)} posts on {ran_on}, "
+                          f"status codes {sorted(set(codes))}"))
     step.status = "ok" if ok else "FAILED"
 
 

@@ -39,6 +39,8 @@ def test_dry_run_runs_every_step(tmp_path):
     assert re.search(r"training / ceiling \| \*\*[0-9]+%\*\*", report)
     assert "epochs in history.csv after the resume | [1, 2, 3]" in report
     assert "'world_size': 1" in report and "'ddp_steps': 3" in report
-    assert re.search(r"predictions.py on cpu, backend torch \| exit code 0, 8/8 results", report)
-    assert re.search(r"POST /api/predict on cpu, backend torch \| median [0-9.]+ ms over 3 posts, status codes "
-                     r"\[200\]", report)
+    for backend in ("torch", "onnx"):
+        assert re.search(rf"predictions.py, backend {backend} \| exit code 0, 8/8 results on cpu", report)
+        assert re.search(rf"POST /api/predict, backend {backend} \| median [0-9.]+ ms over 3 posts on cpu, status "
+                         r"codes \[200\]", report)
+    assert re.search(r"max \|Δprobability\| torch vs onnx .* \| [0-9.e+-]+ \|", report)
