@@ -351,14 +351,15 @@ class _Calibration:
         self.count += len(batch)
         return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
-    def rewind(self) -> None:  # not needed by MinMax calibration, which reads each batch once
+    def rewind(self) -> None:  # onnxruntime's calibrators read the batches once and never rewind
         raise NotImplementedError
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
                   per_channel: bool = True, exclude_head: bool = True, float_transition: bool = False,
-                  symmetric_activations: bool = False, note: dict | None = None) -> Path:
-    """Static int8 (QDQ, MinMax) of an exported fp32 model, calibrated on `batches`; metadata carried over.
+                  symmetric_activations: bool = False, calibration: str = "minmax", note: dict | None = None) -> Path:
+    """Static int8 (QDQ; MinMax, percentile or entropy calibration) of an exported fp32 model, calibrated on
+    `batches`; metadata carried over.
 
     batches: normalised (B, 3, S, S) float32 arrays, e.g. training-split images (never the evaluation data).
     Raises OnnxModelError for a bad input file, ValueError for no calibration data.
@@ -367,6 +368,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if calibration not in methods:
+        raise ValueError(f"calibration must be one of {sorted(methods)}, got {calibration!r}")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     info = read_onnx_metadata(fp32_path)
     if info.precision != "fp32":
@@ -382,12 +387,12 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         quantize_static(
             str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=activations, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+            calibrate_method=methods[calibration], nodes_to_exclude=exclude,
         )
         if reader.count == 0:
             raise ValueError("no calibration images: give training-split images to calibrate the int8 model on")
         proto = onnx.load(str(quantized))
-    quant = {"method": "onnxruntime quantize_static, QDQ, MinMax", "per_channel": per_channel,
+    quant = {"method": f"onnxruntime quantize_static, QDQ, {calibration}", "per_channel": per_channel,
              "activations": "int8" if symmetric_activations else "uint8", "weights": "int8",
              "float_nodes": exclude, "calibration_images": reader.count,
              **(note or {})}
