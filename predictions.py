@@ -131,6 +131,64 @@ def _usage(args: argparse.Namespace, world_size: int) -> str | None:
     return None
 
 
+def _sinks(stack: ExitStack, args: argparse.Namespace, rank: int, world_size: int, labels):
+    """(JSON-lines file or None, CSV writer or None): stdout for JSON unless a file is named; parts under torchrun."""
+    def open_file(path: str | None):
+        if path is None:
+            return None
+        target = part_path(path, rank) if world_size > 1 else Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return stack.enter_context(target.open("w", newline="", encoding="utf-8"))
+
+    jsonl = open_file(args.jsonl) or (sys.stdout if world_size == 1 else None)
+    csv_file = open_file(args.csv)
+    writer = csv.writer(csv_file) if csv_file is not None else None
+    if writer is not None:
+        writer.writerow(csv_header(labels))
+    return jsonl, writer
+
+
+def _score(predictor: Predictor, images: list[Path], folders: list, args: argparse.Namespace, jsonl, writer,
+           progress) -> int:
+    """Decode (workers), predict (batches) and write every image's record in input order; returns the failures."""
+    want_maps = args.out is not None and args.heatmaps != "none"
+    failed = 0
+    for batch in batched(decode_in_order(images, predictor.transform, args.workers), args.batch_size):
+        good = [d for d in batch if d.error is None]
+        preds = iter(predictor.predict_batch([d.image for d in good], want_maps, [d.format for d in good],
+                                             torch.stack([d.inputs for d in good])) if good else [])
+        for d in batch:
+            if d.error is not None:
+                failed += 1
+                record = {"image": str(d.path), "error": d.error}
+            else:
+                record = _record(next(preds), d.path, folders[d.index], args.heatmaps)
+            if jsonl is not None:
+                jsonl.write(dumps_json(record) + "\n")
+                jsonl.flush()
+            if writer is not None:
+                writer.writerow(csv_row(record, predictor.labels))
+        if progress is not None:
+            progress.update(len(batch))
+    return failed
+
+
+def _merge_ranks(args: argparse.Namespace, rank: int, world_size: int, failed: int) -> int:
+    """Under torchrun: wait for every rank, rank 0 merges the parts in rank (= input) order; the total failures."""
+    import torch.distributed as dist
+
+    failures = torch.tensor([failed])
+    dist.all_reduce(failures)  # every rank's exit code reports a failure anywhere
+    dist.barrier()
+    if rank == 0:
+        for path, header_lines in ((args.jsonl, 0), (args.csv, 1)):
+            if path:
+                merge_parts(path, world_size, header_lines=header_lines)
+    dist.barrier()
+    dist.destroy_process_group()
+    return int(failures.item())
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the CLI; returns the exit code (0 all good, 1 some image failed, 2 no usable checkpoint/bad arguments)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -150,66 +208,27 @@ def main(args: argparse.Namespace) -> int:
     if not images:
         print("error: no PNG, JPEG or DICOM files found in the given paths", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else None
-    want_maps = out is not None and args.heatmaps != "none"
     # Overlay folders are named over the whole list first, so every rank names them as one process would.
     used: set[str] = set()
-    folders = [_heatmap_dir(out, path, used) if want_maps else None for path in images]
+    folders = [_heatmap_dir(Path(args.out), path, used) if args.out and args.heatmaps != "none" else None
+               for path in images]
     start, stop = shard_bounds(len(images), rank, world_size)
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")  # only for the barrier before the merge; the models do not communicate
-    failed = 0
+        dist.init_process_group("gloo")  # for the barrier before the merge only; the models do not communicate
     progress = None
     if rank == 0 and (len(images) > 1 or any(Path(p).is_dir() for p in args.paths)):
         from tqdm import tqdm
 
         progress = tqdm(total=stop - start, unit="img", file=sys.stderr)
     with ExitStack() as stack:
-        def sink(path: str | None):
-            if path is None:
-                return None
-            target = part_path(path, rank) if world_size > 1 else Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            return stack.enter_context(target.open("w", newline="", encoding="utf-8"))
-
-        jsonl = sink(args.jsonl) or (sys.stdout if not args.csv or world_size == 1 else None)
-        csv_file = sink(args.csv)
-        writer = csv.writer(csv_file) if csv_file is not None else None
-        if writer is not None:
-            writer.writerow(csv_header(predictor.labels))
-        decoded = decode_in_order(images[start:stop], predictor.transform, args.workers)
-        for batch in batched(decoded, args.batch_size):
-            good = [d for d in batch if d.error is None]
-            preds = iter(predictor.predict_batch([d.image for d in good], want_maps, [d.format for d in good],
-                                                 torch.stack([d.inputs for d in good])) if good else [])
-            for d in batch:
-                if d.error is not None:
-                    failed += 1
-                    record = {"image": str(d.path), "error": d.error}
-                else:
-                    record = _record(next(preds), d.path, folders[start + d.index], args.heatmaps)
-                if jsonl is not None:
-                    jsonl.write(dumps_json(record) + "\n")
-                    jsonl.flush()
-                if writer is not None:
-                    writer.writerow(csv_row(record, predictor.labels))
-            if progress is not None:
-                progress.update(len(batch))
+        jsonl, writer = _sinks(stack, args, rank, world_size, predictor.labels)
+        failed = _score(predictor, images[start:stop], folders[start:stop], args, jsonl, writer, progress)
     if progress is not None:
         progress.close()
     if world_size > 1:
-        failures = torch.tensor([failed])
-        dist.all_reduce(failures)  # every rank's exit code reports a failure anywhere
-        failed = int(failures.item())
-        dist.barrier()
-        if rank == 0:
-            for path, header in ((args.jsonl, 0), (args.csv, 1)):
-                if path:
-                    merge_parts(path, world_size, header_lines=header)
-        dist.barrier()
-        dist.destroy_process_group()
+        failed = _merge_ranks(args, rank, world_size, failed)
     return 1 if failed else 0
 
 
