@@ -237,8 +237,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> OnnxMetadata:
     return info
 
 
-def onnx_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for 'auto' | 'cpu' | 'cuda'; raises RuntimeError for cuda without its EP."""
+def onnx_providers(device: str = "auto") -> list:
+    """ONNX Runtime execution providers for 'auto' | 'cpu' | 'cuda[:N]'; raises RuntimeError for cuda without its
+    EP."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -251,7 +252,8 @@ def onnx_providers(device: str = "auto") -> list[str]:
                 "--device cuda with the onnx backend needs onnxruntime's CUDA execution provider and a GPU; this "
                 f"onnxruntime offers {available} (install onnxruntime-gpu instead of onnxruntime), "
                 f"torch.cuda.is_available() is {torch.cuda.is_available()}. Use --device cpu, or --backend torch")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        index = int(device.split(":", 1)[1]) if ":" in device else 0  # one GPU per rank under torchrun
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     if device != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return ["CPUExecutionProvider"]
