@@ -68,7 +68,7 @@ class Plan:
 FULL = Plan(device="cuda", arch="resnet50", image_size=512, images=2048, batch_size=32, workers=12, epochs=3,
             ceiling_steps=40, predict_images=128, web_posts=20, budget_s=450)
 DRY = Plan(device="cpu", arch="resnet18", image_size=64, images=64, batch_size=8, workers=1, epochs=2,
-           ceiling_steps=3, predict_images=8, web_posts=3, budget_s=600)
+           ceiling_steps=3, predict_images=8, web_posts=3, budget_s=1200)  # generous: CPUs are often shared
 
 
 @dataclass
