@@ -198,3 +198,24 @@ def test_web_app_serves_the_onnx_backend(exported, tmp_path):
     probs = {b: [item["probability"] for item in answers[b]["labels"]] for b in answers}
     assert np.abs(np.subtract(probs["torch"], probs["onnx"])).max() <= 1e-4
     assert answers["onnx"]["model"]["backend"] == "onnx (fp32)"
+
+
+def test_evaluation_on_the_onnx_backend_matches_torch(exported, tmp_path):
+    import pandas as pd
+
+    import Model_Training.test as evaluation
+
+    frames = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        argv = ["--checkpoint", str(exported), "--data-dir", str(NIH_DIR), "--split", "val", "--limit", "12",
+                "--bootstrap", "10", "--device", "cpu", "--workers", "0", "--no-progress", "--backend", backend,
+                "--out", str(out)]
+        assert evaluation.main(evaluation.get_args_parser().parse_args(argv)) == 0
+        frames[backend] = pd.read_csv(out / "predictions.csv")
+        assert json.loads((out / "metrics.json").read_text())["run"]["backend"] == backend
+    torch_f, onnx_f = frames["torch"], frames["onnx"]
+    assert list(torch_f["image"]) == list(onnx_f["image"])
+    prob_cols = [c for c in torch_f.columns if c.endswith("_prob")]
+    assert prob_cols
+    assert np.abs(torch_f[prob_cols].to_numpy() - onnx_f[prob_cols].to_numpy()).max() <= 1e-4
