@@ -83,17 +83,17 @@ def default_checkpoint() -> str:
     return os.environ.get("CXR_CHECKPOINT") or str(ROOT / DEFAULT_CHECKPOINT)
 
 
-def load_model(checkpoint: str, device: str = "auto") -> ModelState:
+def load_model(checkpoint: str, device: str = "auto", backend: str = "torch") -> ModelState:
     """Build the Predictor once; a missing or broken checkpoint gives a state with no predictor and its error."""
     try:
-        return ModelState(Predictor.from_checkpoint(checkpoint, device=device), checkpoint)
+        return ModelState(Predictor.from_checkpoint(checkpoint, device=device, backend=backend), checkpoint)
     except (CheckpointError, RuntimeError) as exc:
         return ModelState(None, checkpoint, str(exc))
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, RESULT_MIN_AGE, MAX_FILES,
-    MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY.
+    """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), RESULTS_DIR, RETENTION, RESULT_MIN_AGE,
+    MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY.
 
     Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES.
     """
@@ -102,6 +102,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(
         CHECKPOINT=None,
         DEVICE="auto",
+        BACKEND="torch",
         RESULTS_DIR=str(ROOT / "static" / "results"),
         RETENTION=200,
         RESULT_MIN_AGE=600,  # seconds: a younger result is never pruned, so no one can flush another's new results
@@ -123,7 +124,7 @@ def create_app(config: dict | None = None) -> Flask:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
 
-    state = load_model(str(app.config["CHECKPOINT"]), app.config["DEVICE"])
+    state = load_model(str(app.config["CHECKPOINT"]), app.config["DEVICE"], app.config["BACKEND"])
     if state.error:
         log.warning(no_model_message(state.error))
     app.extensions["chestxray"] = state
@@ -254,6 +255,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cleanup-interval", type=int, default=5,
                         help="seconds between checks for silent connections (default: %(default)s)")
     dicom_node.add_arguments(parser)
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the .onnx "
+                        "beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
     return parser
 
 
@@ -290,6 +294,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app({
         "CHECKPOINT": args.checkpoint,
         "DEVICE": args.device,
+        "BACKEND": args.backend,
         "RESULTS_DIR": args.results_dir,
         "RETENTION": args.retention,
         "RESULT_MIN_AGE": args.min_age,

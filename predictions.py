@@ -1,23 +1,35 @@
 """Predict chest X-rays from the command line: probabilities, positive calls and heatmap overlays per image.
 
     python predictions.py PATH [PATH ...] --checkpoint CKPT [--out DIR] [--heatmaps all|positive|none]
+        [--backend torch|onnx] [--batch-size 16] [--workers 2] [--jsonl FILE] [--csv FILE]
+    torchrun --nproc_per_node N predictions.py PATH ... --jsonl FILE [--csv FILE]   (--nnodes for several machines)
 
-prints one JSON object per image on its own line: Prediction.to_dict() (the shape the web API answers) plus
-"image" (its path) and, with --out, "heatmaps" ({label: overlay PNG path}); a refused image gets
-{"image": PATH, "error": MESSAGE}. Exit code 1 if any image failed, 2 without a usable checkpoint.
+prints one JSON object per image on its own line (to stdout, or to --jsonl FILE): Prediction.to_dict() (the shape
+the web API answers) plus "image" (its path) and, with --out, "heatmaps" ({label: overlay PNG path}); a refused
+image gets {"image": PATH, "error": MESSAGE}. --csv FILE adds one row per image: path, in_scope, every
+probability, the positive calls (or the error). Files are decoded by --workers DataLoader processes and predicted
+--batch-size at a time; the output is in input order and the same as one image at a time.
+Under torchrun each rank scores one contiguous block of the sorted file list and writes its part beside the output
+file; rank 0 merges the parts into the output in input order.
+Exit code 1 if any image failed, 2 without a usable checkpoint or for bad arguments.
 The inference itself lives in chestxray.predictor (Predictor is re-exported here).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+
+import torch
 
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
-from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_bytes
-from chestxray.predictor import Prediction, Predictor
+from chestxray.imaging import IMAGE_SUFFIXES
+from chestxray.predictor import BACKENDS, Prediction, Predictor
+from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
 
 __all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
 
@@ -53,6 +65,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-file-mb", type=float, default=50,
                         help="largest image file read, per image, as the web app's upload limit; a larger one gets "
                              "an error line (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the "
+                        ".onnx beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes decoding the files; 0 = in the main process (default: %(default)s)")
+    parser.add_argument("--jsonl", default=None, help="write the JSON lines to this file instead of stdout "
+                        "(required under torchrun, with or instead of --csv) (default: stdout)")
+    parser.add_argument("--csv", default=None, help="also write one CSV row per image to this file "
+                        "(default: none)")
     return parser
 
 
@@ -68,16 +90,10 @@ def _heatmap_dir(out: Path, image: Path, used: set[str]) -> Path:
     return out / name
 
 
-def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str, used: set[str],
-                 max_bytes: int) -> dict:
-    """to_dict() of one image, plus "heatmaps" {label: overlay PNG path} when `out` is given. Raises InvalidImage."""
-    want_maps = out is not None and which != "none"
-    # The web app's limits, per image: the file size here (a 12 GB sparse file is never read), the pixel budgets in
-    # read_xray (issue 11).
-    pred = predictor.predict(read_bytes(path, max_bytes), heatmaps=want_maps, filename=path.name)
-    record = pred.to_dict()
-    if want_maps:
-        folder = _heatmap_dir(out, path, used)  # made by atomic_write with the first overlay
+def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> dict:
+    """{"image": path, **to_dict()}, plus "heatmaps" {label: overlay PNG path} when `folder` is given."""
+    record = {"image": str(path), **pred.to_dict()}
+    if folder is not None:
         record["heatmaps"] = {}
         for label in pred.labels if which == "all" else pred.positive:
             image = pred.overlay(label)
@@ -86,10 +102,109 @@ def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str,
     return record
 
 
+def _in_scope(record: dict):
+    # The in-scope verdict, where the Prediction carries one (the trust work adds it to to_dict).
+    scope = record.get("scope")
+    if isinstance(scope, dict) and "in_scope" in scope:
+        return scope["in_scope"]
+    return record.get("in_scope", "")
+
+
+def csv_header(labels) -> list[str]:
+    """The --csv columns: path, in_scope, one probability per label (model order), positive calls, error."""
+    return ["path", "in_scope", *labels, "positive", "error"]
+
+
+def csv_row(record: dict, labels) -> list:
+    if "error" in record:
+        return [record["image"], "", *([""] * len(labels)), "", record["error"]]
+    probs = {item["label"]: item["probability"] for item in record["labels"]}
+    return [record["image"], _in_scope(record), *(f"{probs[name]:.6f}" for name in labels),
+            "|".join(record["positive"]), ""]
+
+
+def _usage(args: argparse.Namespace, world_size: int) -> str | None:
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.workers < 0:
+        return f"--workers must be 0 or more, got {args.workers}"
+    if world_size > 1 and not (args.jsonl or args.csv):
+        return ("under torchrun give --jsonl FILE (and/or --csv FILE): each rank writes its part and rank 0 merges "
+                "them in input order; several ranks cannot share stdout")
+    return None
+
+
+def _sinks(stack: ExitStack, args: argparse.Namespace, rank: int, world_size: int, labels):
+    """(JSON-lines file or None, CSV writer or None): stdout for JSON unless a file is named; parts under torchrun."""
+    def open_file(path: str | None):
+        if path is None:
+            return None
+        target = part_path(path, rank) if world_size > 1 else Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return stack.enter_context(target.open("w", newline="", encoding="utf-8"))
+
+    jsonl = open_file(args.jsonl) or (sys.stdout if world_size == 1 else None)
+    csv_file = open_file(args.csv)
+    writer = csv.writer(csv_file) if csv_file is not None else None
+    if writer is not None:
+        writer.writerow(csv_header(labels))
+    return jsonl, writer
+
+
+def _score(predictor: Predictor, images: list[Path], folders: list, args: argparse.Namespace, jsonl, writer,
+           progress) -> int:
+    """Decode (workers), predict (batches) and write every image's record in input order; returns the failures."""
+    want_maps = args.out is not None and args.heatmaps != "none"
+    failed = 0
+    decoded = decode_in_order(images, predictor.transform, args.workers, max_bytes=int(args.max_file_mb * 2**20))
+    for batch in batched(decoded, args.batch_size):
+        good = [d for d in batch if d.error is None]
+        preds = iter(predictor.predict_batch([d.image for d in good], want_maps, [d.format for d in good],
+                                             torch.stack([d.inputs for d in good])) if good else [])
+        for d in batch:
+            if d.error is not None:
+                failed += 1
+                record = {"image": str(d.path), "error": d.error}
+            else:
+                record = _record(next(preds), d.path, folders[d.index], args.heatmaps)
+            if jsonl is not None:
+                jsonl.write(dumps_json(record) + "\n")
+                jsonl.flush()
+            if writer is not None:
+                writer.writerow(csv_row(record, predictor.labels))
+        if progress is not None:
+            progress.update(len(batch))
+    return failed
+
+
+def _merge_ranks(args: argparse.Namespace, rank: int, world_size: int, failed: int) -> int:
+    """Under torchrun: wait for every rank, rank 0 merges the parts in rank (= input) order; the total failures."""
+    import torch.distributed as dist
+
+    failures = torch.tensor([failed])
+    dist.all_reduce(failures)  # every rank's exit code reports a failure anywhere
+    dist.barrier()
+    if rank == 0:
+        for path, header_lines in ((args.jsonl, 0), (args.csv, 1)):
+            if path:
+                merge_parts(path, world_size, header_lines=header_lines)
+    dist.barrier()
+    dist.destroy_process_group()
+    return int(failures.item())
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run the CLI; returns the exit code (0 all good, 1 some image failed, 2 no usable checkpoint)."""
+    """Run the CLI; returns the exit code (0 all good, 1 some image failed, 2 no usable checkpoint/bad arguments)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    problem = _usage(args, world_size)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    device = args.device
+    if world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank on each machine
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, backend=args.backend)
     except (CheckpointError, RuntimeError) as exc:
         print(f"error: {exc}\nTrain a model with: {TRAIN_COMMAND}\nor point at one with --checkpoint", file=sys.stderr)
         return 2
@@ -97,26 +212,27 @@ def main(args: argparse.Namespace) -> int:
     if not images:
         print("error: no PNG, JPEG or DICOM files found in the given paths", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else None
+    # Overlay folders are named over the whole list first, so every rank names them as one process would.
     used: set[str] = set()
-    failed = 0
+    folders = [_heatmap_dir(Path(args.out), path, used) if args.out and args.heatmaps != "none" else None
+               for path in images]
+    start, stop = shard_bounds(len(images), rank, world_size)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # for the barrier before the merge only; the models do not communicate
     progress = None
-    if len(images) > 1 or any(Path(p).is_dir() for p in args.paths):
+    if rank == 0 and (len(images) > 1 or any(Path(p).is_dir() for p in args.paths)):
         from tqdm import tqdm
 
-        progress = tqdm(total=len(images), unit="img", file=sys.stderr)
-    for path in images:
-        try:
-            record = {"image": str(path), **_predict_one(predictor, path, out, args.heatmaps, used,
-                                                         int(args.max_file_mb * 2**20))}
-        except InvalidImage as exc:
-            failed += 1
-            record = {"image": str(path), "error": str(exc)}
-        print(dumps_json(record), flush=True)
-        if progress is not None:
-            progress.update(1)
+        progress = tqdm(total=stop - start, unit="img", file=sys.stderr)
+    with ExitStack() as stack:
+        jsonl, writer = _sinks(stack, args, rank, world_size, predictor.labels)
+        failed = _score(predictor, images[start:stop], folders[start:stop], args, jsonl, writer, progress)
     if progress is not None:
         progress.close()
+    if world_size > 1:
+        failed = _merge_ranks(args, rank, world_size, failed)
     return 1 if failed else 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader
 
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint
@@ -46,6 +47,8 @@ from chestxray.localization import (
 )
 from chestxray.meta import SplitSpec
 from chestxray.metrics import evaluate_predictions
+from chestxray.onnx_backend import OnnxLogits
+from chestxray.predictor import Predictor
 from chestxray.report import (
     per_label_frame,
     per_label_rows,
@@ -85,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the bootstrap and of --limit's sample (default: %(default)s)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CUDA when available "
         "(default: %(default)s)")
+    add("--backend", choices=("torch", "onnx"), default="torch", help="torch, or onnx: ONNX Runtime on the export "
+        "of --checkpoint (a .onnx file, or the .onnx beside the checkpoint) (default: %(default)s)")
     add("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes "
         "(default: %(default)s)")
@@ -202,9 +207,15 @@ def _log(*parts) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _check_args(args)
-    device = resolve_device(args.device)
-    model, meta, _ = load_checkpoint(args.checkpoint, map_location="cpu")
-    model = model.to(device)
+    if args.backend == "onnx":
+        if args.bbox_csv:
+            raise UsageError("--bbox-csv (heatmap localization) runs on --backend torch; drop one of them")
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend="onnx")
+        model, meta, device = OnnxLogits(predictor.onnx), predictor.meta, torch.device("cpu")  # ORT takes host arrays
+    else:
+        device = resolve_device(args.device)
+        model, meta, _ = load_checkpoint(args.checkpoint, map_location="cpu")
+        model = model.to(device)
     data_dir = Path(args.data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -234,7 +245,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         "threshold_source": (f"max {'F1' if rule == 'f1' else rule} on the validation split" if rule
                              else "as stored in the checkpoint"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": str(device), "unreadable": unreadable, "notes": notes,
+        "device": str(device) if args.backend == "torch" else f"onnxruntime {predictor.onnx.providers[0]}",
+        "backend": args.backend, "unreadable": unreadable, "notes": notes,
         "training": {k: meta.training.get(k) for k in ("data", "epochs", "val_mean_auroc", "date", "commit")},
     }
     metrics["run"] = context

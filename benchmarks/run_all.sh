@@ -9,4 +9,8 @@ $PY benchmarks/bench_cache.py
 $PY benchmarks/bench_load.py
 $PY benchmarks/bench_load.py --healthz-run
 $PY benchmarks/bench_memory.py
+$PY benchmarks/bench_cpu.py
+$PY benchmarks/bench_batch.py
+$PY benchmarks/bench_web.py --backend onnx --out benchmarks/results/web-onnx.md
+# int8 gate needs a trained checkpoint: $PY benchmarks/int8_gate.py --checkpoint CKPT --data-dir DIR
 $PY benchmarks/collect.py

@@ -146,7 +146,6 @@ def read_bytes(source: Source, max_bytes: int | None = None) -> bytes:
     return data
 
 
-_read_bytes = read_bytes  # the name chestxray.predictor imports
 
 
 def _check_bytes(size: int, max_bytes: int) -> None:

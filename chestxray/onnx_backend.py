@@ -1,0 +1,403 @@
+"""ONNX Runtime backend: export the model as one graph with its checkpoint's metadata, load it back checked, run it.
+
+The graph takes the normalised batch (B, 3, S, S) float32 (transforms.py's two stages, unchanged) and returns, from
+one pass:
+  logits (B, L)        the model's output, before the sigmoid
+  maps   (B, L, h, w)  the raw all-label class activation maps, exactly cam.class_activation_maps
+  pooled (B, C)        the transition features averaged over (h, w): the vector the in-scope check compares
+The checkpoint's `meta` (and its training record and any other plain data it carries) travels in the model's
+metadata_props as JSON, so the .onnx file is self-describing: nothing downstream re-declares a size, a label list
+or a threshold. Loading refuses a file without that metadata, or whose graph does not match it, with the same kind
+of error as the checkpoint contract (OnnxModelError is a CheckpointError).
+
+int8 (quantize_int8) is ONNX Runtime's static quantization in QDQ form, calibrated on images the caller chooses
+(training-split images: calibrating on the validation split would flatter the quality gate); the head (LSE pool,
+classifier, CAM einsum, pooling) stays float so the maps and the in-scope vector are computed in float.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cam import class_activation_maps
+from .checkpoint import CheckpointError, Meta
+from .fileio import atomic_write, to_json_data
+from .model import TRANSITION_CHANNELS, ChestXrayNet
+
+ONNX_FORMAT = 1  # bump when the graph's inputs/outputs or the metadata keys change
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "maps", "pooled")
+OPSET = 18
+# metadata_props keys (all values are strings; the JSON ones are strict JSON)
+KEY_FORMAT = "chestxray.format"
+KEY_META = "chestxray.meta"
+KEY_TRAIN = "chestxray.train"
+KEY_EXTRA = "chestxray.extra"
+KEY_PRECISION = "chestxray.precision"
+KEY_QUANTIZATION = "chestxray.quantization"
+PRECISIONS = ("fp32", "int8")
+EXPORT_COMMAND = "python Model_Training/export.py --checkpoint CKPT --out model.onnx"
+
+
+class OnnxModelError(CheckpointError):
+    """An .onnx file that is not a loadable model of this tool; the message names the problem and the fix."""
+
+
+class _ExportGraph(nn.Module):
+    """The exported computation: x (B, 3, S, S) -> (logits (B, L), maps (B, L, h, w), pooled (B, C))."""
+
+    def __init__(self, model: ChestXrayNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return (self.model.head(features), class_activation_maps(self.model, features),
+                features.float().mean(dim=(2, 3)))
+
+
+def _plain(obj: Any) -> Any:
+    """Plain JSON data, tensors included (a checkpoint's extra entries may hold small tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return to_json_data(obj)
+
+
+def metadata_props(meta: Meta, train: dict | None = None, extra: dict | None = None, precision: str = "fp32",
+                   quantization: dict | None = None) -> dict[str, str]:
+    """The metadata_props that make an .onnx file self-describing: {key: JSON or plain string}."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    props = {
+        KEY_FORMAT: str(ONNX_FORMAT),
+        KEY_META: json.dumps(_plain(meta.to_dict()), allow_nan=False, sort_keys=True),
+        KEY_TRAIN: json.dumps(_plain(train or {}), allow_nan=False, sort_keys=True),
+        KEY_EXTRA: json.dumps(_plain(extra or {}), allow_nan=False, sort_keys=True),
+        KEY_PRECISION: precision,
+    }
+    if quantization is not None:
+        props[KEY_QUANTIZATION] = json.dumps(_plain(quantization), allow_nan=False, sort_keys=True)
+    return props
+
+
+def _set_props(proto, props: dict[str, str]) -> None:
+    import onnx
+
+    keep = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in props.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def _save_proto(proto, path: Path) -> Path:
+    # One file, written atomically; a ResNet-50 is ~100 MB, far below protobuf's 2 GB single-file limit.
+    return atomic_write(path, proto.SerializeToString())
+
+
+def export_onnx(model: ChestXrayNet, meta: Meta, path: str | os.PathLike, train: dict | None = None,
+                extra: dict | None = None, opset: int = OPSET) -> Path:
+    """Export `model` (CPU, float32) as one ONNX graph with dynamic batch and meta.image_size inputs; returns path.
+
+    Written atomically. Raises ValueError if the model does not match `meta` (label count, transition width).
+    """
+    import onnx
+
+    if model.classifier.out_features != len(meta.labels):
+        raise ValueError(f"the model has {model.classifier.out_features} outputs but meta lists "
+                         f"{len(meta.labels)} labels")
+    graph = _ExportGraph(model.float().cpu()).eval()
+    size = int(meta.image_size)
+    example = torch.zeros(2, 3, size, size)
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent if path.parent.exists() else None) as tmp:
+        raw = Path(tmp) / "graph.onnx"
+        # The dynamo-based exporter (torch's supported path; the TorchScript one is deprecated). Batch is dynamic;
+        # the spatial size is fixed by meta.image_size, which lets ONNX Runtime plan every convolution ahead.
+        program = torch.onnx.export(
+            graph, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            verbose=False,
+        )
+        program.save(str(raw), external_data=False)
+        proto = onnx.load(str(raw))
+    model.eval()  # export may toggle training mode on the wrapped modules; leave the caller's model in eval
+    proto.producer_name = "chestxray"
+    _set_props(proto, metadata_props(meta, train, extra))
+    onnx.checker.check_model(proto)
+    return _save_proto(proto, path)
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """What an exported file says about itself (parsed from metadata_props)."""
+
+    meta: Meta
+    train: dict = field(hash=False)
+    extra: dict = field(hash=False)
+    precision: str = "fp32"
+    quantization: dict | None = field(default=None, hash=False)
+
+
+def parse_metadata(props: dict[str, str], source: str = "the ONNX model") -> OnnxMetadata:
+    """metadata_props {key: value} -> OnnxMetadata; raises OnnxModelError for missing, malformed or foreign data."""
+    if KEY_FORMAT not in props or KEY_META not in props:
+        raise OnnxModelError(
+            f"{source} carries no chestxray metadata (keys {KEY_FORMAT!r}, {KEY_META!r}): it was not exported by "
+            f"this tool, so its labels, image size and normalisation are unknown. Export it with: {EXPORT_COMMAND}")
+    if props[KEY_FORMAT] != str(ONNX_FORMAT):
+        raise OnnxModelError(f"{source} has ONNX export format {props[KEY_FORMAT]!r}; this version reads format "
+                             f"{ONNX_FORMAT}. Export it again with: {EXPORT_COMMAND}")
+
+    def _json(key: str, default: Any) -> Any:
+        if key not in props:
+            return default
+        try:
+            return json.loads(props[key])
+        except json.JSONDecodeError as exc:
+            raise OnnxModelError(f"{source}: metadata {key!r} is not valid JSON ({exc.msg} at {exc.pos})") from None
+
+    meta_dict = _json(KEY_META, None)
+    try:
+        meta = Meta.from_dict(meta_dict)
+    except CheckpointError as exc:
+        raise OnnxModelError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise OnnxModelError(f"{source}: metadata {KEY_META!r} is invalid ({exc})") from None
+    precision = props.get(KEY_PRECISION, "fp32")
+    if precision not in PRECISIONS:
+        raise OnnxModelError(f"{source}: unknown precision {precision!r} in metadata; expected one of {PRECISIONS}")
+    train, extra = _json(KEY_TRAIN, {}), _json(KEY_EXTRA, {})
+    if not isinstance(train, dict) or not isinstance(extra, dict):
+        raise OnnxModelError(f"{source}: metadata {KEY_TRAIN!r} and {KEY_EXTRA!r} must be JSON objects")
+    return OnnxMetadata(meta, train, extra, precision, _json(KEY_QUANTIZATION, None))
+
+
+def _dims(value_info) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_graph(proto, meta: Meta, source: str = "the ONNX model") -> None:
+    """Raise OnnxModelError unless the graph's input/outputs are (image (B,3,S,S)) -> logits/maps/pooled for meta."""
+    size, n_labels = int(meta.image_size), len(meta.labels)
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    problems = []
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        problems.append(f"inputs {[i.name for i in inputs]} (expected [{INPUT_NAME!r}])")
+    elif _dims(inputs[0])[1:] != [3, size, size]:
+        problems.append(f"input shape {_dims(inputs[0])} (expected [batch, 3, {size}, {size}] for the metadata's "
+                        f"image_size {size})")
+    outputs = {o.name: _dims(o) for o in proto.graph.output}
+    if tuple(outputs) != OUTPUT_NAMES:
+        problems.append(f"outputs {list(outputs)} (expected {list(OUTPUT_NAMES)})")
+    else:
+        if outputs["logits"][1:] != [n_labels]:
+            problems.append(f"logits shape {outputs['logits']} (expected [batch, {n_labels}] for the metadata's "
+                            f"{n_labels} labels)")
+        if len(outputs["maps"]) != 4 or outputs["maps"][1] != n_labels:
+            problems.append(f"maps shape {outputs['maps']} (expected [batch, {n_labels}, h, w])")
+        if outputs["pooled"][1:] != [TRANSITION_CHANNELS]:
+            problems.append(f"pooled shape {outputs['pooled']} (expected [batch, {TRANSITION_CHANNELS}])")
+    if problems:
+        raise OnnxModelError(f"{source}: the graph does not match its metadata: " + "; ".join(problems)
+                             + f". Export it again with: {EXPORT_COMMAND}")
+
+
+def _load_proto(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX model not found: {path}. Export one with: {EXPORT_COMMAND}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise OnnxModelError(f"{path} is truncated or corrupt, or not an ONNX model ({type(exc).__name__})") from None
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> OnnxMetadata:
+    """The metadata of an exported file, checked against its graph; raises OnnxModelError naming the problem."""
+    path = Path(path)
+    proto = _load_proto(path)
+    info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+    check_graph(proto, info.meta, str(path))
+    return info
+
+
+def onnx_providers(device: str = "auto") -> list:
+    """ONNX Runtime execution providers for 'auto' | 'cpu' | 'cuda[:N]'; raises RuntimeError for cuda without its
+    EP."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda"):
+        if not has_cuda:
+            raise RuntimeError(
+                "--device cuda with the onnx backend needs onnxruntime's CUDA execution provider and a GPU; this "
+                f"onnxruntime offers {available} (install onnxruntime-gpu instead of onnxruntime), "
+                f"torch.cuda.is_available() is {torch.cuda.is_available()}. Use --device cpu, or --backend torch")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0  # one GPU per rank under torchrun
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if device != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """An exported model in an ONNX Runtime session. run() is thread-safe (ORT sessions are), no per-call state."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 expected_meta: Meta | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        proto = _load_proto(self.path)
+        info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(self.path))
+        check_graph(proto, info.meta, str(self.path))
+        if expected_meta is not None and expected_meta.to_dict() != info.meta.to_dict():
+            differ = sorted(k for k, v in expected_meta.to_dict().items() if info.meta.to_dict().get(k) != v)
+            raise OnnxModelError(f"{self.path} was exported from another checkpoint: its metadata differs in "
+                                 f"{differ}. Export it again from this checkpoint with: {EXPORT_COMMAND}")
+        self.info = info
+        self.meta = info.meta
+        self.precision = info.precision
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=onnx_providers(device))
+        self.providers = self.session.get_providers()
+
+    @property
+    def device(self) -> str:
+        """'cuda' when the session runs on the CUDA execution provider, else 'cpu'."""
+        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalised (B, 3, S, S) float32 -> (logits (B, L), maps (B, L, h, w), pooled (B, C)) float32 numpy.
+
+        Raises ValueError for another shape (S is meta.image_size).
+        """
+        if isinstance(batch, torch.Tensor):
+            batch = batch.detach().cpu().numpy()
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        size = int(self.meta.image_size)
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or batch.shape[0] < 1:
+            raise ValueError(f"expected a normalised (B, 3, {size}, {size}) batch, got shape {batch.shape}")
+        logits, maps, pooled = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        return logits, maps, pooled
+
+
+class OnnxLogits(nn.Module):
+    """An OnnxModel behind the PyTorch model's call, logits only: x (B, 3, S, S) -> logits (B, L) on x's device.
+
+    Lets code written for the model (engine.predict_logits, used by Model_Training/test.py) score on ONNX Runtime.
+    """
+
+    def __init__(self, onnx_model: OnnxModel) -> None:
+        super().__init__()
+        self.onnx = onnx_model
+        self.classifier = nn.Identity()
+        self.classifier.out_features = len(onnx_model.meta.labels)  # read when a loader yields nothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.onnx.run(x.float())[0]).to(x.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int8
+
+
+def head_node_names(proto, include_transition: bool = False) -> list[str]:
+    """Names of the nodes downstream of the last Conv (the transition layer): LSE pool, classifier, CAM, pooling;
+    with include_transition, that Conv too."""
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise ValueError("the graph has no Conv node; is it a model exported by this tool?")
+    produced = set(convs[-1].output)
+    head = [convs[-1].name] if include_transition else []
+    for node in proto.graph.node:  # ONNX graphs are topologically sorted
+        if any(i in produced for i in node.input):
+            head.append(node.name)
+            produced.update(node.output)
+    return head
+
+
+class _Calibration:
+    """onnxruntime.quantization.CalibrationDataReader over an iterable of normalised (B, 3, S, S) batches."""
+
+    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+        self._it: Iterator[np.ndarray] = iter(batches)
+        self.count = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        self.count += len(batch)
+        return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def rewind(self) -> None:  # onnxruntime's calibrators read the batches once and never rewind
+        raise NotImplementedError
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
+                  per_channel: bool = True, exclude_head: bool = True, float_transition: bool = False,
+                  symmetric_activations: bool = False, calibration: str = "minmax", note: dict | None = None) -> Path:
+    """Static int8 (QDQ; MinMax, percentile or entropy calibration) of an exported fp32 model, calibrated on
+    `batches`; metadata carried over.
+
+    batches: normalised (B, 3, S, S) float32 arrays, e.g. training-split images (never the evaluation data).
+    Raises OnnxModelError for a bad input file, ValueError for no calibration data.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if calibration not in methods:
+        raise ValueError(f"calibration must be one of {sorted(methods)}, got {calibration!r}")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    info = read_onnx_metadata(fp32_path)
+    if info.precision != "fp32":
+        raise OnnxModelError(f"{fp32_path} is already {info.precision}; quantize the fp32 export")
+    reader = _Calibration(batches)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent if out_path.parent.exists() else None
+                                     ) as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        # Shape inference + graph optimisation (folds BatchNorm into Conv) so that each Conv gets one scale set.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        exclude = head_node_names(onnx.load(str(prepared)), float_transition) if exclude_head else []
+        activations = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
+        quantize_static(
+            str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=activations, weight_type=QuantType.QInt8,
+            calibrate_method=methods[calibration], nodes_to_exclude=exclude,
+        )
+        if reader.count == 0:
+            raise ValueError("no calibration images: give training-split images to calibrate the int8 model on")
+        proto = onnx.load(str(quantized))
+    quant = {"method": f"onnxruntime quantize_static, QDQ, {calibration}", "per_channel": per_channel,
+             "activations": "int8" if symmetric_activations else "uint8", "weights": "int8",
+             "float_nodes": exclude, "calibration_images": reader.count,
+             **(note or {})}
+    _set_props(proto, metadata_props(info.meta, info.train, info.extra, "int8", quant))
+    check_graph(proto, info.meta, str(out_path))
+    return _save_proto(proto, out_path)
