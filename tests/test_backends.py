@@ -34,8 +34,9 @@ def exported(tmp_path_factory):
 def folder(tmp_path_factory):
     """Real sample images of three sizes, a DICOM, and a file that is not an image (its error keeps its place)."""
     root = tmp_path_factory.mktemp("scans")
-    picks = (sorted((NIH_DIR / "images_64").glob("*.png"))[:5] + sorted((NIH_DIR / "images_256").glob("*.png"))[:2]
-             + [NIH_PNG])
+    # images_256 in ../shared/data/nih, images_128 in the bundled sample
+    middle = next(d for d in (NIH_DIR / "images_256", NIH_DIR / "images_128") if d.is_dir())
+    picks = sorted((NIH_DIR / "images_64").glob("*.png"))[:5] + sorted(middle.glob("*.png"))[:2] + [NIH_PNG]
     for p in picks:
         shutil.copy(p, root / p.name)
     dicom = next(OTHER_CXR_DIR.glob("*.dcm"))
