@@ -15,21 +15,17 @@ import sys
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make the chestxray package importable
-    sys.path.insert(0, str(ROOT))
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load  # noqa: E402
-from chestxray.data import DataError, XrayDataset, collate_batch, load_index, make_splits, subsample  # noqa: E402
-from chestxray.device import resolve_device  # noqa: E402
-from chestxray.fileio import atomic_write  # noqa: E402
-from chestxray.metrics import THRESHOLD_RULES  # noqa: E402
-from chestxray.scope import DEFAULT_PERCENTILE, METHODS, ScopeError  # noqa: E402
-from chestxray.transforms import build_normalize, build_transform  # noqa: E402
-from chestxray.trust import TRUST_KEY, fit_trust  # noqa: E402
+from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load
+from chestxray.data import DataError, XrayDataset, collate_batch, load_index, rebuild_splits
+from chestxray.device import resolve_device
+from chestxray.fileio import atomic_write
+from chestxray.metrics import THRESHOLD_RULES
+from chestxray.scope import DEFAULT_PERCENTILE, METHODS, ScopeError
+from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import TRUST_KEY, fit_trust
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,25 +50,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def rebuild_splits(meta: Meta, data_dir: str | os.PathLike) -> dict:
-    """The train/val DataFrames the checkpoint was trained on, from its recorded split (seed, fraction, limit)."""
-    split = dict(meta.training.get("split") or {})
-    if "seed" not in split or "val_fraction" not in split:
+def training_splits(meta: Meta, data_dir: str | os.PathLike) -> dict:
+    """The train/val DataFrames the checkpoint was trained on, from the SplitSpec it recorded."""
+    if meta.split is None:
         raise CheckpointError("the checkpoint records no training split (seed, val_fraction); retrain it with "
                               "Model_Training/train.py, which records them")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the split notices were shown at training time
         index = load_index(data_dir, allow_missing=True)
-        splits = make_splits(index, data_dir, val_fraction=float(split["val_fraction"]), seed=int(split["seed"]))
-    limit = split.get("limit")
-    return {name: subsample(splits[name], limit, int(split["seed"])) for name in ("train", "val")}
+        splits = rebuild_splits(meta, index, data_dir)
+    return {name: splits[name] for name in ("train", "val")}
 
 
 def fit_checkpoint(args: argparse.Namespace, log=print) -> dict:
     """Load, fit, and write the upgraded checkpoint; returns the checkpoint dict written."""
     obj = safe_torch_load(args.checkpoint)  # kept whole: the upgraded file keeps every entry it had
     model, meta, _ = load_checkpoint(args.checkpoint)
-    splits = rebuild_splits(meta, args.data_dir)
+    splits = training_splits(meta, args.data_dir)
     expected = (meta.training.get("n_train"), meta.training.get("n_val"))
     got = (len(splits["train"]), len(splits["val"]))
     if expected[0] is not None and got != expected:

@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import io
 import platform
-import sys
 import warnings
 from pathlib import Path
 
@@ -29,17 +28,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
+from chestxray.checkpoint import load_checkpoint, safe_torch_load
+from chestxray.data import XrayDataset, collate_batch
+from chestxray.imaging import InvalidImage, read_xray
+from chestxray.scope import METHODS, collect_outputs, fit_scope, pooled_features
+from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import Trust
+from Model_Training.fit_trust import training_splits
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from chestxray.checkpoint import load_checkpoint, safe_torch_load  # noqa: E402
-from chestxray.data import XrayDataset, collate_batch  # noqa: E402
-from chestxray.imaging import InvalidImage, read_xray  # noqa: E402
-from chestxray.scope import METHODS, collect_outputs, fit_scope, pooled_features  # noqa: E402
-from chestxray.transforms import build_normalize, build_transform  # noqa: E402
-from chestxray.trust import Trust  # noqa: E402
-from Model_Training.fit_trust import rebuild_splits  # noqa: E402
-
 OTHER_CXR = ROOT.parent / "shared" / "data" / "other-cxr"
 
 
@@ -171,10 +168,30 @@ def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str],
     return names, np.stack(feats) if feats else np.zeros((0, model.classifier.in_features)), bad
 
 
+def write_calibration(out: str, report: dict, labels, stamp: str) -> None:
+    """The ECE/Brier before/after table of a fitted checkpoint's validation report -> markdown file."""
+    before, after = report["before"], report["after"]
+    cal = ["## Calibration on the validation split: ECE (10 bins) and Brier per label, before / after Platt "
+           "scaling", "", f"{stamp}. Platt parameters are fitted on this same split (in-sample).", "",
+           "| label | positives | ECE before | ECE after | Brier before | Brier after |",
+           "|---|---|---|---|---|---|"]
+    for name in labels:
+        b, a = before[name], after[name]
+        cal.append(f"| {name} | {b['positives']} | {b['ece']:.3f} | {a['ece']:.3f} | {b['brier']:.3f} | "
+                   f"{a['brier']:.3f} |")
+    def mean(d, metric):
+        return np.mean([d[name][metric] for name in labels])
+
+    cal.append(f"| **mean** | | **{mean(before, 'ece'):.3f}** | **{mean(after, 'ece'):.3f}** | "
+               f"**{mean(before, 'brier'):.3f}** | **{mean(after, 'brier'):.3f}** |")
+    Path(out).write_text("\n".join(cal) + "\n")
+    print("\n".join(cal))
+
+
 def main(args: argparse.Namespace) -> dict:
     model, meta, _ = load_checkpoint(args.checkpoint)
     trust = Trust.from_checkpoint(safe_torch_load(args.checkpoint), meta.labels)
-    splits = rebuild_splits(meta, args.data_dir)
+    splits = training_splits(meta, args.data_dir)
     tf, normalize = build_transform(meta), build_normalize(meta)
     pooled = {}
     for split in ("train", "val"):
@@ -252,22 +269,7 @@ def main(args: argparse.Namespace) -> dict:
     print("\n".join(lines))
 
     if trust.report:
-        before, after = trust.report["before"], trust.report["after"]
-        cal = ["## Calibration on the validation split: ECE (10 bins) and Brier per label, before / after Platt "
-               "scaling", "", f"{stamp}. Platt parameters are fitted on this same split (in-sample).", "",
-               "| label | positives | ECE before | ECE after | Brier before | Brier after |",
-               "|---|---|---|---|---|---|"]
-        for name in meta.labels:
-            b, a = before[name], after[name]
-            cal.append(f"| {name} | {b['positives']} | {b['ece']:.3f} | {a['ece']:.3f} | {b['brier']:.3f} | "
-                       f"{a['brier']:.3f} |")
-        def mean(d, metric):
-            return np.mean([d[name][metric] for name in meta.labels])
-
-        cal.append(f"| **mean** | | **{mean(before, 'ece'):.3f}** | **{mean(after, 'ece'):.3f}** | "
-                   f"**{mean(before, 'brier'):.3f}** | **{mean(after, 'brier'):.3f}** |")
-        Path(args.calibration_out).write_text("\n".join(cal) + "\n")
-        print("\n".join(cal))
+        write_calibration(args.calibration_out, trust.report, meta.labels, stamp)
     return {"accept": accept, "reject": reject, "rows": rows}
 
 
