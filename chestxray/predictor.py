@@ -11,20 +11,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
-from .cam import overlay, predict_with_maps
-from .checkpoint import Meta, load_checkpoint
+from .cam import class_activation_maps, has_support, overlay
+from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
+from .evidence import RULE, is_validated
 from .fileio import to_json_data
 from .imaging import Source, _read_bytes, read_xray, sniff  # _read_bytes: read_xray's own reader and messages
-from .metrics import binarize
+from .meta import CheckpointError, Meta
 from .model import ChestXrayNet
+from .scope import pooled_features
 from .transforms import preprocess
+from .trust import Trust, TrustError
+
+SCOPE_NOT_AVAILABLE = "in-scope check: not available (this checkpoint has no scope statistics; add them with " \
+    "Model_Training/fit_trust.py)"
+NOT_VALIDATED = "not validated \u2014 no call"
+
+
+def scope_message(in_scope: bool | None, score: float | None, limit: float | None) -> str:
+    """One sentence on the in-scope check for pages, the API and the CLI."""
+    if in_scope is None:
+        return SCOPE_NOT_AVAILABLE
+    if in_scope:
+        return (f"in scope: looks like the frontal chest radiographs the model learned from (score {score:.1f} "
+                f"\u2264 limit {limit:.1f})")
+    return (f"out of scope: this image does not look like a frontal chest radiograph from the training data (score "
+            f"{score:.1f} > limit {limit:.1f}); no finding is called")
 
 
 @dataclass
 class Prediction:
-    """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order."""
+    """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order.
+
+    probabilities are calibrated when the checkpoint holds a calibration (`calibrated`), sigmoid(logit) otherwise;
+    `logits` are the raw model outputs. A label is in `positive` only when its probability reaches its threshold,
+    the label is validated (evidence.py; None = no evidence recorded) and the image is not out of scope.
+    in_scope is None when the checkpoint has no scope statistics.
+    """
 
     labels: tuple[str, ...]
     probabilities: dict[str, float]
@@ -34,6 +59,13 @@ class Prediction:
     heatmaps: np.ndarray | None = field(default=None, repr=False)
     format: str | None = None  # "PNG", "JPEG" or "DICOM" from the file's content; None for an array
     model: dict = field(default_factory=dict, repr=False)  # Predictor.model_card() of the model that made it
+    logits: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
+    validated: dict[str, bool | None] = field(default_factory=dict)
+    evidence: dict[str, dict] = field(default_factory=dict, repr=False)
+    in_scope: bool | None = None
+    scope_score: float | None = None
+    scope_limit: float | None = None
 
     def ranked(self) -> list[str]:
         """Labels sorted by probability, highest first."""
@@ -47,20 +79,40 @@ class Prediction:
             raise KeyError(f"unknown label {label!r}; this model's labels are {list(self.labels)}")
         return overlay(self.image, self.heatmaps[self.labels.index(label)], alpha=alpha)
 
-    def to_dict(self) -> dict:
-        """The one JSON shape (plain data, NaN -> None): every label in model order, the positive calls, the model.
+    def call(self, label: str) -> str:
+        """"positive", "negative", "not validated" or "out of scope" (the image; only where p >= threshold)."""
+        if self.validated.get(label) is False:
+            return "not validated"
+        if self.probabilities[label] >= self.thresholds[label]:
+            return "positive" if label in self.positive else "out of scope"
+        return "negative"
 
-        {"labels": [{"label", "probability", "threshold", "positive"}, ...], "positive": [label, ...],
-         "format": "PNG"|"JPEG"|"DICOM"|None, "original_size": [width, height], "model": {model card}}
+    def to_dict(self) -> dict:
+        """The one JSON shape (plain data, NaN -> None): every label in model order, the calls, the scope, the model.
+
+        {"labels": [{"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
+         "auroc_ci", "has_support"}, ...], "positive": [label, ...], "in_scope": bool|None, "scope_score",
+         "scope_limit", "scope": sentence, "calibrated": bool, "format": "PNG"|"JPEG"|"DICOM"|None,
+         "original_size": [width, height], "model": {model card}}
         """
         positive = set(self.positive)
+        rows = []
+        for j, label in enumerate(self.labels):
+            ev = self.evidence.get(label) or {}
+            rows.append({
+                "label": label, "probability": self.probabilities[label], "logit": self.logits.get(label),
+                "threshold": self.thresholds[label], "positive": label in positive, "call": self.call(label),
+                "validated": self.validated.get(label), "auroc": ev.get("auroc"), "auroc_ci": ev.get("auroc_ci"),
+                "has_support": has_support(self.heatmaps[j]) if self.heatmaps is not None else None,
+            })
         return to_json_data({
-            "labels": [
-                {"label": label, "probability": self.probabilities[label], "threshold": self.thresholds[label],
-                 "positive": label in positive}
-                for label in self.labels
-            ],
+            "labels": rows,
             "positive": list(self.positive),
+            "in_scope": self.in_scope,
+            "scope_score": self.scope_score,
+            "scope_limit": self.scope_limit,
+            "scope": scope_message(self.in_scope, self.scope_score, self.scope_limit),
+            "calibrated": self.calibrated,
             "format": self.format,
             "original_size": [int(self.image.shape[1]), int(self.image.shape[0])],
             "model": self.model,
@@ -70,20 +122,30 @@ class Prediction:
 class Predictor:
     """A loaded model with its preprocessing. Stateless per call, so one instance serves many threads."""
 
-    def __init__(self, model: ChestXrayNet, meta: Meta, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: ChestXrayNet, meta: Meta, device: torch.device | str = "cpu",
+                 trust: Trust | None = None) -> None:
         self.device = torch.device(device)
         self.meta = meta
         self.labels = meta.labels
         self.model = model.to(self.device).eval()
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
+        self.trust = trust or Trust()
+        ev = self.trust.evidence
+        # None: the checkpoint records no evidence (older checkpoints); such labels keep their calls.
+        self.validated = {name: (is_validated(ev[name]) if ev is not None else None) for name in self.labels}
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto") -> Predictor:
         """Load once (CUDA when available for 'auto'). Raises CheckpointError for a bad file, RuntimeError for a
         device that is not there."""
         dev = resolve_device(device)
-        model, meta, _ = load_checkpoint(path, map_location="cpu")
-        return cls(model, meta, dev)
+        obj = safe_torch_load(path, map_location="cpu")
+        model, meta, _ = checkpoint_from_obj(obj, path)
+        try:
+            trust = Trust.from_checkpoint(obj, meta.labels)
+        except TrustError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        return cls(model, meta, dev, trust)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
@@ -105,22 +167,43 @@ class Predictor:
             image = read_xray(data)
         x = self.preprocess(image)
         with torch.inference_mode():
-            if heatmaps:
-                logits, maps = predict_with_maps(self.model, x)
-                maps = maps[0].float().cpu().numpy()
-            else:
-                logits, maps = self.model(x), None
-            probs = torch.sigmoid(logits.float())[0].cpu().numpy().astype(np.float64)
-        calls = binarize(probs, self.thresholds)
+            # One forward pass: the transition features give the logits, every heatmap and the scope score.
+            features = self.model.features(x)
+            logits = self.model.head(features).float()[0].cpu().numpy().astype(np.float64)
+            maps = class_activation_maps(self.model, features)[0].cpu().numpy() if heatmaps else None
+            pooled = pooled_features(features) if self.trust.scope is not None else None
+        return self._prediction(image, logits, maps, pooled, image_format)
+
+    def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
+                    pooled: torch.Tensor | None, image_format: str | None) -> Prediction:
+        trust = self.trust
+        if trust.calibration is not None:
+            probs = trust.calibration.apply(logits)
+        else:
+            probs = expit(logits)
+        in_scope = score = limit = None
+        if pooled is not None:
+            score = float(trust.scope.score(pooled)[0])
+            limit = trust.scope.limit
+            in_scope = bool(trust.scope.in_scope(score))
+        positive = [name for name, p, t in zip(self.labels, probs, self.thresholds)
+                    if p >= t and self.validated[name] is not False and in_scope is not False]
         return Prediction(
             labels=self.labels,
             probabilities={name: float(p) for name, p in zip(self.labels, probs)},
-            positive=[name for name, call in zip(self.labels, calls) if call],
+            positive=positive,
             thresholds={name: float(t) for name, t in zip(self.labels, self.thresholds)},
             image=image,
             heatmaps=maps,
             format=image_format,
             model=self.model_card(),
+            logits={name: float(z) for name, z in zip(self.labels, logits)},
+            calibrated=trust.calibration is not None,
+            validated=dict(self.validated),
+            evidence=dict(trust.evidence or {}),
+            in_scope=in_scope,
+            scope_score=score,
+            scope_limit=limit,
         )
 
     def model_card(self) -> dict:
@@ -133,5 +216,11 @@ class Predictor:
             "lse_r": self.meta.lse_r,
             "training": self.meta.training,
             "device": str(self.device),
+            "scope": self.trust.scope.summary() if self.trust.scope is not None else None,
+            "calibration": self.trust.calibration.to_dict() if self.trust.calibration is not None else None,
+            "evidence": self.trust.evidence,
+            "call_rule": RULE if self.trust.evidence is not None else "no validation evidence recorded: every "
+            "label is called at its threshold",
+            "calibration_report": self.trust.report or None,
         }
 
