@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from chestxray.cam import has_support, with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage
@@ -74,7 +75,10 @@ def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str,
         folder = _heatmap_dir(out, path, used)  # made by atomic_write with the first overlay
         record["heatmaps"] = {}
         for label in pred.labels if which == "all" else pred.positive:
-            image = pred.overlay(label)
+            supported = has_support(pred.heatmaps[pred.labels.index(label)])
+            caption = (f"{label}: colour = evidence for this finding, scaled to this map's own peak" if supported
+                       else f"{label}: no region supports this finding")
+            image = with_legend(pred.overlay(label), caption)
             target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
             record["heatmaps"][label] = str(target)
     return record
@@ -106,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
             failed += 1
             record = {"image": str(path), "error": str(exc)}
         print(dumps_json(record), flush=True)
+        if record.get("in_scope") is False:
+            print(f"{path}: {record['scope']}", file=sys.stderr, flush=True)
         if progress is not None:
             progress.update(1)
     if progress is not None:
