@@ -68,8 +68,9 @@ class Prediction:
     scope_limit: float | None = None
 
     def ranked(self) -> list[str]:
-        """Labels sorted by probability, highest first."""
-        return sorted(self.labels, key=lambda name: -self.probabilities[name])
+        """Called (positive) labels first, then the rest; each group by probability, highest first."""
+        positive = set(self.positive)
+        return sorted(self.labels, key=lambda name: (name not in positive, -self.probabilities[name]))
 
     def overlay(self, label: str, alpha: float = 0.45):
         """The heatmap of `label` blended over the X-ray, as an RGB PIL image of the original size."""
