@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 import views
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from chestxray.evidence import format_call
+from chestxray.evidence import format_call, format_scope
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
 from predictions import TRAIN_COMMAND
@@ -110,6 +110,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
     app.jinja_env.filters["percent"] = lambda p: f"{100 * p:.1f}%"
     app.jinja_env.globals["format_call"] = format_call  # probability/threshold texts that agree with the call
+    app.jinja_env.globals["format_scope"] = format_scope
 
     @app.context_processor
     def model_context() -> dict:

@@ -23,7 +23,7 @@ from chestxray.data import DataError, XrayDataset, collate_batch, load_index, re
 from chestxray.device import resolve_device
 from chestxray.fileio import atomic_write
 from chestxray.metrics import THRESHOLD_RULES
-from chestxray.scope import DEFAULT_PERCENTILE, METHODS, ScopeError
+from chestxray.scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, ScopeError
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, fit_trust
 
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", default=None, help="where to write the upgraded checkpoint (default: replace --checkpoint)")
     add("--threshold-rule", default=None, choices=THRESHOLD_RULES, help="rule for thresholds on the calibrated "
         "scale (default: the one the checkpoint was trained with, else f1)")
-    add("--scope-method", default="mahalanobis", choices=METHODS, help="in-scope score (default: %(default)s)")
+    add("--scope-method", default=DEFAULT_METHOD, choices=METHODS, help="in-scope score (default: %(default)s)")
     add("--percentile", type=float, default=DEFAULT_PERCENTILE, help="scope limit = this percentile of the "
         "validation scores (default: %(default)s)")
     add("--n-boot", type=int, default=1000, help="patient-bootstrap replicates for the AUROC CIs "

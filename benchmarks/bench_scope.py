@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch
 from chestxray.imaging import InvalidImage, read_xray
-from chestxray.scope import METHODS, collect_outputs, fit_scope, pooled_features
+from chestxray.scope import METHODS, THUMBNAIL, collect_outputs, fit_scope, image_statistics, pooled_features
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import Trust
 from Model_Training.fit_trust import training_splits
@@ -150,10 +150,11 @@ def real_other_cxr() -> list[tuple[str, bytes]]:
 
 
 @torch.inference_mode()
-def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, list[str]]:
-    """Read each image with the product's reader and preprocess -> (names, pooled (N, C), unreadable names)."""
+def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Read each image with the product's reader and preprocess -> (names, pooled (N, C), image statistics (N, 64),
+    unreadable names)."""
     tf, normalize = build_transform(meta), build_normalize(meta)
-    names, feats, bad = [], [], []
+    names, feats, stats, bad = [], [], [], []
     for name, data in items:
         try:
             with warnings.catch_warnings():
@@ -164,8 +165,11 @@ def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str],
             continue
         x = normalize(tf(image).unsqueeze(0))
         feats.append(pooled_features(model.features(x))[0].numpy())
+        stats.append(image_statistics(x)[0].numpy())
         names.append(name)
-    return names, np.stack(feats) if feats else np.zeros((0, model.classifier.in_features)), bad
+    if not feats:
+        return names, np.zeros((0, model.classifier.in_features)), np.zeros((0, THUMBNAIL**2)), bad
+    return names, np.stack(feats), np.stack(stats), bad
 
 
 def write_calibration(out: str, report: dict, labels, stamp: str) -> None:
@@ -193,23 +197,24 @@ def main(args: argparse.Namespace) -> dict:
     trust = Trust.from_checkpoint(safe_torch_load(args.checkpoint), meta.labels)
     splits = training_splits(meta, args.data_dir)
     tf, normalize = build_transform(meta), build_normalize(meta)
-    pooled = {}
+    pooled, thumbs = {}, {}
     for split in ("train", "val"):
         loader = DataLoader(XrayDataset(splits[split], meta.labels, tf, skip_unreadable=True), batch_size=32,
                             collate_fn=collate_batch)
-        pooled[split] = collect_outputs(model, loader, "cpu", normalize)[1]
+        out = collect_outputs(model, loader, "cpu", normalize)
+        pooled[split], thumbs[split] = out[1], out[4]
     sets = {"other-cxr (real, unseen)": real_other_cxr(), "scikit-image samples": skimage_images(),
             "pydicom test DICOMs": pydicom_images(), "generated": generated_images()}
-    feats, names, unreadable = {}, {}, {}
+    feats, images, names, unreadable = {}, {}, {}, {}
     for key, items in sets.items():
-        names[key], feats[key], unreadable[key] = features_of(model, meta, items)
+        names[key], feats[key], images[key], unreadable[key] = features_of(model, meta, items)
 
     rng = np.random.default_rng(0)
     halves = np.array_split(rng.permutation(len(pooled["val"])), 2)
     rows, failures = [], {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        stats = fit_scope(pooled["train"], method)
-        val_scores = stats.score(pooled["val"])
+        stats = fit_scope(pooled["train"], method, thumbs["train"], pooled["val"], thumbs["val"], args.percentile)
+        val_scores = stats.score(pooled["val"], thumbs["val"])
         stats = stats.with_limit(val_scores, args.percentile)
         # 2-fold: the limit from one half of validation, the accept rate on the other half.
         cross = [np.mean(val_scores[b] <= np.percentile(val_scores[a], args.percentile))
@@ -218,7 +223,7 @@ def main(args: argparse.Namespace) -> dict:
                "val": (int(stats.in_scope(val_scores).sum()), len(val_scores)),
                "val_cross": float(np.mean(cross))}
         for key in sets:
-            ok = stats.in_scope(stats.score(feats[key])) if len(feats[key]) else np.zeros(0, bool)
+            ok = stats.in_scope(stats.score(feats[key], images[key])) if len(feats[key]) else np.zeros(0, bool)
             row[key] = (int(ok.sum()), len(ok))
             real = key.startswith("other-cxr")
             failures[(method, key)] = [n for n, a in zip(names[key], ok) if a != real]

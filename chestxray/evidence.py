@@ -88,3 +88,14 @@ def format_call(probability: float, threshold: float, decimals: int = 1) -> tupl
             return f"{fp * 100:.{d}f} %", f"{ft * 100:.{d}f} %"
     # Differ below 1e-12: not printable; say so rather than print two equal numbers with opposite calls.
     return f"{math.floor(p * 1e4) / 100:.2f} % (just below)", f"{math.floor(t * 1e4) / 100:.2f} %"
+
+
+def format_scope(score: float, limit: float) -> tuple[str, str]:
+    """(score text, limit text) that compare as the numbers do: rounding is monotone, and digits are added until two
+    different numbers read differently. E.g. (1.004, 1.0) -> ("1.004", "1.000"), not ("1.00", "1.00")."""
+    s, lim = float(score), float(limit)
+    for d in range(2, 9):
+        a, b = f"{s:.{d}f}", f"{lim:.{d}f}"
+        if (a == b) == (s == lim):
+            return a, b
+    return f"{s:.9g}", f"{lim:.9g}"

@@ -16,12 +16,12 @@ from scipy.special import expit
 from .cam import class_activation_maps, has_support, overlay
 from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
-from .evidence import RULE, is_validated
+from .evidence import RULE, format_scope, is_validated
 from .fileio import to_json_data
 from .imaging import Source, _read_bytes, read_xray, sniff  # _read_bytes: read_xray's own reader and messages
 from .meta import CheckpointError, Meta
 from .model import ChestXrayNet
-from .scope import pooled_features
+from .scope import image_statistics, pooled_features
 from .transforms import preprocess
 from .trust import Trust, TrustError
 
@@ -34,11 +34,12 @@ def scope_message(in_scope: bool | None, score: float | None, limit: float | Non
     """One sentence on the in-scope check for pages, the API and the CLI."""
     if in_scope is None:
         return SCOPE_NOT_AVAILABLE
+    s, lim = format_scope(score, limit)
     if in_scope:
-        return (f"in scope: looks like the frontal chest radiographs the model learned from (score {score:.1f} "
-                f"\u2264 limit {limit:.1f})")
+        return (f"in scope: looks like the frontal chest radiographs the model learned from (score {s} \u2264 limit "
+                f"{lim})")
     return (f"out of scope: this image does not look like a frontal chest radiograph from the training data (score "
-            f"{score:.1f} > limit {limit:.1f}); no finding is called")
+            f"{s} > limit {lim}); no finding is called")
 
 
 @dataclass
@@ -173,10 +174,11 @@ class Predictor:
             logits = self.model.head(features).float()[0].cpu().numpy().astype(np.float64)
             maps = class_activation_maps(self.model, features)[0].cpu().numpy() if heatmaps else None
             pooled = pooled_features(features) if self.trust.scope is not None else None
-        return self._prediction(image, logits, maps, pooled, image_format)
+            stats = image_statistics(x) if pooled is not None and self.trust.scope.needs_images else None
+        return self._prediction(image, logits, maps, pooled, stats, image_format)
 
     def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
-                    pooled: torch.Tensor | None, image_format: str | None) -> Prediction:
+                    pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None) -> Prediction:
         trust = self.trust
         if trust.calibration is not None:
             probs = trust.calibration.apply(logits)
@@ -184,7 +186,7 @@ class Predictor:
             probs = expit(logits)
         in_scope = score = limit = None
         if pooled is not None:
-            score = float(trust.scope.score(pooled)[0])
+            score = float(trust.scope.score(pooled, stats)[0])
             limit = trust.scope.limit
             in_scope = bool(trust.scope.in_scope(score))
         positive = [name for name, p, t in zip(self.labels, probs, self.thresholds)

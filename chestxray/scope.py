@@ -16,6 +16,7 @@ torch.load(weights_only=True). The ONNX export computes the same distance from t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +30,12 @@ DEFAULT_PERCENTILE = 99.0
 # "mahalanobis": the distance on the pooled features as they are (Lee et al. 2018).
 # "mahalanobis-l2": the features are first divided by their L2 norm, so the distance measures the pattern of
 # activations rather than their overall strength (tried in benchmarks/bench_scope.py; see BENCHMARKS.md).
-METHODS = ("mahalanobis", "mahalanobis-l2")
+# "mahalanobis+image": the larger of two ratios, each a Mahalanobis distance over its own validation percentile:
+# the pooled features', and an 8x8 thumbnail's of the normalised input (its gross layout: a frontal chest film
+# has dark lungs either side of a bright mediastinum). The thumbnail is cut from the input already in memory.
+METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
+THUMBNAIL = 8
+DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
 
 
 class ScopeError(ValueError):
@@ -41,6 +47,23 @@ def pooled_features(features: torch.Tensor) -> torch.Tensor:
     if features.ndim != 4:
         raise ScopeError(f"expected transition features (N, C, h, w), got shape {tuple(features.shape)}")
     return features.float().mean(dim=(2, 3))
+
+
+def image_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Normalised input (N, C, S, S) -> its first channel averaged to THUMBNAIL x THUMBNAIL, flattened: (N, 64)."""
+    if x.ndim != 4:
+        raise ScopeError(f"expected a normalised input batch (N, C, S, S), got shape {tuple(x.shape)}")
+    return torch.nn.functional.adaptive_avg_pool2d(x[:, :1].float(), THUMBNAIL).flatten(1)
+
+
+def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    lw = LedoitWolf(assume_centered=False).fit(x)
+    return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+
+
+def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> np.ndarray:
+    d = (x.cpu().float() - mean).double()
+    return ((d @ precision.double()) * d).sum(dim=1).clamp_min(0.0).sqrt().numpy()
 
 
 def _prepare(pooled: torch.Tensor | np.ndarray, method: str) -> torch.Tensor:
@@ -66,6 +89,11 @@ class ScopeStats:
     percentile: float = DEFAULT_PERCENTILE
     n_fit: int = 0
     n_limit: int = 0
+    # mahalanobis+image only: the thumbnail Gaussian and the two parts' scales (validation percentiles).
+    image_mean: torch.Tensor | None = None
+    image_precision: torch.Tensor | None = None
+    feature_scale: float = 1.0
+    image_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,20 +108,39 @@ class ScopeStats:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "precision", precision)
         object.__setattr__(self, "limit", float(self.limit))
+        if self.method == "mahalanobis+image":
+            if self.image_mean is None or self.image_precision is None:
+                raise ScopeError("scope method mahalanobis+image needs image_mean and image_precision")
+            object.__setattr__(self, "image_mean", torch.as_tensor(self.image_mean).float().cpu())
+            object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
+            if not (self.feature_scale > 0 and self.image_scale > 0):
+                raise ScopeError("scope part scales must be positive")
 
     @property
     def channels(self) -> int:
         return int(self.mean.shape[0])
 
-    def score(self, pooled: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each pooled feature vector (N, C) to the training mean -> (N,) float64."""
+    @property
+    def needs_images(self) -> bool:
+        """True when score() also needs image_statistics() of the input."""
+        return self.method == "mahalanobis+image"
+
+    def score(self, pooled: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """Scope score of each image -> (N,) float64 >= 0; larger = less like the training images.
+
+        pooled: (N, C) pooled transition features; images: (N, 64) image_statistics, for mahalanobis+image only.
+        """
         x = _prepare(pooled, self.method)
         if x.shape[1] != self.channels:
             raise ScopeError(f"features have {x.shape[1]} channels; the scope statistics were fitted on "
                              f"{self.channels}")
-        d = (x.cpu() - self.mean).double()
-        squared = ((d @ self.precision.double()) * d).sum(dim=1).clamp_min(0.0)
-        return squared.sqrt().numpy()
+        feature = _distance(x, self.mean, self.precision)
+        if not self.needs_images:
+            return feature
+        if images is None:
+            raise ScopeError("this scope method also needs the image statistics (scope.image_statistics(x))")
+        image = _distance(torch.as_tensor(np.asarray(images)).float(), self.image_mean, self.image_precision)
+        return np.maximum(feature / self.feature_scale, image / self.image_scale)
 
     def in_scope(self, scores: np.ndarray | float) -> np.ndarray:
         """scores <= limit, elementwise (bool array). Raises ScopeError when no limit has been chosen."""
@@ -109,14 +156,18 @@ class ScopeStats:
             raise ScopeError("no validation scores to choose the scope limit from")
         if not 0.0 < percentile <= 100.0:
             raise ScopeError(f"the scope percentile must lie in (0, 100], got {percentile}")
-        return ScopeStats(self.method, self.mean, self.precision, float(np.percentile(v, percentile)),
-                          float(percentile), self.n_fit, int(v.size))
+        return dataclasses.replace(self, limit=float(np.percentile(v, percentile)), percentile=float(percentile),
+                                   n_limit=int(v.size))
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint: tensors, numbers and strings only (torch.load(weights_only=True) reads it)."""
-        return {"format": SCOPE_FORMAT, "method": self.method, "mean": self.mean.clone(),
-                "precision": self.precision.clone(), "limit": self.limit, "percentile": self.percentile,
-                "n_fit": self.n_fit, "n_limit": self.n_limit}
+        d = {"format": SCOPE_FORMAT, "method": self.method, "mean": self.mean.clone(),
+             "precision": self.precision.clone(), "limit": self.limit, "percentile": self.percentile,
+             "n_fit": self.n_fit, "n_limit": self.n_limit}
+        if self.needs_images:
+            d.update(image_mean=self.image_mean.clone(), image_precision=self.image_precision.clone(),
+                     feature_scale=self.feature_scale, image_scale=self.image_scale, thumbnail=THUMBNAIL)
+        return d
 
     def summary(self) -> dict:
         """JSON-ready description without the tensors (model card)."""
@@ -137,13 +188,22 @@ class ScopeStats:
         if not isinstance(d["mean"], torch.Tensor) or not isinstance(d["precision"], torch.Tensor):
             raise ScopeError("scope mean and precision must be tensors")
         return cls(str(d["method"]), d["mean"], d["precision"], float(d["limit"]),
-                   float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)), int(d.get("n_limit", 0)))
+                   float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)), int(d.get("n_limit", 0)),
+                   d.get("image_mean"), d.get("image_precision"), float(d.get("feature_scale", 1.0)),
+                   float(d.get("image_scale", 1.0)))
 
 
-def fit_scope(train_pooled: torch.Tensor | np.ndarray, method: str = "mahalanobis") -> ScopeStats:
+Array = torch.Tensor | np.ndarray
+
+
+def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Array | None = None,
+              val_pooled: Array | None = None, val_images: Array | None = None,
+              percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
     """Mean and Ledoit-Wolf shrunk precision of training features (N, C) -> ScopeStats without a limit.
 
-    Raises ScopeError for fewer than 2 images or non-finite features.
+    mahalanobis+image also fits the thumbnails (train_images (N, 64)) and scales each part by its `percentile`-th
+    validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images, non-finite features
+    or missing inputs.
     """
     if method not in METHODS:
         raise ScopeError(f"unknown scope method {method!r}; known: {list(METHODS)}")
@@ -152,15 +212,25 @@ def fit_scope(train_pooled: torch.Tensor | np.ndarray, method: str = "mahalanobi
         raise ScopeError(f"fitting scope statistics needs at least 2 training images, got {x.shape[0]}")
     if not np.isfinite(x).all():
         raise ScopeError("training features hold NaN or infinite values")
-    lw = LedoitWolf(assume_centered=False).fit(x)
-    return ScopeStats(method, torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float(),
-                      n_fit=int(x.shape[0]))
+    mean, precision = _gaussian(x)
+    if method != "mahalanobis+image":
+        return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]))
+    if train_images is None or val_pooled is None or val_images is None:
+        raise ScopeError("mahalanobis+image needs the training thumbnails and the validation features and thumbnails")
+    image_mean, image_precision = _gaussian(np.asarray(train_images, dtype=np.float64))
+    feature_scale = float(np.percentile(_distance(_prepare(val_pooled, method), mean, precision), percentile))
+    image_scale = float(np.percentile(_distance(torch.as_tensor(np.asarray(val_images)).float(), image_mean,
+                                                image_precision), percentile))
+    return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]), image_mean=image_mean,
+                      image_precision=image_precision, feature_scale=max(feature_scale, 1e-12),
+                      image_scale=max(image_scale, 1e-12))
 
 
 @torch.inference_mode()
 def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, normalize,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One eval pass -> (logits (N, L) float32, pooled features (N, C) float32, targets (N, L), indices (N,)).
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One eval pass -> (logits (N, L) float32, pooled features (N, C) float32, targets (N, L), indices (N,),
+    image statistics (N, 64)).
 
     `loader` yields data.collate_batch batches ((B, 1, S, S) uint8 images, targets, indices[, unreadable]);
     unreadable items are left out (compare the indices).
@@ -169,12 +239,14 @@ def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, 
 
     model = model.eval()
     device = torch.device(device)
-    logits, pooled, targets, indices = [], [], [], []
+    logits, pooled, targets, indices, thumbs = [], [], [], [], []
     for batch in tqdm(loader, desc="scope", unit="batch", disable=not progress, leave=False):
         images, batch_targets, batch_indices = batch[:3]
         if images.numel() == 0:
             continue
-        a = model.features(normalize(images.to(device)))
+        x = normalize(images.to(device))
+        a = model.features(x)
+        thumbs.append(image_statistics(x).cpu())
         logits.append(model.head(a).float().cpu())
         pooled.append(pooled_features(a).cpu())
         targets.append(batch_targets.float())
@@ -182,4 +254,4 @@ def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, 
     if not logits:
         raise ScopeError("no readable images in the loader")
     return (torch.cat(logits).numpy(), torch.cat(pooled).numpy(), torch.cat(targets).numpy(),
-            torch.cat(indices).numpy())
+            torch.cat(indices).numpy(), torch.cat(thumbs).numpy())

@@ -20,7 +20,7 @@ import torch
 from .calibration import Calibration, calibration_report, fit_calibration
 from .evidence import label_evidence
 from .metrics import choose_thresholds
-from .scope import DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
+from .scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
 
 TRUST_KEY = "trust"
 TRUST_FORMAT = 1
@@ -79,7 +79,7 @@ def fit_trust(
     device: torch.device | str,
     normalize,
     threshold_rule: str = "f1",
-    scope_method: str = "mahalanobis",
+    scope_method: str = DEFAULT_METHOD,
     percentile: float = DEFAULT_PERCENTILE,
     n_boot: int = 1000,
     seed: int = 0,
@@ -90,10 +90,11 @@ def fit_trust(
     One eval pass over each loader. val_patients: (N_val,) patient id per validation dataset index. Thresholds are
     chosen on the calibrated scale by `threshold_rule`.
     """
-    _, train_pooled, _, _ = collect_outputs(model, train_loader, device, normalize, progress)
-    val_logits, val_pooled, y_val, val_idx = collect_outputs(model, val_loader, device, normalize, progress)
-    scope = fit_scope(train_pooled, scope_method)
-    scope = scope.with_limit(scope.score(val_pooled), percentile)
+    _, train_pooled, _, _, train_images = collect_outputs(model, train_loader, device, normalize, progress)
+    val_logits, val_pooled, y_val, val_idx, val_images = collect_outputs(model, val_loader, device, normalize,
+                                                                         progress)
+    scope = fit_scope(train_pooled, scope_method, train_images, val_pooled, val_images, percentile)
+    scope = scope.with_limit(scope.score(val_pooled, val_images), percentile)
     calibration = fit_calibration(val_logits, y_val, labels)
     raw = Calibration.identity(labels).apply(val_logits)
     calibrated = calibration.apply(val_logits)

@@ -94,11 +94,37 @@ def test_pooled_features_come_from_the_same_forward_pass(tiny_checkpoint):
     images = torch.randint(0, 256, (5, 1, 64, 64), dtype=torch.uint8)
     loader = [(images[:3], torch.zeros(3, 14), torch.arange(3)), (images[3:], torch.zeros(2, 14), torch.arange(3, 5))]
     normalize = build_normalize(meta)
-    logits, pooled, _, indices = collect_outputs(model, loader, "cpu", normalize)
+    logits, pooled, _, indices, thumbs = collect_outputs(model, loader, "cpu", normalize)
     with torch.no_grad():
         x = normalize(images)
         np.testing.assert_allclose(logits, model(x).numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(pooled, model.features(x).mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)
     assert pooled.shape == (5, 1024) and list(indices) == [0, 1, 2, 3, 4]
+    with torch.no_grad():  # the thumbnail: the normalised input's first channel averaged over 8 x 8 blocks of 8 px
+        expected = normalize(images)[:, 0].reshape(5, 8, 8, 8, 8).mean(dim=(2, 4)).reshape(5, 64)
+    np.testing.assert_allclose(thumbs, expected.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ScopeError):
         pooled_features(torch.zeros(2, 3))
+
+
+def test_image_variant_takes_the_larger_scaled_part(gaussian):
+    train, val = gaussian
+    rng = np.random.default_rng(5)
+    train_img, val_img = rng.normal(size=(400, 64)), rng.normal(size=(1000, 64))
+    stats = fit_scope(train, "mahalanobis+image", train_img, val, val_img, 99.0)
+    plain = fit_scope(train)
+    lw = LedoitWolf().fit(train_img)
+    expected = np.maximum(plain.score(val) / stats.feature_scale,
+                          np.sqrt(lw.mahalanobis(val_img)) / stats.image_scale)
+    np.testing.assert_allclose(stats.score(val, val_img), expected, rtol=1e-4)
+    assert stats.feature_scale == pytest.approx(np.percentile(plain.score(val), 99.0), rel=1e-5)
+    odd = val_img[:20] + 5.0  # features as usual, thumbnails far off: out
+    stats = stats.with_limit(stats.score(val, val_img))
+    assert not stats.in_scope(stats.score(val[:20], odd)).any()
+    with pytest.raises(ScopeError, match="image statistics"):
+        stats.score(val)
+    buf = io.BytesIO()
+    torch.save(stats.to_dict(), buf)
+    buf.seek(0)
+    again = ScopeStats.from_dict(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(again.score(val, val_img), stats.score(val, val_img))
