@@ -598,7 +598,8 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
     line = json.loads(capsys.readouterr().out)
     doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
-    shared = ["labels", "positive", "format", "original_size", "model"]
+    shared = ["labels", "positive", "format", "original_size", "model", "in_scope", "scope_score", "scope_limit",
+              "scope", "calibrated"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
     assert set(record) == {*shared, "id", "created", "display_size"}
     assert set(doc) == {*record, "image", "heatmaps", "result"}  # the API adds the URLs

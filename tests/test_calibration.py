@@ -82,3 +82,21 @@ def test_plain_data_round_trip_and_shape_errors():
         fit_calibration(z, y[:, :1], ["Mass", "Nodule"])
     with pytest.raises(CalibrationError, match="lacks"):
         Calibration.from_dict({"format": 1, "labels": ["Mass"]})
+
+
+def test_evaluation_reports_ece_and_brier_before_and_after():
+    import pandas as pd
+
+    from Model_Training.test import calibration_before_after
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(1.0, 3.0, 500)
+    y = (rng.random(500) < expit(z / 3 - 1)).astype(int)
+    frame = pd.DataFrame({"Effusion_logit": z, "Effusion_true": y})
+    cal = fit_calibration(z[:, None], y[:, None], ["Effusion"])
+    report = calibration_before_after(frame, ["Effusion"], cal)
+    before, after = report["before"]["Effusion"], report["after"]["Effusion"]
+    assert before["ece"] == pytest.approx(expected_calibration_error(y, expit(z)))
+    assert after["brier"] == pytest.approx(np.mean((cal.apply(z[:, None])[:, 0] - y) ** 2))
+    assert after["ece"] < before["ece"] and after["brier"] < before["brier"]
+    assert calibration_before_after(frame, ["Effusion"], None)["after"] is None
