@@ -13,18 +13,12 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from trustutil import VALIDATED, make_trusted_checkpoint
 
-from chestxray.calibration import fit_calibration
-from chestxray.checkpoint import load_checkpoint, safe_torch_load
-from chestxray.data import XrayDataset, collate_batch, load_index
-from chestxray.evidence import MIN_VAL_POSITIVES
 from chestxray.predictor import NOT_VALIDATED, Predictor
-from chestxray.scope import collect_outputs, fit_scope
-from chestxray.transforms import build_normalize, build_transform
-from chestxray.trust import TRUST_KEY, Trust
+from chestxray.trust import TRUST_KEY
 
 CT_SLICE = Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm"
-VALIDATED = "Effusion"  # the one label the fixture's evidence validates
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -44,29 +38,8 @@ def held_out(nih_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trusted_checkpoint(tmp_path_factory, tiny_checkpoint, nih_dir, held_out) -> Path:
-    """The tiny checkpoint with a trust entry: scope (mahalanobis+image) fitted on 80 real 64 px NIH images (limit:
-    the largest score of 40 others), Platt calibration, and evidence that validates only Effusion."""
-    model, meta, _ = load_checkpoint(tiny_checkpoint)
-    index = load_index(nih_dir, allow_missing=True)
-    small = index[index["path"].astype(str).str.contains("images_64")].iloc[:120].reset_index(drop=True)
-    loader = torch.utils.data.DataLoader(XrayDataset(small, meta.labels, build_transform(meta)), batch_size=40,
-                                         collate_fn=collate_batch)
-    logits, pooled, y, _, thumbs = collect_outputs(model, loader, "cpu", build_normalize(meta))
-    scope = fit_scope(pooled[:80], "mahalanobis+image", thumbs[:80], pooled[80:], thumbs[80:], 100.0)
-    scope = scope.with_limit(scope.score(pooled[80:], thumbs[80:]), 100.0)
-    evidence = {name: {"positives": 3, "negatives": 37, "auroc": 0.4, "auroc_ci": [0.2, 0.6], "threshold": 0.5,
-                       "threshold_rule": "f1", "validated": False} for name in meta.labels}
-    evidence[VALIDATED] = {"positives": MIN_VAL_POSITIVES + 20, "negatives": 90, "auroc": 0.8,
-                           "auroc_ci": [0.7, 0.9], "threshold": 0.0, "threshold_rule": "f1", "validated": True}
-    trust = Trust(scope, fit_calibration(logits, y, meta.labels), evidence, {})
-    obj = safe_torch_load(tiny_checkpoint)
-    # Threshold 0 for every label: every probability reaches it, so only the rules can withhold a call.
-    obj["meta"]["thresholds"] = [0.0] * len(meta.labels)
-    obj[TRUST_KEY] = trust.to_dict()
-    path = tmp_path_factory.mktemp("trusted") / "model.pth"
-    torch.save(obj, path)
-    return path
+def trusted_checkpoint(tmp_path_factory, tiny_checkpoint, nih_dir) -> Path:
+    return make_trusted_checkpoint(tmp_path_factory.mktemp("trusted") / "model.pth", tiny_checkpoint, nih_dir)
 
 
 @pytest.fixture(scope="module")
