@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["predict.md", "web.md", "cache.md", "load.md"]
+ORDER = ["predict.md", "web.md", "cache.md", "load.md", "scope_time.md", "scope.md", "calibration.md"]
 HEADER = """# Benchmarks
 
 Timings are measured as ratios against a baseline run side by side in the same process (or the same server), on

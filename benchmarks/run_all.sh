@@ -7,4 +7,10 @@ $PY benchmarks/bench_predict.py
 $PY benchmarks/bench_web.py
 $PY benchmarks/bench_cache.py
 $PY benchmarks/bench_load.py
+$PY benchmarks/bench_scope_time.py
+# The in-scope and calibration figures need a model trained on the sample (the README's smoke command) and fitted.
+SMOKE=${SMOKE:-/tmp/chestxray-smoke.pth}
+TRAIN="Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained --device cpu"
+[ -f "$SMOKE" ] || $PY $TRAIN --output "$SMOKE" --no-progress
+$PY benchmarks/bench_scope.py --checkpoint "$SMOKE" --data-dir ../shared/data/nih --command "$TRAIN"
 $PY benchmarks/collect.py
