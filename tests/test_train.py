@@ -115,7 +115,8 @@ def test_checkpoint_metrics_and_thresholds_reproduce_from_its_metadata(trained_r
     # Training ends by fitting the trust entry: thresholds are chosen on the calibrated scale.
     trust = Trust.from_checkpoint(torch.load(trained_run["best"], weights_only=True), meta.labels)
     assert trust.scope is not None and trust.calibration is not None and set(trust.evidence) == set(LABELS)
-    calibrated = trust.calibration.apply(np.log(probs / (1 - probs)))
+    p64 = probs.astype(np.float64)
+    calibrated = trust.calibration.apply(np.log(p64 / (1 - p64)))
     np.testing.assert_allclose(meta.thresholds, choose_thresholds(y, calibrated, "f1"), atol=1e-5)
 
 
