@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch
 from chestxray.imaging import InvalidImage, read_xray
-from chestxray.scope import METHODS, THUMBNAIL, collect_outputs, fit_scope, image_statistics, pooled_features
+from chestxray.scope import IMAGE_STATS, METHODS, collect_outputs, fit_scope, image_statistics, pooled_features
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import Trust
 from Model_Training.fit_trust import training_splits
@@ -151,8 +151,8 @@ def real_other_cxr() -> list[tuple[str, bytes]]:
 
 @torch.inference_mode()
 def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """Read each image with the product's reader and preprocess -> (names, pooled (N, C), image statistics (N, 64),
-    unreadable names)."""
+    """Read each image with the product's reader and preprocess -> (names, pooled (N, C), image statistics
+    (N, IMAGE_STATS), unreadable names)."""
     tf, normalize = build_transform(meta), build_normalize(meta)
     names, feats, stats, bad = [], [], [], []
     for name, data in items:
@@ -165,10 +165,10 @@ def features_of(model, meta, items: list[tuple[str, bytes]]) -> tuple[list[str],
             continue
         x = normalize(tf(image).unsqueeze(0))
         feats.append(pooled_features(model.features(x))[0].numpy())
-        stats.append(image_statistics(x)[0].numpy())
+        stats.append(image_statistics(x, meta.mean[0], meta.std[0])[0].numpy())
         names.append(name)
     if not feats:
-        return names, np.zeros((0, model.classifier.in_features)), np.zeros((0, THUMBNAIL**2)), bad
+        return names, np.zeros((0, model.classifier.in_features)), np.zeros((0, IMAGE_STATS)), bad
     return names, np.stack(feats), np.stack(stats), bad
 
 

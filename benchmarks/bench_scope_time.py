@@ -22,7 +22,7 @@ from chestxray.checkpoint import model_from_meta
 from chestxray.imaging import read_xray
 from chestxray.meta import Meta
 from chestxray.predictor import Predictor
-from chestxray.scope import THUMBNAIL, fit_scope
+from chestxray.scope import IMAGE_STATS, fit_scope
 from chestxray.trust import Trust
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,8 @@ def main(args: argparse.Namespace) -> dict:
     model = model_from_meta(meta).eval()
     rng = np.random.default_rng(0)
     c = model.classifier.in_features
-    scope = fit_scope(rng.normal(size=(2 * c, c)), "mahalanobis+image", rng.normal(size=(200, THUMBNAIL**2)),
-                      rng.normal(size=(100, c)), rng.normal(size=(100, THUMBNAIL**2)))
+    scope = fit_scope(rng.normal(size=(2 * c, c)), "mahalanobis+image", rng.normal(size=(200, IMAGE_STATS)),
+                      rng.normal(size=(100, c)), rng.normal(size=(100, IMAGE_STATS)))
     scope = scope.with_limit(np.array([1.0, 2.0]))
     trust = Trust(scope, Calibration.identity(meta.labels), None, {})
     plain, trusted = Predictor(model, meta, "cpu"), Predictor(model, meta, "cpu", trust)

@@ -20,6 +20,7 @@ from .evidence import RULE, format_scope, is_validated
 from .fileio import to_json_data
 from .imaging import Source, _read_bytes, read_xray, sniff  # _read_bytes: read_xray's own reader and messages
 from .meta import CheckpointError, Meta
+from .metrics import binarize
 from .model import ChestXrayNet
 from .scope import image_statistics, pooled_features
 from .transforms import preprocess
@@ -67,6 +68,7 @@ class Prediction:
     in_scope: bool | None = None
     scope_score: float | None = None
     scope_limit: float | None = None
+    support: dict[str, bool] = field(default_factory=dict)  # some positive value in the label's map
 
     def ranked(self) -> list[str]:
         """Called (positive) labels first, then the rest; each group by probability, highest first."""
@@ -99,13 +101,13 @@ class Prediction:
         """
         positive = set(self.positive)
         rows = []
-        for j, label in enumerate(self.labels):
+        for label in self.labels:
             ev = self.evidence.get(label) or {}
             rows.append({
                 "label": label, "probability": self.probabilities[label], "logit": self.logits.get(label),
                 "threshold": self.thresholds[label], "positive": label in positive, "call": self.call(label),
                 "validated": self.validated.get(label), "auroc": ev.get("auroc"), "auroc_ci": ev.get("auroc_ci"),
-                "has_support": has_support(self.heatmaps[j]) if self.heatmaps is not None else None,
+                "has_support": self.support.get(label),
             })
         return to_json_data({
             "labels": rows,
@@ -172,10 +174,15 @@ class Predictor:
             # One forward pass: the transition features give the logits, every heatmap and the scope score.
             features = self.model.features(x)
             logits = self.model.head(features).float()[0].cpu().numpy().astype(np.float64)
-            maps = class_activation_maps(self.model, features)[0].cpu().numpy() if heatmaps else None
+            # The maps cost one small einsum; always made, so every answer says which labels have support.
+            maps = class_activation_maps(self.model, features)[0].cpu().numpy()
             pooled = pooled_features(features) if self.trust.scope is not None else None
-            stats = image_statistics(x) if pooled is not None and self.trust.scope.needs_images else None
-        return self._prediction(image, logits, maps, pooled, stats, image_format)
+            stats = (image_statistics(x, self.meta.mean[0], self.meta.std[0])
+                     if pooled is not None and self.trust.scope.needs_images else None)
+        prediction = self._prediction(image, logits, maps, pooled, stats, image_format)
+        if not heatmaps:
+            prediction.heatmaps = None
+        return prediction
 
     def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
                     pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None) -> Prediction:
@@ -189,8 +196,9 @@ class Predictor:
             score = float(trust.scope.score(pooled, stats)[0])
             limit = trust.scope.limit
             in_scope = bool(trust.scope.in_scope(score))
-        positive = [name for name, p, t in zip(self.labels, probs, self.thresholds)
-                    if p >= t and self.validated[name] is not False and in_scope is not False]
+        calls = binarize(probs, self.thresholds)
+        positive = [name for name, call in zip(self.labels, calls)
+                    if call and self.validated[name] is not False and in_scope is not False]
         return Prediction(
             labels=self.labels,
             probabilities={name: float(p) for name, p in zip(self.labels, probs)},
@@ -207,6 +215,7 @@ class Predictor:
             in_scope=in_scope,
             scope_score=score,
             scope_limit=limit,
+            support={name: has_support(m) for name, m in zip(self.labels, maps)},
         )
 
     def model_card(self) -> dict:

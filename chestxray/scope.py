@@ -31,10 +31,14 @@ DEFAULT_PERCENTILE = 99.0
 # "mahalanobis-l2": the features are first divided by their L2 norm, so the distance measures the pattern of
 # activations rather than their overall strength (tried in benchmarks/bench_scope.py; see BENCHMARKS.md).
 # "mahalanobis+image": the larger of two ratios, each a Mahalanobis distance over its own validation percentile:
-# the pooled features', and an 8x8 thumbnail's of the normalised input (its gross layout: a frontal chest film
-# has dark lungs either side of a bright mediastinum). The thumbnail is cut from the input already in memory.
+# the pooled features', and the input's cheap statistics' (image_statistics: an 8x8 thumbnail, a histogram and the
+# contrast; a frontal chest film has dark lungs either side of a bright mediastinum and a wide range of grey), all
+# computed from the input already in memory.
 METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
 THUMBNAIL = 8
+HISTOGRAM_BINS = 16
+IMAGE_STATS = THUMBNAIL**2 + HISTOGRAM_BINS + 1
+IMAGENET_MEAN0, IMAGENET_STD0 = 0.485, 0.229  # meta.mean[0] / meta.std[0] of every checkpoint so far
 DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
 
 
@@ -49,11 +53,22 @@ def pooled_features(features: torch.Tensor) -> torch.Tensor:
     return features.float().mean(dim=(2, 3))
 
 
-def image_statistics(x: torch.Tensor) -> torch.Tensor:
-    """Normalised input (N, C, S, S) -> its first channel averaged to THUMBNAIL x THUMBNAIL, flattened: (N, 64)."""
+def image_statistics(x: torch.Tensor, mean: float | None = None, std: float | None = None) -> torch.Tensor:
+    """Cheap statistics of the normalised input (N, C, S, S) -> (N, IMAGE_STATS) float32: its first channel averaged
+    to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions) and their
+    standard deviation (contrast: a flat or washed-out image has almost none).
+
+    mean/std: channel 0's normalisation, to map values back to [0, 1] for the histogram (ImageNet's by default).
+    """
     if x.ndim != 4:
         raise ScopeError(f"expected a normalised input batch (N, C, S, S), got shape {tuple(x.shape)}")
-    return torch.nn.functional.adaptive_avg_pool2d(x[:, :1].float(), THUMBNAIL).flatten(1)
+    g = x[:, :1].float()
+    thumb = torch.nn.functional.adaptive_avg_pool2d(g, THUMBNAIL).flatten(1)
+    m, s = (IMAGENET_MEAN0 if mean is None else mean), (IMAGENET_STD0 if std is None else std)
+    v = (g.flatten(1) * s + m).clamp(0.0, 1.0)
+    bins = (v * HISTOGRAM_BINS).long().clamp_max(HISTOGRAM_BINS - 1)
+    hist = torch.zeros(v.shape[0], HISTOGRAM_BINS, device=v.device).scatter_add_(1, bins, torch.ones_like(v))
+    return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True)], dim=1)
 
 
 def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +143,7 @@ class ScopeStats:
     def score(self, pooled: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
         """Scope score of each image -> (N,) float64 >= 0; larger = less like the training images.
 
-        pooled: (N, C) pooled transition features; images: (N, 64) image_statistics, for mahalanobis+image only.
+        pooled: (N, C) pooled transition features; images: (N, IMAGE_STATS) image_statistics, mahalanobis+image only.
         """
         x = _prepare(pooled, self.method)
         if x.shape[1] != self.channels:
@@ -201,7 +216,7 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
               percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
     """Mean and Ledoit-Wolf shrunk precision of training features (N, C) -> ScopeStats without a limit.
 
-    mahalanobis+image also fits the thumbnails (train_images (N, 64)) and scales each part by its `percentile`-th
+    mahalanobis+image also fits the image statistics (train_images (N, IMAGE_STATS)) and scales each part by its `percentile`-th
     validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images, non-finite features
     or missing inputs.
     """
@@ -230,7 +245,7 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
 def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, normalize,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One eval pass -> (logits (N, L) float32, pooled features (N, C) float32, targets (N, L), indices (N,),
-    image statistics (N, 64)).
+    image statistics (N, IMAGE_STATS)).
 
     `loader` yields data.collate_batch batches ((B, 1, S, S) uint8 images, targets, indices[, unreadable]);
     unreadable items are left out (compare the indices).
@@ -246,7 +261,7 @@ def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, 
             continue
         x = normalize(images.to(device))
         a = model.features(x)
-        thumbs.append(image_statistics(x).cpu())
+        thumbs.append(image_statistics(x, normalize.mean[0], normalize.std[0]).cpu())
         logits.append(model.head(a).float().cpu())
         pooled.append(pooled_features(a).cpu())
         targets.append(batch_targets.float())

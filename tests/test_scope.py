@@ -102,7 +102,11 @@ def test_pooled_features_come_from_the_same_forward_pass(tiny_checkpoint):
     assert pooled.shape == (5, 1024) and list(indices) == [0, 1, 2, 3, 4]
     with torch.no_grad():  # the thumbnail: the normalised input's first channel averaged over 8 x 8 blocks of 8 px
         expected = normalize(images)[:, 0].reshape(5, 8, 8, 8, 8).mean(dim=(2, 4)).reshape(5, 64)
-    np.testing.assert_allclose(thumbs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(thumbs[:, :64], expected.numpy(), rtol=1e-5, atol=1e-6)
+    values = (normalize(images)[:, 0] * 0.229 + 0.485).clamp(0, 1).reshape(5, -1).numpy()
+    hist = np.stack([np.histogram(v, bins=16, range=(0, 1))[0] for v in values]) / values.shape[1]
+    np.testing.assert_allclose(thumbs[:, 64:80], hist, atol=1e-6)  # numpy's histogram, 16 bins of [0, 1]
+    np.testing.assert_allclose(thumbs[:, 80], values.std(axis=1, ddof=1), rtol=1e-4)
     with pytest.raises(ScopeError):
         pooled_features(torch.zeros(2, 3))
 

@@ -104,14 +104,15 @@ def test_api_and_page_refuse_out_of_scope(client, photo, which):
     assert "Out of scope." in page and "does not look like a frontal chest radiograph" in page
     assert 'id="show-anyway"' in page and "findings-table" not in page
     shown = client.get(doc["result"] + "?show=1").data.decode()
-    assert "findings-table" in shown and "greyed" in shown and 'class="badge">positive' not in shown
+    assert "findings-table" in shown and "greyed" in shown and 'class="finding positive' not in shown
+    assert shown.count('<td class="call">no call (out of scope)</td>') == 1  # the validated label
 
 
 def test_page_says_not_validated(client, held_out):
     response = client.post("/predict", data={"file": (io.BytesIO(held_out.read_bytes()), "cxr.png")})
     page = client.get(response.headers["Location"]).data.decode()
     assert "Out of scope." not in page and "In scope:" in page
-    assert page.count(f'<td class="call">{NOT_VALIDATED}</td>') == 13 and page.count('class="badge">positive') == 1
+    assert page.count(f'<td class="call">{NOT_VALIDATED}</td>') == 13 and page.count('class="finding positive') == 1
     assert "0.80 (0.70–0.90)" in page  # the validated label's AUROC and CI beside its probability
 
 
