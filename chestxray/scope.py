@@ -128,6 +128,9 @@ class ScopeStats:
                 raise ScopeError("scope method mahalanobis+image needs image_mean and image_precision")
             object.__setattr__(self, "image_mean", torch.as_tensor(self.image_mean).float().cpu())
             object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
+            if self.image_mean.shape != (IMAGE_STATS,) or self.image_precision.shape != (IMAGE_STATS, IMAGE_STATS):
+                raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
+                                 f"computes {IMAGE_STATS}: refit with Model_Training/fit_trust.py")
             if not (self.feature_scale > 0 and self.image_scale > 0):
                 raise ScopeError("scope part scales must be positive")
 
@@ -216,9 +219,9 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
               percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
     """Mean and Ledoit-Wolf shrunk precision of training features (N, C) -> ScopeStats without a limit.
 
-    mahalanobis+image also fits the image statistics (train_images (N, IMAGE_STATS)) and scales each part by its `percentile`-th
-    validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images, non-finite features
-    or missing inputs.
+    mahalanobis+image also fits the image statistics (train_images (N, IMAGE_STATS)) and scales each part by its
+    `percentile`-th validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images,
+    non-finite features or missing inputs.
     """
     if method not in METHODS:
         raise ScopeError(f"unknown scope method {method!r}; known: {list(METHODS)}")
