@@ -33,7 +33,6 @@ from chestxray.data import XrayDataset, collate_batch
 from chestxray.imaging import InvalidImage, read_xray
 from chestxray.scope import IMAGE_STATS, METHODS, collect_outputs, fit_scope, image_statistics, pooled_features
 from chestxray.transforms import build_normalize, build_transform
-from chestxray.trust import Trust
 from Model_Training.fit_trust import training_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +193,7 @@ def write_calibration(out: str, report: dict, labels, stamp: str) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     model, meta, _ = load_checkpoint(args.checkpoint)
-    trust = Trust.from_checkpoint(safe_torch_load(args.checkpoint), meta.labels)
+    report = (safe_torch_load(args.checkpoint).get("trust") or {}).get("report")  # calibration figures (fit_trust)
     splits = training_splits(meta, args.data_dir)
     tf, normalize = build_transform(meta), build_normalize(meta)
     pooled, thumbs = {}, {}
@@ -273,8 +272,8 @@ def main(args: argparse.Namespace) -> dict:
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    if trust.report:
-        write_calibration(args.calibration_out, trust.report, meta.labels, stamp)
+    if report:
+        write_calibration(args.calibration_out, report, meta.labels, stamp)
     return {"accept": accept, "reject": reject, "rows": rows}
 
 
