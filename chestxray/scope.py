@@ -71,9 +71,20 @@ def image_statistics(x: torch.Tensor, mean: float | None = None, std: float | No
     return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True)], dim=1)
 
 
-def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    lw = LedoitWolf(assume_centered=False).fit(x)
-    return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf mean and precision of x (N, D). standardize: shrink the correlation, not the covariance.
+
+    Why: Ledoit-Wolf shrinks toward a multiple of the identity; with dimensions of very different spread (an 8x8
+    thumbnail beside a contrast value 20x smaller) that drowns the small ones. Shrinking the standardised data and
+    mapping back (P = D^-1 P' D^-1, D = the training standard deviations) keeps every dimension's own scale.
+    """
+    if not standardize:
+        lw = LedoitWolf(assume_centered=False).fit(x)
+        return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+    sd = np.maximum(x.std(axis=0), 1e-6)
+    lw = LedoitWolf(assume_centered=False).fit(x / sd)
+    precision = lw.precision_ / sd[:, None] / sd[None, :]
+    return torch.from_numpy(lw.location_ * sd).float(), torch.from_numpy(precision).float()
 
 
 def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> np.ndarray:
@@ -230,12 +241,13 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
         raise ScopeError(f"fitting scope statistics needs at least 2 training images, got {x.shape[0]}")
     if not np.isfinite(x).all():
         raise ScopeError("training features hold NaN or infinite values")
-    mean, precision = _gaussian(x)
     if method != "mahalanobis+image":
+        mean, precision = _gaussian(x)
         return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]))
+    mean, precision = _gaussian(x, standardize=True)
     if train_images is None or val_pooled is None or val_images is None:
         raise ScopeError("mahalanobis+image needs the training thumbnails and the validation features and thumbnails")
-    image_mean, image_precision = _gaussian(np.asarray(train_images, dtype=np.float64))
+    image_mean, image_precision = _gaussian(np.asarray(train_images, dtype=np.float64), standardize=True)
     feature_scale = float(np.percentile(_distance(_prepare(val_pooled, method), mean, precision), percentile))
     image_scale = float(np.percentile(_distance(torch.as_tensor(np.asarray(val_images)).float(), image_mean,
                                                 image_precision), percentile))

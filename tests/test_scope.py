@@ -114,15 +114,18 @@ def test_pooled_features_come_from_the_same_forward_pass(tiny_checkpoint):
 def test_image_variant_takes_the_larger_scaled_part(gaussian):
     train, val = gaussian
     rng = np.random.default_rng(5)
-    train_img, val_img = rng.normal(size=(400, 64)), rng.normal(size=(1000, 64))
+    scales = np.r_[np.ones(64), np.full(17, 0.01)]  # thumbnail-like and histogram/contrast-like spreads
+    train_img, val_img = rng.normal(size=(400, 81)) * scales, rng.normal(size=(1000, 81)) * scales
     stats = fit_scope(train, "mahalanobis+image", train_img, val, val_img, 99.0)
-    plain = fit_scope(train)
-    lw = LedoitWolf().fit(train_img)
-    expected = np.maximum(plain.score(val) / stats.feature_scale,
-                          np.sqrt(lw.mahalanobis(val_img)) / stats.image_scale)
-    np.testing.assert_allclose(stats.score(val, val_img), expected, rtol=1e-4)
-    assert stats.feature_scale == pytest.approx(np.percentile(plain.score(val), 99.0), rel=1e-5)
-    odd = val_img[:20] + 5.0  # features as usual, thumbnails far off: out
+    # Each part: Ledoit-Wolf on the standardised training data (sklearn), distances in standardised units.
+    sd, sd_img = train.std(axis=0), train_img.std(axis=0)
+    feat = np.sqrt(LedoitWolf().fit(train / sd).mahalanobis(val / sd))
+    img = np.sqrt(LedoitWolf().fit(train_img / sd_img).mahalanobis(val_img / sd_img))
+    expected = np.maximum(feat / stats.feature_scale, img / stats.image_scale)
+    np.testing.assert_allclose(stats.score(val, val_img), expected, rtol=1e-3)
+    assert stats.feature_scale == pytest.approx(np.percentile(feat, 99.0), rel=1e-3)
+    odd = val_img[:20].copy()
+    odd[:, -1] += 0.1  # features as usual, only the small-spread "contrast" off by 10 of its sds: out
     stats = stats.with_limit(stats.score(val, val_img))
     assert not stats.in_scope(stats.score(val[:20], odd)).any()
     with pytest.raises(ScopeError, match="image statistics"):
