@@ -217,7 +217,7 @@ def test_out_of_scope_upload_and_not_validated_label(trusted_server, browser, tm
     with page.expect_navigation():
         page.click("#show-anyway")
     assert page.locator(".findings-table td.probability").count() == 14  # shown on request, greyed, no badges
-    assert page.locator(".findings.greyed").count() == 1 and page.locator(".badge").count() == 0
+    assert page.locator(".findings.greyed").count() == 1 and page.locator(".findings-table .badge").count() == 0
 
     page.goto(trusted_server + "/")
     page.set_input_files("#file", str(NIH_PNG))
