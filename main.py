@@ -27,6 +27,7 @@ import dicom_node
 import views
 import worklist
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from chestxray.evidence import format_call, format_scope
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
 from predictions import TRAIN_COMMAND
@@ -141,6 +142,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.after_request(_no_store_for_results)
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
     app.jinja_env.filters["percent"] = lambda p: f"{100 * p:.1f}%"
+    app.jinja_env.globals["format_call"] = format_call  # probability/threshold texts that agree with the call
+    app.jinja_env.globals["format_scope"] = format_scope
 
     @app.context_processor
     def model_context() -> dict:

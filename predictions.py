@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from chestxray.cam import has_support, with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
@@ -96,7 +97,10 @@ def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> di
     if folder is not None:
         record["heatmaps"] = {}
         for label in pred.labels if which == "all" else pred.positive:
-            image = pred.overlay(label)
+            supported = has_support(pred.heatmaps[pred.labels.index(label)])
+            caption = (f"{label}: colour = evidence for this finding, scaled to this map's own peak" if supported
+                       else f"{label}: no region supports this finding")
+            image = with_legend(pred.overlay(label), caption)
             target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
             record["heatmaps"][label] = str(target)
     return record
@@ -167,6 +171,8 @@ def _score(predictor: Predictor, images: list[Path], folders: list, args: argpar
                 record = {"image": str(d.path), "error": d.error}
             else:
                 record = _record(next(preds), d.path, folders[d.index], args.heatmaps)
+                if record.get("in_scope") is False:  # said where a person watching the run sees it
+                    print(f"{d.path}: {record['scope']}", file=sys.stderr, flush=True)
             if jsonl is not None:
                 jsonl.write(dumps_json(record) + "\n")
                 jsonl.flush()

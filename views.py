@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
-from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
+from chestxray.results import HEATMAP_SCALES, ResultNotFound, ResultStore, default_label, label_names, ranked
 from predictions import TRAIN_COMMAND
 
 if TYPE_CHECKING:
@@ -244,9 +244,11 @@ def result(rid: str):
     if label not in label_names(record):
         label = default_label(record)
     rows = ranked(record)
+    scale = request.args.get("scale") if request.args.get("scale") in HEATMAP_SCALES else "own"
     return render_template(
         "result.html", r=record, rows=rows, label=label, selected=next(r for r in rows if r["label"] == label),
-        opacity=round(_int_arg("opacity", 60, 0, 100), -1), plain=request.args.get("plain") == "1",
+        opacity=round(_int_arg("opacity", 60, 0, 100), -1), plain=request.args.get("plain") == "1", scale=scale,
+        show_anyway=request.args.get("show") == "1",
     )
 
 
@@ -261,7 +263,8 @@ def result_image(rid: str):
 @bp.get("/results/<rid>/heatmap/<label>.png")
 def heatmap(rid: str, label: str):
     try:
-        return send_file(result_store().heatmap_path(rid, label), mimetype="image/png")
+        return send_file(result_store().heatmap_path(rid, label, request.args.get("scale", "own")),
+                         mimetype="image/png")
     except ResultNotFound as exc:
         abort(404, str(exc))
 

@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint
+from chestxray.calibration import Calibration, calibration_report
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
 from chestxray.data import (
     DataError,
     MissingImages,
@@ -37,7 +38,7 @@ from chestxray.data import (
     trained_images,
 )
 from chestxray.device import DeviceUnavailable, resolve_device
-from chestxray.engine import predict_probabilities
+from chestxray.engine import predict_logits
 from chestxray.fileio import write_json
 from chestxray.localization import (
     BBoxError,
@@ -46,17 +47,19 @@ from chestxray.localization import (
     read_bbox_csv,
 )
 from chestxray.meta import SplitSpec
-from chestxray.metrics import evaluate_predictions
+from chestxray.metrics import calibration, evaluate_predictions
 from chestxray.onnx_backend import OnnxLogits
 from chestxray.predictor import Predictor
 from chestxray.report import (
     per_label_frame,
     per_label_rows,
+    plot_reliability,
     text_table,
     write_plots,
     write_report,
 )
 from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import Trust, TrustError
 from Model_Training.cli import UsageError
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -212,9 +215,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise UsageError("--bbox-csv (heatmap localization) runs on --backend torch; drop one of them")
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend="onnx")
         model, meta, device = OnnxLogits(predictor.onnx), predictor.meta, torch.device("cpu")  # ORT takes host arrays
+        cal = predictor.trust.calibration
     else:
         device = resolve_device(args.device)
-        model, meta, _ = load_checkpoint(args.checkpoint, map_location="cpu")
+        obj = safe_torch_load(args.checkpoint, map_location="cpu")
+        model, meta, _ = checkpoint_from_obj(obj, args.checkpoint)
+        try:
+            cal = Trust.from_checkpoint(obj, meta.labels).calibration
+        except TrustError as exc:
+            raise CheckpointError(f"{args.checkpoint}: {exc}") from None
         model = model.to(device)
     data_dir = Path(args.data_dir)
     with warnings.catch_warnings(record=True) as caught:
@@ -233,7 +242,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _log(f"evaluating {args.checkpoint} ({meta.arch}, {meta.image_size} px, {len(meta.labels)} labels) on "
          f"{len(rows)} images of {rows['patient'].nunique()} patients: {args.split} split, {description}")
 
-    frame, unreadable = predict_frame(args, model, meta, rows, device)
+    frame, unreadable = predict_frame(args, model, meta, rows, device, cal)
     # Full float precision (pandas writes the shortest repr that reads back exactly): metrics recomputed from
     # predictions.csv equal metrics.json's; %.6g created ties that moved AUROCs by up to 3e-5.
     frame.to_csv(out / "predictions.csv", index=False)
@@ -250,22 +259,29 @@ def _evaluate(args: argparse.Namespace) -> int:
         "training": {k: meta.training.get(k) for k in ("data", "epochs", "val_mean_auroc", "date", "commit")},
     }
     metrics["run"] = context
+    metrics["calibration_per_label"] = calibration_before_after(frame, meta.labels, cal)
     if args.bbox_csv:
         metrics["localization"] = localize(args, model, meta, index, data_dir, device, out)
     plots = write_outputs(out, frame, metrics, meta, context)
+    plots.append(plot_uncalibrated(out, frame, meta.labels))
     _print_summary(metrics, out, args, plots)
+    _print_calibration(metrics["calibration_per_label"])
     return 0
 
 
-def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFrame, device):
-    """The checkpoint's preprocessing and the shared evaluation loop -> (predictions frame, unreadable names)."""
+def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFrame, device,
+                  cal: Calibration | None = None):
+    """The checkpoint's preprocessing and the shared evaluation loop -> (predictions frame, unreadable names).
+
+    <label>_prob is the calibrated probability when the checkpoint holds a calibration (its thresholds are on that
+    scale), sigmoid(logit) otherwise; <label>_logit keeps the raw output."""
     dataset = XrayDataset(rows, meta.labels, build_transform(meta, train=False), args.cache_dir,
                           skip_unreadable=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_batch, pin_memory=device.type == "cuda")
-    y_prob, y_true, indices = predict_probabilities(model, loader, device, build_normalize(meta),
-                                                    amp=args.amp and device.type == "cuda",
-                                                    progress=not args.no_progress)
+    logits, y_true, indices, _ = predict_logits(model, loader, device, build_normalize(meta),
+                                                amp=args.amp and device.type == "cuda", progress=not args.no_progress)
+    y_prob = (cal or Calibration.identity(meta.labels)).apply(logits)
     unreadable = sorted(set(rows["image"]) - set(rows["image"].iloc[indices]))
     if unreadable:
         _log(f"warning: {len(unreadable)} unreadable image(s) left out: {', '.join(unreadable[:10])}"
@@ -273,7 +289,40 @@ def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFram
     if len(indices) == 0:
         raise DataError(f"none of the {len(rows)} images of the {args.split} split could be read")
     evaluated = rows.iloc[indices].reset_index(drop=True)
-    return predictions_frame(evaluated, meta.labels, y_true, y_prob), unreadable
+    frame = predictions_frame(evaluated, meta.labels, y_true, y_prob)
+    for j, name in enumerate(meta.labels):
+        frame[f"{name}_logit"] = logits[:, j].astype(np.float64)
+    return frame, unreadable
+
+
+def calibration_before_after(frame: pd.DataFrame, labels, cal: Calibration | None) -> dict:
+    """ECE (10 bins) and Brier per label of sigmoid(logit) ("before") and of the calibrated probability ("after";
+    None when the checkpoint has no calibration)."""
+    y = frame[[f"{n}_true" for n in labels]].to_numpy()
+    logits = frame[[f"{n}_logit" for n in labels]].to_numpy()
+    return {"before": calibration_report(y, Calibration.identity(labels).apply(logits), labels),
+            "after": calibration_report(y, cal.apply(logits), labels) if cal is not None else None}
+
+
+def plot_uncalibrated(out: Path, frame: pd.DataFrame, labels) -> str:
+    """reliability_uncalibrated.png: the reliability diagram of sigmoid(logit), beside the calibrated one."""
+    y = frame[[f"{n}_true" for n in labels]].to_numpy()
+    raw = Calibration.identity(labels).apply(frame[[f"{n}_logit" for n in labels]].to_numpy())
+    return plot_reliability(calibration(y, raw), out / "reliability_uncalibrated.png").name
+
+
+def _print_calibration(report: dict) -> None:
+    after = report["after"]
+    _log("\ncalibration per label: ECE / Brier " + ("before -> after Platt scaling" if after else
+                                                   "(the checkpoint has no calibration)"))
+    for name, b in report["before"].items():
+        if b["ece"] is None:
+            continue
+        line = f"  {name:<20} ECE {_pct(b['ece'])}  Brier {b['brier']:.4f}"
+        if after:
+            a = after[name]
+            line += f"  ->  ECE {_pct(a['ece'])}  Brier {a['brier']:.4f}"
+        _log(line)
 
 
 def find_bbox_csv(index: pd.DataFrame, data_dir: Path) -> str | None:

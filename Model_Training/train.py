@@ -53,6 +53,7 @@ from chestxray.losses import LOSSES, build_loss
 from chestxray.meta import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
+from chestxray.scope import ScopeError
 from chestxray.trainstate import (
     CONFIG_FILE,
     STATE_FILE,
@@ -68,6 +69,7 @@ from chestxray.trainstate import (
     write_config,
 )
 from chestxray.transforms import build_normalize, build_transform
+from Model_Training import fit_trust
 from Model_Training.cli import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +130,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--check-data", action="store_true", help="read every train/val image once before training, list the "
         "unreadable ones and leave them out (fills --cache-dir) (default: off)")
     add("--no-progress", action="store_true", help="no progress bars (default: bars on the first process)")
+    add("--no-trust", action="store_true", help="skip the final fit of the in-scope check, calibration and "
+        "validation evidence (default: fitted into --output after the last epoch; Model_Training/fit_trust.py "
+        "does it later)")
     return parser
 
 
@@ -400,10 +405,27 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
             ddp.log(_epoch_line(epoch, args.epochs, stats, result, run.labels) + ("  * saved" if is_best else ""))
     ddp.barrier()
     if progress.best_epoch is not None:
+        if ddp.main and not args.no_trust:
+            fit_trust_into(args)
         best = "n/a" if not math.isfinite(progress.best_score) else f"{progress.best_score:.4f}"
         ddp.log(f"done: best epoch {progress.best_epoch} (validation mean AUROC {best}) -> {args.output}; "
                 f"run folder {run.dir}")
     return 0
+
+
+def fit_trust_into(args: argparse.Namespace) -> None:
+    """Fit scope statistics, calibration, calibrated thresholds and evidence into the best checkpoint (one eval pass
+    over the training and validation splits, without augmentation), exactly as Model_Training/fit_trust.py does."""
+    fit_args = fit_trust.get_args_parser().parse_args(
+        ["--checkpoint", str(args.output), "--data-dir", str(args.data_dir), "--threshold-rule", args.threshold_rule,
+         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device]
+        + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
+        + ([] if args.no_progress else ["--progress"]))
+    try:
+        fit_trust.fit_checkpoint(fit_args, log=lambda line: print(line, flush=True))
+    except ScopeError as exc:  # e.g. a smoke run with a single training image: the model itself is still saved
+        print(f"warning: no in-scope check, calibration or evidence fitted ({exc}); answers say 'not available'",
+              flush=True)
 
 
 def prepare_run(args: argparse.Namespace, ddp: _Dist) -> Run:

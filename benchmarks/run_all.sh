@@ -13,4 +13,10 @@ $PY benchmarks/bench_cpu.py
 $PY benchmarks/bench_batch.py
 $PY benchmarks/bench_web.py --backend onnx --out benchmarks/results/web-onnx.md
 # int8 gate needs a trained checkpoint: $PY benchmarks/int8_gate.py --checkpoint CKPT --data-dir DIR
+$PY benchmarks/bench_scope_time.py
+# The in-scope and calibration figures need a model trained on the sample (the README's smoke command) and fitted.
+SMOKE=${SMOKE:-/tmp/chestxray-smoke.pth}
+TRAIN="Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained --device cpu"
+[ -f "$SMOKE" ] || $PY $TRAIN --output "$SMOKE" --no-progress
+$PY benchmarks/bench_scope.py --checkpoint "$SMOKE" --data-dir ../shared/data/nih --command "$TRAIN"
 $PY benchmarks/collect.py

@@ -49,11 +49,29 @@ def grad_cam_trunk(model: ChestXrayNet, x: torch.Tensor, label_indices: list[int
     return torch.stack(maps, dim=1).detach()
 
 
-def normalize_map(cam: np.ndarray | torch.Tensor) -> np.ndarray:
-    """ReLU then scale to [0, 1] by the maximum (an all-negative map becomes all zeros); (h, w) float32."""
+# Perceptually uniform, reads in greyscale and for colour-blind viewers (matplotlib's inferno), unlike jet.
+COLORMAP = "inferno"
+
+
+def normalize_map(cam: np.ndarray | torch.Tensor, peak: float | None = None) -> np.ndarray:
+    """ReLU then scale to [0, 1]: by the map's own maximum, or by `peak` (one scale shared by several maps).
+
+    (h, w) float32; an all-negative map becomes all zeros (no region supports the finding).
+    """
     m = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    peak = float(m.max()) if m.size else 0.0
-    return m / peak if peak > 0 else m
+    if peak is None:
+        peak = float(m.max()) if m.size else 0.0
+    return np.clip(m / peak, 0.0, 1.0) if peak > 0 else m
+
+
+def has_support(cam: np.ndarray | torch.Tensor) -> bool:
+    """True when some region has positive evidence (a value > 0); an all-<=0 map supports the finding nowhere."""
+    return bool(np.asarray(cam, dtype=np.float32).max(initial=0.0) > 0.0)
+
+
+def shared_peak(maps: np.ndarray | torch.Tensor) -> float:
+    """The largest positive value over all maps (L, h, w): one scale for all labels (raw CAM values share units)."""
+    return float(np.maximum(np.asarray(maps, dtype=np.float32), 0.0).max(initial=0.0))
 
 
 def upsample_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -62,21 +80,48 @@ def upsample_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
-    """Blend a heatmap over an X-ray: image (H, W) in [0, 1], cam (h, w) raw -> RGB PIL image (W x H)."""
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: str = COLORMAP,
+            peak: float | None = None) -> Image.Image:
+    """Blend a heatmap over an X-ray: image (H, W) in [0, 1], cam (h, w) raw -> RGB PIL image (W x H).
+
+    peak: None scales the map to its own maximum; a number puts several maps on one scale (see shared_peak).
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     h, w = image.shape
-    heat = upsample_map(normalize_map(cam), h, w)
+    heat = upsample_map(normalize_map(cam, peak), h, w)
     colour = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
     gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
     blended = (1 - alpha) * gray + alpha * colour
     return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
 
 
-def heatmap_image(cam: np.ndarray, height: int, width: int, colormap: str = "jet") -> Image.Image:
+def heatmap_image(cam: np.ndarray, height: int, width: int, colormap: str = COLORMAP,
+                  peak: float | None = None) -> Image.Image:
     """The colour-mapped heatmap alone, RGBA with opacity following the heat (for a CSS-blended layer)."""
-    heat = upsample_map(normalize_map(cam), height, width)
+    heat = upsample_map(normalize_map(cam, peak), height, width)
     rgba = colormaps[colormap](np.clip(heat, 0, 1))
     rgba[..., 3] = np.clip(heat, 0, 1)
     return Image.fromarray(np.round(rgba * 255).astype(np.uint8), mode="RGBA")
+
+
+def with_legend(image: Image.Image, caption: str, colormap: str = COLORMAP) -> Image.Image:
+    """The image with a colour bar and `caption` below it (what the colours mean), as an RGB PIL image.
+
+    The bar runs from 0 (no evidence, left) to 1 (the scale's peak, right); the caption names the scale.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    w, h = image.size
+    bar_h, text_h = max(8, h // 40), 14
+    out = Image.new("RGB", (w, h + bar_h + 2 * text_h + 6), "white")
+    out.paste(image.convert("RGB"), (0, 0))
+    ramp = colormaps[colormap](np.linspace(0, 1, max(w - 20, 2)))[None, :, :3]
+    bar = Image.fromarray(np.round(np.repeat(ramp, bar_h, axis=0) * 255).astype(np.uint8), mode="RGB")
+    out.paste(bar, (10, h + 3))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    draw.text((10, h + bar_h + 4), "0: no evidence", fill="black", font=font)
+    right = "peak: strongest evidence"
+    draw.text((w - 10 - draw.textlength(right, font=font), h + bar_h + 4), right, fill="black", font=font)
+    draw.text((10, h + bar_h + text_h + 4), caption, fill="black", font=font)
+    return out

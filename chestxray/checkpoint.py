@@ -4,6 +4,11 @@
 size, a normalisation, a label list or a threshold. Loading uses `torch.load(weights_only=True)` (a pickled
 object is refused, its code never runs) and strict state-dict loading (a peer package that loads with
 strict=False silently serves an untrained head).
+
+An optional fifth entry "trust" (chestxray/trust.py: in-scope statistics, calibration, validation evidence) is
+written at the end of training or by Model_Training/fit_trust.py; a checkpoint without it still loads, and its
+answers say the in-scope check and calibration are not available. With calibration, Meta.thresholds are on the
+calibrated scale.
 """
 from __future__ import annotations
 
@@ -83,7 +88,11 @@ def _check_weights(state: Any) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[ChestXrayNet, Meta, dict]:
     """Load (model in eval mode, meta, train summary). Raises CheckpointError naming what is wrong."""
-    obj = safe_torch_load(path, map_location)
+    return checkpoint_from_obj(safe_torch_load(path, map_location), path)
+
+
+def checkpoint_from_obj(obj: Any, path: str | os.PathLike = "checkpoint") -> tuple[ChestXrayNet, Meta, dict]:
+    """load_checkpoint on an already loaded dict (callers that also read its other entries, e.g. "trust")."""
     if not isinstance(obj, dict) or "model" not in obj or "meta" not in obj or "format" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(

@@ -141,7 +141,13 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class Meta:
-    """What rebuilds the model and its preprocessing, plus a training summary (plain data only)."""
+    """What rebuilds the model and its preprocessing, plus a training summary (plain data only).
+
+    thresholds are on the scale of the probabilities the Predictor shows: calibrated when the checkpoint holds
+    a "trust" entry (its calibration), sigmoid(logit) otherwise. The trust entry itself (in-scope statistics as
+    tensors, Platt parameters, per-label validation evidence) lives beside "meta" in the checkpoint, not here,
+    because it holds tensors; see chestxray/trust.py. training["n_train"] / ["n_val"] count the images.
+    """
 
     arch: str
     labels: tuple[str, ...]

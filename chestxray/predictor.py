@@ -1,38 +1,61 @@
 """Inference API: load a checkpoint once, predict one image -> probabilities, positive calls and all-label heatmaps.
 
-Two backends give the same Prediction: "torch" (the checkpoint's model) and "onnx" (the graph that
-Model_Training/export.py writes, run by ONNX Runtime; chestxray/onnx_backend.py). predict_batch scores many decoded
-images in one forward pass; predict is predict_batch of one.
-
 `Prediction.to_dict()` is the one JSON shape of a result: the CLI prints it (adding the image path and heatmap
 files), the web API answers it and `result.json` stores it (adding the result id, time and URLs).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
-from .cam import class_activation_maps, overlay
-from .checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load
+from .cam import class_activation_maps, has_support, overlay
+from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
+from .evidence import RULE, format_scope, is_validated
 from .fileio import to_json_data
 from .imaging import Source, read_bytes, read_xray, sniff
+from .meta import CheckpointError, Meta
 from .metrics import binarize
 from .model import ChestXrayNet
 from .onnx_backend import OnnxModel
+from .scope import image_statistics, pooled_features
 from .transforms import build_normalize, build_transform, preprocess
+from .trust import Trust, TrustError
 
 BACKENDS = ("torch", "onnx")
+
+SCOPE_NOT_AVAILABLE = "in-scope check: not available (this checkpoint has no scope statistics; add them with " \
+    "Model_Training/fit_trust.py)"
+NOT_VALIDATED = "not validated \u2014 no call"
+
+
+def scope_message(in_scope: bool | None, score: float | None, limit: float | None) -> str:
+    """One sentence on the in-scope check for pages, the API and the CLI."""
+    if in_scope is None:
+        return SCOPE_NOT_AVAILABLE
+    s, lim = format_scope(score, limit)
+    if in_scope:
+        return (f"in scope: looks like the frontal chest radiographs the model learned from (score {s} \u2264 limit "
+                f"{lim})")
+    return (f"out of scope: this image does not look like a frontal chest radiograph from the training data (score "
+            f"{s} > limit {lim}); no finding is called")
 
 
 @dataclass
 class Prediction:
-    """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order."""
+    """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order.
+
+    probabilities are calibrated when the checkpoint holds a calibration (`calibrated`), sigmoid(logit) otherwise;
+    `logits` are the raw model outputs. A label is in `positive` only when its probability reaches its threshold,
+    the label is validated (evidence.py; None = no evidence recorded) and the image is not out of scope.
+    in_scope is None when the checkpoint has no scope statistics.
+    """
 
     labels: tuple[str, ...]
     probabilities: dict[str, float]
@@ -42,10 +65,19 @@ class Prediction:
     heatmaps: np.ndarray | None = field(default=None, repr=False)
     format: str | None = None  # "PNG", "JPEG" or "DICOM" from the file's content; None for an array
     model: dict = field(default_factory=dict, repr=False)  # Predictor.model_card() of the model that made it
+    logits: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
+    validated: dict[str, bool | None] = field(default_factory=dict)
+    evidence: dict[str, dict] = field(default_factory=dict, repr=False)
+    in_scope: bool | None = None
+    scope_score: float | None = None
+    scope_limit: float | None = None
+    support: dict[str, bool] = field(default_factory=dict)  # some positive value in the label's map
 
     def ranked(self) -> list[str]:
-        """Labels sorted by probability, highest first."""
-        return sorted(self.labels, key=lambda name: -self.probabilities[name])
+        """Called (positive) labels first, then the rest; each group by probability, highest first."""
+        positive = set(self.positive)
+        return sorted(self.labels, key=lambda name: (name not in positive, -self.probabilities[name]))
 
     def overlay(self, label: str, alpha: float = 0.45):
         """The heatmap of `label` blended over the X-ray, as an RGB PIL image of the original size."""
@@ -55,20 +87,40 @@ class Prediction:
             raise KeyError(f"unknown label {label!r}; this model's labels are {list(self.labels)}")
         return overlay(self.image, self.heatmaps[self.labels.index(label)], alpha=alpha)
 
-    def to_dict(self) -> dict:
-        """The one JSON shape (plain data, NaN -> None): every label in model order, the positive calls, the model.
+    def call(self, label: str) -> str:
+        """"positive", "negative", "not validated" or "out of scope" (the image; only where p >= threshold)."""
+        if self.validated.get(label) is False:
+            return "not validated"
+        if self.probabilities[label] >= self.thresholds[label]:
+            return "positive" if label in self.positive else "out of scope"
+        return "negative"
 
-        {"labels": [{"label", "probability", "threshold", "positive"}, ...], "positive": [label, ...],
-         "format": "PNG"|"JPEG"|"DICOM"|None, "original_size": [width, height], "model": {model card}}
+    def to_dict(self) -> dict:
+        """The one JSON shape (plain data, NaN -> None): every label in model order, the calls, the scope, the model.
+
+        {"labels": [{"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
+         "auroc_ci", "has_support"}, ...], "positive": [label, ...], "in_scope": bool|None, "scope_score",
+         "scope_limit", "scope": sentence, "calibrated": bool, "format": "PNG"|"JPEG"|"DICOM"|None,
+         "original_size": [width, height], "model": {model card}}
         """
         positive = set(self.positive)
+        rows = []
+        for label in self.labels:
+            ev = self.evidence.get(label) or {}
+            rows.append({
+                "label": label, "probability": self.probabilities[label], "logit": self.logits.get(label),
+                "threshold": self.thresholds[label], "positive": label in positive, "call": self.call(label),
+                "validated": self.validated.get(label), "auroc": ev.get("auroc"), "auroc_ci": ev.get("auroc_ci"),
+                "has_support": self.support.get(label),
+            })
         return to_json_data({
-            "labels": [
-                {"label": label, "probability": self.probabilities[label], "threshold": self.thresholds[label],
-                 "positive": label in positive}
-                for label in self.labels
-            ],
+            "labels": rows,
             "positive": list(self.positive),
+            "in_scope": self.in_scope,
+            "scope_score": self.scope_score,
+            "scope_limit": self.scope_limit,
+            "scope": scope_message(self.in_scope, self.scope_score, self.scope_limit),
+            "calibrated": self.calibrated,
             "format": self.format,
             "original_size": [int(self.image.shape[1]), int(self.image.shape[0])],
             "model": self.model,
@@ -76,13 +128,14 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model with its preprocessing. Stateless per call, so one instance serves many threads.
+    """A loaded model with its preprocessing and trust data. Stateless per call, so one instance serves many threads.
 
     `model` is the PyTorch model (backend "torch") or an OnnxModel (backend "onnx"; its inputs are prepared on the
     CPU and ONNX Runtime moves them to its execution provider).
     """
 
-    def __init__(self, model: ChestXrayNet | OnnxModel, meta: Meta, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: ChestXrayNet | OnnxModel, meta: Meta, device: torch.device | str = "cpu",
+                 trust: Trust | None = None) -> None:
         self.meta = meta
         self.labels = meta.labels
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
@@ -98,6 +151,10 @@ class Predictor:
             self.onnx = None
             self.device = torch.device(device)
             self.model = model.to(self.device).eval()
+        self.trust = trust or Trust()
+        ev = self.trust.evidence
+        # None: the checkpoint records no evidence (older checkpoints); such labels keep their calls.
+        self.validated = {name: (is_validated(ev[name]) if ev is not None else None) for name in self.labels}
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "torch") -> Predictor:
@@ -109,24 +166,24 @@ class Predictor:
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        path = Path(path)
+        if backend == "onnx" and path.suffix.lower() == ".onnx":
+            onnx_model = OnnxModel(path, device=device)
+            return cls(onnx_model, onnx_model.meta, trust=_trust(_tensors(onnx_model.info.extra), onnx_model.meta,
+                                                                 path))
+        obj = safe_torch_load(path, map_location="cpu")
         if backend == "onnx":
-            path = Path(path)
-            if path.suffix.lower() == ".onnx":
-                onnx_model = OnnxModel(path, device=device)
-            else:
-                beside = path.with_suffix(".onnx")
-                if not beside.is_file():
-                    raise CheckpointError(f"--backend onnx needs the ONNX export of {path}: there is none at "
-                                          f"{beside}. Export it with: python Model_Training/export.py --checkpoint "
-                                          f"{path} --out {beside}")
-                # Only the metadata is needed to check that the export belongs to this checkpoint.
-                obj = safe_torch_load(path)
-                expected = Meta.from_dict(obj.get("meta") if isinstance(obj, dict) else None)
-                onnx_model = OnnxModel(beside, device=device, expected_meta=expected)
-            return cls(onnx_model, onnx_model.meta)
+            beside = path.with_suffix(".onnx")
+            if not beside.is_file():
+                raise CheckpointError(f"--backend onnx needs the ONNX export of {path}: there is none at "
+                                      f"{beside}. Export it with: python Model_Training/export.py --checkpoint "
+                                      f"{path} --out {beside}")
+            expected = Meta.from_dict(obj.get("meta") if isinstance(obj, dict) else None)
+            onnx_model = OnnxModel(beside, device=device, expected_meta=expected)
+            return cls(onnx_model, onnx_model.meta, trust=_trust(obj, onnx_model.meta, path))
         dev = resolve_device(device)
-        model, meta, _ = load_checkpoint(path, map_location="cpu")
-        return cls(model, meta, dev)
+        model, meta, _ = checkpoint_from_obj(obj, path)
+        return cls(model, meta, dev, _trust(obj, meta, path))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
@@ -134,19 +191,30 @@ class Predictor:
 
     def forward(self, x: torch.Tensor, heatmaps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Normalised (B, 3, S, S) -> (logits (B, L) float32, raw maps (B, L, h, w) float32 or None), numpy."""
+        logits, maps, _ = self._outputs(x)
+        return logits, maps if heatmaps else None
+
+    def _outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """One forward pass: (logits (B, L), maps (B, L, h, w), pooled transition features (B, C)).
+
+        The maps cost one small einsum on the same features, so they are always made: every answer says which
+        labels have support, and the in-scope check reads the pooled features of the same pass.
+        """
         if self.onnx is not None:
-            logits, maps, _ = self.onnx.run(x)
-            return logits, maps if heatmaps else None
+            logits, maps, pooled = self.onnx.run(x)
+            return logits, maps, torch.from_numpy(pooled)
         with torch.inference_mode():
             features = self.model.features(x.to(self.device))
             logits = self.model.head(features).float().cpu().numpy()
-            maps = class_activation_maps(self.model, features).cpu().numpy() if heatmaps else None
-        return logits, maps
+            maps = class_activation_maps(self.model, features).cpu().numpy()
+            pooled = pooled_features(features).cpu()
+        return logits, maps, pooled
 
     def predict(self, image: Source | np.ndarray, heatmaps: bool = True, filename: str = "") -> Prediction:
-        """Path/bytes/file/array -> Prediction. One forward pass gives probabilities and every label's heatmap.
+        """Path/bytes/array -> Prediction. One forward pass gives probabilities, every label's heatmap and the
+        in-scope check.
 
-        The format is decided from the content by imaging.sniff (with `filename`, default a path's name), so the CLI
+        The format is decided by content (imaging.sniff) before decoding, so the CLI (which passes paths or bytes)
         and the web app refuse the same files with the same message. Raises InvalidImage (UnsupportedFormat for
         another file type) for unreadable input.
         """
@@ -172,24 +240,54 @@ class Predictor:
         formats = list(formats) if formats is not None else [None] * len(images)
         if not (len(images) == len(formats) == inputs.shape[0]):
             raise ValueError(f"{len(images)} images, {len(formats)} formats and {inputs.shape[0]} inputs differ")
-        logits, maps = self.forward(self.normalize(inputs.to(self.device)), heatmaps)
-        probs = torch.sigmoid(torch.from_numpy(logits).float()).numpy().astype(np.float64)
-        card = self.model_card()
-        thresholds = {name: float(t) for name, t in zip(self.labels, self.thresholds)}
+        x = self.normalize(inputs.to(self.device))
+        logits, maps, pooled = self._outputs(x)
+        scope = self.trust.scope
+        stats = (image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu()
+                 if scope is not None and scope.needs_images else None)
         predictions = []
         for i, image in enumerate(images):
-            calls = binarize(probs[i], self.thresholds)
-            predictions.append(Prediction(
-                labels=self.labels,
-                probabilities={name: float(p) for name, p in zip(self.labels, probs[i])},
-                positive=[name for name, call in zip(self.labels, calls) if call],
-                thresholds=dict(thresholds),
-                image=image,
-                heatmaps=maps[i] if maps is not None else None,
-                format=formats[i],
-                model=card,
-            ))
+            prediction = self._prediction(image, logits[i].astype(np.float64), maps[i],
+                                          pooled[i:i + 1] if scope is not None else None,
+                                          stats[i:i + 1] if stats is not None else None, formats[i])
+            if not heatmaps:
+                prediction.heatmaps = None
+            predictions.append(prediction)
         return predictions
+
+    def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
+                    pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None) -> Prediction:
+        trust = self.trust
+        if trust.calibration is not None:
+            probs = trust.calibration.apply(logits)
+        else:
+            probs = expit(logits)
+        in_scope = score = limit = None
+        if pooled is not None:
+            score = float(trust.scope.score(pooled, stats)[0])
+            limit = trust.scope.limit
+            in_scope = bool(trust.scope.in_scope(score))
+        calls = binarize(probs, self.thresholds)
+        positive = [name for name, call in zip(self.labels, calls)
+                    if call and self.validated[name] is not False and in_scope is not False]
+        return Prediction(
+            labels=self.labels,
+            probabilities={name: float(p) for name, p in zip(self.labels, probs)},
+            positive=positive,
+            thresholds={name: float(t) for name, t in zip(self.labels, self.thresholds)},
+            image=image,
+            heatmaps=maps,
+            format=image_format,
+            model=self.model_card(),
+            logits={name: float(z) for name, z in zip(self.labels, logits)},
+            calibrated=trust.calibration is not None,
+            validated=dict(self.validated),
+            evidence=dict(trust.evidence or {}),
+            in_scope=in_scope,
+            scope_score=score,
+            scope_limit=limit,
+            support={name: has_support(m) for name, m in zip(self.labels, maps)},
+        )
 
     def model_card(self) -> dict:
         """Plain-data description of the loaded model (arch, input, labels, thresholds, training summary)."""
@@ -201,7 +299,33 @@ class Predictor:
             "lse_r": self.meta.lse_r,
             "training": self.meta.training,
             "device": str(self.device) if self.onnx is None else self.onnx.device,
-            "demo": "demo" in self.meta.training,  # Model_Training/demo.py's model: its answers are meaningless
             "backend": self.backend if self.onnx is None else f"onnx ({self.onnx.precision})",
+            "demo": "demo" in self.meta.training,  # Model_Training/demo.py's model: its answers are meaningless
+            "scope": self.trust.scope.summary() if self.trust.scope is not None else None,
+            "calibration": self.trust.calibration.to_dict() if self.trust.calibration is not None else None,
+            "evidence": self.trust.evidence,
+            "call_rule": RULE if self.trust.evidence is not None else "no validation evidence recorded: every "
+            "label is called at its threshold",
+            "calibration_report": self.trust.report or None,
         }
 
+
+def _trust(obj: Mapping, meta: Meta, path: str | os.PathLike) -> Trust:
+    """The checkpoint's trust entry (Trust() when it has none). Raises CheckpointError when it is malformed."""
+    try:
+        return Trust.from_checkpoint(obj, meta.labels)
+    except TrustError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _tensors(extra: Mapping) -> dict:
+    """An ONNX file's embedded checkpoint entries, with the scope statistics' lists back as float32 tensors."""
+    extra = dict(extra)
+    trust = extra.get("trust")
+    if isinstance(trust, Mapping) and isinstance(trust.get("scope"), Mapping):
+        scope = dict(trust["scope"])
+        for key in ("mean", "precision", "image_mean", "image_precision"):
+            if isinstance(scope.get(key), list):
+                scope[key] = torch.tensor(scope[key], dtype=torch.float32)
+        extra["trust"] = {**trust, "scope": scope}
+    return extra

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cam import heatmap_image
+from .cam import heatmap_image, shared_peak
 from .fileio import atomic_write, write_json
 from .predictor import Prediction
 
@@ -33,6 +33,7 @@ DISPLAY_MAX_SIDE = 768  # the saved plain image; the original upload is not kept
 HEATMAP_MAX_SIDE = 512  # heat layers are smooth (bilinear from a 2..32 px map); the browser scales them up
 PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; speed wins (issue: page after one pass)
 TMP_PREFIX = ".tmp-"
+HEATMAP_SCALES = ("own", "shared")  # each map to its own peak, or one scale for all labels (raw CAM units)
 STALE_TMP_SECONDS = 3600
 
 
@@ -62,8 +63,9 @@ def label_names(record: dict) -> list[str]:
 
 
 def ranked(record: dict) -> list[dict]:
-    """The result's label rows ({label, probability, threshold, positive}), most probable first."""
-    return sorted(record["labels"], key=lambda row: -row["probability"])
+    """The result's label rows ({label, probability, threshold, positive, ...}): called findings first, then the
+    rest, each most probable first."""
+    return sorted(record["labels"], key=lambda row: (not row["positive"], -row["probability"]))
 
 
 def default_label(record: dict) -> str:
@@ -131,13 +133,16 @@ class ResultStore:
             raise self._expired()
         return path
 
-    def heatmap_path(self, rid: str, label: str) -> Path:
-        """heatmap/<label>.png, rendered now if not yet made. Raises ResultNotFound (also for an unknown label)."""
+    def heatmap_path(self, rid: str, label: str, scale: str = "own") -> Path:
+        """heatmap/<label>.png (scale "own": the map's own peak) or <label>.shared.png (one scale for all labels),
+        rendered now if not yet made. Raises ResultNotFound (also for an unknown label or scale)."""
         record = self.load(rid)
         if label not in label_names(record):
             raise ResultNotFound(f"This model has no label {label!r}.")
+        if scale not in HEATMAP_SCALES:
+            raise ResultNotFound(f"Unknown heatmap scale {scale!r}; use one of {list(HEATMAP_SCALES)}.")
         try:
-            return _render_heatmap(self._folder(rid), record, label)
+            return _render_heatmap(self._folder(rid), record, label, scale)
         except FileNotFoundError:  # removed by retention while rendering
             raise ResultNotFound("This result has expired.") from None
 
@@ -197,14 +202,15 @@ def _source_of(result_json: str) -> str:
         return ""
 
 
-def _render_heatmap(folder: Path, record: dict, label: str) -> Path:
-    """heatmap/<label>.png from the saved raw maps (RGBA, opacity following the heat); kept on disk once made."""
-    target = folder / "heatmap" / f"{label}.png"
+def _render_heatmap(folder: Path, record: dict, label: str, scale: str = "own") -> Path:
+    """heatmap/<label>[.shared].png from the saved raw maps (RGBA, opacity following the heat); kept once made."""
+    target = folder / "heatmap" / (f"{label}.png" if scale == "own" else f"{label}.{scale}.png")
     if target.is_file():
         return target
     maps = np.load(folder / "heatmaps.npy")
     width, height = heatmap_size(record["display_size"])
-    layer = heatmap_image(maps[label_names(record).index(label)], height, width)
+    peak = shared_peak(maps) if scale == "shared" else None
+    layer = heatmap_image(maps[label_names(record).index(label)], height, width, peak=peak)
     # Two requests rendering the same label both write whole files; the last rename wins.
     atomic_write(target, lambda f: layer.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
     if not (folder / "result.json").is_file():  # pruned meanwhile: atomic_write re-made heatmap/; leave no orphan

@@ -24,6 +24,7 @@ import predictions
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError, load_checkpoint
+from chestxray.evidence import format_call
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
 from chestxray.results import DISPLAY_MAX_SIDE, RESULT_ID, default_label, label_names
@@ -217,9 +218,11 @@ def test_predict_redirects_to_result_page_with_all_labels(client, app, tiny_pred
     assert shown == expected.ranked() and len(shown) == len(tiny_predictor.labels)
     assert body.count('class="finding positive') == len(expected.positive) > 0
     for label in expected.labels:
-        assert f"{100 * expected.probabilities[label]:.1f}%" in body
+        p_text, _ = format_call(expected.probabilities[label], expected.thresholds[label])
+        assert f'<td class="num probability">{p_text}</td>' in body
     assert body.count('class="threshold"') == len(expected.labels)  # the threshold mark on every bar
-    assert body.count('<td class="num threshold">50.0%</td>') == len(expected.labels)
+    assert body.count('<td class="num threshold">50.0 %</td>') == len(expected.labels)
+    assert "In-scope check: not available" in body  # the fixture checkpoint has no scope statistics
     top = default_label(record)
     assert top == next(label for label in expected.ranked() if label in expected.positive)
     assert f'src="/results/{rid}/heatmap/{top}.png"' in body and 'id="heat"' in body
@@ -604,7 +607,8 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
     line = json.loads(capsys.readouterr().out)
     doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
-    shared = ["labels", "positive", "format", "original_size", "model"]
+    shared = ["labels", "positive", "format", "original_size", "model", "in_scope", "scope_score", "scope_limit",
+              "scope", "calibrated"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
     assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
     assert set(doc) == {*record, "image", "heatmaps", "result"} - {"source"}  # the API adds the URLs

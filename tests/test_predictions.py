@@ -57,7 +57,10 @@ def test_prediction_overlay_and_ranking(tiny_predictor):
     pred = tiny_predictor.predict(DICOM_MONO2)
     ranked = pred.ranked()
     assert sorted(ranked) == sorted(LABELS)
-    assert pred.probabilities[ranked[0]] == max(pred.probabilities.values())
+    called = [name for name in ranked if name in pred.positive]
+    assert ranked[: len(called)] == sorted(pred.positive, key=lambda n: -pred.probabilities[n])  # called first
+    rest = [pred.probabilities[name] for name in ranked[len(called):]]
+    assert rest == sorted(rest, reverse=True)
     image = pred.overlay(ranked[0])
     assert image.size == (1024, 1024)
     with pytest.raises(KeyError, match="unknown label"):
@@ -83,10 +86,14 @@ def test_to_dict_is_plain_json_in_model_order(tmp_path):
     pred = predictor.predict(DICOM_MONO2)
     doc = pred.to_dict()
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # plain, strict JSON
-    assert list(doc) == ["labels", "positive", "format", "original_size", "model"]
+    assert list(doc) == ["labels", "positive", "in_scope", "scope_score", "scope_limit", "scope", "calibrated",
+                         "format", "original_size", "model"]
+    assert doc["in_scope"] is None and doc["scope"].startswith("in-scope check: not available")
     assert [row["label"] for row in doc["labels"]] == list(labels)
     for row, t in zip(doc["labels"], thresholds):
-        assert set(row) == {"label", "probability", "threshold", "positive"}
+        assert set(row) == {"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
+                            "auroc_ci", "has_support"}
+        assert row["probability"] == pytest.approx(1 / (1 + np.exp(-row["logit"])), rel=1e-12)  # no calibration
         assert row["probability"] == pred.probabilities[row["label"]] and row["threshold"] == t
         assert row["positive"] == (row["probability"] >= t) == (row["label"] in doc["positive"])
     assert doc["positive"] == [row["label"] for row in doc["labels"] if row["positive"]]

@@ -28,6 +28,7 @@ from chestxray.meta import SplitSpec
 from chestxray.metrics import choose_thresholds, per_label_auroc
 from chestxray.model import PretrainedWeightsUnavailable
 from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import Trust
 from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,12 @@ def test_checkpoint_metrics_and_thresholds_reproduce_from_its_metadata(trained_r
     meta, probs, y = validation_predictions(nih_dir, trained_run["best"], trained_run["cache"])
     assert len(probs) == meta.training["n_val"]
     assert_auroc_matches(meta, probs, y, abs_tol=1e-9)
-    np.testing.assert_allclose(meta.thresholds, choose_thresholds(y, probs, "f1"), atol=1e-6)
+    # Training ends by fitting the trust entry: thresholds are chosen on the calibrated scale.
+    trust = Trust.from_checkpoint(torch.load(trained_run["best"], weights_only=True), meta.labels)
+    assert trust.scope is not None and trust.calibration is not None and set(trust.evidence) == set(LABELS)
+    p64 = probs.astype(np.float64)
+    calibrated = trust.calibration.apply(np.log(p64 / (1 - p64)))
+    np.testing.assert_allclose(meta.thresholds, choose_thresholds(y, calibrated, "f1"), atol=1e-5)
 
 
 def test_best_checkpoint_serves_predictions(trained_run, nih_dir):

@@ -56,24 +56,47 @@ function enhanceViewer() {
   opacity.addEventListener("input", setOpacity);
   plain.addEventListener("change", () => { heat.hidden = plain.checked; });
 
+  const scaleInputs = document.querySelectorAll('input[name="scale"]');
+  const scale = () => (document.querySelector('input[name="scale"]:checked') || { value: "own" }).value;
+  const caption = document.getElementById("heat-text");
+  const peak = document.getElementById("legend-peak");
+  // The previous label's map must never stand under a new caption: hide the layer until the new one has loaded.
+  heat.addEventListener("load", () => heat.classList.remove("loading"));
+  heat.addEventListener("error", () => heat.classList.remove("loading"));
+  const show = (link) => {
+    const supported = link.dataset.support !== "no";
+    const url = new URL(link.dataset.heatmap, window.location.href);
+    if (scale() === "shared") url.searchParams.set("scale", "shared");
+    heat.classList.add("loading");
+    heat.src = url.pathname + url.search;
+    heat.alt = `Heatmap for ${link.dataset.name}`;
+    heat.hidden = plain.checked || !supported;
+    labelInput.value = link.dataset.label;
+    document.getElementById("heat-label").textContent = link.dataset.name;
+    caption.textContent = supported
+      ? "where the evidence for this finding lies, brightest strongest. A class activation map, not an outline of the finding."
+      : "no region supports this finding (no positive evidence anywhere in the map).";
+    peak.textContent = scale() === "shared" ? "peak over all labels" : "this map's peak";
+  };
+  scaleInputs.forEach((input) => input.addEventListener("change", () => {
+    const current = document.querySelector(".label-link[aria-current]");
+    if (current) show(current);
+  }));
+
   document.querySelectorAll(".label-link").forEach((link) => {
     link.addEventListener("click", (event) => {
       event.preventDefault();
-      heat.src = link.dataset.heatmap;
-      heat.alt = `Heatmap for ${link.dataset.name}`;
-      labelInput.value = link.dataset.label;
-      document.getElementById("heat-label").textContent = link.dataset.name;
-      document.getElementById("heat-probability").textContent = link.dataset.probability;
+      plain.checked = false;
+      show(link);
       document.querySelectorAll(".label-link[aria-current]").forEach((other) => {
         other.removeAttribute("aria-current");
         other.closest("tr").classList.remove("selected");
       });
       link.setAttribute("aria-current", "true");
       link.closest("tr").classList.add("selected");
-      plain.checked = false;
-      heat.hidden = false;
       const url = new URL(link.href);
       url.searchParams.set("opacity", opacity.value);
+      url.searchParams.set("scale", scale());
       history.replaceState(null, "", url);
     });
   });

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DICOM_MONO2, NIH_PNG
+from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG
 from livesite import CHROMIUM, launch_chromium, run_server
 from playwright.sync_api import sync_playwright
+from trustutil import VALIDATED, make_trusted_checkpoint
+
+from chestxray.evidence import format_call
 
 pytestmark = pytest.mark.e2e
 
@@ -85,9 +88,10 @@ def shown_findings(page) -> list[tuple[str, str]]:
 
 
 def expected_findings(results: Path, rid: str) -> list[tuple[str, str]]:
+    """Called findings first, then by probability; probability texts that agree with the call."""
     record = json.loads((results / rid / "result.json").read_text())
-    ranked = sorted(record["labels"], key=lambda row: -row["probability"])
-    return [(row["label"], f"{100 * row['probability']:.1f}%") for row in ranked]
+    ranked = sorted(record["labels"], key=lambda row: (not row["positive"], -row["probability"]))
+    return [(row["label"], format_call(row["probability"], row["threshold"])[0]) for row in ranked]
 
 
 def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
@@ -184,4 +188,44 @@ def test_basic_flow_works_without_javascript(server, browser):
         page.click("button.no-js")  # the Apply button of the viewer form
     assert "plain=1" in page.url and page.locator("#heat").is_hidden()
     assert page.errors == []
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def trusted_server(chromium, tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("e2e-trust")
+    checkpoint = make_trusted_checkpoint(folder / "model.pth", tiny_checkpoint, NIH_DIR)
+    with run_server(checkpoint, folder / "results") as base:
+        yield base
+
+
+def test_out_of_scope_upload_and_not_validated_label(trusted_server, browser, tmp_path):
+
+    import skimage.data
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    context, page = open_page(browser)
+    page.goto(trusted_server + "/")
+    page.set_input_files("#file", str(photo))
+    with page.expect_navigation():
+        page.click("#submit")
+    alert = page.inner_text("#scope")
+    assert "Out of scope." in alert and "does not look like a frontal chest radiograph" in alert
+    assert page.locator(".findings-table").count() == 0 and page.locator(".badge").count() == 0
+    with page.expect_navigation():
+        page.click("#show-anyway")
+    assert page.locator(".findings-table td.probability").count() == 14  # shown on request, greyed, no badges
+    assert page.locator(".findings.greyed").count() == 1 and page.locator(".findings-table .badge").count() == 0
+
+    page.goto(trusted_server + "/")
+    page.set_input_files("#file", str(NIH_PNG))
+    with page.expect_navigation():
+        page.click("#submit")
+    assert "In scope" in page.inner_text("#scope")
+    calls = page.locator(".findings-table td.call").all_inner_texts()
+    assert calls.count("not validated — no call") == 13 and calls[0] == "positive"
+    assert page.locator(".finding.positive .label-link").get_attribute("data-label") == VALIDATED
+    assert not page.errors, page.errors
     context.close()

@@ -1,0 +1,109 @@
+"""Fit the in-scope check, calibration and validation evidence into an existing checkpoint, without retraining.
+
+    python Model_Training/fit_trust.py --checkpoint chestxray_model_resnet50.pth --data-dir /path/to/nih
+
+Rebuilds the checkpoint's own train/validation split (the seed, validation fraction and image limit it was trained
+with), runs the model once over both, and writes into the checkpoint (atomically; --out for another file):
+scope statistics (training split) and their limit (validation), per-label Platt calibration, thresholds chosen on
+the calibrated scale, and per-label validation evidence (see chestxray/trust.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load
+from chestxray.data import DataError, XrayDataset, collate_batch, load_index, rebuild_splits
+from chestxray.device import resolve_device
+from chestxray.fileio import atomic_write
+from chestxray.metrics import THRESHOLD_RULES
+from chestxray.scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, ScopeError
+from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import TRUST_KEY, fit_trust
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="checkpoint to upgrade (written by Model_Training/train.py)")
+    add("--data-dir", required=True, help="the NIH data folder the checkpoint was trained on (Data_Entry CSV + "
+        "images)")
+    add("--out", default=None, help="where to write the upgraded checkpoint (default: replace --checkpoint)")
+    add("--threshold-rule", default=None, choices=THRESHOLD_RULES, help="rule for thresholds on the calibrated "
+        "scale (default: the one the checkpoint was trained with, else f1)")
+    add("--scope-method", default=DEFAULT_METHOD, choices=METHODS, help="in-scope score (default: %(default)s)")
+    add("--percentile", type=float, default=DEFAULT_PERCENTILE, help="scope limit = this percentile of the "
+        "validation scores (default: %(default)s)")
+    add("--n-boot", type=int, default=1000, help="patient-bootstrap replicates for the AUROC CIs "
+        "(default: %(default)s)")
+    add("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    add("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    add("--cache-dir", default=None, help="resized-image cache folder, as in training (default: none)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    add("--progress", action="store_true", help="show progress bars (default: off)")
+    return parser
+
+
+def training_splits(meta: Meta, data_dir: str | os.PathLike) -> dict:
+    """The train/val DataFrames the checkpoint was trained on, from the SplitSpec it recorded."""
+    if meta.split is None:
+        raise CheckpointError("the checkpoint records no training split (seed, val_fraction); retrain it with "
+                              "Model_Training/train.py, which records them")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split notices were shown at training time
+        index = load_index(data_dir, allow_missing=True)
+        splits = rebuild_splits(meta, index, data_dir)
+    return {name: splits[name] for name in ("train", "val")}
+
+
+def fit_checkpoint(args: argparse.Namespace, log=print) -> dict:
+    """Load, fit, and write the upgraded checkpoint; returns the checkpoint dict written."""
+    obj = safe_torch_load(args.checkpoint)  # kept whole: the upgraded file keeps every entry it had
+    model, meta, _ = load_checkpoint(args.checkpoint)
+    splits = training_splits(meta, args.data_dir)
+    expected = (meta.training.get("n_train"), meta.training.get("n_val"))
+    got = (len(splits["train"]), len(splits["val"]))
+    if expected[0] is not None and got != expected:
+        log(f"warning: the rebuilt split has {got[0]} train / {got[1]} val images; the checkpoint was trained on "
+            f"{expected[0]} / {expected[1]} (is --data-dir the training folder?)")
+    if not len(splits["train"]) or not len(splits["val"]):
+        raise DataError(f"the rebuilt split has {got[0]} train / {got[1]} val images; both must be non-empty")
+    device = resolve_device(args.device)
+    tf, normalize = build_transform(meta, train=False), build_normalize(meta)
+    loaders = {name: DataLoader(XrayDataset(df, meta.labels, tf, args.cache_dir, skip_unreadable=True),
+                                batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_batch)
+               for name, df in splits.items()}
+    rule = args.threshold_rule or meta.training.get("threshold_rule") or "f1"
+    trust, thresholds = fit_trust(model.to(device), meta.labels, loaders["train"], loaders["val"],
+                                  splits["val"]["patient"].to_numpy(), device, normalize, rule, args.scope_method,
+                                  args.percentile, args.n_boot, progress=args.progress)
+    obj["meta"] = meta.replace(thresholds=tuple(float(t) for t in thresholds)).to_dict()
+    obj[TRUST_KEY] = trust.to_dict()
+    out = Path(args.out or args.checkpoint)
+    atomic_write(out, lambda f: torch.save(obj, f), fsync=True)
+    validated = [name for name, ev in trust.evidence.items() if ev["validated"]]
+    log(f"fitted on {got[0]} train / {got[1]} val images: scope limit {trust.scope.limit:.2f} "
+        f"({trust.scope.method}, {trust.scope.percentile:g}th percentile of validation); "
+        f"{len(validated)}/{len(meta.labels)} labels validated for calls"
+        f"{' (' + ', '.join(validated) + ')' if validated else ''} -> {out}")
+    return obj
+
+
+def main(args: argparse.Namespace) -> int:
+    """Returns 0 when written, 2 for a bad checkpoint or data (message on stderr)."""
+    try:
+        fit_checkpoint(args)
+    except (CheckpointError, DataError, ScopeError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,287 @@
+"""In-scope check: does an image look like the frontal chest radiographs the model was trained on?
+
+The check reads the model's own forward pass, so it needs no second network and no second pass: the transition
+layer's output A (N, 1024, h, w) (the same A the class activation maps use, `model.features(x)`) is averaged over
+h, w into a pooled feature vector (N, 1024). Its Mahalanobis distance to the training images' features (Lee et al.,
+"A simple unified framework for detecting out-of-distribution samples and adversarial attacks", NeurIPS 2018) is
+the scope score; an image whose score exceeds a limit chosen on the validation split (its 99th percentile by
+default) is out of scope.
+
+Why a shrunk covariance: 1024 feature dimensions are estimated from a few hundred to a few thousand training
+images, so the sample covariance is singular or badly conditioned; Ledoit-Wolf shrinkage (scikit-learn) gives a
+well-conditioned estimate with no parameter to tune.
+
+Stored as plain data (two float32 tensors and numbers), so a checkpoint holding it still loads with
+torch.load(weights_only=True). The ONNX export computes the same distance from the same tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+
+SCOPE_FORMAT = 1
+DEFAULT_PERCENTILE = 99.0
+# "mahalanobis": the distance on the pooled features as they are (Lee et al. 2018).
+# "mahalanobis-l2": the features are first divided by their L2 norm, so the distance measures the pattern of
+# activations rather than their overall strength (tried in benchmarks/bench_scope.py; see BENCHMARKS.md).
+# "mahalanobis+image": the larger of two ratios, each a Mahalanobis distance over its own validation percentile:
+# the pooled features', and the input's cheap statistics' (image_statistics: an 8x8 thumbnail, a histogram and the
+# contrast; a frontal chest film has dark lungs either side of a bright mediastinum and a wide range of grey), all
+# computed from the input already in memory.
+METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
+THUMBNAIL = 8
+HISTOGRAM_BINS = 16
+IMAGE_STATS = THUMBNAIL**2 + HISTOGRAM_BINS + 1
+IMAGENET_MEAN0, IMAGENET_STD0 = 0.485, 0.229  # meta.mean[0] / meta.std[0] of every checkpoint so far
+DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
+
+
+class ScopeError(ValueError):
+    """Scope statistics that are missing, malformed, or do not fit the features given; the message says which."""
+
+
+def pooled_features(features: torch.Tensor) -> torch.Tensor:
+    """Transition output A (N, C, h, w) -> global-average-pooled features (N, C) float32."""
+    if features.ndim != 4:
+        raise ScopeError(f"expected transition features (N, C, h, w), got shape {tuple(features.shape)}")
+    return features.float().mean(dim=(2, 3))
+
+
+def image_statistics(x: torch.Tensor, mean: float | None = None, std: float | None = None) -> torch.Tensor:
+    """Cheap statistics of the normalised input (N, C, S, S) -> (N, IMAGE_STATS) float32: its first channel averaged
+    to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions) and their
+    standard deviation (contrast: a flat or washed-out image has almost none).
+
+    mean/std: channel 0's normalisation, to map values back to [0, 1] for the histogram (ImageNet's by default).
+    """
+    if x.ndim != 4:
+        raise ScopeError(f"expected a normalised input batch (N, C, S, S), got shape {tuple(x.shape)}")
+    g = x[:, :1].float()
+    thumb = torch.nn.functional.adaptive_avg_pool2d(g, THUMBNAIL).flatten(1)
+    m, s = (IMAGENET_MEAN0 if mean is None else mean), (IMAGENET_STD0 if std is None else std)
+    v = (g.flatten(1) * s + m).clamp(0.0, 1.0)
+    bins = (v * HISTOGRAM_BINS).long().clamp_max(HISTOGRAM_BINS - 1)
+    hist = torch.zeros(v.shape[0], HISTOGRAM_BINS, device=v.device).scatter_add_(1, bins, torch.ones_like(v))
+    return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True)], dim=1)
+
+
+def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf mean and precision of x (N, D). standardize: shrink the correlation, not the covariance.
+
+    Why: Ledoit-Wolf shrinks toward a multiple of the identity; with dimensions of very different spread (an 8x8
+    thumbnail beside a contrast value 20x smaller) that drowns the small ones. Shrinking the standardised data and
+    mapping back (P = D^-1 P' D^-1, D = the training standard deviations) keeps every dimension's own scale.
+    """
+    if not standardize:
+        lw = LedoitWolf(assume_centered=False).fit(x)
+        return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+    sd = np.maximum(x.std(axis=0), 1e-6)
+    lw = LedoitWolf(assume_centered=False).fit(x / sd)
+    precision = lw.precision_ / sd[:, None] / sd[None, :]
+    return torch.from_numpy(lw.location_ * sd).float(), torch.from_numpy(precision).float()
+
+
+def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> np.ndarray:
+    d = (x.cpu().float() - mean).double()
+    return ((d @ precision.double()) * d).sum(dim=1).clamp_min(0.0).sqrt().numpy()
+
+
+def _prepare(pooled: torch.Tensor | np.ndarray, method: str) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(pooled) if not isinstance(pooled, torch.Tensor) else pooled).float()
+    if x.ndim != 2:
+        raise ScopeError(f"expected pooled features (N, C), got shape {tuple(x.shape)}")
+    if method == "mahalanobis-l2":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x
+
+
+@dataclass(frozen=True)
+class ScopeStats:
+    """Mean (C,) and precision (C, C) of the training features, float32, and the limit on the distance.
+
+    limit is NaN until `with_limit` chooses it on validation scores. score(): (N, C) -> (N,) float64 >= 0.
+    """
+
+    method: str
+    mean: torch.Tensor
+    precision: torch.Tensor
+    limit: float = math.nan
+    percentile: float = DEFAULT_PERCENTILE
+    n_fit: int = 0
+    n_limit: int = 0
+    # mahalanobis+image only: the thumbnail Gaussian and the two parts' scales (validation percentiles).
+    image_mean: torch.Tensor | None = None
+    image_precision: torch.Tensor | None = None
+    feature_scale: float = 1.0
+    image_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ScopeError(f"unknown scope method {self.method!r}; known: {list(METHODS)}")
+        mean, precision = torch.as_tensor(self.mean).float().cpu(), torch.as_tensor(self.precision).float().cpu()
+        c = mean.shape[0] if mean.ndim == 1 else -1
+        if mean.ndim != 1 or precision.shape != (c, c):
+            raise ScopeError(f"scope mean {tuple(mean.shape)} and precision {tuple(precision.shape)} must be (C,) "
+                             "and (C, C)")
+        if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
+            raise ScopeError("scope statistics hold NaN or infinite values; fit them again")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "precision", precision)
+        object.__setattr__(self, "limit", float(self.limit))
+        if self.method == "mahalanobis+image":
+            if self.image_mean is None or self.image_precision is None:
+                raise ScopeError("scope method mahalanobis+image needs image_mean and image_precision")
+            object.__setattr__(self, "image_mean", torch.as_tensor(self.image_mean).float().cpu())
+            object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
+            if self.image_mean.shape != (IMAGE_STATS,) or self.image_precision.shape != (IMAGE_STATS, IMAGE_STATS):
+                raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
+                                 f"computes {IMAGE_STATS}: refit with Model_Training/fit_trust.py")
+            if not (self.feature_scale > 0 and self.image_scale > 0):
+                raise ScopeError("scope part scales must be positive")
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def needs_images(self) -> bool:
+        """True when score() also needs image_statistics() of the input."""
+        return self.method == "mahalanobis+image"
+
+    def score(self, pooled: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """Scope score of each image -> (N,) float64 >= 0; larger = less like the training images.
+
+        pooled: (N, C) pooled transition features; images: (N, IMAGE_STATS) image_statistics, mahalanobis+image only.
+        """
+        x = _prepare(pooled, self.method)
+        if x.shape[1] != self.channels:
+            raise ScopeError(f"features have {x.shape[1]} channels; the scope statistics were fitted on "
+                             f"{self.channels}")
+        feature = _distance(x, self.mean, self.precision)
+        if not self.needs_images:
+            return feature
+        if images is None:
+            raise ScopeError("this scope method also needs the image statistics (scope.image_statistics(x))")
+        image = _distance(torch.as_tensor(np.asarray(images)).float(), self.image_mean, self.image_precision)
+        return np.maximum(feature / self.feature_scale, image / self.image_scale)
+
+    def in_scope(self, scores: np.ndarray | float) -> np.ndarray:
+        """scores <= limit, elementwise (bool array). Raises ScopeError when no limit has been chosen."""
+        if not math.isfinite(self.limit):
+            raise ScopeError("the scope limit has not been chosen; call with_limit on validation scores")
+        return np.asarray(scores, dtype=np.float64) <= self.limit
+
+    def with_limit(self, val_scores: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
+        """A copy whose limit is the `percentile`-th percentile of validation scores (images the fit never saw)."""
+        v = np.asarray(val_scores, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            raise ScopeError("no validation scores to choose the scope limit from")
+        if not 0.0 < percentile <= 100.0:
+            raise ScopeError(f"the scope percentile must lie in (0, 100], got {percentile}")
+        return dataclasses.replace(self, limit=float(np.percentile(v, percentile)), percentile=float(percentile),
+                                   n_limit=int(v.size))
+
+    def to_dict(self) -> dict:
+        """Plain data for a checkpoint: tensors, numbers and strings only (torch.load(weights_only=True) reads it)."""
+        d = {"format": SCOPE_FORMAT, "method": self.method, "mean": self.mean.clone(),
+             "precision": self.precision.clone(), "limit": self.limit, "percentile": self.percentile,
+             "n_fit": self.n_fit, "n_limit": self.n_limit}
+        if self.needs_images:
+            d.update(image_mean=self.image_mean.clone(), image_precision=self.image_precision.clone(),
+                     feature_scale=self.feature_scale, image_scale=self.image_scale, thumbnail=THUMBNAIL)
+        return d
+
+    def summary(self) -> dict:
+        """JSON-ready description without the tensors (model card)."""
+        limit = self.limit if math.isfinite(self.limit) else None
+        return {"method": self.method, "limit": limit, "percentile": self.percentile, "n_fit": self.n_fit,
+                "n_limit": self.n_limit, "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ScopeStats:
+        """Rebuild from to_dict() output. Raises ScopeError naming a missing key or a bad value."""
+        if not isinstance(d, Mapping):
+            raise ScopeError(f"scope statistics must be a dict, got {type(d).__name__}")
+        if d.get("format") != SCOPE_FORMAT:
+            raise ScopeError(f"scope statistics format {d.get('format')!r}; this version reads {SCOPE_FORMAT}")
+        missing = [k for k in ("method", "mean", "precision", "limit") if k not in d]
+        if missing:
+            raise ScopeError(f"scope statistics lack {missing}; fit them again with Model_Training/fit_trust.py")
+        if not isinstance(d["mean"], torch.Tensor) or not isinstance(d["precision"], torch.Tensor):
+            raise ScopeError("scope mean and precision must be tensors")
+        return cls(str(d["method"]), d["mean"], d["precision"], float(d["limit"]),
+                   float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)), int(d.get("n_limit", 0)),
+                   d.get("image_mean"), d.get("image_precision"), float(d.get("feature_scale", 1.0)),
+                   float(d.get("image_scale", 1.0)))
+
+
+Array = torch.Tensor | np.ndarray
+
+
+def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Array | None = None,
+              val_pooled: Array | None = None, val_images: Array | None = None,
+              percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
+    """Mean and Ledoit-Wolf shrunk precision of training features (N, C) -> ScopeStats without a limit.
+
+    mahalanobis+image also fits the image statistics (train_images (N, IMAGE_STATS)) and scales each part by its
+    `percentile`-th validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images,
+    non-finite features or missing inputs.
+    """
+    if method not in METHODS:
+        raise ScopeError(f"unknown scope method {method!r}; known: {list(METHODS)}")
+    x = _prepare(train_pooled, method).double().numpy()
+    if x.shape[0] < 2:
+        raise ScopeError(f"fitting scope statistics needs at least 2 training images, got {x.shape[0]}")
+    if not np.isfinite(x).all():
+        raise ScopeError("training features hold NaN or infinite values")
+    if method != "mahalanobis+image":
+        mean, precision = _gaussian(x)
+        return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]))
+    mean, precision = _gaussian(x, standardize=True)
+    if train_images is None or val_pooled is None or val_images is None:
+        raise ScopeError("mahalanobis+image needs the training thumbnails and the validation features and thumbnails")
+    image_mean, image_precision = _gaussian(np.asarray(train_images, dtype=np.float64), standardize=True)
+    feature_scale = float(np.percentile(_distance(_prepare(val_pooled, method), mean, precision), percentile))
+    image_scale = float(np.percentile(_distance(torch.as_tensor(np.asarray(val_images)).float(), image_mean,
+                                                image_precision), percentile))
+    return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]), image_mean=image_mean,
+                      image_precision=image_precision, feature_scale=max(feature_scale, 1e-12),
+                      image_scale=max(image_scale, 1e-12))
+
+
+@torch.inference_mode()
+def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, normalize,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One eval pass -> (logits (N, L) float32, pooled features (N, C) float32, targets (N, L), indices (N,),
+    image statistics (N, IMAGE_STATS)).
+
+    `loader` yields data.collate_batch batches ((B, 1, S, S) uint8 images, targets, indices[, unreadable]);
+    unreadable items are left out (compare the indices).
+    """
+    from tqdm import tqdm
+
+    model = model.eval()
+    device = torch.device(device)
+    logits, pooled, targets, indices, thumbs = [], [], [], [], []
+    for batch in tqdm(loader, desc="scope", unit="batch", disable=not progress, leave=False):
+        images, batch_targets, batch_indices = batch[:3]
+        if images.numel() == 0:
+            continue
+        x = normalize(images.to(device))
+        a = model.features(x)
+        thumbs.append(image_statistics(x, normalize.mean[0], normalize.std[0]).cpu())
+        logits.append(model.head(a).float().cpu())
+        pooled.append(pooled_features(a).cpu())
+        targets.append(batch_targets.float())
+        indices.append(batch_indices.long())
+    if not logits:
+        raise ScopeError("no readable images in the loader")
+    return (torch.cat(logits).numpy(), torch.cat(pooled).numpy(), torch.cat(targets).numpy(),
+            torch.cat(indices).numpy(), torch.cat(thumbs).numpy())
