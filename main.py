@@ -2,68 +2,37 @@
 
     python main.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 5000] [--results-dir DIR] [--retention N]
 
-`create_app(config)` is the Flask application factory (tests pass a config); `python main.py` serves it with
-waitress. Each result is saved under RESULTS_DIR/<random id>/: the plain image downsized (image.png), the raw
-class activation maps (heatmaps.npy), result.json, and heatmap/<label>.png, rendered on first request. The upload
-itself, its file name and any DICOM header are never written. Only the newest RETENTION results are kept.
+`create_app(config)` is the Flask application factory (tests pass a config): it loads the model once, opens the
+results store (chestxray.results) and registers the routes (views.py) and the error pages; `python main.py` serves
+it with waitress. The upload itself, its file name and any DICOM header are never written to disk.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
-import re
 import secrets
-import shutil
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-from flask import (
-    Flask,
-    abort,
-    current_app,
-    flash,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    send_from_directory,
-    url_for,
-)
+from flask import Flask, flash, jsonify, render_template, request
 from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
-from PIL import Image
-from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from chestxray.cam import heatmap_image
-from chestxray.checkpoint import CheckpointError
-from chestxray.imaging import ACCEPTED, IMAGE_SUFFIXES, InvalidImage, is_dicom
-from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND, Prediction, Predictor
+import views
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from chestxray.predictor import Predictor
+from chestxray.results import ResultStore
+from predictions import TRAIN_COMMAND
+from views import POINT_COMMAND, model_state, no_model_message
 
 ROOT = Path(__file__).resolve().parent
-POINT_COMMAND = "python main.py --checkpoint PATH"
-DISPLAY_MAX_SIDE = 768  # the saved plain image; the original upload is not kept
-HEATMAP_MAX_SIDE = 512  # heat layers are smooth (bilinear from a 2..32 px map); the browser scales them up
-PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; speed wins (issue: page after one pass)
-RESULT_ID = re.compile(r"[0-9a-f]{32}")
-TMP_PREFIX = ".tmp-"
-STALE_TMP_SECONDS = 3600
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-# Content signatures of formats people upload by mistake; these get 415 even when named .png.
-OTHER_SIGNATURES = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"%PDF", "PDF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"), (b"RIFF", "RIFF (WebP)"), (b"PK\x03\x04", "ZIP"), (b"\x00\x00\x00\x0cjP", "JPEG 2000"),
 )
 
 log = logging.getLogger("chestxray.web")
@@ -89,14 +58,6 @@ class ModelState:
 def default_checkpoint() -> str:
     """$CXR_CHECKPOINT, else chestxray_model_resnet50.pth in the project root."""
     return os.environ.get("CXR_CHECKPOINT") or str(ROOT / DEFAULT_CHECKPOINT)
-
-
-def no_model_message(reason: str) -> str:
-    """The one message every page, the 503 answers and the console give when no model is loaded."""
-    return (
-        f"No model is loaded ({reason.rstrip('.')}). Train one with: {TRAIN_COMMAND} "
-        f"— or point the app at one with: {POINT_COMMAND} (or set CXR_CHECKPOINT=PATH)."
-    )
 
 
 def load_model(checkpoint: str, device: str = "auto") -> ModelState:
@@ -134,14 +95,15 @@ def create_app(config: dict | None = None) -> Flask:
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
-    Path(app.config["RESULTS_DIR"]).mkdir(parents=True, exist_ok=True)
 
     state = load_model(str(app.config["CHECKPOINT"]), app.config["DEVICE"])
     if state.error:
         log.warning(no_model_message(state.error))
     app.extensions["chestxray"] = state
+    app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]))
     csrf.init_app(app)
-    _register_routes(app)
+    csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
+    app.register_blueprint(views.bp)
     _register_errors(app)
     app.after_request(_security_headers)
     app.jinja_env.filters["label_name"] = lambda label: label.replace("_", " ")
@@ -159,299 +121,6 @@ def create_app(config: dict | None = None) -> Flask:
         }
 
     return app
-
-
-def model_state() -> ModelState:
-    """The ModelState built at start-up (app.extensions["chestxray"])."""
-    return current_app.extensions["chestxray"]
-
-
-def require_predictor() -> Predictor:
-    """The loaded Predictor, or a 503 saying how to get one."""
-    state = model_state()
-    if state.predictor is None:
-        abort(503, no_model_message(state.error or "no checkpoint"))
-    return state.predictor
-
-
-# ---------------------------------------------------------------- uploads and saved results
-
-
-def sniff_format(data: bytes, filename: str) -> str:
-    """'PNG', 'JPEG' or 'DICOM' from the content; aborts 415 for other types, 400 for an image name with bad content."""
-    if is_dicom(data):
-        return "DICOM"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    suffix = Path(filename).suffix.lower()[:12]
-    other = next((name for signature, name in OTHER_SIGNATURES if data.startswith(signature)), None)
-    if other or suffix not in IMAGE_SUFFIXES:
-        kind = other or (f"'{suffix}'" if suffix else "a file without extension")
-        abort(415, f"unsupported file type ({kind}): upload a {ACCEPTED} file")
-    abort(400, f"not a readable image: the file is named '{suffix}' but does not hold {ACCEPTED} data")
-
-
-def analyse(upload: FileStorage, predictor: Predictor) -> dict:
-    """Read, check and predict one upload, save the result; returns its record. Aborts 400/415 for bad input."""
-    data = upload.read()
-    if not data:
-        abort(400, "the file is empty")
-    image_format = sniff_format(data, upload.filename or "")
-    try:
-        prediction = predictor.predict(data)
-    except InvalidImage as exc:
-        abort(400, str(exc))
-    return save_result(
-        Path(current_app.config["RESULTS_DIR"]), prediction, image_format, predictor.model_card(),
-        int(current_app.config["RETENTION"]),
-    )
-
-
-def shown_name(filename: str, limit: int = 80) -> str:
-    """An upload's file name as a message shows it: its last path part, no control characters, at most `limit` chars."""
-    # The name is the client's to choose: NUL bytes, bidi overrides and "../" would otherwise be echoed into the page.
-    name = "".join(ch for ch in filename if ch.isprintable()).replace("\\", "/").rsplit("/", 1)[-1]
-    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
-
-
-def display_image(image: np.ndarray) -> Image.Image:
-    """(H, W) float image in [0, 1] -> 8-bit grayscale PIL image, longest side at most DISPLAY_MAX_SIDE."""
-    im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
-    scale = DISPLAY_MAX_SIDE / max(im.size)
-    if scale < 1:
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
-    return im
-
-
-def default_label(record: dict) -> str:
-    """The label whose heatmap is shown first: the most probable positive call, else the most probable label."""
-    ranked = sorted(record["labels"], key=lambda label: -record["probabilities"][label])
-    return next((label for label in ranked if label in record["positive"]), ranked[0])
-
-
-def save_result(results_dir: Path, prediction: Prediction, image_format: str, model_card: dict,
-                retention: int) -> dict:
-    """Write RESULTS_DIR/<new random id>/ atomically (temp folder + rename), then prune to `retention` results."""
-    rid = secrets.token_hex(16)
-    image = display_image(prediction.image)
-    record = {
-        "id": rid,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "format": image_format,
-        "original_size": [int(prediction.image.shape[1]), int(prediction.image.shape[0])],
-        "image_size": [image.width, image.height],
-        "labels": list(prediction.labels),
-        "probabilities": prediction.probabilities,
-        "positive": prediction.positive,
-        "thresholds": prediction.thresholds,
-        "model": model_card,
-    }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=results_dir))
-    try:
-        image.save(tmp / "image.png", compress_level=PNG_COMPRESS_LEVEL)
-        np.save(tmp / "heatmaps.npy", np.asarray(prediction.heatmaps, dtype=np.float32))
-        (tmp / "heatmap").mkdir()
-        render_heatmap(tmp, record, default_label(record))  # the one shown first; the others on request
-        (tmp / "result.json").write_text(json.dumps(record, indent=1))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        os.rename(tmp, results_dir / rid)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune_results(results_dir, retention)
-    return record
-
-
-def prune_results(results_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` results (by result.json time) and stale temp folders; returns deleted ids."""
-    results, now = [], time.time()
-    for entry in os.scandir(results_dir):
-        try:
-            if entry.name.startswith(TMP_PREFIX):
-                if now - entry.stat().st_mtime > STALE_TMP_SECONDS:  # left by a crash mid-write
-                    shutil.rmtree(entry.path, ignore_errors=True)
-            elif RESULT_ID.fullmatch(entry.name):
-                results.append((os.stat(os.path.join(entry.path, "result.json")).st_mtime_ns, entry.name))
-        except FileNotFoundError:  # removed meanwhile by a concurrent request
-            continue
-    results.sort(reverse=True)
-    removed = [name for _, name in results[keep:]]
-    for name in removed:
-        shutil.rmtree(results_dir / name, ignore_errors=True)
-    return removed
-
-
-def heatmap_size(image_size: list[int]) -> tuple[int, int]:
-    """(width, height) of a heat layer: the plain image's aspect ratio, longest side at most HEATMAP_MAX_SIDE."""
-    width, height = image_size
-    scale = min(1.0, HEATMAP_MAX_SIDE / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def render_heatmap(folder: Path, record: dict, label: str) -> Path:
-    """heatmap/<label>.png from the saved raw maps (RGBA, opacity following the heat); kept on disk once made."""
-    target = folder / "heatmap" / f"{label}.png"
-    if target.is_file():
-        return target
-    maps = np.load(folder / "heatmaps.npy")
-    width, height = heatmap_size(record["image_size"])
-    layer = heatmap_image(maps[record["labels"].index(label)], height, width)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            layer.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        os.replace(tmp, target)  # two requests rendering the same label both write whole files
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def load_result(rid: str) -> tuple[Path, dict]:
-    """(folder, record) of a saved result; 404 for a malformed, unknown or expired id."""
-    folder = Path(current_app.config["RESULTS_DIR"]) / rid
-    try:
-        if not RESULT_ID.fullmatch(rid):
-            raise FileNotFoundError(rid)
-        return folder, json.loads((folder / "result.json").read_text())
-    except FileNotFoundError:
-        abort(404, f"This result does not exist or has expired (only the newest "
-                   f"{current_app.config['RETENTION']} results are kept).")
-
-
-def api_document(record: dict) -> dict:
-    """The JSON answer for one result: id, probabilities, positive, thresholds, heatmap URLs, model card."""
-    rid = record["id"]
-    return {
-        "id": rid,
-        "probabilities": record["probabilities"],
-        "positive": record["positive"],
-        "thresholds": record["thresholds"],
-        "heatmaps": {label: url_for("heatmap", rid=rid, label=label) for label in record["labels"]},
-        "model": record["model"],
-        "image": url_for("result_image", rid=rid),
-        "result": url_for("result", rid=rid),
-        "created": record["created"],
-        "format": record["format"],
-    }
-
-
-def finding_rows(record: dict) -> list[dict]:
-    """Labels sorted by probability, highest first, with threshold and positive call, for the result table."""
-    rows = [
-        {"label": label, "probability": record["probabilities"][label], "threshold": record["thresholds"][label],
-         "positive": label in record["positive"]}
-        for label in record["labels"]
-    ]
-    return sorted(rows, key=lambda row: -row["probability"])
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    try:
-        return min(high, max(low, int(request.args.get(name, default))))
-    except ValueError:
-        return default
-
-
-# ---------------------------------------------------------------- routes
-
-
-def _register_routes(app: Flask) -> None:
-    @app.get("/")
-    def index():
-        return render_template("index.html")
-
-    @app.post("/predict")
-    def predict():
-        predictor = require_predictor()
-        uploads = [f for f in request.files.getlist("file") if f.filename]  # browsers send one empty part if none
-        if not uploads:
-            abort(400, f"No file was chosen: pick one or more {ACCEPTED} files.")
-        if len(uploads) > app.config["MAX_FILES"]:
-            abort(400, f"Too many files ({len(uploads)}): upload at most {app.config['MAX_FILES']} at once.")
-        records, failures = [], []
-        for upload in uploads:
-            try:
-                records.append(analyse(upload, predictor))
-            except HTTPException as exc:
-                failures.append(exc.code)
-                flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
-        if not records:
-            return render_template("index.html"), failures[0]
-        if len(records) == 1:
-            return redirect(url_for("result", rid=records[0]["id"]), 303)
-        return redirect(url_for("results", ids=",".join(r["id"] for r in records)), 303)
-
-    @app.get("/results")
-    def results():
-        ids = [rid for rid in request.args.get("ids", "").split(",") if rid][: app.config["MAX_FILES"]]
-        if not ids:
-            abort(404, "No results were named.")
-        items = []
-        for rid in ids:
-            try:
-                items.append(load_result(rid)[1])
-            except HTTPException:
-                items.append(None)  # expired or unknown: listed as such
-        if not any(items):
-            abort(404, "These results do not exist or have expired.")
-        return render_template("results.html", items=items, rows=finding_rows)
-
-    @app.get("/results/<rid>")
-    def result(rid: str):
-        _, record = load_result(rid)
-        label = request.args.get("label")
-        if label not in record["labels"]:
-            label = default_label(record)
-        opacity = _int_arg("opacity", 60, 0, 100)
-        return render_template(
-            "result.html", r=record, rows=finding_rows(record), label=label, opacity=round(opacity, -1),
-            plain=request.args.get("plain") == "1",
-        )
-
-    @app.get("/results/<rid>/image.png")
-    def result_image(rid: str):
-        folder, _ = load_result(rid)
-        return send_from_directory(folder, "image.png", mimetype="image/png")
-
-    @app.get("/results/<rid>/heatmap/<label>.png")
-    def heatmap(rid: str, label: str):
-        folder, record = load_result(rid)
-        if label not in record["labels"]:
-            abort(404, f"This model has no label {label!r}.")
-        try:
-            target = render_heatmap(folder, record, label)
-        except FileNotFoundError:  # removed by retention while rendering
-            abort(404, "This result has expired.")
-        return send_from_directory(target.parent, target.name, mimetype="image/png")
-
-    @app.get("/api/results/<rid>")
-    def api_result(rid: str):
-        return jsonify(api_document(load_result(rid)[1]))
-
-    @app.post("/api/predict")
-    @csrf.exempt
-    def api_predict():
-        predictor = require_predictor()
-        upload = request.files.get("file")
-        if upload is None:
-            abort(400, f"missing the multipart form field 'file' ({ACCEPTED})")
-        return jsonify(api_document(analyse(upload, predictor)))
-
-    @app.get("/api/model")
-    def api_model():
-        return jsonify(require_predictor().model_card())
-
-    @app.get("/favicon.ico")
-    def favicon():
-        return "", 204  # no icon; answers browsers' automatic request without a 404 in their console
-
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok", model_loaded=model_state().predictor is not None)
 
 
 def _wants_json() -> bool:
@@ -479,7 +148,7 @@ def _register_errors(app: Flask) -> None:
             message = f"The upload is too large: the limit is {limit / 1024 ** 2:g} MB in all."
         if _wants_json():
             return jsonify(error=message), exc.code
-        if request.endpoint == "predict" and exc.code in (400, 413, 415, 503):
+        if request.endpoint == "views.predict" and exc.code in (400, 413, 415, 503):
             return upload_page(message, exc.code)
         return render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code
 

@@ -1,112 +1,27 @@
-"""Inference: load a checkpoint once, predict one image -> probabilities, positive calls and all-label heatmaps.
+"""Predict chest X-rays from the command line: probabilities, positive calls and heatmap overlays per image.
 
-Command line:
     python predictions.py PATH [PATH ...] --checkpoint CKPT [--out DIR] [--heatmaps all|positive|none]
-prints one JSON object per image on its own line; exit code 1 if any image failed.
+
+prints one JSON object per image on its own line: Prediction.to_dict() (the shape the web API answers) plus
+"image" (its path) and, with --out, "heatmaps" ({label: overlay PNG path}); a refused image gets
+{"image": PATH, "error": MESSAGE}. Exit code 1 if any image failed, 2 without a usable checkpoint.
+The inference itself lives in chestxray.predictor (Predictor is re-exported here).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from chestxray.fileio import atomic_write, dumps_json
+from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage
+from chestxray.predictor import Prediction, Predictor
 
-from chestxray.cam import overlay, predict_with_maps
-from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint
-from chestxray.device import resolve_device
-from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, Source, read_xray
-from chestxray.model import ChestXrayNet
-from chestxray.transforms import build_normalize, build_transform
+__all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
 
 TRAIN_COMMAND = "python Model_Training/train.py --data-dir /path/to/nih --output chestxray_model_resnet50.pth"
-
-
-@dataclass
-class Prediction:
-    """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order."""
-
-    labels: tuple[str, ...]
-    probabilities: dict[str, float]
-    positive: list[str]
-    thresholds: dict[str, float]
-    image: np.ndarray = field(repr=False)  # (H, W) float32 in [0, 1], as read
-    heatmaps: np.ndarray | None = field(default=None, repr=False)
-
-    def ranked(self) -> list[str]:
-        """Labels sorted by probability, highest first."""
-        return sorted(self.labels, key=lambda name: -self.probabilities[name])
-
-    def overlay(self, label: str, alpha: float = 0.45):
-        """The heatmap of `label` blended over the X-ray, as an RGB PIL image of the original size."""
-        if self.heatmaps is None:
-            raise ValueError("this prediction was made without heatmaps")
-        if label not in self.labels:
-            raise KeyError(f"unknown label {label!r}; this model's labels are {list(self.labels)}")
-        return overlay(self.image, self.heatmaps[self.labels.index(label)], alpha=alpha)
-
-
-class Predictor:
-    """A loaded model with its preprocessing. Stateless per call, so one instance serves many threads."""
-
-    def __init__(self, model: ChestXrayNet, meta: Meta, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.meta = meta
-        self.labels = meta.labels
-        self.model = model.to(self.device).eval()
-        self.transform = build_transform(meta, train=False)
-        self.normalize = build_normalize(meta)
-        self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto") -> Predictor:
-        """Load once (CUDA when available for 'auto'). Raises CheckpointError for a bad file."""
-        dev = resolve_device(device)
-        model, meta, _ = load_checkpoint(path, map_location="cpu")
-        return cls(model, meta, dev)
-
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W) image in [0, 1] -> (1, 3, S, S) tensor on the model's device, as in training."""
-        return self.normalize(self.transform(image).unsqueeze(0).to(self.device))
-
-    def predict(self, image: Source | np.ndarray, heatmaps: bool = True) -> Prediction:
-        """Path/bytes/array -> Prediction. One forward pass gives probabilities and every label's heatmap.
-
-        Raises InvalidImage for unreadable input.
-        """
-        array = image if isinstance(image, np.ndarray) else read_xray(image)
-        x = self.preprocess(array)
-        with torch.inference_mode():
-            if heatmaps:
-                logits, maps = predict_with_maps(self.model, x)
-                maps = maps[0].float().cpu().numpy()
-            else:
-                logits, maps = self.model(x), None
-            probs = torch.sigmoid(logits.float())[0].cpu().numpy().astype(np.float64)
-        return Prediction(
-            labels=self.labels,
-            probabilities={name: float(p) for name, p in zip(self.labels, probs)},
-            positive=[name for name, p, t in zip(self.labels, probs, self.thresholds) if p >= t],
-            thresholds={name: float(t) for name, t in zip(self.labels, self.thresholds)},
-            image=array,
-            heatmaps=maps,
-        )
-
-    def model_card(self) -> dict:
-        """Plain-data description of the loaded model (arch, input, labels, thresholds, training summary)."""
-        return {
-            "arch": self.meta.arch,
-            "image_size": self.meta.image_size,
-            "labels": list(self.labels),
-            "thresholds": dict(zip(self.labels, map(float, self.thresholds))),
-            "lse_r": self.meta.lse_r,
-            "training": self.meta.training,
-            "device": str(self.device),
-        }
 
 
 def find_images(paths: list[str]) -> list[Path]:
@@ -150,6 +65,21 @@ def _heatmap_dir(out: Path, image: Path, used: set[str]) -> Path:
     return out / name
 
 
+def _predict_one(predictor: Predictor, path: Path, out: Path | None, which: str, used: set[str]) -> dict:
+    """to_dict() of one image, plus "heatmaps" {label: overlay PNG path} when `out` is given. Raises InvalidImage."""
+    want_maps = out is not None and which != "none"
+    pred = predictor.predict(path, heatmaps=want_maps)
+    record = pred.to_dict()
+    if want_maps:
+        folder = _heatmap_dir(out, path, used)  # made by atomic_write with the first overlay
+        record["heatmaps"] = {}
+        for label in pred.labels if which == "all" else pred.positive:
+            image = pred.overlay(label)
+            target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
+            record["heatmaps"][label] = str(target)
+    return record
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the CLI; returns the exit code (0 all good, 1 some image failed, 2 no usable checkpoint)."""
     try:
@@ -170,25 +100,12 @@ def main(args: argparse.Namespace) -> int:
 
         progress = tqdm(total=len(images), unit="img", file=sys.stderr)
     for path in images:
-        record: dict = {"image": str(path)}
         try:
-            want_maps = out is not None and args.heatmaps != "none"
-            pred = predictor.predict(path, heatmaps=want_maps)
-            record["probabilities"] = {k: round(v, 6) for k, v in pred.probabilities.items()}
-            record["positive"] = pred.positive
-            if want_maps:
-                chosen = pred.labels if args.heatmaps == "all" else pred.positive
-                folder = _heatmap_dir(out, path, used)
-                folder.mkdir(parents=True, exist_ok=True)
-                record["heatmaps"] = {}
-                for label in chosen:
-                    target = folder / f"{label}.png"
-                    pred.overlay(label).save(target)
-                    record["heatmaps"][label] = str(target)
+            record = {"image": str(path), **_predict_one(predictor, path, out, args.heatmaps, used)}
         except InvalidImage as exc:
             failed += 1
             record = {"image": str(path), "error": str(exc)}
-        print(json.dumps(record), flush=True)
+        print(dumps_json(record), flush=True)
         if progress is not None:
             progress.update(1)
     if progress is not None:

@@ -18,42 +18,42 @@ import sys
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make the chestxray package and predictions.py importable
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint  # noqa: E402
-from chestxray.data import (  # noqa: E402
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, load_checkpoint
+from chestxray.data import (
     DataError,
+    MissingImages,
     XrayDataset,
     collate_batch,
     has_official_lists,
     load_index,
-    make_splits,
+    rebuild_splits,
     subsample,
+    trained_images,
 )
-from chestxray.device import resolve_device  # noqa: E402
-from chestxray.engine import predict_probabilities  # noqa: E402
-from chestxray.localization import (  # noqa: E402
+from chestxray.device import DeviceUnavailable, resolve_device
+from chestxray.engine import predict_probabilities
+from chestxray.fileio import write_json
+from chestxray.localization import (
     BBoxError,
     evaluate_localization,
     localization_summary,
     read_bbox_csv,
 )
-from chestxray.metrics import evaluate_predictions  # noqa: E402
-from chestxray.report import (  # noqa: E402
+from chestxray.meta import SplitSpec
+from chestxray.metrics import evaluate_predictions
+from chestxray.report import (
     per_label_frame,
     per_label_rows,
     text_table,
-    write_json,
     write_plots,
     write_report,
 )
-from chestxray.transforms import build_normalize, build_transform  # noqa: E402
+from chestxray.transforms import build_normalize, build_transform
+from Model_Training.cli import UsageError
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 SUBGROUPS = (("view", "PA"), ("view", "AP"), ("sex", "F"), ("sex", "M"))
@@ -93,10 +93,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
-    """A bad command-line value; the message says what to change."""
-
-
 def _check_args(args: argparse.Namespace) -> None:
     checks = [
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
@@ -114,42 +110,24 @@ def _check_args(args: argparse.Namespace) -> None:
 # Split
 
 
-def split_settings(meta: Meta) -> tuple[dict, list[str]]:
-    """The checkpoint's split settings {"val_fraction", "seed", "official", "limit"} and notes on any gaps."""
-    saved = dict(meta.training.get("split") or {})
-    notes = []
-    if not saved:
-        notes.append("the checkpoint does not record its split; the default validation fraction 0.1 and seed 0 "
-                     "are used, which may not be the split it was trained with")
-    return {"val_fraction": float(saved.get("val_fraction", 0.1)), "seed": int(saved.get("seed", 0)),
-            "official": saved.get("official"), "limit": saved.get("limit")}, notes
-
-
 def select_split(index: pd.DataFrame, data_dir: Path, split: str, meta: Meta) -> tuple[pd.DataFrame, str, list]:
     """The rows to evaluate, a one-line description of them, and notes. Raises DataError when the split is empty."""
-    settings, notes = split_settings(meta)
-    official = has_official_lists(data_dir)
-    if settings["official"] is not None and bool(settings["official"]) != official:
-        notes.append(f"the checkpoint was trained {'with' if settings['official'] else 'without'} the official "
-                     f"split lists but {data_dir} has {'them' if official else 'none'}: the split differs")
     if split == "all":
-        return index, "every labelled image under the data folder (mixes training and held-out images)", notes
+        return index, "every labelled image under the data folder (mixes training and held-out images)", []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        splits = make_splits(index, data_dir, val_fraction=settings["val_fraction"], seed=settings["seed"])
-    notes += [str(w.message) for w in caught]
-    df = splits[split]
-    if split in ("train", "val") and settings["limit"]:
-        # Training evaluated on subsample(split, limit, seed): rebuild that very set.
-        df = subsample(df, settings["limit"], settings["seed"])
+        df = rebuild_splits(meta, index, data_dir)[split]
+    notes = [str(w.message) for w in caught]
+    official = has_official_lists(data_dir)
+    spec = meta.split or SplitSpec(official=official)
     if split == "test":
         description = ("the official NIH test list (test_list.txt), patient-disjoint from training" if official
                        else "a seeded patient-wise test split (no official lists in the data folder; "
                             "not comparable with the official split)")
     elif split == "val":
-        description = (f"the checkpoint's validation split ({settings['val_fraction']:.0%} of the training "
-                       f"patients, seed {settings['seed']}"
-                       + (f", limited to {settings['limit']} images" if settings["limit"] else "")
+        description = (f"the checkpoint's validation split ({spec.val_fraction:.0%} of the training "
+                       f"patients, seed {spec.seed}"
+                       + (f", limited to {spec.limit} images" if spec.limit else "")
                        + "); its thresholds were chosen on it, so thresholded metrics are optimistic")
     else:
         description = "the checkpoint's training split: the model has seen these images; scores are optimistic"
@@ -164,15 +142,6 @@ def select_split(index: pd.DataFrame, data_dir: Path, split: str, meta: Meta) ->
     return df.reset_index(drop=True), description, notes
 
 
-def training_images(index: pd.DataFrame, data_dir: Path, meta: Meta) -> set[str]:
-    """Names of the index's images in the checkpoint's training split (before any training --limit)."""
-    settings, _ = split_settings(meta)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # select_split already reported the split's notices
-        splits = make_splits(index, data_dir, val_fraction=settings["val_fraction"], seed=settings["seed"])
-    return set(splits["train"]["image"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions
 
@@ -181,7 +150,7 @@ def predictions_frame(rows: pd.DataFrame, labels, y_true: np.ndarray, y_prob: np
     """predictions.csv content: image, patient, view, sex, age, then <label>_prob and <label>_true per label."""
     out = rows[[c for c in PREDICTION_COLUMNS if c in rows.columns]].reset_index(drop=True).copy()
     for j, name in enumerate(labels):
-        out[f"{name}_prob"] = y_prob[:, j]
+        out[f"{name}_prob"] = y_prob[:, j].astype(np.float64)  # written at full precision; metrics read these
         out[f"{name}_true"] = y_true[:, j].astype(int)
     return out
 
@@ -216,13 +185,10 @@ def main(args: argparse.Namespace) -> int:
     """Evaluate; returns the exit code (0 done, 2 bad input or data)."""
     try:
         return _evaluate(args)
-    except (UsageError, DataError, CheckpointError, BBoxError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as exc:  # resolve_device: --device cuda without a GPU
-        if "--device" not in str(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (UsageError, DataError, CheckpointError, BBoxError, DeviceUnavailable) as exc:
+        advice = {MissingImages: " (on the command line: --allow-missing)",
+                  DeviceUnavailable: " (pass --device cpu or auto)"}.get(type(exc), "")
+        print(f"error: {exc}{advice}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -251,7 +217,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     _log(f"evaluating {args.checkpoint} ({meta.arch}, {meta.image_size} px, {len(meta.labels)} labels) on "
          f"{len(rows)} images of {rows['patient'].nunique()} patients: {args.split} split, {description}")
 
-    # --- predictions: the checkpoint's preprocessing, the shared evaluation loop -----------------------------
+    frame, unreadable = predict_frame(args, model, meta, rows, device)
+    # Full float precision (pandas writes the shortest repr that reads back exactly): metrics recomputed from
+    # predictions.csv equal metrics.json's; %.6g created ties that moved AUROCs by up to 3e-5.
+    frame.to_csv(out / "predictions.csv", index=False)
+    metrics = evaluate_frame(frame, meta.labels, meta.thresholds, args.bootstrap, args.seed)
+    rule = meta.training.get("threshold_rule")
+    context = {
+        "checkpoint": str(args.checkpoint), "arch": meta.arch, "image_size": meta.image_size,
+        "data_dir": str(data_dir), "split": args.split, "split_description": description, "limit": args.limit,
+        "threshold_source": (f"max {'F1' if rule == 'f1' else rule} on the validation split" if rule
+                             else "as stored in the checkpoint"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device), "unreadable": unreadable, "notes": notes,
+        "training": {k: meta.training.get(k) for k in ("data", "epochs", "val_mean_auroc", "date", "commit")},
+    }
+    metrics["run"] = context
+    if args.bbox_csv:
+        metrics["localization"] = localize(args, model, meta, index, data_dir, device, out)
+    plots = write_outputs(out, frame, metrics, meta, context)
+    _print_summary(metrics, out, args, plots)
+    return 0
+
+
+def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFrame, device):
+    """The checkpoint's preprocessing and the shared evaluation loop -> (predictions frame, unreadable names)."""
     dataset = XrayDataset(rows, meta.labels, build_transform(meta, train=False), args.cache_dir,
                           skip_unreadable=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
@@ -266,47 +256,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(indices) == 0:
         raise DataError(f"none of the {len(rows)} images of the {args.split} split could be read")
     evaluated = rows.iloc[indices].reset_index(drop=True)
-    frame = predictions_frame(evaluated, meta.labels, y_true, y_prob)
-    frame.to_csv(out / "predictions.csv", index=False, float_format="%.6g")
+    return predictions_frame(evaluated, meta.labels, y_true, y_prob), unreadable
 
-    # --- metrics, subgroups ----------------------------------------------------------------------------------
-    metrics = evaluate_frame(frame, meta.labels, meta.thresholds, args.bootstrap, args.seed)
-    rule = meta.training.get("threshold_rule")
-    context = {
-        "checkpoint": str(args.checkpoint), "arch": meta.arch, "image_size": meta.image_size,
-        "data_dir": str(data_dir), "split": args.split, "split_description": description, "limit": args.limit,
-        "threshold_source": (f"max {'F1' if rule == 'f1' else rule} on the validation split" if rule
-                             else "as stored in the checkpoint"),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": str(device), "unreadable": unreadable, "notes": notes,
-        "training": {k: meta.training.get(k) for k in ("data", "epochs", "val_mean_auroc", "date", "commit")},
-    }
-    metrics["run"] = context
 
-    # --- localization ----------------------------------------------------------------------------------------
-    if args.bbox_csv:
-        boxes = read_bbox_csv(args.bbox_csv)
-        # Every boxed image under the data folder, whatever --split says (NIH's are all in the official test list).
-        boxed = index[index["image"].isin(set(boxes["image"]))]
-        paths = dict(zip(boxed["image"], boxed["path"], strict=True))
-        _log(f"localization: {len(boxes)} boxes on {boxes['image'].nunique()} images in {args.bbox_csv}; "
-             f"{len(paths)} of those images are under {data_dir}")
-        details = evaluate_localization(model, meta, boxes, paths, device, progress=not args.no_progress)
-        details.to_csv(out / "localization.csv", index=False, float_format="%.6g")
-        trained_on = sorted(set(details["image"]) & training_images(index, data_dir, meta))
-        if trained_on:
-            _log(f"warning: {len(trained_on)} boxed image(s) are in this checkpoint's training split")
-        metrics["localization"] = {"bbox_csv": str(args.bbox_csv),
-                                   **localization_summary(details, boxes, meta.labels),
-                                   "images_in_training_split": len(trained_on)}
+def localize(args: argparse.Namespace, model, meta: Meta, index: pd.DataFrame, data_dir: Path, device,
+             out: Path) -> dict:
+    """Score the heatmaps of every boxed image under the data folder (whatever --split says) -> the summary."""
+    boxes = read_bbox_csv(args.bbox_csv)
+    boxed = index[index["image"].isin(set(boxes["image"]))]
+    paths = dict(zip(boxed["image"], boxed["path"], strict=True))
+    _log(f"localization: {len(boxes)} boxes on {boxes['image'].nunique()} images in {args.bbox_csv}; "
+         f"{len(paths)} of those images are under {data_dir}")
+    details = evaluate_localization(model, meta, boxes, paths, device, progress=not args.no_progress)
+    details.to_csv(out / "localization.csv", index=False, float_format="%.6g")
+    # Training membership comes from the split the checkpoint recorded (its SplitSpec and label-file hash), not
+    # from a new split of whatever folder is evaluated.
+    trained = trained_images(meta, index, data_dir)
+    trained_on = sorted(set(details["image"]) & trained) if trained is not None else []
+    if trained is None:
+        _log("notice: the checkpoint does not record its training data, so boxed images cannot be checked against "
+             "its training split")
+    elif trained_on:
+        _log(f"warning: {len(trained_on)} boxed image(s) are in this checkpoint's training split")
+    return {"bbox_csv": str(args.bbox_csv), **localization_summary(details, boxes, meta.labels),
+            "images_in_training_split": len(trained_on) if trained is not None else None}
 
-    # --- files -----------------------------------------------------------------------------------------------
+
+def write_outputs(out: Path, frame: pd.DataFrame, metrics: dict, meta: Meta, context: dict) -> list[str]:
+    """metrics.json, per_label.csv, the plots and report.md -> the plots' file names."""
     write_json(out / "metrics.json", metrics)
     per_label_frame(metrics).to_csv(out / "per_label.csv", index=False, float_format="%.6g")
     plots = write_plots(frame[[f"{n}_true" for n in meta.labels]].to_numpy(),
                         frame[[f"{n}_prob" for n in meta.labels]].to_numpy(), meta.labels, metrics, out)
     write_report(out / "report.md", metrics, context, plots)
+    return [p.name for p in plots.values()]
 
+
+def _print_summary(metrics: dict, out: Path, args: argparse.Namespace, plots: list[str]) -> None:
     _log("")
     _log(text_table(*per_label_rows(metrics)))
     acc = metrics["accuracy"]
@@ -321,8 +307,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             _log("localization: no boxed image under the data folder, nothing to score")
     _log(f"wrote {out}/: predictions.csv metrics.json per_label.csv report.md "
-         + " ".join(p.name for p in plots.values()) + (" localization.csv" if args.bbox_csv else ""))
-    return 0
+         + " ".join(plots) + (" localization.csv" if args.bbox_csv else ""))
 
 
 def _pct(value) -> str:

@@ -6,72 +6,72 @@
 --data-dir holds Data_Entry_2017_v2020.csv, Data_Entry_2017.csv or labels.csv, the images anywhere below it, and
 optionally the official train_val_list.txt / test_list.txt (validation is carved from train_val by patient; the
 test split is never used here). After every epoch the run folder (--run-dir) gets a resumable state (last.pth;
-continue with --resume), history.csv, training_curves.png; args.json at start. The epoch with the best validation
-mean AUROC is written to --output with per-label thresholds chosen on the validation set.
+continue with --resume), history.csv, training_curves.png; args.json, the run configuration (its one copy: the
+state and the checkpoint refer to it), at start. The epoch with the best validation mean AUROC is written to
+--output with per-label thresholds chosen on the validation set and the split it used (meta.training["split"]).
+
+The loop reads top to bottom: prepare_run -> build_meta_and_model -> load_data -> build_optimisation -> restore ->
+for each epoch run_epoch, save_epoch (torchvision's references/classification layout).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
-import json
+import io
 import math
 import os
-import random
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make the chestxray package importable
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-
-from chestxray.checkpoint import (  # noqa: E402
-    DEFAULT_CHECKPOINT,
-    CheckpointError,
-    Meta,
-    atomic_torch_save,
-    model_from_meta,
-    remove_stale_temporaries,
-    safe_torch_load,
-    save_checkpoint,
-)
-from chestxray.data import (  # noqa: E402
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, model_from_meta, save_checkpoint
+from chestxray.data import (
     DataError,
+    MissingImages,
     XrayDataset,
     check_patient_disjoint,
     collate_batch,
     find_unreadable,
-    has_official_lists,
     load_index,
-    make_splits,
-    subsample,
+    rebuild_splits,
+    split_spec,
     targets,
 )
-from chestxray.engine import evaluate, train_one_epoch  # noqa: E402
-from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels  # noqa: E402
-from chestxray.losses import LOSSES, build_loss  # noqa: E402
-from chestxray.metrics import THRESHOLD_RULES, choose_thresholds  # noqa: E402
-from chestxray.model import ARCHS, PretrainedWeightsUnavailable  # noqa: E402
-from chestxray.transforms import build_normalize, build_transform  # noqa: E402
+from chestxray.device import DeviceUnavailable, resolve_device
+from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
+from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
+from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
+from chestxray.losses import LOSSES, build_loss
+from chestxray.meta import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
+from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
+from chestxray.model import ARCHS, PretrainedWeightsUnavailable
+from chestxray.trainstate import (
+    CONFIG_FILE,
+    STATE_FILE,
+    LockedSettingChanged,
+    NoTrainingState,
+    load_resume_state,
+    merge_config,
+    read_config,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+    write_config,
+)
+from chestxray.transforms import build_normalize, build_transform
+from Model_Training.cli import UsageError
 
-STATE_FILE = "last.pth"
-PREVIOUS_STATE_FILE = "last.prev.pth"  # the state before last.pth: --resume falls back to it if last.pth is damaged
-STATE_FORMAT = 1
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EPOCHS = 5
-# Settings that define the run: on --resume they come from the saved run; giving another value is an error.
-LOCKED = ("arch", "labels", "image_size", "batch_size", "lr", "weight_decay", "scheduler", "loss", "seed",
-          "val_fraction", "limit", "hflip", "no_pretrained", "clip_grad")
-
-
-class UsageError(ValueError):
-    """A bad command-line value or combination; the message says what to change."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -132,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers
+# Arguments
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
@@ -151,7 +151,8 @@ def _check_args(args: argparse.Namespace) -> None:
     checks = [
         (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.image_size >= 32, f"--image-size must be at least 32 pixels, got {args.image_size}"),
+        (MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE,
+         f"--image-size must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {args.image_size}"),
         (args.lr > 0, f"--lr must be positive, got {args.lr}"),
         (args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}"),
         (args.clip_grad >= 0, f"--clip-grad must be non-negative (0 = off), got {args.clip_grad}"),
@@ -165,29 +166,12 @@ def _check_args(args: argparse.Namespace) -> None:
     parse_labels(args.labels)
 
 
-def _merge_resumed_args(args: argparse.Namespace, saved: dict) -> list[str]:
-    """Fill args from the saved run: locked settings must match; others keep a non-default command-line value."""
-    defaults = vars(get_args_parser().parse_args([]))
-    notes = []
-    for key, value in saved.items():
-        if key not in defaults or key in ("resume", "run_dir"):
-            continue
-        given = getattr(args, key)
-        if key in LOCKED:
-            if given != defaults[key] and given != value:
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"{flag} cannot change on --resume (the run in progress uses {value!r}); start a "
-                                 "new run with another --run-dir instead")
-            setattr(args, key, value)
-        elif given == defaults[key] or given is None:
-            setattr(args, key, value)
-        elif given != value:
-            notes.append(f"--{key.replace('_', '-')} {given} (was {value})")
-    return notes
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def plain_args(args: argparse.Namespace) -> dict:
-    """vars(args) with paths as strings: plain data for JSON and weights_only checkpoints."""
+    """vars(args) with paths as strings: the run configuration as plain data (args.json)."""
     return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(args).items()}
 
 
@@ -201,41 +185,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states as tensors/lists, loadable with weights_only=True."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() saved (CUDA states only when the device count matches)."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run files
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -243,24 +198,23 @@ def write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
     fields = list(history[0])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    atomic_write(path, text.getvalue())
 
 
 def plot_history(path: Path, history: list[dict]) -> None:
-    """training_curves.png: train/val loss and validation mean AUROC per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """training_curves.png: train/val loss and validation mean AUROC per epoch (matplotlib Figure + Agg, atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_auc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -272,10 +226,11 @@ def plot_history(path: Path, history: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
 
 
 class _Dist:
@@ -315,15 +270,15 @@ class _Dist:
 
 
 def _device(args: argparse.Namespace, ddp: _Dist) -> torch.device:
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-        if ddp.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {ddp.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                             "use --nproc_per_node <= the number of GPUs")
-        torch.cuda.set_device(ddp.local_rank)
-        return torch.device("cuda", ddp.local_rank)
-    return torch.device("cpu")
+    """chestxray.device.resolve_device, plus the per-rank GPU under torchrun."""
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        return device
+    if ddp.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"local rank {ddp.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                         "use --nproc_per_node <= the number of GPUs")
+    torch.cuda.set_device(ddp.local_rank)
+    return torch.device("cuda", ddp.local_rank)
 
 
 def _report(ddp: _Dist, what: str, names: list[str], limit: int = 10) -> None:
@@ -336,7 +291,7 @@ def _report(ddp: _Dist, what: str, names: list[str], limit: int = 10) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Train; returns the exit code (0 done, 2 bad input or data). Under torchrun, runs as one DDP process."""
+    """Train; returns the exit code (0 done, 1 a failed write, 2 bad input or data). Under torchrun, one process."""
     ddp = _Dist()
     try:
         if ddp.enabled and not dist.is_initialized():
@@ -345,8 +300,9 @@ def main(args: argparse.Namespace) -> int:
                 torch.cuda.set_device(ddp.local_rank)
             dist.init_process_group(backend)
         return _train(args, ddp)
-    except (UsageError, DataError, LabelError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (UsageError, DataError, LabelError, CheckpointError, PretrainedWeightsUnavailable,
+            DeviceUnavailable, TrainingDiverged) as exc:
+        print(f"error: {exc}{_advice(exc)}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:
         if exc.filename is None and exc.errno is None:
@@ -357,65 +313,108 @@ def main(args: argparse.Namespace) -> int:
               "written atomically, so the previous ones are unchanged; fix the cause (e.g. free disk space) and "
               "continue with --resume.", file=sys.stderr, flush=True)
         return 1
-    except PretrainedWeightsUnavailable as exc:
-        print(f"error: {exc}\nTo train without ImageNet weights, pass --no-pretrained.", file=sys.stderr,
-              flush=True)
-        return 2
     finally:
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _read_state(path: Path) -> dict:
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or state.get("kind") != "train-state" or "args" not in state:
-        raise CheckpointError(f"{path} is not a resumable training state of this tool")
-    return state
+def _advice(exc: BaseException) -> str:
+    """The command-line advice the core's errors leave to the script, chosen by exception type."""
+    if isinstance(exc, PretrainedWeightsUnavailable):
+        return "\nTo train without ImageNet weights, pass --no-pretrained."
+    if isinstance(exc, MissingImages):
+        return " (on the command line: --allow-missing)"
+    if isinstance(exc, DeviceUnavailable):
+        return " (pass --device cpu or auto)"
+    if isinstance(exc, TrainingDiverged):
+        return " (--lr, --clip-grad)"
+    return ""
 
 
-def load_resume_state(run_dir: Path, log=print) -> dict:
-    """The newest complete training state in run_dir: last.pth, else (damaged or missing) last.prev.pth.
+@dataclass
+class Run:
+    """One training process's view of the run: its folder, device and settings derived from the arguments."""
 
-    Raises UsageError when the folder holds neither, CheckpointError when neither loads.
-    """
-    current, previous = run_dir / STATE_FILE, run_dir / PREVIOUS_STATE_FILE
-    if not current.is_file() and not previous.is_file():
-        raise UsageError(f"--resume: no {STATE_FILE} in {run_dir}; drop --resume to start a new run")
-    stale = remove_stale_temporaries(current)
-    if stale:
-        log(f"removed {len(stale)} partial state file(s) left by an interrupted write")
-    try:
-        if not current.is_file():
-            raise CheckpointError(f"{current} is missing (the run stopped while replacing it)")
-        return _read_state(current)
-    except CheckpointError as exc:
-        if not previous.is_file():
-            raise
-        log(f"warning: {exc}; falling back to the previous state {previous}")
-        try:
-            state = _read_state(previous)
-        except CheckpointError as prev_exc:
-            raise CheckpointError(f"neither training state can be used: {exc}; {prev_exc}") from None
-        log(f"resuming from {previous} (epoch {state['epoch']}); the epochs after it are trained again")
-        return state
+    args: argparse.Namespace
+    ddp: _Dist
+    dir: Path
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    labels: tuple[str, ...]
+    state: dict | None  # the state being resumed, or None for a new run
+
+
+@dataclass
+class Data:
+    """The splits, datasets and loaders of a run; `unreadable` grows as epochs meet unreadable images."""
+
+    index: object
+    spec: SplitSpec  # how the splits were made; recorded in the checkpoint as meta.training["split"]
+    splits: dict
+    train_ds: XrayDataset
+    val_ds: XrayDataset
+    train_sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    normalize: object  # the per-batch stage, on the device (transforms.build_normalize)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Optimisation:
+    """Model (and its DDP wrapper), loss, optimiser, schedule and gradient scaler."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the history rows and the best epoch so far."""
+
+    start_epoch: int = 1
+    history: list = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int | None = None
 
 
 def _train(args: argparse.Namespace, ddp: _Dist) -> int:
+    run = prepare_run(args, ddp)
+    meta, model = build_meta_and_model(run)
+    data = load_data(run, meta)
+    opt = build_optimisation(run, model, data)
+    progress = restore(run, opt)
+    ddp.log(f"training {args.arch} at {args.image_size} px on {run.device}"
+            f"{f' x {ddp.world_size} processes' if ddp.enabled else ''} ({len(data.train_ds)} train / "
+            f"{len(data.val_ds)} val images, batch {args.batch_size}, {args.loss} loss, amp "
+            f"{'on' if run.amp else 'off'}); run folder {run.dir}")
+    for epoch in range(progress.start_epoch, args.epochs + 1):
+        stats, result, is_best = run_epoch(run, data, opt, progress, epoch)
+        if ddp.main:
+            save_epoch(run, meta, data, opt, progress, epoch, result, is_best)
+            ddp.log(_epoch_line(epoch, args.epochs, stats, result, run.labels) + ("  * saved" if is_best else ""))
+    ddp.barrier()
+    if progress.best_epoch is not None:
+        best = "n/a" if not math.isfinite(progress.best_score) else f"{progress.best_score:.4f}"
+        ddp.log(f"done: best epoch {progress.best_epoch} (validation mean AUROC {best}) -> {args.output}; "
+                f"run folder {run.dir}")
+    return 0
+
+
+def prepare_run(args: argparse.Namespace, ddp: _Dist) -> Run:
+    """Resume (state + the saved configuration) or start a run folder; checks the arguments. Rank 0 writes args.json."""
     if not ddp.main:
         warnings.simplefilter("ignore")  # the first process reports data notices once
-    # --- run folder and resume -------------------------------------------------------------------------------
-    state = None
-    if args.resume:
-        if not args.run_dir:
-            raise UsageError("--resume needs --run-dir: the folder of the run to continue (it holds last.pth)")
-        state = load_resume_state(Path(args.run_dir), ddp.log)
-        notes = _merge_resumed_args(args, state["args"])
-        ddp.log(f"resuming {args.run_dir} after epoch {state['epoch']}" + (f"; changed: {', '.join(notes)}"
-                                                                            if notes else ""))
+    state = _resume(args, ddp) if args.resume else None
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS
     _check_args(args)
-    if state is not None and args.epochs <= state["epoch"] and ddp.main:
+    if state is not None and args.epochs <= state["epoch"]:
         ddp.log(f"the run already finished its {state['epoch']} epoch(s); pass --epochs N > {state['epoch']} "
                 "to train longer")
     run_dir = args.run_dir or ddp.broadcast(
@@ -429,186 +428,226 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     amp = {"auto": device.type == "cuda", "on": True, "off": False}[args.amp]
     if amp and device.type != "cuda":
         raise UsageError("--amp on needs a CUDA device; use --amp auto or off on the CPU")
-    channels_last = device.type == "cuda" and not args.no_channels_last
-    labels = parse_labels(args.labels)
-    data_dir = Path(args.data_dir)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
+        write_config(run_dir, plain_args(args))  # the one copy of the run configuration
         if remove_stale_temporaries(args.output):
             ddp.log(f"removed a partial checkpoint file beside {args.output} left by an interrupted write")
     seed_everything(args.seed)
+    return Run(args, ddp, run_dir, device, amp, device.type == "cuda" and not args.no_channels_last,
+               parse_labels(args.labels), state)
 
-    # --- model first: a missing ImageNet download stops us before any data work --------------------------------
-    meta = Meta.new(arch=args.arch, labels=labels, image_size=args.image_size)
-    if ddp.main:
-        model = model_from_meta(meta, pretrained=not args.no_pretrained and state is None)
+
+def _resume(args: argparse.Namespace, ddp: _Dist) -> dict:
+    """Load the run's state and fill args from its saved configuration (locked settings must not change)."""
+    if not args.run_dir:
+        raise UsageError("--resume needs --run-dir: the folder of the run to continue (it holds last.pth)")
+    try:
+        state, notes = load_resume_state(args.run_dir)
+    except NoTrainingState as exc:
+        raise UsageError(f"--resume: {exc}; drop --resume to start a new run") from None
+    for note in notes:
+        ddp.log(note)
+    saved = read_config(args.run_dir, state)
+    defaults = {k: v for k, v in vars(get_args_parser().parse_args([])).items() if k not in ("resume", "run_dir")}
+    try:
+        merged, changed = merge_config(vars(args), saved, defaults)
+    except LockedSettingChanged as exc:
+        raise UsageError(f"{_flag(exc.key)} cannot change on --resume (the run in progress uses {exc.saved!r}); "
+                         "start a new run with another --run-dir instead") from None
+    vars(args).update(merged)
+    changes = ", ".join(f"{_flag(key)} {new} (was {old})" for key, new, old in changed)
+    ddp.log(f"resuming {args.run_dir} after epoch {state['epoch']}" + (f"; changed: {changes}" if changes else ""))
+    return state
+
+
+def build_meta_and_model(run: Run) -> tuple[Meta, torch.nn.Module]:
+    """The model first: a missing ImageNet download stops the run before any data work."""
+    args, ddp = run.args, run.ddp
+    meta = Meta.new(arch=args.arch, labels=run.labels, image_size=args.image_size)
+    pretrained = not args.no_pretrained and run.state is None
+    model = model_from_meta(meta, pretrained=pretrained) if ddp.main else None
     ddp.barrier()  # the first process downloads the weights once; the others then find them in the cache
     if not ddp.main:
-        model = model_from_meta(meta, pretrained=not args.no_pretrained and state is None)
+        model = model_from_meta(meta, pretrained=pretrained)
+    return meta, model
 
-    # --- data ------------------------------------------------------------------------------------------------
+
+def load_data(run: Run, meta: Meta) -> Data:
+    """Index the data folder, rebuild the split the run's SplitSpec describes, build datasets and loaders."""
+    args, ddp = run.args, run.ddp
+    data_dir = Path(args.data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = load_index(data_dir, allow_missing=args.allow_missing)
-        official = has_official_lists(data_dir)
-        splits = make_splits(index, data_dir, val_fraction=args.val_fraction, seed=args.seed)
+        spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit)
+        splits = rebuild_splits(meta.replace(training={"split": spec.to_dict()}), index, data_dir)
     for w in caught:
         ddp.log(f"warning: {w.message}")
     if index.attrs.get("missing") and ddp.main:
-        (run_dir / "missing.txt").write_text("\n".join(index.attrs["missing"]) + "\n")
-    splits = {name: subsample(df, args.limit, args.seed) for name, df in splits.items()}
+        (run.dir / "missing.txt").write_text("\n".join(index.attrs["missing"]) + "\n")
     check_patient_disjoint(splits)  # asserted here too, on exactly what is trained and validated on
     if len(splits["train"]) == 0:
         raise DataError(f"the training split is empty ({len(index)} images indexed under {data_dir})")
     if len(splits["val"]) == 0:
         raise DataError("the validation split is empty; use a larger --val-fraction or more images")
     ddp.log(f"data: {len(index)} images of {index['patient'].nunique()} patients in {data_dir}; "
-            f"{'official' if official else 'seeded patient-wise'} split: {len(splits['train'])} train / "
+            f"{'official' if spec.official else 'seeded patient-wise'} split: {len(splits['train'])} train / "
             f"{len(splits['val'])} val / {len(splits['test'])} test (patient-disjoint; test not used here)")
     if len(splits["test"]) == 0:
         ddp.log("notice: the test split is empty (every indexed image is in the train_val list); training "
                 "goes ahead, but evaluate the model on data that includes test_list.txt images")
-
-    train_tf = build_transform(meta, train=True, hflip=args.hflip)
-    eval_tf = build_transform(meta, train=False)
-    normalize = build_normalize(meta)  # per batch, on the device
-
-    def datasets() -> tuple[XrayDataset, XrayDataset]:
-        return (XrayDataset(splits["train"], labels, train_tf, args.cache_dir, skip_unreadable=True),
-                XrayDataset(splits["val"], labels, eval_tf, args.cache_dir, skip_unreadable=True))
-
-    train_ds, val_ds = datasets()
-    unreadable_names: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
     if args.check_data:
-        bad = []
-        for name, ds in (("train", train_ds), ("val", val_ds)):
-            shard = range(ddp.rank, len(ds), ddp.world_size)
-            found = find_unreadable(ds, shard, workers=args.workers, progress=ddp.main and not args.no_progress)
-            bad += [(name, u) for part in ddp.gather(found) for u in part]
-        ddp.log(f"checked {len(train_ds) + len(val_ds)} images: {len(bad)} unreadable")
-        for name, u in bad:
-            ddp.log(f"  unreadable ({name}): {u.reason}")
-            unreadable_names[u.name] = u.reason
-        if bad:
-            drop = set(unreadable_names)
-            splits = {k: df[~df["image"].isin(drop)].reset_index(drop=True) for k, df in splits.items()}
-            train_ds, val_ds = datasets()
-            ddp.log(f"left out {len(drop)} unreadable image(s); list in {run_dir / 'unreadable.txt'}")
-            if len(train_ds) == 0 or len(val_ds) == 0:
-                raise DataError("no readable training or validation images are left")
+        splits = _leave_out_unreadable(run, meta, splits, unreadable)
+    return _loaders(run, meta, index, spec, splits, unreadable)
 
+
+def _datasets(run: Run, meta: Meta, splits: dict) -> tuple[XrayDataset, XrayDataset]:
+    args = run.args
+    return (XrayDataset(splits["train"], run.labels, build_transform(meta, train=True, hflip=args.hflip),
+                        args.cache_dir, skip_unreadable=True),
+            XrayDataset(splits["val"], run.labels, build_transform(meta, train=False), args.cache_dir,
+                        skip_unreadable=True))
+
+
+def _leave_out_unreadable(run: Run, meta: Meta, splits: dict, unreadable: dict[str, str]) -> dict:
+    """--check-data: read every train/val image once (sharded over the ranks) and drop the unreadable ones."""
+    args, ddp = run.args, run.ddp
+    bad = []
+    for name, ds in zip(("train", "val"), _datasets(run, meta, splits), strict=True):
+        shard = range(ddp.rank, len(ds), ddp.world_size)
+        found = find_unreadable(ds, shard, workers=args.workers, progress=ddp.main and not args.no_progress)
+        bad += [(name, u) for part in ddp.gather(found) for u in part]
+    ddp.log(f"checked {sum(len(splits[k]) for k in ('train', 'val'))} images: {len(bad)} unreadable")
+    for name, u in bad:
+        ddp.log(f"  unreadable ({name}): {u.reason}")
+        unreadable[u.name] = u.reason
+    if not bad:
+        return splits
+    splits = {k: df[~df["image"].isin(set(unreadable))].reset_index(drop=True) for k, df in splits.items()}
+    ddp.log(f"left out {len(unreadable)} unreadable image(s); list in {run.dir / 'unreadable.txt'}")
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise DataError("no readable training or validation images are left")
+    return splits
+
+
+def _loaders(run: Run, meta: Meta, index, spec: SplitSpec, splits: dict, unreadable: dict) -> Data:
+    args, ddp = run.args, run.ddp
+    train_ds, val_ds = _datasets(run, meta, splits)
     train_sampler = DistributedSampler(train_ds, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
                                        seed=args.seed, drop_last=ddp.enabled)
     val_sampler = DistributedSampler(val_ds, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=False)
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_batch,
-                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+                         pin_memory=run.device.type == "cuda", persistent_workers=args.workers > 0)
     # A final batch of one image would break BatchNorm in training mode; drop it (it is reshuffled next epoch).
     train_loader = DataLoader(train_ds, sampler=train_sampler, drop_last=len(train_sampler) % args.batch_size == 1,
                               **loader_kwargs)
     val_loader = DataLoader(val_ds, sampler=val_sampler, **loader_kwargs)
+    return Data(index, spec, splits, train_ds, val_ds, train_sampler, train_loader, val_loader,
+                build_normalize(meta), unreadable)
 
-    # --- model, loss, optimiser ------------------------------------------------------------------------------
-    loss_fn = build_loss(args.loss, targets(splits["train"], labels))
-    model = model.to(device)
-    if channels_last:
+
+def build_optimisation(run: Run, model: torch.nn.Module, data: Data) -> Optimisation:
+    """Loss (its weights from the training split), model on the device (DDP-wrapped), Adam, schedule, scaler."""
+    args = run.args
+    loss_fn = build_loss(args.loss, targets(data.splits["train"], run.labels))
+    model = model.to(run.device)
+    if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = model
-    if ddp.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+    if run.ddp.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = None
     if args.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=1)
     elif args.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=run.amp)
+    return Optimisation(model, net, loss_fn, optimizer, scheduler, scaler)
 
-    start_epoch, history, best_score, best_epoch = 1, [], None, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        if not ddp.main:  # each process draws its own augmentations
-            seed_everything(args.seed * 1000 + ddp.rank + 7919 * state["epoch"])
-        start_epoch = state["epoch"] + 1
-        history, best_score, best_epoch = list(state["history"]), state["best_score"], state["best_epoch"]
-    elif not ddp.main:
-        seed_everything(args.seed * 1000 + ddp.rank)
 
-    n_images = f"{len(train_ds)} train / {len(val_ds)} val"
-    ddp.log(f"training {args.arch} at {args.image_size} px on {device}"
-            f"{f' x {ddp.world_size} processes' if ddp.enabled else ''} ({n_images} images, batch "
-            f"{args.batch_size}, {args.loss} loss, amp {'on' if amp else 'off'}); run folder {run_dir}")
-    progress = ddp.main and not args.no_progress
-    for epoch in range(start_epoch, args.epochs + 1):
-        train_sampler.set_epoch(epoch)
-        stats = train_one_epoch(net, train_loader, loss_fn, optimizer, device, normalize, scaler=scaler, amp=amp,
-                                clip_grad=args.clip_grad or None, channels_last=channels_last, progress=progress,
-                                desc=f"epoch {epoch}/{args.epochs} train")
-        if ddp.enabled and epoch == start_epoch:
-            shards = ddp.gather(stats.indices.tolist())
-            if ddp.main:
-                _check_shards(shards, run_dir, epoch, ddp)
-        train_bad = [u for part in ddp.gather(stats.unreadable) for u in part]
-        result = evaluate(net, val_loader, loss_fn, device, normalize, amp=amp, channels_last=channels_last,
-                          progress=progress, desc=f"epoch {epoch}/{args.epochs} val")
-        lr = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if math.isfinite(result.mean_auroc):
-                scheduler.step(result.mean_auroc)
-        elif scheduler is not None:
-            scheduler.step()
+def restore(run: Run, opt: Optimisation) -> Progress:
+    """Load the resumed state into the model, optimiser, scaler, schedule and RNGs; a new run starts at epoch 1."""
+    state, ddp, seed = run.state, run.ddp, run.args.seed
+    if state is None:
+        if not ddp.main:
+            seed_everything(seed * 1000 + ddp.rank)  # each process draws its own augmentations
+        return Progress()
+    opt.model.load_state_dict(state["model"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        opt.scaler.load_state_dict(state["scaler"])
+    if opt.scheduler is not None and state.get("scheduler"):
+        opt.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if not ddp.main:
+        seed_everything(seed * 1000 + ddp.rank + 7919 * state["epoch"])
+    return Progress(state["epoch"] + 1, list(state["history"]), state["best_score"], state["best_epoch"])
 
-        new_bad = sorted({u.name: u for u in train_bad + result.unreadable}.values(), key=lambda u: u.name)
-        for u in new_bad:
-            unreadable_names[u.name] = u.reason
-        if new_bad:
-            _report(ddp, f"epoch {epoch}: skipped {len(new_bad)} unreadable image(s)", [u.reason for u in new_bad])
 
-        score = result.mean_auroc if math.isfinite(result.mean_auroc) else -math.inf
-        is_best = best_epoch is None or score > best_score
-        if is_best:
-            best_score, best_epoch = score, epoch
-        row = {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss,
-               "val_mean_auroc": _finite_or_none(result.mean_auroc), "lr": lr, "train_images": stats.images,
-               "val_images": len(result.indices), "seconds": round(stats.seconds, 2),
-               "images_per_s": round(stats.images_per_s, 2)}
-        row.update({f"auroc_{name}": _finite_or_none(a) for name, a in zip(labels, result.auroc)})
-        history.append(row)
+def run_epoch(run: Run, data: Data, opt: Optimisation, progress: Progress, epoch: int):
+    """Train one epoch, validate, step the schedule, record the history row -> (stats, result, is_best)."""
+    args, ddp = run.args, run.ddp
+    bars = ddp.main and not args.no_progress
+    data.train_sampler.set_epoch(epoch)
+    stats = train_one_epoch(opt.net, data.train_loader, opt.loss_fn, opt.optimizer, run.device,
+                            data.normalize, scaler=opt.scaler, amp=run.amp,
+                            clip_grad=args.clip_grad or None, channels_last=run.channels_last, progress=bars,
+                            desc=f"epoch {epoch}/{args.epochs} train")
+    if ddp.enabled and epoch == progress.start_epoch:
+        shards = ddp.gather(stats.indices.tolist())
         if ddp.main:
-            write_history(run_dir / "history.csv", history)
-            plot_history(run_dir / "training_curves.png", history)
-            if unreadable_names:
-                (run_dir / "unreadable.txt").write_text(
-                    "".join(f"{name}\t{reason}\n" for name, reason in sorted(unreadable_names.items())))
-            if is_best:
-                thresholds = choose_thresholds(result.targets, result.probs, args.threshold_rule)
-                summary = _training_summary(args, data_dir, official, labels, result, epoch, len(train_ds), ddp)
-                save_checkpoint(args.output, model, meta.replace(thresholds=tuple(thresholds), training=summary),
-                                train={"args": plain_args(args), "history": history})
-            atomic_torch_save(
-                {"format": STATE_FORMAT, "kind": "train-state", "epoch": epoch,
-                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state(),
-                 "best_score": best_score, "best_epoch": best_epoch, "history": history, "args": plain_args(args),
-                 "world_size": ddp.world_size},
-                run_dir / STATE_FILE,
-                backup=run_dir / PREVIOUS_STATE_FILE,
-            )
-            ddp.log(_epoch_line(epoch, args.epochs, stats, result, labels) + ("  * saved" if is_best else ""))
-    ddp.barrier()
-    if best_epoch is not None:
-        best = "n/a" if not math.isfinite(best_score) else f"{best_score:.4f}"
-        ddp.log(f"done: best epoch {best_epoch} (validation mean AUROC {best}) -> {args.output}; "
-                f"run folder {run_dir}")
-    return 0
+            _check_shards(shards, run.dir, epoch, ddp)
+    train_bad = [u for part in ddp.gather(stats.unreadable) for u in part]
+    result = evaluate(opt.net, data.val_loader, opt.loss_fn, run.device, data.normalize, amp=run.amp,
+                      channels_last=run.channels_last, progress=bars, desc=f"epoch {epoch}/{args.epochs} val")
+    lr = opt.optimizer.param_groups[0]["lr"]
+    if isinstance(opt.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if math.isfinite(result.mean_auroc):
+            opt.scheduler.step(result.mean_auroc)
+    elif opt.scheduler is not None:
+        opt.scheduler.step()
+    new_bad = sorted({u.name: u for u in train_bad + result.unreadable}.values(), key=lambda u: u.name)
+    data.unreadable.update((u.name, u.reason) for u in new_bad)
+    if new_bad:
+        _report(ddp, f"epoch {epoch}: skipped {len(new_bad)} unreadable image(s)", [u.reason for u in new_bad])
+    score = result.mean_auroc if math.isfinite(result.mean_auroc) else -math.inf
+    is_best = progress.best_epoch is None or score > progress.best_score
+    if is_best:
+        progress.best_score, progress.best_epoch = score, epoch
+    row = {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss,
+           "val_mean_auroc": _finite_or_none(result.mean_auroc), "lr": lr, "train_images": stats.images,
+           "val_images": len(result.indices), "seconds": round(stats.seconds, 2),
+           "images_per_s": round(stats.images_per_s, 2)}
+    row.update({f"auroc_{name}": _finite_or_none(a) for name, a in zip(run.labels, result.auroc)})
+    progress.history.append(row)
+    return stats, result, is_best
+
+
+def save_epoch(run: Run, meta: Meta, data: Data, opt: Optimisation, progress: Progress, epoch: int, result,
+               is_best: bool) -> None:
+    """Rank 0: history.csv, curves, unreadable.txt, the best checkpoint (when best) and the resumable state."""
+    args = run.args
+    write_history(run.dir / "history.csv", progress.history)
+    plot_history(run.dir / "training_curves.png", progress.history)
+    if data.unreadable:
+        atomic_write(run.dir / "unreadable.txt",
+                     "".join(f"{name}\t{reason}\n" for name, reason in sorted(data.unreadable.items())))
+    if is_best:
+        thresholds = choose_thresholds(result.targets, result.probs, args.threshold_rule)
+        summary = _training_summary(run, data, result, epoch)
+        save_checkpoint(args.output, opt.model, meta.replace(thresholds=tuple(thresholds), training=summary),
+                        train={"run_config": str(run.dir / CONFIG_FILE), "history": progress.history})
+    save_state(run.dir, {
+        "epoch": epoch, "model": {k: v.detach().cpu() for k, v in opt.model.state_dict().items()},
+        "optimizer": opt.optimizer.state_dict(), "scaler": opt.scaler.state_dict(),
+        "scheduler": opt.scheduler.state_dict() if opt.scheduler is not None else None, "rng": rng_state(),
+        "best_score": progress.best_score, "best_epoch": progress.best_epoch, "history": progress.history,
+        "world_size": run.ddp.world_size,
+    })
 
 
 def _check_shards(shards: list[list[int]], run_dir: Path, epoch: int, ddp: _Dist) -> None:
@@ -619,36 +658,29 @@ def _check_shards(shards: list[list[int]], run_dir: Path, epoch: int, ddp: _Dist
         if overlap:
             raise RuntimeError(f"rank {rank} trained on images another rank also had: {sorted(overlap)[:5]}")
         seen |= set(shard)
-    (run_dir / "shards.json").write_text(json.dumps({"epoch": epoch, "world_size": len(shards),
-                                                     "train_indices": shards}) + "\n")
+    write_json(run_dir / "shards.json", {"epoch": epoch, "world_size": len(shards), "train_indices": shards})
     ddp.log(f"ranks: {len(shards)} disjoint training shards of {[len(s) for s in shards]} images")
 
 
-def _training_summary(args, data_dir: Path, official: bool, labels, result, epoch: int, n_train: int,
-                      ddp: _Dist) -> dict:
-    val_auroc = {name: _finite_or_none(a) for name, a in zip(labels, result.auroc)}
+def _training_summary(run: Run, data: Data, result, epoch: int) -> dict:
+    """meta.training: the model's results and data; the run configuration stays in args.json (train["run_config"])."""
+    args, data_dir = run.args, Path(run.args.data_dir)
     return {
-        "data": f"NIH ChestX-ray14, {'official' if official else 'seeded patient-wise'} split, from "
+        "data": f"NIH ChestX-ray14, {'official' if data.spec.official else 'seeded patient-wise'} split, from "
                 f"{data_dir.name}",
         "data_dir": data_dir.name,
         "epochs": epoch,
-        "epochs_planned": args.epochs,
-        "val_auroc": val_auroc,
+        "val_auroc": {name: _finite_or_none(a) for name, a in zip(run.labels, result.auroc)},
         "val_mean_auroc": _finite_or_none(result.mean_auroc),
         "val_loss": _finite_or_none(result.loss),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "split": {"val_fraction": args.val_fraction, "seed": args.seed, "official": official, "limit": args.limit},
+        "split": data.spec.to_dict(),
         "loss": args.loss,
         "threshold_rule": args.threshold_rule,
-        "n_train": n_train,
+        "n_train": len(data.train_ds),
         "n_val": int(len(result.indices)),
-        "arch": args.arch,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "pretrained": not args.no_pretrained,
-        "world_size": ddp.world_size,
+        "world_size": run.ddp.world_size,
     }
 
 

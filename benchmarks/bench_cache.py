@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from chestxray.checkpoint import Meta
+from chestxray.data import XrayDataset, collate_batch, load_index
+from chestxray.labels import LABELS
+from chestxray.transforms import build_normalize, build_transform
 
-from chestxray.checkpoint import Meta  # noqa: E402
-from chestxray.data import XrayDataset, collate_batch, load_index  # noqa: E402
-from chestxray.labels import LABELS  # noqa: E402
-from chestxray.transforms import build_normalize, build_transform  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA_DIR = ROOT.parent / "shared" / "data" / "nih"
 

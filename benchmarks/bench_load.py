@@ -32,13 +32,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import ROOT, conftest, livesite
 
-from conftest import NIH_DIR, make_checkpoint  # noqa: E402
-from e2e.livesite import stop_server  # noqa: E402
+from chestxray.results import RESULT_ID
 
-from main import RESULT_ID  # noqa: E402
+NIH_DIR, make_checkpoint, stop_server = conftest.NIH_DIR, conftest.make_checkpoint, livesite.stop_server
 
 BOUNDARY = "bench-load-boundary-5c2a"
 MEMORY_TOLERANCE = 0.20
@@ -96,7 +94,8 @@ def post(port: int, body: bytes, image: int, timeout: float) -> Outcome:
         seconds = time.perf_counter() - start
         if response.status != 200:
             return Outcome(image, seconds, response.status, error=str(doc.get("error")))
-        return Outcome(image, seconds, 200, probabilities=doc["probabilities"])
+        probabilities = {row["label"]: row["probability"] for row in doc["labels"]}
+        return Outcome(image, seconds, 200, probabilities=probabilities)
     except (OSError, ValueError, http.client.HTTPException) as exc:
         return Outcome(image, time.perf_counter() - start, 0, error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -181,12 +180,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the load test, print and write the report; exit code 0 when every goal is met."""
-    paths = sorted(Path(args.image_dir).glob("*.png"))[: args.images]
-    if len(paths) < args.images:
-        raise SystemExit(f"error: {args.images} images asked for, {len(paths)} PNGs in {args.image_dir}")
-    bodies = [multipart(p.read_bytes(), p.name) for p in paths]
+@dataclass
+class Run:
+    """What one load run measured: the answers, the server's memory, the results folder and its console."""
+
+    reference: list[Outcome]
+    warmup: list[Outcome]
+    outcomes: list[Outcome]
+    wall: float
+    rss: tuple[float, float, float]  # MiB: before any request, after warm-up, after the run
+    load: tuple[float, float]  # 1-minute load average before and after the run
+    sizes: list[int]  # results folder counts polled while running
+    final_count: int
+    leftovers: list[str]
+    console: str
+
+
+def run_load(args: argparse.Namespace, bodies: list[bytes]) -> Run:
+    """Start the server, post the reference pass, the warm-up and the measured run; stop it; return the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "model.pth", arch=args.arch, image_size=args.image_size)
@@ -224,6 +235,19 @@ def main(args: argparse.Namespace) -> int:
         finally:
             stop_server(proc)
         console = log_path.read_text(errors="replace")
+    return Run(reference, warmup, outcomes, wall, (rss_start, rss_warm, rss_end), (load_before[0], load_after[0]),
+               sizes, final_count, leftovers, console)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the load test, print and write the report; exit code 0 when every goal is met."""
+    paths = sorted(Path(args.image_dir).glob("*.png"))[: args.images]
+    if len(paths) < args.images:
+        raise SystemExit(f"error: {args.images} images asked for, {len(paths)} PNGs in {args.image_dir}")
+    run = run_load(args, [multipart(p.read_bytes(), p.name) for p in paths])
+    reference, warmup, outcomes, wall, sizes = run.reference, run.warmup, run.outcomes, run.wall, run.sizes
+    (rss_start, rss_warm, rss_end), load_before, load_after = run.rss, run.load[0], run.load[1]
+    final_count, leftovers, console = run.final_count, run.leftovers, run.console
 
     # --- figures and goals
     bad_reference = [r for r in reference if r.probabilities is None]
@@ -262,7 +286,7 @@ Server: `python main.py --port <free> --retention {args.retention} --threads {ar
 ({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}.
 Clients: {args.clients} threads posting {args.images} real NIH PNGs (1024 px, `{paths[0].name}` …
 `{paths[-1].name}`) in turn to `POST /api/predict`, each request on a new connection.
-Load average before/after the run: {load_before[0]:.2f} / {load_after[0]:.2f}.
+Load average before/after the run: {load_before:.2f} / {load_after:.2f}.
 
 | measure | value |
 |---|---:|

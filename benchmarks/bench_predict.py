@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint
+from chestxray.imaging import read_xray
+from chestxray.predictor import Predictor
 
-from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint  # noqa: E402
-from chestxray.imaging import read_xray  # noqa: E402
-from predictions import Predictor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE = ROOT.parent / "shared" / "data" / "nih" / "images" / "00000001_000.png"
 

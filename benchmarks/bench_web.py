@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, conftest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from chestxray.imaging import read_xray
+from main import create_app
 
-from conftest import NIH_PNG, make_checkpoint  # noqa: E402
-
-from chestxray.imaging import read_xray  # noqa: E402
-from main import create_app  # noqa: E402
+NIH_PNG, make_checkpoint = conftest.NIH_PNG, conftest.make_checkpoint
 
 TARGET = 1.3
 

@@ -7,119 +7,25 @@ strict=False silently serves an untrained head).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
-import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .labels import LABELS, LabelError, check_labels
-from .model import ARCHS, ChestXrayNet, build_model
+from .fileio import atomic_write, remove_stale_temporaries
+from .meta import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, Meta, SplitSpec
+from .model import ChestXrayNet, build_model
+
+# Meta, SplitSpec and CheckpointError live in chestxray.meta (no torch import); re-exported for existing imports.
+__all__ = ["DEFAULT_CHECKPOINT", "FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "CheckpointError", "Meta", "SplitSpec",
+           "atomic_torch_save", "load_checkpoint", "model_from_meta", "remove_stale_temporaries", "safe_torch_load",
+           "save_checkpoint"]
 
 FORMAT = 1
 DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"  # where training writes and the web app looks
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable checkpoint of this project; the message names the problem."""
-
-
-@dataclass(frozen=True)
-class Meta:
-    """What rebuilds the model and its preprocessing, plus a training summary (plain data only)."""
-
-    arch: str
-    labels: tuple[str, ...]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    lse_r: float
-    transition_kernel: int
-    thresholds: tuple[float, ...]
-    # data, epochs, val_auroc {label: float}, val_mean_auroc, date, commit ... (free-form plain data)
-    training: dict = field(hash=False)
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise CheckpointError(f"unknown arch {self.arch!r} in checkpoint metadata; known: {sorted(ARCHS)}")
-        try:
-            object.__setattr__(self, "labels", check_labels(self.labels))
-        except LabelError as exc:
-            raise CheckpointError(f"checkpoint metadata labels: {exc}") from None
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.thresholds) != len(self.labels):
-            raise CheckpointError(
-                f"checkpoint metadata has {len(self.thresholds)} thresholds for {len(self.labels)} labels"
-            )
-        if not all(0.0 <= t <= 1.0 for t in self.thresholds):
-            raise CheckpointError("checkpoint thresholds must lie in [0, 1]")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise CheckpointError("checkpoint mean/std must be three numbers each, std positive")
-        if int(self.image_size) < 32:
-            raise CheckpointError(f"checkpoint image_size {self.image_size} is below 32")
-
-    @classmethod
-    def new(
-        cls,
-        arch: str = "resnet50",
-        labels: tuple[str, ...] = LABELS,
-        image_size: int = 512,
-        lse_r: float = 10.0,
-        transition_kernel: int = 3,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        thresholds: tuple[float, ...] | None = None,
-        training: dict | None = None,
-    ) -> Meta:
-        """A fresh Meta with the seed defaults; thresholds 0.5 until training chooses them."""
-        labels = tuple(labels)
-        return cls(
-            arch=arch,
-            labels=labels,
-            image_size=int(image_size),
-            mean=tuple(mean),
-            std=tuple(std),
-            lse_r=float(lse_r),
-            transition_kernel=int(transition_kernel),
-            thresholds=tuple(thresholds) if thresholds is not None else (0.5,) * len(labels),
-            training=dict(training or {}),
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Meta:
-        """Rebuild from asdict() output; a missing or unknown key raises CheckpointError naming it."""
-        if not isinstance(d, dict):
-            raise CheckpointError(f"checkpoint 'meta' must be a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - d.keys())
-        unknown = sorted(set(d) - names)
-        if missing or unknown:
-            parts = []
-            if missing:
-                parts.append(f"missing key(s) {missing}")
-            if unknown:
-                parts.append(f"unknown key(s) {unknown}")
-            raise CheckpointError("checkpoint metadata: " + "; ".join(parts))
-        return cls(**{**d, "labels": tuple(d["labels"])})
-
-    def to_dict(self) -> dict:
-        """Plain-data dict (lists, not tuples) for torch.save and JSON."""
-        d = asdict(self)
-        for key in ("labels", "mean", "std", "thresholds"):
-            d[key] = list(d[key])
-        return d
-
-    def replace(self, **changes: Any) -> Meta:
-        return dataclasses.replace(self, **changes)
 
 
 def model_from_meta(meta: Meta, pretrained: bool = False) -> ChestXrayNet:
@@ -128,37 +34,12 @@ def model_from_meta(meta: Meta, pretrained: bool = False) -> ChestXrayNet:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, backup: str | os.PathLike | None = None) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a half-written file.
+    """torch.save via fileio.atomic_write (temporary file, fsync, os.replace): never a half-written file.
 
     With `backup`, the file being replaced is first renamed to it (only once the new one is safely on disk), so
     the previous version survives a later corruption. A failed write (e.g. a full disk) leaves `path` as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if backup is not None and path.exists():
-            os.replace(path, backup)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # name the file being written
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that a killed atomic_torch_save(path) left beside `path`; returns them."""
-    path = Path(path)
-    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return stale
+    atomic_write(path, lambda f: torch.save(obj, f), backup=backup, fsync=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: ChestXrayNet, meta: Meta, train: dict | None = None) -> None:
@@ -189,6 +70,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path} is truncated or corrupt, or not a PyTorch file ({type(exc).__name__})") from None
 
 
+def _check_weights(state: Any) -> None:
+    """Every weight a tensor of finite values: NaN/inf weights would give NaN probabilities on every page."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint field 'model' must be a state dict, got {type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint field 'model': {str(name)[:80]!r} is not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint field 'model': tensor {name!r} holds NaN or infinite values")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[ChestXrayNet, Meta, dict]:
     """Load (model in eval mode, meta, train summary). Raises CheckpointError naming what is wrong."""
     obj = safe_torch_load(path, map_location)
@@ -201,6 +93,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
     if obj["format"] != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {obj['format']!r}; this version reads format {FORMAT}")
     meta = Meta.from_dict(obj["meta"])
+    _check_weights(obj["model"])
     model = model_from_meta(meta)
     try:
         model.load_state_dict(obj["model"], strict=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,16 +19,16 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .fileio import atomic_write
 from .imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
 from .labels import LABELS, LabelError, parse_findings
+from .meta import DEFAULT_TEST_FRACTION, Meta, SplitSpec
 from .transforms import to_uint8_square
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "labels.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 SPLITS = ("train", "val", "test")
-# Seeded patient-wise split used when the official lists are absent (the official test set is ~23% of images).
-DEFAULT_TEST_FRACTION = 0.2
 # Data_Entry header -> our column name. The header's bracketed names hold commas ("OriginalImage[Width,Height]"),
 # so they split into several CSV fields; we only use the columns before them, which parse cleanly.
 COLUMNS = {
@@ -45,6 +44,14 @@ COLUMNS = {
 
 class DataError(ValueError):
     """A data-set problem (missing file, bad CSV, overlapping splits, unreadable image); the message says which."""
+
+
+class MissingImages(DataError):
+    """Labelled images whose file is not under the data folder; `missing` lists their names."""
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def _examples(items: Sequence, n: int = 5) -> str:
@@ -163,9 +170,9 @@ def load_index(data_dir: str | os.PathLike, allow_missing: bool = False) -> pd.D
             f"(e.g. {_examples(missing, 3)}); put the images (any folder layout) below the CSV's folder"
         )
     if missing and not allow_missing:
-        raise DataError(
+        raise MissingImages(
             f"{len(missing)} of the {len(df)} images listed in {csv_path.name} are missing under {data_dir}, "
-            f"e.g. {_examples(missing)}; add them, or skip them with --allow-missing (allow_missing=True)"
+            f"e.g. {_examples(missing)}; add them, or skip them (allow_missing=True)", missing
         )
     df = df.assign(path=paths)
     if missing:
@@ -285,6 +292,52 @@ def make_splits(
     return splits
 
 
+def split_spec(index: pd.DataFrame, data_dir: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
+               limit: int | None = None) -> SplitSpec:
+    """The SplitSpec that make_splits(index, data_dir, val_fraction, seed) + a per-split `limit` follow."""
+    entry = index.attrs.get("data_entry")
+    digest = hashlib.sha256(Path(entry).read_bytes()).hexdigest() if entry else None
+    return SplitSpec(official=has_official_lists(data_dir), val_fraction=float(val_fraction), seed=int(seed),
+                     limit=limit, data_entry_sha256=digest)
+
+
+def rebuild_splits(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The checkpoint's {'train', 'val', 'test'} splits of `index`, rebuilt from the SplitSpec it recorded.
+
+    train and val are limited as training limited them; test is whole. Warns (warnings.warn) when the checkpoint
+    records no split (defaults are used) or when data_dir's official lists differ from training's. Raises DataError
+    as make_splits does.
+    """
+    spec = meta.split
+    if spec is None:
+        warnings.warn("the checkpoint does not record its split; the default validation fraction 0.1 and seed 0 "
+                      "are used, which may not be the split it was trained with", stacklevel=2)
+        spec = SplitSpec(official=has_official_lists(data_dir))
+    official = has_official_lists(data_dir)
+    if spec.official != official:
+        warnings.warn(f"the checkpoint was trained {'with' if spec.official else 'without'} the official split "
+                      f"lists but {data_dir} has {'them' if official else 'none'}: the split differs", stacklevel=2)
+    splits = make_splits(index, data_dir, spec.val_fraction, spec.seed, spec.test_fraction)
+    return {name: subsample(df, spec.limit, spec.seed) if name != "test" else df for name, df in splits.items()}
+
+
+def trained_images(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike) -> set[str] | None:
+    """Names of the index's images the checkpoint was trained on, or None when that cannot be told.
+
+    Decided from the recorded SplitSpec, not from a new split of whatever folder is evaluated: only when the
+    folder's label file is the one training read (same SHA-256) is its training split the model's.
+    """
+    spec = meta.split
+    entry = index.attrs.get("data_entry")
+    if spec is None or spec.data_entry_sha256 is None or not entry:
+        return None
+    if hashlib.sha256(Path(entry).read_bytes()).hexdigest() != spec.data_entry_sha256:
+        return set()  # another data set: none of its images is the training data's (names may still coincide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller reports the split's notices once
+        return set(rebuild_splits(meta, index, data_dir)["train"]["image"])
+
+
 def check_patient_disjoint(splits: dict[str, pd.DataFrame]) -> None:
     """Raise DataError naming the patients (and splits) shared by any two splits; return None if disjoint."""
     names = list(splits)
@@ -344,16 +397,8 @@ class ResizedCache:
         return array
 
     def put(self, name: str, array: np.ndarray) -> None:
-        """Store a (S, S) uint8 array atomically (temp file + os.replace)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(tmp, self.path(name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Store a (S, S) uint8 array atomically (fileio.atomic_write: temp file + os.replace)."""
+        atomic_write(self.path(name), lambda f: np.save(f, array, allow_pickle=False))
 
     def load(self, name: str, source: str | os.PathLike) -> np.ndarray:
         """The cached image, building it from `source` on a miss -> (S, S) uint8. Raises InvalidImage."""
@@ -378,7 +423,7 @@ class Unreadable:
 
 
 class XrayDataset(Dataset):
-    """Rows of an index -> (image (3, S, S) float32, target (L,) float32, index int).
+    """Rows of an index -> (image (1, S, S) uint8 from the transform, target (L,) float32, index int).
 
     With cache_dir, images are read from / written to a ResizedCache at image_size (default: transform.size).
     An unreadable image raises DataError naming the file, or with skip_unreadable=True yields an `Unreadable`
@@ -432,7 +477,7 @@ class XrayDataset(Dataset):
 
 
 def collate_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Unreadable]]:
-    """DataLoader collate: -> (images (B, 3, S, S), targets (B, L), indices (B,), unreadable items removed).
+    """DataLoader collate: -> (images (B, 1, S, S) uint8, targets (B, L), indices (B,), unreadable items removed).
 
     A batch whose every item is unreadable yields empty tensors.
     """

@@ -1,7 +1,8 @@
 """Training and evaluation loops, shared by Model_Training/train.py and Model_Training/test.py.
 
-Loaders yield (images (B, 3, S, S), targets (B, L), indices (B,)[, unreadable]) as built by data.collate_batch
-(a plain default-collated 3-tuple works too). The model returns logits; the sigmoid is applied once, here.
+Loaders yield (images (B, 1, S, S) uint8, targets (B, L), indices (B,)[, unreadable]) as built by
+data.collate_batch (a plain default-collated 3-tuple works too); `normalize` turns the images into the model's
+(B, 3, S, S) float32 input on the device. The model returns logits; the sigmoid is applied once, here.
 Under torch.distributed, `evaluate` gathers every rank's predictions so metrics cover the whole set.
 """
 from __future__ import annotations
@@ -20,6 +21,10 @@ from tqdm import tqdm
 from .data import DataError, Unreadable
 from .metrics import per_label_auroc
 from .transforms import Normalize
+
+
+class TrainingDiverged(FloatingPointError):
+    """The epoch's mean training loss is not finite (the scripts add their flag advice)."""
 
 
 @dataclass
@@ -127,7 +132,8 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     mean_loss = counts[0].item() / counts[1].item() if counts[1].item() else math.nan
     if counts[1].item() and not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training diverged: the mean loss is {mean_loss}; lower --lr or set --clip-grad")
+        raise TrainingDiverged(f"training diverged: the mean loss is {mean_loss}; lower the learning rate or clip "
+                               "the gradient norm")
     idx = torch.cat(indices).numpy().astype(np.int64) if indices else np.zeros(0, dtype=np.int64)
     return EpochStats(mean_loss, int(counts[1].item()), seconds, counts[1].item() / max(seconds, 1e-9),
                       unreadable, idx)

@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from .cam import predict_with_maps, upsample_map
+from .cam import upsample_map
 from .checkpoint import Meta
 from .imaging import read_xray
 from .labels import LABELS
 from .model import ChestXrayNet
-from .transforms import build_normalize, build_transform
+from .predictor import Predictor
 
 BOX_SPACE = 1024  # NIH boxes are given in the 1024 x 1024 original images
 BBOX_LABEL_NAMES = {"Infiltrate": "Infiltration"}  # BBox_List_2017 spelling -> Data_Entry spelling
@@ -165,20 +165,16 @@ def evaluate_localization(
 ) -> pd.DataFrame:
     """Score every box whose image is in image_paths and whose label the model has -> one row per box:
     image, label, x, y, w, h (1024 space), width, height (loaded), iobb, iobb_60, iobb_180, candidates,
-    pointing, centre. Images are read with read_xray and preprocessed with the checkpoint's transform."""
-    device = torch.device(device)
-    transform, normalize = build_transform(meta, train=False), build_normalize(meta)
+    pointing, centre. Images are read with read_xray; the maps come from Predictor.predict (its preprocessing)."""
+    predictor = Predictor(model, meta, device)
     index = {name: j for j, name in enumerate(meta.labels)}
     todo = boxes[boxes["image"].isin(list(image_paths)) & boxes["label"].isin(list(index))]
     groups = list(todo.groupby("image", sort=True))
     records = []
-    model = model.to(device).eval()
     for image, rows in _progress(groups, progress, desc="localization"):
         array = read_xray(image_paths[image])
         height, width = array.shape
-        with torch.inference_mode():
-            _, maps = predict_with_maps(model, normalize(transform(array).unsqueeze(0).to(device)))
-        maps = maps[0].float().cpu().numpy()
+        maps = predictor.predict(array, heatmaps=True).heatmaps
         for row in rows.itertuples(index=False):
             truth = Box(row.x, row.y, row.w, row.h).scaled(width / BOX_SPACE, height / BOX_SPACE)
             heatmap = upsample_map(maps[index[row.label]], height, width)

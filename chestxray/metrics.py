@@ -23,6 +23,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .fileio import to_json_data
+
 THRESHOLD_RULES = ("f1", "youden")
 CI_LEVEL = 0.95
 
@@ -363,7 +365,7 @@ def evaluate_predictions(
         "per_label": per_label,
         "accuracy": {**{k: _nan_to_none(v) for k, v in accuracy.items()},
                      "at_0.5": {k: _nan_to_none(v) for k, v in accuracy_half.items()}},
-        "calibration": _plain(calibration(y_true, y_prob)),
+        "calibration": to_json_data(calibration(y_true, y_prob)),
         "subgroups": {},
     }
     for name, mask in (subgroups or {}).items():
@@ -382,14 +384,3 @@ def _label_note(positives: int, n: int) -> str | None:
     return None
 
 
-def _plain(obj):
-    """Recursively turn NaN/inf into None and numpy scalars into Python numbers."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _nan_to_none(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

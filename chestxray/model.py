@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-# arch -> (torchvision builder, weights enum name, trunk output channels)
+# arch -> (torchvision builder, weights enum name, trunk output channels); keys == meta.ARCH_NAMES (tested)
 ARCHS: dict[str, tuple[str, str, int]] = {
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
     "densenet121": ("densenet121", "DenseNet121_Weights", 1024),
@@ -65,7 +65,7 @@ def _load_trunk(arch: str, pretrained: bool) -> nn.Module:
         raise PretrainedWeightsUnavailable(
             f"ImageNet weights for {arch} are not cached at {cached} and could not be downloaded ({exc}). "
             f"Run once with internet access, or copy {weights.url} to {cached}, "
-            "or train from scratch with --no-pretrained (pretrained=False)."
+            "or build the model without them (pretrained=False: random initialisation)."
         ) from None
 
 
@@ -96,6 +96,8 @@ class ChestXrayNet(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+        if not lse_r > 0 or not math.isfinite(lse_r):
+            raise ValueError(f"LSE r must be finite and positive, got {lse_r}")
         if transition_kernel < 1 or transition_kernel % 2 == 0:
             raise ValueError(f"transition kernel must be odd and positive, got {transition_kernel}")
         self.arch = arch

@@ -4,7 +4,6 @@ Everything here formats numbers that metrics.py and localization.py computed; no
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -34,32 +33,6 @@ TABLE_COLUMNS = ["label", "positives", "auroc", "auroc_ci_low", "auroc_ci_high",
 
 
 # --- files -----------------------------------------------------------------------------------------------------
-
-
-def to_json_data(obj):
-    """Recursively make plain JSON data: NaN/inf -> None, numpy scalars/arrays -> Python numbers/lists."""
-    if isinstance(obj, dict):
-        return {str(k): to_json_data(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json_data(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_json_data(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write strict JSON (NaN -> null; json.dumps(allow_nan=False) guarantees no NaN token slips through)."""
-    path = Path(path)
-    path.write_text(json.dumps(to_json_data(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
 
 
 def per_label_frame(metrics: dict) -> pd.DataFrame:
@@ -292,7 +265,7 @@ def _localization_section(loc: dict) -> list[str]:
               "game and its baseline.", ""]
     if loc.get("images_in_training_split"):
         lines += [f"**Warning:** {loc['images_in_training_split']} evaluated boxed image(s) are in this "
-                  "checkpoint's training split (the data folder has no official split lists), so their heatmaps "
+                  "checkpoint's training split (as recorded in the checkpoint), so their heatmaps "
                   "come from images the model was trained on.", ""]
     if not loc["boxes_evaluated"]:
         return lines + ["No boxed image was found under the data folder, so there are no localization scores.", ""]

@@ -4,7 +4,7 @@ Per image, in DataLoader workers or the server thread:
   (H, W) float image in [0, 1] (imaging.read_xray) or uint8 (the resized cache)
   -> resize to meta.image_size x meta.image_size (antialiased bilinear in float; the whole image, no crop)
   -> 8-bit (1, S, S) uint8, the form the resized cache stores, so cached and uncached inputs are identical
-  -> [train only] small random rotation / scale / translation (Pillow, bilinear), optional horizontal flip.
+  -> [train only] small random rotation / scale / translation (Pillow, nearest neighbour), optional horizontal flip.
 Per batch, on the model's device:
   (N, 1, S, S) uint8 -> float / 255 -> gray replicated to 3 channels -> normalised with meta.mean / meta.std.
 
@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .checkpoint import Meta
+from .meta import Meta
 
 
 def to_tensor01(image: np.ndarray | torch.Tensor) -> torch.Tensor:

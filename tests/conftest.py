@@ -5,14 +5,12 @@ Area-specific fixtures live in the test modules that use them.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # predictions.py, main.py and Model_Training/ are top-level scripts
 
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NIH_DIR = SHARED_DATA / "nih"

@@ -20,9 +20,14 @@ from flask import Flask
 from PIL import Image
 
 import main
+import predictions
+from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError, load_checkpoint
-from main import DISPLAY_MAX_SIDE, RESULT_ID, create_app, default_label
+from chestxray.model import ChestXrayNet
+from chestxray.predictor import Predictor
+from chestxray.results import DISPLAY_MAX_SIDE, RESULT_ID, default_label, label_names
+from main import create_app
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
 
 JPEG = OTHER_CXR_DIR / "2c35005f.jpg"  # 2000 px grayscale JPEG
@@ -85,6 +90,11 @@ def post_png(client) -> str:
     return response.headers["Location"].rsplit("/", 1)[1]
 
 
+def probabilities(doc: dict) -> dict[str, float]:
+    """{label: probability} in the document's (the model's) label order."""
+    return {row["label"]: row["probability"] for row in doc["labels"]}
+
+
 def flashes(body: bytes) -> list[str]:
     return [html.unescape(m) for m in re.findall(r'<li class="flash[^"]*">(.*?)</li>', body.decode(), re.S)]
 
@@ -92,8 +102,31 @@ def flashes(body: bytes) -> list[str]:
 # ---------------------------------------------------------------- serving set-up
 
 
-def test_import_builds_no_app_or_model():
-    assert not any(isinstance(value, Flask) for value in vars(main).values())
+def test_import_builds_no_app_or_model(monkeypatch):
+    import importlib
+    import sys
+
+    import torch.nn
+
+    built = []
+    real_init = ChestXrayNet.__init__
+
+    def record_init(self, *args, **kwargs):
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("importing main loaded a model")
+
+    monkeypatch.setattr(ChestXrayNet, "__init__", record_init)
+    monkeypatch.setattr(Predictor, "from_checkpoint", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    for name in ("main", "views"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fresh = importlib.import_module("main")
+    values = [*vars(fresh).values(), *vars(sys.modules["views"]).values()]
+    assert not any(isinstance(value, (Flask, Predictor, torch.nn.Module)) for value in values)
+    assert built == []
 
 
 def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
@@ -211,12 +244,12 @@ def test_saved_result_layout_and_contents(client, app, tiny_predictor):
     assert sorted(p.name for p in folder.iterdir()) == ["heatmap", "heatmaps.npy", "image.png", "result.json"]
     record = json.loads((folder / "result.json").read_text())
     expected = tiny_predictor.predict(NIH_PNG)
-    assert record["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    assert probabilities(record) == pytest.approx(expected.probabilities, abs=1e-6)
     assert record["positive"] == expected.positive and record["format"] == "PNG"
     assert record["original_size"] == [1024, 1024]
     np.testing.assert_allclose(np.load(folder / "heatmaps.npy"), expected.heatmaps, rtol=1e-5, atol=1e-7)
     with Image.open(folder / "image.png") as im:
-        assert im.mode == "L" and max(im.size) == DISPLAY_MAX_SIDE and list(im.size) == record["image_size"]
+        assert im.mode == "L" and max(im.size) == DISPLAY_MAX_SIDE and list(im.size) == record["display_size"]
     for path in results_dir(app).rglob("*"):
         assert UPLOAD_NAME not in path.name
         assert not path.is_file() or UPLOAD_NAME.encode() not in path.read_bytes()
@@ -229,14 +262,14 @@ def test_heatmaps_are_rendered_on_first_request_and_kept(client, app):
     record = json.loads((folder / "result.json").read_text())
     top = default_label(record)
     assert [p.name for p in (folder / "heatmap").iterdir()] == [f"{top}.png"]  # only the one shown first
-    other = next(label for label in record["labels"] if label != top)
+    other = next(label for label in label_names(record) if label != top)
     response = client.get(f"/results/{rid}/heatmap/{other}.png")
     assert response.status_code == 200 and response.mimetype == "image/png"
     saved = folder / "heatmap" / f"{other}.png"
     assert saved.is_file()
     with Image.open(io.BytesIO(response.data)) as im:
         maps = np.load(folder / "heatmaps.npy")
-        independent = heatmap_image(maps[record["labels"].index(other)], im.height, im.width)
+        independent = heatmap_image(maps[label_names(record).index(other)], im.height, im.width)
         assert im.mode == "RGBA" and np.array_equal(np.asarray(im), np.asarray(independent))
     mtime = saved.stat().st_mtime_ns
     assert client.get(f"/results/{rid}/heatmap/{other}.png").data == response.data
@@ -252,7 +285,7 @@ def test_accepted_formats(client, tiny_predictor, path, fmt):
     assert response.status_code == 200, response.get_json()
     doc = response.get_json()
     assert doc["format"] == fmt
-    assert doc["probabilities"] == pytest.approx(tiny_predictor.predict(path).probabilities, abs=1e-6)
+    assert probabilities(doc) == pytest.approx(tiny_predictor.predict(path).probabilities, abs=1e-6)
 
 
 def test_several_files_give_a_list_of_results(client, app):
@@ -270,7 +303,7 @@ def test_a_bad_file_among_several_is_reported_and_the_rest_analysed(client, app)
     files = [(io.BytesIO(NIH_PNG.read_bytes()), "good.png"), (io.BytesIO(b"plain text"), "notes.txt")]
     response = client.post("/predict", data={"file": files}, follow_redirects=True)
     assert response.status_code == 200 and len(saved_ids(app)) == 1
-    assert flashes(response.data) == ["notes.txt: unsupported file type ('.txt'): upload a PNG, JPEG or DICOM file"]
+    assert flashes(response.data) == ["notes.txt: unsupported file type ('.txt'): expected PNG, JPEG or DICOM"]
     assert b'id="heat"' in response.data
 
 
@@ -282,11 +315,13 @@ def test_api_predict_document(client, app, tiny_predictor):
     assert response.status_code == 200 and response.mimetype == "application/json"
     doc = response.get_json()
     expected = tiny_predictor.predict(NIH_PNG)
-    assert {"id", "probabilities", "positive", "thresholds", "heatmaps", "model"} <= doc.keys()
-    assert list(doc["probabilities"]) == list(expected.labels)  # the model's label order
-    assert doc["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
-    assert doc["positive"] == [label for label in expected.labels if doc["probabilities"][label] >= 0.5]
-    assert doc["thresholds"] == expected.thresholds and doc["model"] == tiny_predictor.model_card()
+    assert {"id", "labels", "positive", "heatmaps", "model", "image", "result"} <= doc.keys()
+    assert label_names(doc) == list(expected.labels)  # the model's label order
+    assert probabilities(doc) == pytest.approx(expected.probabilities, abs=1e-6)
+    assert doc["positive"] == [row["label"] for row in doc["labels"] if row["probability"] >= 0.5]
+    assert [row["positive"] for row in doc["labels"]] == [row["probability"] >= 0.5 for row in doc["labels"]]
+    assert {row["label"]: row["threshold"] for row in doc["labels"]} == expected.thresholds
+    assert doc["model"] == tiny_predictor.model_card()
     assert set(doc["heatmaps"]) == set(expected.labels)
     for label in ("Mass", expected.ranked()[-1]):
         image = client.get(doc["heatmaps"][label])
@@ -452,7 +487,7 @@ def test_a_failed_save_leaves_nothing_behind(make_app, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(main, "render_heatmap", fail)
+    monkeypatch.setattr(results_module, "_render_heatmap", fail)
     response = app.test_client().post("/api/predict", data=upload(NIH_PNG))
     assert response.status_code == 500 and list(results_dir(app).iterdir()) == []
 
@@ -535,7 +570,7 @@ def test_concurrent_requests_are_independent(app, tiny_predictor):
         docs = list(pool.map(post, paths))
     assert len({d["id"] for d in docs}) == len(paths) == len(saved_ids(app))
     for path, doc in zip(paths, docs):
-        assert doc["probabilities"] == pytest.approx(expected[path], abs=1e-6)
+        assert probabilities(doc) == pytest.approx(expected[path], abs=1e-6)
 
 
 def test_uploads_stay_in_memory(client, monkeypatch):
@@ -547,3 +582,23 @@ def test_uploads_stay_in_memory(client, monkeypatch):
     monkeypatch.setattr(werkzeug.wrappers.request, "default_stream_factory", spool_to_disk)
     big = OTHER_CXR_DIR / "b343e657.jpg"  # 1.1 MB, over Werkzeug's 500 KB in-memory limit
     assert client.post("/api/predict", data=upload(big)).status_code == 200
+
+
+# ---------------------------------------------------------------- one JSON shape
+
+
+def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny_checkpoint, capsys):
+    """The CLI's JSON line, the API's answer and result.json all hold Prediction.to_dict() for the same image."""
+    args = predictions.get_args_parser().parse_args([str(DICOM_MONO2), "--checkpoint", str(tiny_checkpoint),
+                                                     "--device", "cpu"])
+    assert predictions.main(args) == 0
+    line = json.loads(capsys.readouterr().out)
+    doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
+    record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
+    shared = ["labels", "positive", "format", "original_size", "model"]
+    assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
+    assert set(record) == {*shared, "id", "created", "display_size"}
+    assert set(doc) == {*record, "image", "heatmaps", "result"}  # the API adds the URLs
+    for key in shared:
+        assert line[key] == record[key] == doc[key], key
+    assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"/results/{doc['id']}/image.png"

@@ -148,3 +148,72 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(path, model, meta)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]  # no temp file left behind
+
+
+def test_meta_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, chestxray.meta; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # The old import place keeps working.
+    from chestxray import checkpoint, meta
+    assert checkpoint.Meta is meta.Meta and checkpoint.CheckpointError is meta.CheckpointError
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("image_size", "abc"), ("image_size", 100000), ("image_size", 16), ("image_size", 64.5), ("image_size", True),
+        ("lse_r", 0), ("lse_r", NAN), ("lse_r", INF), ("lse_r", -1.0), ("lse_r", "10"),
+        ("transition_kernel", 2), ("transition_kernel", 0), ("transition_kernel", 3.0), ("transition_kernel", "3"),
+        ("labels", 5), ("labels", "Mass"), ("labels", [1, 2]), ("labels", ["Mass", "Tumour"]), ("labels", []),
+        ("thresholds", "0.5"), ("thresholds", [0.5] * 13), ("thresholds", [NAN] * 14), ("thresholds", [1.5] * 14),
+        ("thresholds", ["0.5"] * 14),
+        ("mean", [NAN, 0.5, 0.5]), ("mean", [0.5, 0.5]), ("mean", "abc"), ("std", [0.2, 0.0, 0.2]),
+        ("std", [INF, 0.2, 0.2]), ("arch", 7), ("arch", "vgg"),
+        ("training", "free text"), ("training", {"val_mean_auroc": "high"}), ("training", {"val_loss": NAN}),
+        ("training", {"val_auroc": {"Mass": "0.8"}}), ("training", {"epochs": [1]}),
+        ("training", {"split": {"official": "yes"}}), ("training", {"split": {"official": False, "seed": 0.5}}),
+        ("training", {"split": {"official": False, "val_fraction": 1.5}}), ("training", {"split": [1]}),
+        ("training", {"nested": {"deep": INF}}),
+    ],
+)
+def test_every_bad_meta_field_is_refused_naming_it(tiny_checkpoint, tmp_path, field, value):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["meta"][field] = value
+    with pytest.raises(CheckpointError, match=rf"['\"]?{field}"):
+        load_checkpoint(_save_raw(tmp_path / "bad.pth", raw))
+
+
+def test_tensor_inside_training_is_refused(tiny_checkpoint, tmp_path):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["meta"]["training"]["val_auroc"] = torch.tensor([0.5])
+    with pytest.raises(CheckpointError, match="training.val_auroc.*Tensor"):
+        load_checkpoint(_save_raw(tmp_path / "t.pth", raw))
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_non_finite_weights_are_refused(tiny_checkpoint, tmp_path, bad):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["model"]["classifier.weight"][0, 0] = bad
+    with pytest.raises(CheckpointError, match="'model'.*classifier.weight.*NaN or infinite"):
+        load_checkpoint(_save_raw(tmp_path / "n.pth", raw))
+
+
+def test_valid_split_spec_round_trips(tiny_checkpoint, tmp_path):
+    from chestxray.meta import SplitSpec
+
+    spec = SplitSpec(official=False, val_fraction=0.2, seed=3, limit=10, data_entry_sha256="ab" * 32)
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["meta"]["training"]["split"] = spec.to_dict()
+    _, meta, _ = load_checkpoint(_save_raw(tmp_path / "s.pth", raw))
+    assert meta.split == spec
+    # Checkpoints written before the spec had these four keys; the rest take their defaults.
+    raw["meta"]["training"]["split"] = {"val_fraction": 0.1, "seed": 0, "official": True, "limit": None}
+    _, meta, _ = load_checkpoint(_save_raw(tmp_path / "s.pth", raw))
+    assert meta.split == SplitSpec(official=True)

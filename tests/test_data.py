@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from chestxray.checkpoint import Meta
 from chestxray.data import (
     DataError,
+    MissingImages,
     ResizedCache,
     Unreadable,
     XrayDataset,
@@ -31,6 +31,7 @@ from chestxray.data import (
 )
 from chestxray.imaging import read_xray
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from chestxray.meta import Meta
 from chestxray.transforms import build_transform
 
 
@@ -85,6 +86,21 @@ def test_read_data_entry_2017_trailing_column_and_age_suffix(nih_dir, tmp_path):
     pd.testing.assert_frame_equal(df, expected)
 
 
+def test_v2020_data_entry_is_found_first_and_parsed_like_the_sample(nih_dir, metadata_dir, tmp_path):
+    # The real v2020 file's first rows (its header has commas inside brackets) beside a labels.csv that disagrees:
+    # the v2020 file wins, and its rows parse to the same values as the sample's labels.csv rows.
+    sample = set(read_data_entry(nih_dir / "labels.csv")["image"])
+    full = (metadata_dir / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    lines = [full[0]] + [line for line in full[1:200] if line.split(",")[0] in sample][:5]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text(lines[0] + "\n")
+    assert find_data_entry(tmp_path).name == "Data_Entry_2017_v2020.csv"
+    df = read_data_entry(find_data_entry(tmp_path))
+    expected = read_data_entry(nih_dir / "labels.csv").set_index("image").loc[df["image"]].reset_index()
+    assert len(df) == 5 and df["image"].tolist() == [line.split(",")[0] for line in lines[1:]]
+    pd.testing.assert_frame_equal(df, expected[df.columns], check_dtype=False)
+
+
 def test_find_data_entry_order_and_error(tmp_path):
     with pytest.raises(DataError, match="expected one of Data_Entry_2017_v2020.csv, Data_Entry_2017.csv, labels.csv"):
         find_data_entry(tmp_path)
@@ -136,8 +152,9 @@ def test_missing_images_stop_with_count_or_are_skipped(nih_dir, tmp_path, sample
     gone = sorted(sample_names)[:2]
     for name in gone:
         (root / name).unlink()
-    with pytest.raises(DataError, match=rf"2 of the 6 images .* missing .*{gone[0]}.*--allow-missing"):
+    with pytest.raises(MissingImages, match=rf"2 of the 6 images .* missing .*{gone[0]}.*allow_missing=True") as err:
         load_index(root)
+    assert isinstance(err.value, DataError) and err.value.missing == gone and "--" not in str(err.value)
     with pytest.warns(UserWarning, match="skipping 2 of the 6"):
         df = load_index(root, allow_missing=True)
     assert len(df) == 4 and not set(gone) & set(df["image"])

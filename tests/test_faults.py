@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import read_history, run_main, small_run
+from trainutil import read_history, run_main, small_run
 
 from chestxray.checkpoint import load_checkpoint
-from Model_Training import train
+from chestxray.trainstate import NoTrainingState, load_resume_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # once `require` exists), then SIGKILLs itself: a crash in the middle of a checkpoint write.
 DYING_TRAINER = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {root!r})
     import torch
     from Model_Training import train
 
@@ -56,9 +55,9 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     run, best = tmp_path / "run", tmp_path / "best.pth"
     argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=3)
     require = str(tmp_path) if match == "kind" else str(run / "last.pth")
-    script = DYING_TRAINER.format(root=str(ROOT), match=match, kill_at=2 if match == "kind" else 1,
+    script = DYING_TRAINER.format(match=match, kill_at=2 if match == "kind" else 1,
                                   require=require, argv=argv)
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     # The interrupted write left only a temporary file; every complete file still loads.
     leftovers = [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
@@ -138,6 +137,8 @@ def test_full_disk_during_a_state_write_is_reported_and_the_previous_survives(ni
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
 
 
-def test_load_resume_state_without_any_state(tmp_path):
-    with pytest.raises(train.UsageError, match="no last.pth"):
-        train.load_resume_state(tmp_path)
+def test_load_resume_state_without_any_state(tmp_path, capsys):
+    with pytest.raises(NoTrainingState, match="no last.pth"):
+        load_resume_state(tmp_path)
+    rc, _, err = run_main(["--resume", "--run-dir", str(tmp_path), "--device", "cpu"], capsys)
+    assert rc == 2 and "--resume: no last.pth" in err and "drop --resume" in err

@@ -33,7 +33,8 @@ from hostile import CORPUS, Case, png_bytes
 
 import predictions
 from chestxray.imaging import ACCEPTED
-from main import RESULT_ID, create_app
+from chestxray.results import RESULT_ID
+from main import create_app
 
 RELIABILITY_DOC = ROOT / "docs" / "RELIABILITY.md"
 HOSTILE_NAME = CORPUS["hostile file name (../, NUL, non-ASCII)"].filename
@@ -102,8 +103,8 @@ def file_field(case: Case) -> dict:
 
 
 def expected_message(case: Case, status: int) -> str:
-    """read_xray's message (400) or the app's own content-sniffing message (415)."""
-    return case.message if status == 400 else f"upload a {ACCEPTED} file"
+    """read_xray's message (400) or imaging.sniff's message for another file type (415)."""
+    return case.message if status == 400 else "unsupported file type ("
 
 
 def test_the_doc_table_lists_every_corpus_kind():
@@ -124,7 +125,7 @@ def test_api_on_the_corpus(client, app, kind):
     assert response.status_code == DOCUMENTED[kind], doc  # the table in docs/RELIABILITY.md
     if case.valid:
         assert response.status_code == 200, doc
-        assert len(doc["probabilities"]) == 14 and all(0 <= p <= 1 for p in doc["probabilities"].values())
+        assert len(doc["labels"]) == 14 and all(0 <= row["probability"] <= 1 for row in doc["labels"])
         assert entries(results) == [doc["id"]]
         check_result_folders(results)
     else:
@@ -233,6 +234,25 @@ def test_malformed_requests_get_a_clear_4xx(client, app, kind):
         page_message = "No file was chosen" if message == MISSING_FIELD else message
         assert any(page_message in m for m in flashed(page.data)) and entries(results) == []
     check_healthy(client)
+
+
+def test_cli_and_api_refuse_each_corpus_file_with_the_same_message(client, tiny_checkpoint, tmp_path, capsys):
+    """One sniff and one reader for both: a PDF (or any refused kind) gets the same words on the command line."""
+    invalid = {kind: case for kind, case in CORPUS.items() if not case.valid}
+    paths = {}
+    for i, (kind, case) in enumerate(invalid.items()):
+        paths[kind] = tmp_path / f"{i:02d}{Path(case.filename).suffix}"
+        paths[kind].write_bytes(case.make())
+    args = predictions.get_args_parser().parse_args(
+        [*map(str, paths.values()), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"])
+    assert predictions.main(args) == 1
+    cli = {record["image"]: record["error"] for record in map(json.loads, capsys.readouterr().out.splitlines())}
+    for kind, path in paths.items():
+        case = invalid[kind]
+        api = client.post("/api/predict", data={"file": (io.BytesIO(case.make()), path.name, case.content_type)})
+        assert api.status_code in (400, 415) and api.get_json()["error"] == cli[str(path)], kind
+    pdf = client.post("/api/predict", data=file_field(CORPUS["PDF"])).get_json()["error"]
+    assert pdf == f"unsupported file type (PDF): expected {ACCEPTED}" == cli[str(paths["PDF"])]
 
 
 # ---------------------------------------------------------------- hostile file names through predictions.py

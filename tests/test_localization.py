@@ -142,13 +142,20 @@ def boxed_data(tmp_path):
     return read_bbox_csv(csv), paths
 
 
-def test_evaluate_localization_on_real_images(boxed_data, tmp_path):
+def test_evaluate_localization_on_real_images(boxed_data, tmp_path, monkeypatch):
     from conftest import make_checkpoint
+
+    from chestxray.predictor import Predictor
 
     boxes, paths = boxed_data
     labels = ("Atelectasis", "Infiltration", "Mass")
     model, meta, _ = load_checkpoint(make_checkpoint(tmp_path / "ckpt.pth", labels=labels))
+    preprocessed = []
+    real_preprocess = Predictor.preprocess
+    monkeypatch.setattr(Predictor, "preprocess", lambda self, image: preprocessed.append(image.shape)
+                        or real_preprocess(self, image))
     results = evaluate_localization(model, meta, boxes, paths, progress=False)
+    assert sorted(preprocessed) == [(256, 256), (1024, 1024)]  # each boxed image once, through the Predictor
     assert results[["image", "label"]].values.tolist() == [["00013118_008.png", "Infiltration"],
                                                            ["00014716_007.png", "Atelectasis"]]
     whole, half = results.iloc[0], results.iloc[1]

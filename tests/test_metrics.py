@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 
 from chestxray import metrics
-from chestxray.report import write_json
+from chestxray.fileio import write_json
 
 LABELS4 = ["Atelectasis", "Cardiomegaly", "Effusion", "Hernia"]
 

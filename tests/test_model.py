@@ -74,7 +74,8 @@ def test_pretrained_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(PretrainedWeightsUnavailable) as err:
         build_model("resnet18", 14, pretrained=True)
     message = str(err.value)
-    assert "--no-pretrained" in message and str(tmp_path) in message and "resnet18" in message
+    assert "pretrained=False" in message and str(tmp_path) in message and "resnet18" in message
+    assert "--" not in message  # the core names no command-line flag; train.py adds its own advice
 
 
 def test_no_sigmoid_inside_the_model():
@@ -85,3 +86,9 @@ def test_no_sigmoid_inside_the_model():
         logits = model(torch.randn(1, 3, 64, 64))
     assert logits.tolist() == [[-20.0, 0.0, 20.0]]
     assert not math.isclose(torch.sigmoid(logits)[0, 0].item(), 0.5, abs_tol=0.1)
+
+
+def test_model_archs_are_the_ones_meta_accepts():
+    from chestxray.meta import ARCH_NAMES
+
+    assert sorted(ARCHS) == sorted(ARCH_NAMES)

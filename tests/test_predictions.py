@@ -1,4 +1,5 @@
-"""predictions.py: Predictor (probabilities, calls, heatmaps, preprocessing from the checkpoint) and its CLI."""
+"""chestxray.predictor (probabilities, calls, heatmaps, preprocessing from the checkpoint, to_dict) and the
+predictions.py CLI over it."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT, make_checkpoint
 from PIL import Image
 
 import predictions
-from chestxray.imaging import InvalidImage, read_xray
+from chestxray import predictor as predictor_module
+from chestxray.imaging import InvalidImage, UnsupportedFormat, read_xray
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
 from predictions import Predictor
 
@@ -68,6 +70,61 @@ def test_invalid_image_propagates(tiny_predictor):
         tiny_predictor.predict(b"not an image")
 
 
+def test_predictions_reexports_the_core_predictor():
+    assert predictions.Predictor is predictor_module.Predictor
+    assert predictions.Prediction is predictor_module.Prediction
+
+
+def test_to_dict_is_plain_json_in_model_order(tmp_path):
+    labels = tuple(reversed(CHESTXRAY8_LABELS))
+    thresholds = [0.05, 0.95, 0.5, 0.5, 0.5, 0.5, 0.5, 0.99]
+    predictor = Predictor.from_checkpoint(make_checkpoint(tmp_path / "c8.pth", labels=labels, thresholds=thresholds),
+                                          device="cpu")
+    pred = predictor.predict(DICOM_MONO2)
+    doc = pred.to_dict()
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # plain, strict JSON
+    assert list(doc) == ["labels", "positive", "format", "original_size", "model"]
+    assert [row["label"] for row in doc["labels"]] == list(labels)
+    for row, t in zip(doc["labels"], thresholds):
+        assert set(row) == {"label", "probability", "threshold", "positive"}
+        assert row["probability"] == pred.probabilities[row["label"]] and row["threshold"] == t
+        assert row["positive"] == (row["probability"] >= t) == (row["label"] in doc["positive"])
+    assert doc["positive"] == [row["label"] for row in doc["labels"] if row["positive"]]
+    image = read_xray(DICOM_MONO2)
+    assert doc["format"] == "DICOM" and doc["original_size"] == [image.shape[1], image.shape[0]]
+    assert doc["model"] == predictor.model_card()
+    assert predictor.predict(image).to_dict()["format"] is None  # an array has no file format
+
+
+def test_calls_go_through_metrics_binarize(tiny_predictor, monkeypatch):
+    seen = []
+
+    def spy(y_prob, thresholds):
+        seen.append((np.asarray(y_prob).copy(), np.asarray(thresholds).copy()))
+        return np.ones(len(thresholds), dtype=int)
+
+    monkeypatch.setattr(predictor_module, "binarize", spy)
+    pred = tiny_predictor.predict(NIH_PNG, heatmaps=False)
+    assert pred.positive == list(LABELS) and len(seen) == 1
+    np.testing.assert_allclose(seen[0][0], [pred.probabilities[n] for n in LABELS])
+
+
+@pytest.mark.parametrize("data, name, error, message", [
+    (b"%PDF-1.4\n1 0 obj", "scan.pdf", UnsupportedFormat, "unsupported file type (PDF)"),
+    (b"%PDF-1.4\n1 0 obj", "scan.png", UnsupportedFormat, "unsupported file type (PDF)"),
+    (b"plain text", "notes.txt", UnsupportedFormat, "unsupported file type ('.txt')"),
+    (b"plain text", "notes.png", InvalidImage, "the file is named '.png'"),
+    (b"", "empty.png", InvalidImage, "the file is empty"),
+])
+def test_predict_sniffs_the_content_first(tiny_predictor, tmp_path, data, name, error, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    for source, filename in ((path, ""), (data, name)):  # a path's own name, or the name given with bytes
+        with pytest.raises(error) as err:
+            tiny_predictor.predict(source, filename=filename)
+        assert message in str(err.value)
+
+
 def test_model_card(tiny_predictor):
     card = tiny_predictor.model_card()
     assert card["arch"] == "resnet18" and card["image_size"] == 64 and card["labels"] == list(LABELS)
@@ -116,7 +173,7 @@ def test_cli_on_a_mixed_folder(tiny_checkpoint, mixed_folder, tmp_path, capsys):
     assert "not a readable image" in by_name["notes.jpg"]["error"]
     for name in ("a.png", "sub/a.png", "sub/scan.dcm"):
         record = by_name[name]
-        assert list(record["probabilities"]) == list(LABELS)
+        assert [row["label"] for row in record["labels"]] == list(LABELS)
         assert set(record["heatmaps"]) == set(LABELS)
         for path in record["heatmaps"].values():
             with Image.open(path) as im:
@@ -148,4 +205,4 @@ def test_cli_as_a_subprocess(tiny_checkpoint):
     )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    assert record["image"] == str(NIH_PNG) and len(record["probabilities"]) == 14
+    assert record["image"] == str(NIH_PNG) and len(record["labels"]) == 14

@@ -2,7 +2,7 @@
 two-process DDP under torchrun (gloo), unreadable images, clean stops. ResNet-18 at 64 px keeps each run short."""
 from __future__ import annotations
 
-import csv
+import hashlib
 import io
 import json
 import os
@@ -19,11 +19,13 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from trainutil import read_history, run_main, small_run
 
 from chestxray.checkpoint import load_checkpoint
-from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, subsample
+from chestxray.data import XrayDataset, collate_batch, load_index, make_splits, rebuild_splits
 from chestxray.engine import predict_probabilities
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS
+from chestxray.meta import SplitSpec
 from chestxray.metrics import choose_thresholds, per_label_auroc
 from chestxray.model import PretrainedWeightsUnavailable
 from chestxray.transforms import build_normalize, build_transform
@@ -35,29 +37,10 @@ TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commi
                  "threshold_rule", "n_train", "n_val"}
 
 
-def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
-    return ["--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "64", "--epochs", str(epochs),
-            "--no-pretrained", "--device", "cpu", "--limit", str(limit), "--batch-size", "8", "--workers", "0",
-            "--no-progress", *extra]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = train.main(train.get_args_parser().parse_args(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    with (run_dir / "history.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None):
     """Re-create the checkpoint's validation set from its metadata alone and predict it in one process."""
     model, meta, _ = load_checkpoint(checkpoint)
-    split = meta.training["split"]
-    splits = make_splits(load_index(data_dir), data_dir, val_fraction=split["val_fraction"], seed=split["seed"])
-    val = subsample(splits["val"], split["limit"], split["seed"])
+    val = rebuild_splits(meta, load_index(data_dir), data_dir)["val"]
     dataset = XrayDataset(val, meta.labels, build_transform(meta), cache_dir=cache_dir)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate_batch)
     probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), build_normalize(meta),
@@ -97,22 +80,25 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     for line in lines:
         for part in ("train loss", "val loss", "val mean AUROC", "worst", "best", "img/s"):
             assert part in line
-    assert json.loads((run / "args.json").read_text())["arch"] == "resnet18"
+    config = json.loads((run / "args.json").read_text())  # the one copy of the run configuration
+    assert config["arch"] == "resnet18" and config["limit"] == 48 and config["lr"] == 1e-4
     history = read_history(run)
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert all(float(row["train_loss"]) > 0 and float(row["val_loss"]) > 0 for row in history)
     with Image.open(run / "training_curves.png") as im:
         assert im.format == "PNG" and im.width > 300
     state = torch.load(run / "last.pth", weights_only=True)
-    assert state["epoch"] == 2 and state["args"]["arch"] == "resnet18"
+    assert state["epoch"] == 2 and state["config"] == "args.json" and "args" not in state
     assert {"model", "optimizer", "scaler", "rng", "best_score", "best_epoch"} <= set(state)
     # every train and validation image decoded and resized once into the cache
     assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 96
 
-    model, meta, _ = load_checkpoint(trained_run["best"])
+    model, meta, train_info = load_checkpoint(trained_run["best"])
     assert (meta.arch, meta.image_size, meta.labels) == ("resnet18", 64, LABELS)
     assert TRAINING_KEYS <= set(meta.training)
-    assert meta.training["split"] == {"val_fraction": 0.1, "seed": 0, "official": True, "limit": 48}
+    assert train_info["run_config"] == str(run / "args.json") and "args" not in train_info
+    digest = hashlib.sha256((nih_dir / "labels.csv").read_bytes()).hexdigest()
+    assert meta.split == SplitSpec(official=True, val_fraction=0.1, seed=0, limit=48, data_entry_sha256=digest)
     assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 48, "wbce")
     assert meta.training["epochs"] == state["best_epoch"]
     assert meta.training["data_dir"] == "nih"
@@ -283,7 +269,7 @@ def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_
     assert rc == 0, err
     assert "warning: no train_val_list.txt / test_list.txt" in out and "seeded patient-wise split" in out
     _, meta, _ = load_checkpoint(tmp_path / "x.pth")
-    assert meta.training["split"]["official"] is False
+    assert meta.split.official is False
     with pytest.warns(UserWarning, match="patient-wise"):
         splits = make_splits(load_index(root), root, val_fraction=0.3)
     assert meta.training["n_train"] == len(splits["train"]) and meta.training["n_val"] == len(splits["val"])
@@ -337,3 +323,45 @@ def test_parser_flags_have_help_and_defaults():
     assert (args.arch, args.image_size, args.batch_size, args.lr, args.loss, args.val_fraction, args.output) == (
         "resnet50", 512, 16, 1e-4, "wbce", 0.1, "chestxray_model_resnet50.pth")
     assert pd.isna(args.limit) and args.threshold_rule == "f1" and not args.hflip
+
+
+def test_merge_config_locks_run_settings_and_reports_free_changes():
+    from chestxray.trainstate import LockedSettingChanged, merge_config
+
+    defaults = {"lr": 1e-4, "epochs": None, "workers": 4, "seed": 0}
+    saved = {"lr": 0.01, "epochs": 3, "workers": 2, "seed": 5, "gone": 1}
+    merged, changed = merge_config({"lr": 1e-4, "epochs": None, "workers": 8, "seed": 0}, saved, defaults,
+                                   locked=("lr", "seed"))
+    assert (merged["lr"], merged["seed"], merged["epochs"], merged["workers"]) == (0.01, 5, 3, 8)
+    assert changed == [("workers", 8, 2)] and "gone" not in merged
+    with pytest.raises(LockedSettingChanged) as err:
+        merge_config({"lr": 0.5, "epochs": None, "workers": 4, "seed": 0}, saved, defaults, locked=("lr", "seed"))
+    assert (err.value.key, err.value.saved) == ("lr", 0.01) and "--" not in str(err.value)
+
+
+def test_rng_state_round_trips_through_a_weights_only_state_file(tmp_path):
+    import random
+
+    from chestxray.trainstate import load_resume_state, rng_state, save_state, set_rng_state
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_state(tmp_path, {"epoch": 1, "rng": rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    state, notes = load_resume_state(tmp_path)
+    assert notes == [] and state["config"] == "args.json" and state["kind"] == "train-state"
+    set_rng_state(state["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_run_configuration_is_read_from_args_json_and_older_states(tmp_path):
+    from chestxray.checkpoint import CheckpointError
+    from chestxray.trainstate import read_config, write_config
+
+    with pytest.raises(CheckpointError, match="no args.json"):
+        read_config(tmp_path)
+    assert read_config(tmp_path, {"args": {"lr": 0.1}}) == {"lr": 0.1}  # a state written before args.json was one
+    write_config(tmp_path, {"lr": 0.2, "cache_dir": None})
+    assert read_config(tmp_path, {"args": {"lr": 0.1}}) == {"lr": 0.2, "cache_dir": None}

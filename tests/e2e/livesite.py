@@ -5,6 +5,7 @@ Playwright cannot download its own browser here, so it drives Debian's /usr/bin/
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium"))
@@ -71,3 +73,17 @@ def stop_server(proc: subprocess.Popen) -> None:
 def launch_chromium(playwright):
     """Headless Debian Chromium through Playwright (sync API)."""
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """Import a file by path: how scripts run outside pytest (benchmarks, screenshot.py) reach tests/conftest.py and
+    this file, since tests/ is not an installed package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def conftest_module() -> ModuleType:
+    """tests/conftest.py (data paths, make_checkpoint) as a module, for scripts run outside pytest."""
+    return load_module(ROOT / "tests" / "conftest.py", "cxr_test_helpers")

@@ -15,11 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+from livesite import ROOT, conftest_module, launch_chromium, run_server
 
-from conftest import NIH_PNG, ROOT, make_checkpoint  # noqa: E402
-from livesite import launch_chromium, run_server  # noqa: E402
+conftest = conftest_module()
+NIH_PNG, make_checkpoint = conftest.NIH_PNG, conftest.make_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -86,8 +86,8 @@ def shown_findings(page) -> list[tuple[str, str]]:
 
 def expected_findings(results: Path, rid: str) -> list[tuple[str, str]]:
     record = json.loads((results / rid / "result.json").read_text())
-    ranked = sorted(record["labels"], key=lambda label: -record["probabilities"][label])
-    return [(label, f"{100 * record['probabilities'][label]:.1f}%") for label in ranked]
+    ranked = sorted(record["labels"], key=lambda row: -row["probability"])
+    return [(row["label"], f"{100 * row['probability']:.1f}%") for row in ranked]
 
 
 def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
@@ -122,7 +122,7 @@ def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
     record = json.loads((results / rid / "result.json").read_text())
     maps = np.load(results / rid / "heatmaps.npy")
     current = first.rsplit("/", 1)[1][:-4]
-    other = next(label for label, m in zip(record["labels"], maps) if label != current and m.max() > 0)
+    other = next(row["label"] for row, m in zip(record["labels"], maps) if row["label"] != current and m.max() > 0)
     page.click(f'a.label-link[data-label="{other}"]')
     page.wait_for_function(HEAT_LOADED, arg=other)
     assert page.get_attribute("#heat", "src") != first
@@ -145,7 +145,7 @@ def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
     assert shown_findings(other_page) == findings
     other_page.wait_for_function(HEAT_LOADED, arg=current)
     json_doc = other_page.request.get(base + other_page.get_attribute("#json-link", "href")).json()
-    assert json_doc["id"] == rid and set(json_doc["probabilities"]) == set(record["labels"])
+    assert json_doc["id"] == rid and json_doc["labels"] == record["labels"]
 
     # The DICOM's result.
     page.goto(list_url)

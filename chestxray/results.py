@@ -1,0 +1,178 @@
+"""Saved results on disk: RESULTS_DIR/<random id>/ with image.png, heatmaps.npy, result.json, heatmap/<label>.png.
+
+No Flask here: the web views call ResultStore and map ResultNotFound to 404. A result folder is written whole
+(temporary folder + rename), so a reader never sees half a result; only the newest `retention` results are kept.
+Each heatmap PNG is rendered on first view from the saved raw maps. The upload itself, its file name and any DICOM
+header are never written: result.json holds Prediction.to_dict() plus the id, the time and the display size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .cam import heatmap_image
+from .fileio import atomic_write, write_json
+from .predictor import Prediction
+
+RESULT_ID = re.compile(r"[0-9a-f]{32}")
+DISPLAY_MAX_SIDE = 768  # the saved plain image; the original upload is not kept
+HEATMAP_MAX_SIDE = 512  # heat layers are smooth (bilinear from a 2..32 px map); the browser scales them up
+PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; speed wins (issue: page after one pass)
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 3600
+
+
+class ResultNotFound(LookupError):
+    """A malformed, unknown or expired result id, or a label its model does not have; the message says which."""
+
+
+def display_image(image: np.ndarray) -> Image.Image:
+    """(H, W) float image in [0, 1] -> 8-bit grayscale PIL image, longest side at most DISPLAY_MAX_SIDE."""
+    im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+    scale = DISPLAY_MAX_SIDE / max(im.size)
+    if scale < 1:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+    return im
+
+
+def heatmap_size(display_size: list[int]) -> tuple[int, int]:
+    """(width, height) of a heat layer: the plain image's aspect ratio, longest side at most HEATMAP_MAX_SIDE."""
+    width, height = display_size
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def label_names(record: dict) -> list[str]:
+    """The result's labels in model order."""
+    return [row["label"] for row in record["labels"]]
+
+
+def ranked(record: dict) -> list[dict]:
+    """The result's label rows ({label, probability, threshold, positive}), most probable first."""
+    return sorted(record["labels"], key=lambda row: -row["probability"])
+
+
+def default_label(record: dict) -> str:
+    """The label whose heatmap is shown first: the most probable positive call, else the most probable label."""
+    rows = ranked(record)
+    return next((row["label"] for row in rows if row["positive"]), rows[0]["label"])
+
+
+class ResultStore:
+    """The results folder. Thread- and process-safe by construction: whole-folder renames and atomic file writes."""
+
+    def __init__(self, folder: str | os.PathLike, retention: int) -> None:
+        if int(retention) < 1:
+            raise ValueError(f"retention must be at least 1, got {retention}")
+        self.folder = Path(folder)
+        self.retention = int(retention)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, prediction: Prediction) -> dict:
+        """Write <new random id>/ whole (temp folder + rename), then prune to `retention`; returns result.json's record.
+
+        The prediction must carry heatmaps. Raises OSError when the folder cannot be written (nothing is left).
+        """
+        if prediction.heatmaps is None:
+            raise ValueError("a saved result needs the prediction's heatmaps (predict with heatmaps=True)")
+        image = display_image(prediction.image)
+        record = {
+            "id": secrets.token_hex(16),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **prediction.to_dict(),
+            "display_size": [image.width, image.height],  # image.png; the model's input size is model.image_size
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.folder))
+        try:
+            image.save(tmp / "image.png", compress_level=PNG_COMPRESS_LEVEL)
+            np.save(tmp / "heatmaps.npy", np.asarray(prediction.heatmaps, dtype=np.float32))
+            (tmp / "heatmap").mkdir()
+            write_json(tmp / "result.json", record)
+            _render_heatmap(tmp, record, default_label(record))  # the one shown first; the others on request
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            os.rename(tmp, self.folder / record["id"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.prune()
+        return record
+
+    def load(self, rid: str) -> dict:
+        """result.json of a saved result. Raises ResultNotFound for a malformed, unknown or expired id."""
+        try:
+            record = json.loads((self._folder(rid) / "result.json").read_text())
+        except FileNotFoundError:
+            raise self._expired() from None
+        if "display_size" not in record:  # saved by a version before Prediction.to_dict: its pages cannot be drawn
+            raise ResultNotFound("This result was saved by an older version of the app and can no longer be shown.")
+        return record
+
+    def image_path(self, rid: str) -> Path:
+        """The saved plain image (image.png). Raises ResultNotFound."""
+        path = self._folder(rid) / "image.png"
+        if not path.is_file():
+            raise self._expired()
+        return path
+
+    def heatmap_path(self, rid: str, label: str) -> Path:
+        """heatmap/<label>.png, rendered now if not yet made. Raises ResultNotFound (also for an unknown label)."""
+        record = self.load(rid)
+        if label not in label_names(record):
+            raise ResultNotFound(f"This model has no label {label!r}.")
+        try:
+            return _render_heatmap(self._folder(rid), record, label)
+        except FileNotFoundError:  # removed by retention while rendering
+            raise ResultNotFound("This result has expired.") from None
+
+    def prune(self) -> list[str]:
+        """Delete all but the newest `retention` results (by result.json time) and stale temp folders; returns ids."""
+        results, now = [], time.time()
+        for entry in os.scandir(self.folder):
+            try:
+                if entry.name.startswith(TMP_PREFIX):
+                    if now - entry.stat().st_mtime > STALE_TMP_SECONDS:  # left by a crash mid-write
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                elif RESULT_ID.fullmatch(entry.name):
+                    results.append((os.stat(os.path.join(entry.path, "result.json")).st_mtime_ns, entry.name))
+            except FileNotFoundError:  # removed meanwhile by a concurrent request
+                continue
+        results.sort(reverse=True)
+        removed = [name for _, name in results[self.retention:]]
+        for name in removed:
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+        return removed
+
+    def _folder(self, rid: str) -> Path:
+        if not RESULT_ID.fullmatch(rid):  # never build a path from anything but 32 hex digits
+            raise self._expired()
+        return self.folder / rid
+
+    def _expired(self) -> ResultNotFound:
+        return ResultNotFound(f"This result does not exist or has expired (only the newest {self.retention} "
+                              "results are kept).")
+
+
+def _render_heatmap(folder: Path, record: dict, label: str) -> Path:
+    """heatmap/<label>.png from the saved raw maps (RGBA, opacity following the heat); kept on disk once made."""
+    target = folder / "heatmap" / f"{label}.png"
+    if target.is_file():
+        return target
+    maps = np.load(folder / "heatmaps.npy")
+    width, height = heatmap_size(record["display_size"])
+    layer = heatmap_image(maps[label_names(record).index(label)], height, width)
+    # Two requests rendering the same label both write whole files; the last rename wins.
+    atomic_write(target, lambda f: layer.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
+    if not (folder / "result.json").is_file():  # pruned meanwhile: atomic_write re-made heatmap/; leave no orphan
+        shutil.rmtree(folder, ignore_errors=True)
+        raise FileNotFoundError(folder)
+    return target

@@ -1,0 +1,27 @@
+"""Helpers shared by the training tests (test_train, test_faults, test_evaluate): argument lists and run files."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from Model_Training import train
+
+
+def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
+    """train.py arguments for a short CPU run: ResNet-18 at 64 px, no ImageNet weights, no workers."""
+    return ["--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "64", "--epochs", str(epochs),
+            "--no-pretrained", "--device", "cpu", "--limit", str(limit), "--batch-size", "8", "--workers", "0",
+            "--no-progress", *extra]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """train.main in this process -> (exit code, stdout, stderr)."""
+    rc = train.main(train.get_args_parser().parse_args(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The rows of <run_dir>/history.csv."""
+    with (run_dir / "history.csv").open() as f:
+        return list(csv.DictReader(f))
