@@ -12,12 +12,11 @@ import argparse
 import io
 import logging
 import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Flask, flash, jsonify, render_template, request
+from flask import Flask, flash, jsonify, redirect, render_template, request, url_for
 from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -27,13 +26,18 @@ from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
 from predictions import TRAIN_COMMAND
-from views import POINT_COMMAND, model_state, no_model_message
+from views import POINT_COMMAND, model_state, no_model_message, shown_name
+from webconfig import secret_key
 
 ROOT = Path(__file__).resolve().parent
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+
+# Bodies up to 20x the app's limit get the app's own 413 answer (waitress spools them to temporary files first);
+# larger ones waitress refuses from their Content-Length alone, before reading them.
+WAITRESS_BODY_FACTOR = 20
 
 log = logging.getLogger("chestxray.web")
 csrf = CSRFProtect()
@@ -69,11 +73,14 @@ def load_model(checkpoint: str, device: str = "auto") -> ModelState:
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, MAX_FILES, MAX_CONTENT_LENGTH, SECRET_KEY.
+    """Application factory. Keys: CHECKPOINT, DEVICE, RESULTS_DIR, RETENTION, MAX_FILES, MAX_CONTENT_LENGTH, SECRET_KEY,
+    INSTANCE_PATH (the folder keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset; default ./instance).
 
-    Raises ValueError for an invalid RETENTION or MAX_FILES.
+    Raises ValueError for an invalid RETENTION or MAX_FILES, or an unusable secret key (webconfig.secret_key).
     """
-    app = Flask(__name__)
+    config = config or {}
+    app = Flask(__name__, instance_path=str(Path(config["INSTANCE_PATH"]).resolve()) if config.get("INSTANCE_PATH")
+                else None)
     app.request_class = MemoryRequest
     app.config.update(
         CHECKPOINT=None,
@@ -86,11 +93,13 @@ def create_app(config: dict | None = None) -> Flask:
         WTF_CSRF_ENABLED=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    app.config.update(config or {})
+    app.config.update(config)
     if app.config["CHECKPOINT"] is None:
         app.config["CHECKPOINT"] = default_checkpoint()
     if not app.config["SECRET_KEY"]:
-        app.config["SECRET_KEY"] = secrets.token_hex(32)  # sessions only carry flash messages and the CSRF token
+        # Kept across restarts, so forms opened before a restart still submit after it (sessions only carry
+        # flash messages and the CSRF token).
+        app.config["SECRET_KEY"] = secret_key(app.instance_path)
     for key in ("RETENTION", "MAX_FILES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
@@ -103,6 +112,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]))
     csrf.init_app(app)
     csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
+    csrf.exempt(views.api_delete_result)  # a cross-site DELETE needs CORS approval, which the app never gives
     app.register_blueprint(views.bp)
     _register_errors(app)
     app.after_request(_security_headers)
@@ -124,21 +134,36 @@ def create_app(config: dict | None = None) -> Flask:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path == "/healthz"
+    return request.path.startswith("/api/") or request.path in ("/api", "/healthz")
+
+
+def _chosen_names() -> list[str]:
+    """The names of the files in a refused upload form, as a message shows them ([] when the body is unreadable)."""
+    try:
+        return [shown_name(f.filename) for f in request.files.getlist("file") if f.filename]
+    except HTTPException:  # a body over the limit or cut off: the message then lists no names
+        return []
 
 
 def _register_errors(app: Flask) -> None:
-    def upload_page(message: str, status: int):
+    def upload_page(message: str):
+        # A redirect, not a page at /predict: the address bar shows the upload page and a reload posts nothing.
         flash(message, "error")
-        return render_template("index.html"), status
+        return redirect(url_for("views.index"), 303)
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
-        message = ("The form could not be verified (its security token is missing or has expired): "
-                   "reload the page and upload again.")
+        message = ("The form could not be verified (its security token is missing or has expired, e.g. the page was "
+                   "open for a long time)")
         if _wants_json():
-            return jsonify(error=message), 400
-        return upload_page(message, 400)
+            return jsonify(error=message + "."), 400
+        if request.endpoint != "views.predict":  # the batch page's sort and CSV forms, the delete button
+            return render_template("error.html", code=400, name="Bad Request",
+                                   message=message + ": reload the page and try again."), 400
+        names = _chosen_names()
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        return upload_page(message + ": nothing was analysed. Please choose the files again"
+                           + (f": {shown}." if names else "."))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -149,7 +174,7 @@ def _register_errors(app: Flask) -> None:
         if _wants_json():
             return jsonify(error=message), exc.code
         if request.endpoint == "views.predict" and exc.code in (400, 413, 415, 503):
-            return upload_page(message, exc.code)
+            return upload_page(message)
         return render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code
 
     @app.errorhandler(InternalServerError)
@@ -186,7 +211,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=50, help="request size limit (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--instance-dir", default=str(ROOT / "instance"),
+                        help="folder keeping the secret key across restarts, made 0600 on first start, unless "
+                             "$CXR_SECRET_KEY is set (default: %(default)s)")
     return parser
+
+
+def waitress_body_limit(app_limit: int) -> int:
+    """Waitress's request body limit for an app limit: WAITRESS_BODY_FACTOR times it (1 GB for the default 50 MB)."""
+    return WAITRESS_BODY_FACTOR * app_limit
 
 
 def main(args: argparse.Namespace) -> int:
@@ -200,13 +233,14 @@ def main(args: argparse.Namespace) -> int:
         "RESULTS_DIR": args.results_dir,
         "RETENTION": args.retention,
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
+        "INSTANCE_PATH": args.instance_dir,
     })
     state = app.extensions["chestxray"]
-    # Waitress reads a whole request body before the app sees it (up to 1 GB by default, spooled to temporary
-    # files). Bounding it refuses a body far over the limit from its Content-Length alone; one up to twice the
-    # limit still reaches the app, whose 413 page says what the limit is.
+    # Waitress reads a whole request body before the app sees it and answers a body over its own limit with a bare
+    # text page. Its limit is set far above the app's, so every over-limit upload a person makes gets the app's 413
+    # page (or JSON) saying what the limit is; the page's script refuses such uploads before sending them at all.
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"])
+                           max_request_body_size=waitress_body_limit(app.config["MAX_CONTENT_LENGTH"]))
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
     model = (f"{state.predictor.meta.arch} at {state.predictor.meta.image_size} px from {args.checkpoint}"
              if state.predictor else "none loaded (see the warning above); predictions answer 503")

@@ -87,21 +87,22 @@ class ReportPage:
     @classmethod
     def from_record(cls, record: Mapping, image: np.ndarray, heatmaps: np.ndarray | None,
                     label: str | None = None, scale: str = "own") -> ReportPage:
-        """From a saved result's record (result.json: id, created, labels, probabilities, thresholds, positive,
-        model, format, original_size), its display image and its raw maps; label None draws the plain image.
+        """From a saved result's record (result.json: id, created, and Prediction.to_dict()'s labels rows, format,
+        original_size, model), its display image and its raw maps; label None draws the plain image.
 
+        A row's "call" is printed when the record has one, else "positive"/"negative" from its "positive" flag.
         Raises ValueError when the pieces do not fit together (unknown label or scale, wrong shapes).
         """
-        labels = tuple(record["labels"])
-        positive = set(record.get("positive", ()))
-        source = record.get("format", "")
+        rows = record["labels"]
+        source = record.get("format") or ""
         if record.get("original_size"):
             width, height = record["original_size"]
             source = f"{source} · {width} × {height} px".lstrip(" ·")
         return cls(
-            result_id=record["id"], created=record["created"], labels=labels,
-            probabilities=record["probabilities"], thresholds=record["thresholds"],
-            calls={name: "positive" if name in positive else "negative" for name in labels},
+            result_id=record["id"], created=record["created"], labels=tuple(row["label"] for row in rows),
+            probabilities={row["label"]: row["probability"] for row in rows},
+            thresholds={row["label"]: row["threshold"] for row in rows},
+            calls={row["label"]: row.get("call") or ("positive" if row["positive"] else "negative") for row in rows},
             model=record.get("model") or {}, image=np.asarray(image), heatmaps=heatmaps, label=label,
             scale=scale, source=source,
         )

@@ -25,13 +25,21 @@ def prediction(tiny_predictor):
 
 
 @pytest.fixture(scope="module")
-def record(prediction, tiny_predictor) -> dict:
+def record(prediction) -> dict:
     """A record shaped like the web app's result.json."""
-    return {
-        "id": RESULT_ID, "created": "2026-11-27T02:00:00+00:00", "format": "PNG", "original_size": [1024, 1024],
-        "image_size": [1024, 1024], "labels": list(prediction.labels), "probabilities": prediction.probabilities,
-        "positive": prediction.positive, "thresholds": prediction.thresholds, "model": tiny_predictor.model_card(),
-    }
+    return {"id": RESULT_ID, "created": "2026-11-27T02:00:00+00:00", **prediction.to_dict(), "display_size": [768, 768]}
+
+
+def probability(record: dict, name: str) -> float:
+    return next(row["probability"] for row in record["labels"] if row["label"] == name)
+
+
+def threshold(record: dict, name: str) -> float:
+    return next(row["threshold"] for row in record["labels"] if row["label"] == name)
+
+
+def names(record: dict) -> list[str]:
+    return [row["label"] for row in record["labels"]]
 
 
 def read_pdf(data: bytes) -> PdfReader:
@@ -55,11 +63,10 @@ def test_one_a4_page_with_labels_calls_id_model_and_notice(record, prediction):
     assert RESULT_ID in text
     assert "Not for clinical use" in text and "not a medical device" in text
     assert "Analysed 2026-11-27 02:00:00 UTC" in text and "report made 2026-11-27 03:04 UTC" in text
-    for name in record["labels"]:
+    for name in names(record):
         shown = name.replace("_", " ")
-        probability = f"{100 * record['probabilities'][name]:.1f}%"
         call = "positive" if name in record["positive"] else "negative"
-        assert f"{shown} {probability} {100 * record['thresholds'][name]:.1f}% {call}" in text, name
+        assert f"{shown} {100 * probability(record, name):.1f}% {100 * threshold(record, name):.1f}% {call}" in text
     assert f"Heatmap of {label.replace('_', ' ')}" in text and "each map scaled to its own peak" in text
     assert f"Architecture: {record['model']['arch']}" in text
     assert f"Training data: {record['model']['training']['data']}" in text
@@ -68,15 +75,16 @@ def test_one_a4_page_with_labels_calls_id_model_and_notice(record, prediction):
 
 def test_called_findings_are_listed_first(record, prediction):
     text = page_text(read_pdf(report_bytes([ReportPage.from_record(record, prediction.image, None)])))
-    order = sorted(record["labels"], key=lambda n: (n not in record["positive"], -record["probabilities"][n]))
-    positions = [text.index(f"{n.replace('_', ' ')} {100 * record['probabilities'][n]:.1f}%") for n in order]
+    order = sorted(names(record), key=lambda n: (n not in record["positive"], -probability(record, n)))
+    positions = [text.index(f"{n.replace('_', ' ')} {100 * probability(record, n):.1f}%") for n in order]
     assert positions == sorted(positions)
 
 
 def test_one_page_per_result_on_letter_paper(tmp_path, record, prediction):
-    other = {**record, "id": "f" * 32, "positive": []}
-    pages = [ReportPage.from_record(record, prediction.image, prediction.heatmaps, label=record["labels"][0]),
-             ReportPage.from_record(other, prediction.image, prediction.heatmaps, label=record["labels"][1],
+    unpositive = [{**row, "positive": False} for row in record["labels"]]
+    other = {**record, "id": "f" * 32, "positive": [], "labels": unpositive}
+    pages = [ReportPage.from_record(record, prediction.image, prediction.heatmaps, label=names(record)[0]),
+             ReportPage.from_record(other, prediction.image, prediction.heatmaps, label=names(record)[1],
                                     scale="shared")]
     target = tmp_path / "report.pdf"
     write_report(target, pages, paper="letter")
@@ -113,22 +121,29 @@ def test_heatmap_is_drawn_only_when_chosen(record, prediction):
 
 def test_map_without_evidence_says_so(record, prediction):
     maps = np.array(prediction.heatmaps, copy=True)
-    label = record["labels"][3]
+    label = names(record)[3]
     maps[3] = -np.abs(maps[3]) - 1.0  # no positive value anywhere
     text = page_text(read_pdf(report_bytes([ReportPage.from_record(record, prediction.image, maps, label)])))
     assert "no region supports this finding" in text and "strongest" not in text
 
 
+def test_a_records_own_call_words_are_printed(record, prediction):
+    rows = [{**row, "call": "not validated — no call"} if i % 2 else row for i, row in enumerate(record["labels"])]
+    text = page_text(read_pdf(report_bytes([ReportPage.from_record({**record, "labels": rows}, prediction.image,
+                                                                   None)])))
+    assert text.count("not validated — no call") == len(rows) // 2
+
+
 def test_custom_calls_and_notes_are_printed(record, prediction):
     page = ReportPage(
-        result_id=RESULT_ID, created=record["created"], labels=tuple(record["labels"]),
-        probabilities=record["probabilities"], thresholds=record["thresholds"],
-        calls={name: "not validated — no call" for name in record["labels"]}, model=record["model"],
+        result_id=RESULT_ID, created=record["created"], labels=prediction.labels,
+        probabilities=prediction.probabilities, thresholds=prediction.thresholds,
+        calls={name: "not validated — no call" for name in prediction.labels}, model=record["model"],
         image=(prediction.image * 255).astype(np.uint8),
         notes=("Out of scope: this does not look like a chest X-ray.",),
     )
     text = page_text(read_pdf(report_bytes([page])))
-    assert text.count("not validated — no call") == len(record["labels"])
+    assert text.count("not validated — no call") == len(prediction.labels)
     assert "Out of scope: this does not look like a chest X-ray." in text
 
 
