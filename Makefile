@@ -19,8 +19,12 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
-# Debian's Chromium for the end-to-end browser test (Playwright cannot download its own browser here).
-browser:
+# Debian's Chromium for the end-to-end browser test (Playwright cannot download its own browser here), and
+# axe-core from npm, which the test injects into each page to check accessibility (kept in the git-ignored .cache/).
+AXE_VERSION := 4.14.1
+AXE := .cache/axe/node_modules/axe-core/axe.min.js
+
+browser: $(AXE)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
 
 # Debian's Orthanc (a real PACS) and dcmtk (storescu as the X-ray machine) for the PACS tests; the tests start and
@@ -29,6 +33,11 @@ pacs:
 	@command -v Orthanc >/dev/null 2>&1 && command -v storescu >/dev/null 2>&1 || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc dcmtk && \
 		{ service orthanc stop; update-rc.d orthanc disable; true; } >/dev/null 2>&1; }
+
+$(AXE):
+	@command -v npm >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q npm)
+	npm install --prefix .cache/axe --no-save --no-package-lock --no-audit --no-fund axe-core@$(AXE_VERSION)
+	touch $@
 
 run: setup
 	$(PY) main.py $(ARGS)

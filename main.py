@@ -13,12 +13,11 @@ import io
 import logging
 import os
 import re
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Flask, flash, jsonify, render_template, request
+from flask import Flask, flash, jsonify, redirect, render_template, request, url_for
 from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -31,7 +30,8 @@ from chestxray.evidence import format_call, format_scope
 from chestxray.predictor import Predictor
 from chestxray.results import ResultStore
 from predictions import TRAIN_COMMAND
-from views import POINT_COMMAND, model_state, no_model_message
+from views import POINT_COMMAND, model_state, no_model_message, shown_name
+from webconfig import secret_key
 
 ROOT = Path(__file__).resolve().parent
 # Part headers a multipart parser reads (Content-Disposition, Content-Type), to repair names that are not UTF-8.
@@ -40,6 +40,10 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+
+# Bodies up to 20x the app's limit get the app's own 413 answer (waitress spools them to temporary files first);
+# larger ones waitress refuses from their Content-Length alone, before reading them.
+WAITRESS_BODY_FACTOR = 20
 
 log = logging.getLogger("chestxray.web")
 csrf = CSRFProtect()
@@ -94,11 +98,15 @@ def load_model(checkpoint: str, device: str = "auto", backend: str = "torch") ->
 
 def create_app(config: dict | None = None) -> Flask:
     """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), RESULTS_DIR, RETENTION, RESULT_MIN_AGE,
-    MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY.
+    MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY, INSTANCE_PATH (the folder keeping
+    secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset; default ./instance).
 
-    Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES.
+    Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES, or an unusable secret key
+    (webconfig.secret_key).
     """
-    app = Flask(__name__)
+    config = config or {}
+    app = Flask(__name__, instance_path=str(Path(config["INSTANCE_PATH"]).resolve()) if config.get("INSTANCE_PATH")
+                else None)
     app.request_class = MemoryRequest
     app.config.update(
         CHECKPOINT=None,
@@ -115,11 +123,13 @@ def create_app(config: dict | None = None) -> Flask:
         WTF_CSRF_ENABLED=True,
         SESSION_COOKIE_SAMESITE="Lax",
     )
-    app.config.update(config or {})
+    app.config.update(config)
     if app.config["CHECKPOINT"] is None:
         app.config["CHECKPOINT"] = default_checkpoint()
     if not app.config["SECRET_KEY"]:
-        app.config["SECRET_KEY"] = secrets.token_hex(32)  # sessions only carry flash messages and the CSRF token
+        # Kept across restarts, so forms opened before a restart still submit after it (sessions only carry
+        # flash messages and the CSRF token).
+        app.config["SECRET_KEY"] = secret_key(app.instance_path)
     for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
@@ -135,6 +145,7 @@ def create_app(config: dict | None = None) -> Flask:
                                                     int(app.config["ANALYSIS_QUEUE"]))
     csrf.init_app(app)
     csrf.exempt(views.api_predict)  # an API for scripts: no session, no form token
+    csrf.exempt(views.api_delete_result)  # a cross-site DELETE needs CORS approval, which the app never gives
     app.register_blueprint(views.bp)
     app.register_blueprint(worklist.bp)  # /worklist: images from the DICOM node, when main() starts one
     _register_errors(app)
@@ -160,21 +171,36 @@ def create_app(config: dict | None = None) -> Flask:
 
 
 def _wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path == "/healthz"
+    return request.path.startswith("/api/") or request.path in ("/api", "/healthz")
+
+
+def _chosen_names() -> list[str]:
+    """The names of the files in a refused upload form, as a message shows them ([] when the body is unreadable)."""
+    try:
+        return [shown_name(f.filename) for f in request.files.getlist("file") if f.filename]
+    except HTTPException:  # a body over the limit or cut off: the message then lists no names
+        return []
 
 
 def _register_errors(app: Flask) -> None:
-    def upload_page(message: str, status: int):
+    def upload_page(message: str):
+        # A redirect, not a page at /predict: the address bar shows the upload page and a reload posts nothing.
         flash(message, "error")
-        return render_template("index.html"), status
+        return redirect(url_for("views.index"), 303)
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
-        message = ("The form could not be verified (its security token is missing or has expired): "
-                   "reload the page and upload again.")
+        message = ("The form could not be verified (its security token is missing or has expired, e.g. the page was "
+                   "open for a long time)")
         if _wants_json():
-            return jsonify(error=message), 400
-        return upload_page(message, 400)
+            return jsonify(error=message + "."), 400
+        if request.endpoint != "views.predict":  # the batch page's sort and CSV forms, the delete button
+            return render_template("error.html", code=400, name="Bad Request",
+                                   message=message + ": reload the page and try again."), 400
+        names = _chosen_names()
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        return upload_page(message + ": nothing was analysed. Please choose the files again"
+                           + (f": {shown}." if names else "."))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -182,7 +208,7 @@ def _register_errors(app: Flask) -> None:
         if _wants_json():
             response = app.make_response((jsonify(error=message), exc.code))
         elif request.endpoint == "views.predict" and exc.code in (400, 413, 415, 503, 507):
-            response = app.make_response(upload_page(message, exc.code))
+            response = upload_page(message)
         else:
             response = app.make_response(
                 (render_template("error.html", code=exc.code, name=exc.name, message=message), exc.code))
@@ -261,6 +287,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                         help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the .onnx "
                         "beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
+    parser.add_argument("--instance-dir", default=str(ROOT / "instance"),
+                        help="folder keeping the secret key across restarts, made 0600 on first start, unless "
+                             "$CXR_SECRET_KEY is set (default: %(default)s)")
     return parser
 
 
@@ -288,6 +317,11 @@ def choose_checkpoint(args: argparse.Namespace) -> str:
         return default
 
 
+def waitress_body_limit(app_limit: int) -> int:
+    """Waitress's request body limit for an app limit: WAITRESS_BODY_FACTOR times it (1 GB for the default 50 MB)."""
+    return WAITRESS_BODY_FACTOR * app_limit
+
+
 def main(args: argparse.Namespace) -> int:
     """Build the app once and serve it with waitress until interrupted; returns the exit code."""
     from waitress import create_server
@@ -304,18 +338,19 @@ def main(args: argparse.Namespace) -> int:
         "MAX_ANALYSES": max(1, min(args.max_analyses, args.threads - 1)),
         "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
+        "INSTANCE_PATH": args.instance_dir,
     })
     state = app.extensions["chestxray"]
-    # Waitress reads a whole request body before the app sees it (up to 1 GB by default). Bounding it refuses a
-    # body far over the limit from its Content-Length alone; one up to twice the limit still reaches the app, whose
-    # 413 page says what the limit is. Bodies up to the limit stay in memory (waitress would spool anything over
-    # 512 KB to an unlinked temporary file, DICOM header included: issue 11), so the memory held by uploads in
-    # flight is at most connection_limit x the limit. Silent connections are closed after channel_timeout;
-    # a client that trickles a header line every few seconds is not, which is what a reverse proxy in front is for
+    # Waitress reads a whole request body before the app sees it. Its limit is set far above the app's, so every
+    # over-limit upload a person makes gets the app's own 413 page (or JSON) saying what the limit is (the page's
+    # script refuses such uploads before sending them at all). Bodies up to the app's limit stay in memory (waitress
+    # would spool anything over 512 KB to an unlinked temporary file, DICOM header included: issue 11); a larger
+    # body is spooled until the app refuses it. Silent connections are closed after channel_timeout; a client that
+    # trickles a header line every few seconds is not, which is what a reverse proxy in front is for
     # (docs/RELIABILITY.md, "Deploying").
     limit = app.config["MAX_CONTENT_LENGTH"]
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           max_request_body_size=2 * limit, inbuf_overflow=limit + 2**16,
+                           max_request_body_size=waitress_body_limit(limit), inbuf_overflow=limit + 2**16,
                            connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
                            cleanup_interval=args.cleanup_interval)
     listen = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]

@@ -6,17 +6,22 @@ analysis slot busy -> 503 with Retry-After, a full results disk -> 507, a cross-
 """
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import hmac
+import io
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from flask import (
     Blueprint,
+    Response,
     abort,
     current_app,
     flash,
@@ -27,12 +32,14 @@ from flask import (
     send_file,
     url_for,
 )
+from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
-from chestxray.results import HEATMAP_SCALES, ResultNotFound, ResultStore, default_label, label_names, ranked
+from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
+from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
 from predictions import TRAIN_COMMAND
 
 if TYPE_CHECKING:
@@ -40,6 +47,19 @@ if TYPE_CHECKING:
 
 POINT_COMMAND = "python main.py --checkpoint PATH"
 RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
+
+DEFAULT_SCALE = "own"
+MAX_FLASHED = 5  # per-file error messages carried to the upload page; the rest are counted
+API_ENDPOINTS = (  # the /api index: (method, rule, what it does)
+    ("POST", "/api/predict", "analyse one or more images: multipart field 'file' (repeat it for several); "
+                             "answers one result document, or a list for several files"),
+    ("GET", "/api/results/<id>", "a saved result's document (probabilities, calls, thresholds, model, URLs)"),
+    ("DELETE", "/api/results/<id>", "delete a saved result now (image, heatmaps and record)"),
+    ("GET", "/api/model", "the loaded model's card (architecture, labels, thresholds, training summary)"),
+    ("GET", "/results/<id>/heatmaps.npy", "the raw class activation maps, float32 (labels, h, w) in label order"),
+    ("GET", "/results/<id>/report.pdf", "a one-page PDF report (query: label, scale, plain)"),
+    ("GET", "/healthz", "liveness and whether a model is loaded"),
+)
 
 bp = Blueprint("views", __name__)
 log = logging.getLogger("chestxray.web")
@@ -170,13 +190,19 @@ def shown_name(filename: str, limit: int = 80) -> str:
 
 
 def api_document(record: dict) -> dict:
-    """The JSON answer for one result: result.json's record (to_dict() + id, created, display_size) + its URLs."""
+    """The JSON answer for one result: result.json's record (Prediction.to_dict() + id, created, display_size) + URLs.
+
+    The URLs are absolute, so a script can fetch them as they are.
+    """
     rid = record["id"]
     return {
         **{key: value for key, value in record.items() if key != "source"},  # the keyed client hash stays inside
-        "image": url_for("views.result_image", rid=rid),
-        "heatmaps": {label: url_for("views.heatmap", rid=rid, label=label) for label in label_names(record)},
-        "result": url_for("views.result", rid=rid),
+        "image": url_for("views.result_image", rid=rid, _external=True),
+        "heatmaps": {label: url_for("views.heatmap", rid=rid, label=label, _external=True)
+                     for label in label_names(record)},
+        "heatmaps_npy": url_for("views.heatmaps_npy", rid=rid, _external=True),
+        "report": url_for("views.report_pdf", rid=rid, _external=True),
+        "result": url_for("views.result", rid=rid, _external=True),
     }
 
 
@@ -187,38 +213,163 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
         return default
 
 
+@dataclass(frozen=True)
+class View:
+    """How a result is shown, from the query string: heatmap label, opacity (0..100, step 10), plain image, scale."""
+
+    label: str
+    opacity: int
+    plain: bool
+    scale: str
+
+    def args(self) -> dict:
+        """This view's query parameters for url_for (plain and scale left out at their defaults)."""
+        values = {"label": self.label, "opacity": self.opacity, "plain": 1 if self.plain else None,
+                  "scale": None if self.scale == DEFAULT_SCALE else self.scale}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+def view_from_args(record: dict) -> View:
+    """The View the query string asks for; unknown labels and scales fall back to the defaults."""
+    label = request.args.get("label")
+    if label not in label_names(record):
+        label = default_label(record)
+    scale = request.args.get("scale", DEFAULT_SCALE)
+    return View(label=label, opacity=round(_int_arg("opacity", 60, 0, 100), -1),
+                plain=request.args.get("plain") == "1", scale=scale if scale in SCALES else DEFAULT_SCALE)
+
+
+def heat_descriptions(record: dict, maps: np.ndarray) -> dict[str, str]:
+    """Per label, the heatmap in words for screen readers: "Heatmap of Effusion: strongest in the lower zone, …"."""
+    descriptions = {}
+    for label, cam in zip(label_names(record), maps):
+        zone = strongest_zone(cam)
+        where = f"strongest in {zone}" if zone else "no region supports this finding"
+        descriptions[label] = f"Heatmap of {label.replace('_', ' ')}: {where}."
+    return descriptions
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One file of a batch: its position, its name as uploaded (held in this response only), its record or error."""
+
+    number: int
+    name: str
+    record: dict | None
+    error: str | None = None
+
+
+def batch_items(names: list[str], ids: list[str], errors: list[str]) -> list[BatchItem]:
+    """Pair the form's parallel name/id/error lists; an unknown or expired id becomes an item with that error."""
+    limit = current_app.config["MAX_FILES"]
+    if not ids or len(ids) > limit:
+        abort(400, f"Name between 1 and {limit} results.")
+    names = (names + [""] * len(ids))[: len(ids)]
+    errors = (errors + [""] * len(ids))[: len(ids)]
+    items = []
+    for number, (name, rid, error) in enumerate(zip(names, ids, errors), start=1):
+        record = None
+        if rid:
+            try:
+                record = result_store().load(rid)
+            except ResultNotFound:
+                error = "this result has expired or was deleted"
+        items.append(BatchItem(number, shown_name(name) or f"Image {number}", record,
+                               None if record else (error or "not analysed")))
+    return items
+
+
+def sort_items(items: list[BatchItem], key: str) -> list[BatchItem]:
+    """Items in upload order ("" or unknown key), by top probability ("top") or by one finding's probability (label);
+    failed files last."""
+    def probability(item: BatchItem) -> float:
+        rows = item.record["labels"]
+        if key == "top":
+            return max(row["probability"] for row in rows)
+        return next((row["probability"] for row in rows if row["label"] == key), -1.0)
+
+    if not key or all(item.record is None for item in items):
+        return items
+    return sorted(items, key=lambda item: (item.record is None, -probability(item) if item.record else 0.0))
+
+
+def render_batch(items: list[BatchItem]) -> str:
+    """The batch page: a summary table (file, in scope, called findings, top probability) and a card per file."""
+    labels = next(label_names(item.record) for item in items if item.record)
+    sort = request.values.get("sort", "")
+    if sort not in ("top", *labels):
+        sort = ""
+    return render_template("results.html", items=sort_items(items, sort), all_items=items, labels=labels, sort=sort,
+                           ranked=ranked)
+
+
+SUMMARY_COLUMNS = ("number", "file", "result", "in_scope", "called_findings", "top_finding", "top_probability")
+
+
+def summary_csv(items: list[BatchItem]) -> str:
+    """The batch summary as CSV text: one row per file with each label's probability; failed files keep their error."""
+    labels = next(label_names(item.record) for item in items if item.record)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*SUMMARY_COLUMNS, *labels, "error"])
+    for item in items:
+        if item.record is None:
+            writer.writerow([item.number, item.name, "", "", "", "", "", *[""] * len(labels), item.error])
+            continue
+        record, top = item.record, ranked(item.record)[0]
+        in_scope = record.get("in_scope")
+        probabilities = {row["label"]: row["probability"] for row in record["labels"]}
+        writer.writerow([
+            item.number, item.name, url_for("views.result", rid=record["id"], _external=True),
+            "" if in_scope is None else ("yes" if in_scope else "no"), "|".join(record["positive"]),
+            top["label"], f"{top['probability']:.6f}", *(f"{probabilities.get(label, float('nan')):.6f}"
+                                                         for label in labels), "",
+        ])
+    return buffer.getvalue()
+
+
 @bp.get("/")
 def index():
     return render_template("index.html")
 
 
-@bp.post("/predict")
-def predict():
-    predictor = require_predictor()
+def chosen_files() -> list[FileStorage]:
+    """The request's non-empty `file` parts; 400 when there are none or more than MAX_FILES."""
     uploads = [f for f in request.files.getlist("file") if f.filename]  # browsers send one empty part if none
     if not uploads:
         abort(400, f"No file was chosen: pick one or more {ACCEPTED} files.")
     limit = current_app.config["MAX_FILES"]
     if len(uploads) > limit:
         abort(400, f"Too many files ({len(uploads)}): upload at most {limit} at once.")
-    records, failures, batch = [], [], set()
+    return uploads
+
+
+@bp.post("/predict")
+def predict():
+    predictor = require_predictor()
+    items, batch = [], set()
     with current_app.extensions["analyses"].enter():
-        for upload in uploads:  # one file's failure, whatever it is, never loses the others' results
-            try:
-                records.append(analyse(upload, predictor, batch))
+        for number, upload in enumerate(chosen_files(), start=1):
+            name = shown_name(upload.filename)
+            try:  # one file's failure, whatever it is, never loses the others' results
+                items.append(BatchItem(number, name, analyse(upload, predictor, batch)))
             except HTTPException as exc:
-                failures.append(exc.code)
-                flash(f"{shown_name(upload.filename)}: {exc.description}", "error")
+                items.append(BatchItem(number, name, None, exc.description))
             except Exception:
                 log.exception("analysing one upload of a batch failed")
-                failures.append(500)
-                flash(f"{shown_name(upload.filename)}: something went wrong on our side while analysing it (the "
-                      "error was logged); the other files were analysed.", "error")
-    if not records:
-        return render_template("index.html"), failures[0]
-    if len(records) == 1:
-        return redirect(url_for("views.result", rid=records[0]["id"]), 303)
-    return redirect(url_for("views.results", ids=",".join(r["id"] for r in records)), 303)
+                items.append(BatchItem(number, name, None, "something went wrong on our side while analysing it "
+                                       "(the error was logged); the other files were analysed."))
+    if not any(item.record for item in items):
+        # Nothing to show: back to the upload page (a redirect, so a reload does not post the files again).
+        for item in items[:MAX_FLASHED]:
+            flash(f"{item.name}: {item.error}", "error")
+        if len(items) > MAX_FLASHED:  # the session cookie holding the messages must stay under 4 KB
+            flash(f"… and {len(items) - MAX_FLASHED} more files could not be analysed.", "error")
+        return redirect(url_for("views.index"), 303)
+    if len(items) == 1:
+        return redirect(url_for("views.result", rid=items[0].record["id"]), 303)
+    # Several files: the page is the response itself, so the files' names are shown without being stored anywhere.
+    return render_batch(items)
 
 
 @bp.get("/results")
@@ -226,30 +377,61 @@ def results():
     ids = [rid for rid in request.args.get("ids", "").split(",") if rid][: current_app.config["MAX_FILES"]]
     if not ids:
         abort(404, "No results were named.")
-    items = []
-    for rid in ids:
-        try:
-            items.append(result_store().load(rid))
-        except ResultNotFound:
-            items.append(None)  # expired or unknown: listed as such
-    if not any(items):
+    items = batch_items([], ids, [])
+    if not any(item.record for item in items):
         abort(404, "These results do not exist or have expired.")
-    return render_template("results.html", items=items, ranked=ranked)
+    return render_batch(items)
+
+
+@bp.post("/results")
+def results_named():
+    """The batch page for results named in a form (id, name and error fields, in upload order): how the upload page's
+    script shows the file names after analysing the files one by one, and how the page re-sorts without a script."""
+    items = batch_items(request.form.getlist("name"), request.form.getlist("id"), request.form.getlist("error"))
+    if not any(item.record for item in items):
+        abort(404, "These results do not exist or have expired.")
+    return render_batch(items)
+
+
+@bp.route("/results.csv", methods=["GET", "POST"])
+def results_csv():
+    """The batch summary table as CSV (POST: with the file names from the page's form; GET ?ids=: numbered)."""
+    if request.method == "POST":
+        items = batch_items(request.form.getlist("name"), request.form.getlist("id"), request.form.getlist("error"))
+    else:
+        items = batch_items([], [rid for rid in request.args.get("ids", "").split(",") if rid], [])
+    if not any(item.record for item in items):
+        abort(404, "These results do not exist or have expired.")
+    return Response(summary_csv(items), mimetype="text/csv",
+                    headers={"Content-Disposition": "attachment; filename=chestxray-results.csv",
+                             "Cache-Control": "no-store"})  # it may hold file names: keep it out of caches
 
 
 @bp.get("/results/<rid>")
 def result(rid: str):
     record = load_result(rid)
-    label = request.args.get("label")
-    if label not in label_names(record):
-        label = default_label(record)
+    view = view_from_args(record)
     rows = ranked(record)
-    scale = request.args.get("scale") if request.args.get("scale") in HEATMAP_SCALES else "own"
+    try:
+        maps = np.load(result_store().heatmaps_path(rid))
+    except ResultNotFound as exc:
+        abort(404, str(exc))
     return render_template(
-        "result.html", r=record, rows=rows, label=label, selected=next(r for r in rows if r["label"] == label),
-        opacity=round(_int_arg("opacity", 60, 0, 100), -1), plain=request.args.get("plain") == "1", scale=scale,
-        show_anyway=request.args.get("show") == "1",
+        "result.html", r=record, rows=rows, label=view.label, view=view, descriptions=heat_descriptions(record, maps),
+        top_call=next((row for row in rows if row["positive"]), None),
+        selected=next(r for r in rows if r["label"] == view.label), opacity=view.opacity, plain=view.plain,
+        scale=view.scale, scales=SCALES, show_anyway=request.args.get("show") == "1",
     )
+
+
+@bp.post("/results/<rid>/delete")
+def delete_result(rid: str):
+    try:
+        result_store().delete(rid)
+    except ResultNotFound as exc:
+        abort(404, str(exc))
+    flash("The result was deleted: its image, heatmaps and findings are gone from this server.", "info")
+    return redirect(url_for("views.index"), 303)
 
 
 @bp.get("/results/<rid>/image.png")
@@ -269,9 +451,74 @@ def heatmap(rid: str, label: str):
         abort(404, str(exc))
 
 
+@bp.get("/results/<rid>/heatmaps.npy")
+def heatmaps_npy(rid: str):
+    try:
+        path = result_store().heatmaps_path(rid)
+    except ResultNotFound as exc:
+        abort(404, str(exc))
+    return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                     download_name=f"heatmaps-{rid}.npy")
+
+
+def report_page(rid: str, view: View | None = None) -> ReportPage:
+    """The PDF report page of a saved result in the given view (default: the result's default view)."""
+    record = load_result(rid)
+    view = view or View(default_label(record), 60, False, DEFAULT_SCALE)
+    try:
+        image = np.asarray(Image.open(result_store().image_path(rid)).convert("L"))
+        maps = np.load(result_store().heatmaps_path(rid))
+    except ResultNotFound as exc:
+        abort(404, str(exc))
+    return ReportPage.from_record(record, image, maps, label=None if view.plain else view.label, scale=view.scale)
+
+
+def pdf_response(pages: list[ReportPage], name: str, opacity: int = 60) -> Response:
+    return Response(report_bytes(pages, opacity=opacity / 100), mimetype="application/pdf",
+                    headers={"Content-Disposition": f"inline; filename={name}"})
+
+
+@bp.get("/results/<rid>/report.pdf")
+def report_pdf(rid: str):
+    view = view_from_args(load_result(rid))
+    return pdf_response([report_page(rid, view)], f"chestxray-report-{rid[:8]}.pdf", view.opacity)
+
+
+@bp.get("/results/report.pdf")
+def batch_report_pdf():
+    ids = [rid for rid in request.args.get("ids", "").split(",") if rid][: current_app.config["MAX_FILES"]]
+    if not ids:
+        abort(404, "No results were named.")
+    return pdf_response([report_page(rid) for rid in ids], "chestxray-report.pdf")
+
+
+@bp.get("/model")
+def model_card():
+    return render_template("model.html", card=require_predictor().model_card())
+
+
+@bp.get("/api")
+@bp.get("/api/")
+def api_index():
+    return jsonify(
+        endpoints=[{"method": method, "path": rule, "description": text} for method, rule, text in API_ENDPOINTS],
+        model_loaded=model_state().predictor is not None,
+        example=f"curl -F file=@xray.png {url_for('views.api_predict', _external=True)}",
+    )
+
+
 @bp.get("/api/results/<rid>")
 def api_result(rid: str):
     return jsonify(api_document(load_result(rid)))
+
+
+@bp.delete("/api/results/<rid>")
+def api_delete_result(rid: str):
+    try:
+        result_store().delete(rid)
+    except ResultNotFound as exc:
+        abort(404, str(exc))
+    return jsonify(deleted=rid)
 
 
 @bp.post("/api/predict")
@@ -282,11 +529,21 @@ def api_predict():
         abort(403, "cross-origin requests to the API are refused: post from this site's own pages, or from a "
                    "script or command line (which send no Origin header)")
     predictor = require_predictor()
-    upload = request.files.get("file")
-    if upload is None:
+    if "file" not in request.files:
         abort(400, f"missing the multipart form field 'file' ({ACCEPTED})")
+    uploads = chosen_files()
     with current_app.extensions["analyses"].enter():
-        return jsonify(api_document(analyse(upload, predictor, set())))
+        if len(request.files.getlist("file")) == 1:
+            return jsonify(api_document(analyse(uploads[0], predictor, set())))
+        # Several files: every one is analysed, as the page does, and answered in upload order as a list whose items
+        # are result documents or {"file", "error", "status"} for a file that could not be analysed.
+        answers, batch = [], set()
+        for upload in uploads:
+            try:
+                answers.append({"file": shown_name(upload.filename), **api_document(analyse(upload, predictor, batch))})
+            except HTTPException as exc:
+                answers.append({"file": shown_name(upload.filename), "error": exc.description, "status": exc.code})
+    return jsonify(answers)
 
 
 @bp.get("/api/model")

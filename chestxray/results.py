@@ -133,6 +133,23 @@ class ResultStore:
             raise self._expired()
         return path
 
+    def heatmaps_path(self, rid: str) -> Path:
+        """The raw class activation maps (heatmaps.npy: float32 (L, h, w) in label order). Raises ResultNotFound."""
+        path = self._folder(rid) / "heatmaps.npy"
+        if not path.is_file():
+            raise self._expired()
+        return path
+
+    def delete(self, rid: str) -> None:
+        """Remove a result now (image, maps, record). Raises ResultNotFound for an unknown or already deleted id."""
+        folder = self._folder(rid)
+        doomed = self.folder / f"{TMP_PREFIX}deleted-{rid}"
+        try:
+            os.rename(folder, doomed)  # gone for readers at once; two deletes cannot both succeed
+        except FileNotFoundError:
+            raise self._expired() from None
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def heatmap_path(self, rid: str, label: str, scale: str = "own") -> Path:
         """heatmap/<label>.png (scale "own": the map's own peak) or <label>.shared.png (one scale for all labels),
         rendered now if not yet made. Raises ResultNotFound (also for an unknown label or scale)."""

@@ -3,6 +3,7 @@ security headers, privacy of DICOM headers, and concurrency. The tiny 64 px ResN
 """
 from __future__ import annotations
 
+import csv
 import html
 import io
 import json
@@ -27,7 +28,7 @@ from chestxray.checkpoint import CheckpointError, load_checkpoint
 from chestxray.evidence import format_call
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
-from chestxray.results import DISPLAY_MAX_SIDE, RESULT_ID, default_label, label_names
+from chestxray.results import DISPLAY_MAX_SIDE, RESULT_ID, default_label, label_names, ranked
 from main import create_app
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
 
@@ -100,6 +101,14 @@ def flashes(body: bytes) -> list[str]:
     return [html.unescape(m) for m in re.findall(r'<li class="flash[^"]*">(.*?)</li>', body.decode(), re.S)]
 
 
+def back_to_upload_page(client, response) -> list[str]:
+    """A refused upload form: a 303 to the upload page (a reload posts nothing); returns the messages shown there."""
+    assert response.status_code == 303 and response.headers["Location"] == "/", response.data[:300]
+    page = client.get("/")
+    assert page.status_code == 200 and b'id="dropzone"' in page.data
+    return flashes(page.data)
+
+
 # ---------------------------------------------------------------- serving set-up
 
 
@@ -142,7 +151,7 @@ def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
 
 def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):
     monkeypatch.setenv("CXR_CHECKPOINT", str(tiny_checkpoint))
-    app = create_app({"RESULTS_DIR": str(tmp_path), "DEVICE": "cpu"})
+    app = create_app({"RESULTS_DIR": str(tmp_path), "DEVICE": "cpu", "INSTANCE_PATH": str(tmp_path / "instance")})
     state = app.extensions["chestxray"]
     assert state.checkpoint == str(tiny_checkpoint) and state.predictor is not None and state.error is None
     assert app.config["SECRET_KEY"] and app.config["WTF_CSRF_ENABLED"]
@@ -169,11 +178,13 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
 
     monkeypatch.setattr(waitress, "create_server", create_server)
     args = main.get_args_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--port", "5123", "--device",
-                                              "cpu", "--results-dir", str(tmp_path), "--retention", "7"])
+                                              "cpu", "--results-dir", str(tmp_path), "--retention", "7",
+                                              "--instance-dir", str(tmp_path / "instance")])
     assert main.main(args) == 0
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
-    assert served["max_body"] == 2 * 50 * 1024 * 1024  # waitress refuses far larger bodies from their headers
+    # Far above the app's limit, so every upload a person makes over the limit gets the app's own 413 answer.
+    assert served["max_body"] == main.waitress_body_limit(50 * 1024 * 1024) == 20 * 50 * 1024 * 1024
     # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
     assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
     assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5
@@ -296,23 +307,87 @@ def test_accepted_formats(client, tiny_predictor, path, fmt):
     assert probabilities(doc) == pytest.approx(tiny_predictor.predict(path).probabilities, abs=1e-6)
 
 
-def test_several_files_give_a_list_of_results(client, app):
-    files = [(io.BytesIO(p.read_bytes()), p.name) for p in (NIH_PNG, DICOM_MONO2, JPEG)]
+def test_several_files_give_a_batch_page_with_their_names(client, app):
+    names = [NIH_PNG.name, DICOM_MONO2.name, "<img src=x onerror=alert(1)>.jpg"]
+    files = [(io.BytesIO(p.read_bytes()), name) for p, name in zip((NIH_PNG, DICOM_MONO2, JPEG), names)]
     response = client.post("/predict", data={"file": files})
-    assert response.status_code == 303 and response.headers["Location"].startswith("/results?ids=")
-    ids = response.headers["Location"].split("=", 1)[1].split(",")
+    body = response.data.decode()
+    assert response.status_code == 200  # the names live in this response only
+    ids = re.findall(r'href="/results/([0-9a-f]{32})" class="result-link"', body)
     assert len(ids) == 3 and set(ids) == saved_ids(app)
-    body = client.get(response.headers["Location"]).data.decode()
-    assert [f"/results/{rid}" for rid in ids] == re.findall(r'href="(/results/[0-9a-f]{32})" class="result-link"', body)
-    assert "Image 3" in body and "DICOM" in body and "JPEG" in body
+    assert re.findall(r'<th scope="row" class="file-name"><a href="[^"]+">(.*?)</a>', body) == [
+        html.escape(name) for name in names]
+    assert "<img src=x" not in body and "DICOM" in body and "JPEG" in body
+    for path in results_dir(app).rglob("*"):  # the names are never written
+        assert not path.is_file() or not any(n.encode() in path.read_bytes() for n in (NIH_PNG.stem, "onerror"))
+    listing = client.get(f"/results?ids={','.join(ids)}").data.decode()  # the permanent link: numbers, no names
+    assert "Image 3" in listing and NIH_PNG.name not in listing
 
 
-def test_a_bad_file_among_several_is_reported_and_the_rest_analysed(client, app):
-    files = [(io.BytesIO(NIH_PNG.read_bytes()), "good.png"), (io.BytesIO(b"plain text"), "notes.txt")]
-    response = client.post("/predict", data={"file": files}, follow_redirects=True)
-    assert response.status_code == 200 and len(saved_ids(app)) == 1
-    assert flashes(response.data) == ["notes.txt: unsupported file type ('.txt'): expected PNG, JPEG or DICOM"]
-    assert b'id="heat"' in response.data
+def test_a_bad_file_among_several_is_listed_in_its_place_and_the_rest_analysed(client, app):
+    files = [(io.BytesIO(NIH_PNG.read_bytes()), "good.png"), (io.BytesIO(b"plain text"), "notes.txt"),
+             (io.BytesIO(JPEG.read_bytes()), "third.jpg")]
+    response = client.post("/predict", data={"file": files})
+    assert response.status_code == 200 and len(saved_ids(app)) == 2
+    rows = re.findall(r"<tr data-number=\"(\d)\".*?</tr>", response.data.decode(), re.S)
+    assert rows == ["1", "2", "3"]
+    assert "notes.txt</th>" in response.data.decode()
+    assert "Not analysed: unsupported file type (&#39;.txt&#39;)" in response.data.decode()
+
+
+def test_a_batch_of_failures_returns_to_the_upload_page_with_each_reason(make_app):
+    client = make_app().test_client()
+    files = [(io.BytesIO(b"text %d" % i), f"notes{i}.txt") for i in range(8)]
+    messages = back_to_upload_page(client, client.post("/predict", data={"file": files}))
+    assert [m.split(":")[0] for m in messages[:5]] == [f"notes{i}.txt" for i in range(5)]
+    assert messages[5] == "… and 3 more files could not be analysed."  # the session cookie stays small
+
+
+def batch_form(ids: list[str], names: list[str], errors: list[str] | None = None, **extra) -> dict:
+    return {"id": ids, "name": names, "error": errors or [""] * len(ids), **extra}
+
+
+def test_batch_summary_sorts_by_any_finding_and_downloads_as_csv(client, app):
+    files = [(io.BytesIO(p.read_bytes()), p.name) for p in (NIH_PNG, DICOM_MONO2, JPEG)]
+    body = client.post("/predict", data={"file": files}).data.decode()
+    ids = re.findall(r'name="id" value="([0-9a-f]*)"', body)
+    records = {rid: json.loads((results_dir(app) / rid / "result.json").read_text()) for rid in ids}
+    form = batch_form([ids[0], "", ids[2], ids[1]], [NIH_PNG.name, "bad.txt", JPEG.name, "scan.dcm"],
+                      ["", "unsupported file type", "", ""])
+    for label in ("Mass", "Hernia", "top"):
+        page = client.post("/results", data={**form, "sort": label}).data.decode()
+        shown = re.findall(r'<th scope="row" class="file-name">(?:<a href="[^"]+">)?([^<]*)', page)
+
+        def key(rid, label=label):
+            p = probabilities(records[rid])
+            return max(p.values()) if label == "top" else p[label]
+
+        expected = sorted([ids[0], ids[2], ids[1]], key=lambda rid: -key(rid))
+        by_id = {ids[0]: NIH_PNG.name, ids[2]: JPEG.name, ids[1]: "scan.dcm"}
+        assert shown == [by_id[rid] for rid in expected] + ["bad.txt"], label
+    response = client.post("/results.csv", data=form)
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert "attachment" in response.headers["Content-Disposition"] and response.headers["Cache-Control"] == "no-store"
+    table = list(csv.DictReader(io.StringIO(response.data.decode())))
+    assert [row["file"] for row in table] == [NIH_PNG.name, "bad.txt", JPEG.name, "scan.dcm"]
+    assert table[1]["error"] == "unsupported file type" and table[1]["result"] == ""
+    for row, rid in zip([table[0], table[2], table[3]], [ids[0], ids[2], ids[1]]):
+        record = records[rid]
+        assert row["result"] == f"http://localhost/results/{rid}"
+        assert row["called_findings"] == "|".join(record["positive"])
+        for label, p in probabilities(record).items():
+            assert float(row[label]) == pytest.approx(p, abs=1e-6)
+        top = ranked(record)[0]
+        assert (row["top_finding"], float(row["top_probability"])) == (top["label"], pytest.approx(top["probability"]))
+    numbered = client.get(f"/results.csv?ids={ids[0]},{ids[1]}").data.decode()
+    assert [row["file"] for row in csv.DictReader(io.StringIO(numbered))] == ["Image 1", "Image 2"]
+
+
+def test_batch_forms_name_between_one_and_max_files_results(make_app):
+    client = make_app(MAX_FILES=2).test_client()
+    assert client.post("/results", data=batch_form([], [])).status_code == 400
+    assert client.post("/results", data=batch_form(["a" * 32] * 3, ["x"] * 3)).status_code == 400
+    assert client.post("/results.csv", data=batch_form(["b" * 32], ["x"])).status_code == 404  # none exist
 
 
 # ---------------------------------------------------------------- JSON API
@@ -375,18 +450,16 @@ def test_api_rejects_bad_uploads_with_json_errors(client, app, case):
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
 def test_html_shows_the_same_errors_on_the_upload_page(client, case):
     data, name, status, message = _bad_upload(case)
-    response = client.post("/predict", data=upload(data, name))
-    assert response.status_code == status and response.mimetype == "text/html"
-    messages = flashes(response.data)
+    messages = back_to_upload_page(client, client.post("/predict", data=upload(data, name)))
     assert len(messages) == 1 and messages[0].startswith(f"{name}: ") and message in messages[0]
-    assert b'id="dropzone"' in response.data and b"Traceback" not in response.data
+    assert "Traceback" not in messages[0]
 
 
 def test_missing_file_field(client):
     response = client.post("/api/predict", data={"other": "x"})
     assert response.status_code == 400 and "'file'" in response.get_json()["error"]
     page = client.post("/predict", data={"file": (io.BytesIO(b""), "")})  # a form submitted with no file chosen
-    assert page.status_code == 400 and "No file was chosen" in flashes(page.data)[0]
+    assert "No file was chosen" in back_to_upload_page(client, page)[0]
 
 
 def test_too_large_uploads_get_413(make_app):
@@ -394,14 +467,18 @@ def test_too_large_uploads_get_413(make_app):
     api = client.post("/api/predict", data=upload(NIH_PNG))
     assert api.status_code == 413 and "too large" in api.get_json()["error"]
     page = client.post("/predict", data=upload(NIH_PNG))
-    assert page.status_code == 413 and "too large" in flashes(page.data)[0] and b'id="dropzone"' in page.data
+    assert "too large" in back_to_upload_page(client, page)[0]
+    assert b'data-max-bytes="20000"' in client.get("/").data  # the page's script checks the limit before sending
 
 
 def test_too_many_files(make_app):
     client = make_app(MAX_FILES=2).test_client()
     files = [(io.BytesIO(NIH_PNG.read_bytes()), f"{i}.png") for i in range(3)]
     response = client.post("/predict", data={"file": files})
-    assert response.status_code == 400 and "at most 2" in flashes(response.data)[0]
+    assert "at most 2" in back_to_upload_page(client, response)[0]
+    files = [(io.BytesIO(NIH_PNG.read_bytes()), f"{i}.png") for i in range(3)]
+    api = client.post("/api/predict", data={"file": files})
+    assert api.status_code == 400 and "at most 2" in api.get_json()["error"]
 
 
 # ---------------------------------------------------------------- no model loaded
@@ -413,7 +490,7 @@ def _assert_no_model_everywhere(client, reason: str) -> None:
         assert "No model is loaded" in body and reason in body
         assert TRAIN_COMMAND in body and "python main.py --checkpoint PATH" in body
     page = client.post("/predict", data=upload(NIH_PNG))
-    assert page.status_code == 503 and "No model is loaded" in flashes(page.data)[0]
+    assert "No model is loaded" in back_to_upload_page(client, page)[0]
     for response in (client.post("/api/predict", data=upload(NIH_PNG)), client.get("/api/model")):
         assert response.status_code == 503
         error = response.get_json()["error"]
@@ -503,11 +580,14 @@ def test_a_failed_save_leaves_nothing_behind(make_app, monkeypatch):
 def test_csrf_protects_the_form_but_not_the_api(make_app):
     app = make_app(WTF_CSRF_ENABLED=True)
     client = app.test_client()
-    rejected = client.post("/predict", data=upload(NIH_PNG))
-    assert rejected.status_code == 400 and "security token" in flashes(rejected.data)[0] and not saved_ids(app)
+    rejected = client.post("/predict", data={"file": [(io.BytesIO(NIH_PNG.read_bytes()), "first.png"),
+                                                      (io.BytesIO(b"x"), "second.dcm")]})
+    message = back_to_upload_page(client, rejected)[0]
+    assert "security token" in message and "Please choose the files again: first.png, second.dcm." in message
+    assert not saved_ids(app)
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").data.decode()).group(1)
     forged = client.post("/predict", data={**upload(NIH_PNG), "csrf_token": "forged"})
-    assert forged.status_code == 400 and not saved_ids(app)
+    assert forged.status_code == 303 and not saved_ids(app)
     accepted = client.post("/predict", data={**upload(NIH_PNG), "csrf_token": token})
     assert accepted.status_code == 303
     assert client.post("/api/predict", data=upload(NIH_PNG)).status_code == 200
@@ -548,9 +628,9 @@ def test_dicom_header_data_is_never_saved_or_shown(make_app, phi_dicom):
     page = client.post("/predict", data={"file": [(io.BytesIO(phi_dicom), "scan.dcm"),
                                                   (io.BytesIO(NIH_PNG.read_bytes()), "b.png")]})
     answers.append(page)
-    listing = client.get(page.headers["Location"])
-    answers.append(listing)
-    ids = page.headers["Location"].split("=", 1)[1].split(",") + [doc["id"]]
+    ids = re.findall(r'name="id" value="([0-9a-f]{32})"', page.data.decode())
+    answers.append(client.get(f"/results?ids={','.join(ids)}"))
+    ids.append(doc["id"])
     for rid in ids:
         answers += [client.get(f"/results/{rid}"), client.get(f"/api/results/{rid}"),
                     client.get(f"/results/{rid}/image.png")]
@@ -611,7 +691,7 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
               "scope", "calibrated"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
     assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
-    assert set(doc) == {*record, "image", "heatmaps", "result"} - {"source"}  # the API adds the URLs
+    assert set(doc) == {*record, "image", "heatmaps", "heatmaps_npy", "report", "result"} - {"source"}  # + URLs
     for key in shared:
         assert line[key] == record[key] == doc[key], key
-    assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"/results/{doc['id']}/image.png"
+    assert line["image"] == str(DICOM_MONO2) and doc["image"] == f"http://localhost/results/{doc['id']}/image.png"

@@ -142,6 +142,8 @@ def test_web_app_refuses_it_and_runs_without_a_model(evil, tmp_path):
     response = client.post("/api/predict", data={"file": (io.BytesIO(image.read_bytes()), image.name)})
     assert response.status_code == 503 and message in response.get_json()["error"]
     assert client.get("/api/model").status_code == 503
-    assert client.post("/predict", data={"file": (io.BytesIO(image.read_bytes()), image.name)}).status_code == 503
+    page = client.post("/predict", data={"file": (io.BytesIO(image.read_bytes()), image.name)})
+    assert page.status_code == 303 and page.headers["Location"] == "/"  # the upload page, saying why
+    assert "No model is loaded" in client.get("/").data.decode()
     assert os.listdir(tmp_path / "results") == []
     assert not marker.exists()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -32,11 +32,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(checkpoint: Path, results_dir: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Start `python main.py --checkpoint CKPT --port FREE` (waitress) in a subprocess; yield its base URL."""
-    port = free_port()
+def run_server(checkpoint: Path, results_dir: Path, timeout: float = 90.0, port: int | None = None,
+               extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """Start `python main.py --checkpoint CKPT --port PORT` (waitress; a free port by default) in a subprocess, with
+    its secret key in a folder beside `results_dir` unless `extra_args` name another; yield its base URL."""
+    port = port or free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(port),
            "--results-dir", str(results_dir), "--device", "cpu"]
+    if "--instance-dir" not in extra_args:  # keep the test's key out of the project's own instance folder
+        cmd += ["--instance-dir", str(Path(results_dir).parent / "instance")]
+    cmd += list(extra_args)
     log_path = Path(results_dir).parent / f"server-{port}.log"
     with open(log_path, "w+b") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

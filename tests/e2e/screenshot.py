@@ -6,13 +6,19 @@ Uses --checkpoint when given (the README's picture: a ResNet-18 trained on the 9
 initialised checkpoint (tests/conftest.make_checkpoint), whose numbers and heatmaps show only the layout. A random
 ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias intends; a random ResNet-50's large
 logits pin most of them at 0% or 100%, which makes a less readable picture.
-Also writes the upload page to docs/screenshot-upload.png.
+Also writes the upload page to docs/screenshot-upload.png, and into --screens-dir (docs/screens/) the desktop
+(1400 px) and phone (390 px) result pages, the batch page and page 1 of the PDF report (pdftoppm, from
+poppler-utils), with a README.md captioning each with the model that produced it.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from livesite import ROOT, conftest_module, launch_chromium, run_server
@@ -32,7 +38,60 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upload-out", default=str(ROOT / "docs" / "screenshot-upload.png"), help="PNG to write")
     parser.add_argument("--width", type=int, default=1280, help="viewport width (default: %(default)s)")
     parser.add_argument("--height", type=int, default=900, help="viewport height (default: %(default)s)")
+    parser.add_argument("--screens-dir", default=str(ROOT / "docs" / "screens"),
+                        help="folder for the desktop, phone, batch and PDF pictures and their captions "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch", nargs="+", default=[str(NIH_PNG), str(conftest.DICOM_MONO2),
+                                                       str(conftest.OTHER_CXR_DIR / "2c35005f.jpg")],
+                        help="files for the batch picture (default: the NIH PNG, a DICOM and a JPEG)")
     return parser
+
+
+def model_caption(card: dict) -> str:
+    """One sentence naming the model that made the pictures, from its model card."""
+    training = card.get("training") or {}
+    auroc = training.get("val_mean_auroc")
+    quality = f", validation mean AUROC {auroc:.2f}" if isinstance(auroc, (int, float)) else ""
+    data = training.get("data") or "training data not recorded"
+    epochs = training.get("epochs", "?")
+    return f"Made by a {card['arch']} at {card['image_size']} px ({data}, {epochs} epochs{quality})."
+
+
+def capture_screens(browser, base: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Desktop and phone result pages, the batch page and PDF page 1 into --screens-dir; returns (file, caption)."""
+    out = Path(args.screens_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    desktop = browser.new_page(viewport={"width": 1400, "height": 900})
+    desktop.goto(base + "/")
+    desktop.set_input_files("#file", args.image)
+    with desktop.expect_navigation():
+        desktop.click("#submit")
+    desktop.wait_for_load_state("networkidle")
+    result = desktop.url
+    desktop.screenshot(path=out / "result-desktop.png", full_page=True)
+    shots.append(("result-desktop.png", "The result page at 1400 px."))
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone.goto(result)
+    phone.wait_for_load_state("networkidle")
+    phone.screenshot(path=out / "result-phone.png", full_page=True)
+    shots.append(("result-phone.png", "The same result at a phone's 390 px: no sideways scrolling."))
+    desktop.goto(base + "/")
+    desktop.set_input_files("#file", args.batch)
+    with desktop.expect_navigation():
+        desktop.click("#submit")
+    desktop.wait_for_load_state("networkidle")
+    desktop.screenshot(path=out / "batch.png", full_page=True)
+    shots.append(("batch.png", f"The batch page for {len(args.batch)} files: names, summary, sorting, CSV."))
+    report = out / "report.pdf"
+    report.write_bytes(desktop.request.get(result.split("?")[0] + "/report.pdf").body())
+    pdftoppm = shutil.which("pdftoppm")
+    if pdftoppm:
+        subprocess.run([pdftoppm, "-png", "-r", "80", "-f", "1", "-l", "1", "-singlefile", str(report),
+                        str(out / "report-page1")], check=True)
+        shots.append(("report-page1.png", "Page 1 of the PDF report (`/results/<id>/report.pdf`), at 80 dpi."))
+    report.unlink()
+    return shots
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,8 +111,18 @@ def main(args: argparse.Namespace) -> int:
                 page.click("#submit")
             page.wait_for_load_state("networkidle")
             page.screenshot(path=args.out, full_page=True)
+            shots = capture_screens(browser, base, args)
+            with urllib.request.urlopen(base + "/api/model") as response:
+                caption = model_caption(json.load(response))
             browser.close()
-    print(f"wrote {args.out} and {args.upload_out}")
+    lines = ["# Screenshots", "", f"Made with `tests/e2e/screenshot.py` in headless Chromium. {caption}"]
+    if not args.checkpoint:
+        lines.append("The model is randomly initialised (a test fixture): the pictures show the layout, not results.")
+    lines.append("")
+    for name, text in shots:
+        lines += [f"![{text}]({name})", "", f"*{text} {caption}*", ""]
+    (Path(args.screens_dir) / "README.md").write_text("\n".join(lines))
+    print(f"wrote {args.out}, {args.upload_out} and {len(shots)} pictures in {args.screens_dir}")
     return 0
 
 

@@ -142,12 +142,13 @@ def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
     page.uncheck("#plain")
     assert page.locator("#heat").is_visible()
 
-    # The permalink, in a fresh browser context (no cookies, no history).
+    # The permalink, in a fresh browser context (no cookies, no history), opens the view on screen.
     permalink = base + page.get_attribute("#permalink", "href")
     other_context, other_page = open_page(browser)
     other_page.goto(permalink)
     assert shown_findings(other_page) == findings
-    other_page.wait_for_function(HEAT_LOADED, arg=current)
+    other_page.wait_for_function(HEAT_LOADED, arg=other)
+    assert other_page.input_value("#opacity") == "20"
     json_doc = other_page.request.get(base + other_page.get_attribute("#json-link", "href")).json()
     assert json_doc["id"] == rid and json_doc["labels"] == record["labels"]
 
