@@ -155,7 +155,7 @@ def test_evaluate_localization_on_real_images(boxed_data, tmp_path, monkeypatch)
     monkeypatch.setattr(Predictor, "preprocess", lambda self, image: preprocessed.append(image.shape)
                         or real_preprocess(self, image))
     results = evaluate_localization(model, meta, boxes, paths, progress=False)
-    assert sorted(preprocessed) == [(256, 256), (1024, 1024)]  # each boxed image once, through the Predictor
+    assert sorted(preprocessed) == [(128, 128), (1024, 1024)]  # each boxed image once, through the Predictor
     assert results[["image", "label"]].values.tolist() == [["00013118_008.png", "Infiltration"],
                                                            ["00014716_007.png", "Atelectasis"]]
     whole, half = results.iloc[0], results.iloc[1]

@@ -196,7 +196,7 @@ def test_torchrun_two_processes_gloo(nih_dir, tmp_path):
     # validation metrics cover the whole validation set (gathered from both ranks), not one rank's half
     meta, probs, y = validation_predictions(nih_dir, tmp_path / "best.pth")
     assert meta.labels == CHESTXRAY8_LABELS
-    assert meta.training["n_val"] == 40 == len(probs) and meta.training["world_size"] == 2
+    assert meta.training["n_val"] == 21 == len(probs) and meta.training["world_size"] == 2
     assert_auroc_matches(meta, probs, y, abs_tol=1e-5)
 
 
