@@ -7,8 +7,10 @@ chosen on that scale. scikit-learn's LogisticRegression does the fit; the result
 
 A label whose validation split lacks positives or negatives cannot be fitted and keeps sigmoid(z) (fitted False).
 The slope is kept >= 0: a negative slope would reverse the model's ranking on the strength of one small validation
-split; such a label gets an intercept-only fit (a constant equal to its validation prevalence) and, with an AUROC
-below chance, is not validated for calls anyway (evidence.py).
+split; such a label gets an intercept-only fit (its validation prevalence) with a vanishing positive slope
+(MIN_SLOPE), so the calibrated value is that prevalence to many digits while the model's ranking, and so every
+AUROC computed from calibrated probabilities, is kept. With an AUROC below chance it is not validated for calls
+anyway (evidence.py).
 """
 from __future__ import annotations
 
@@ -90,6 +92,9 @@ class Calibration:
                    str(d.get("method", "platt")))
 
 
+MIN_SLOPE = 1e-6  # the smallest Platt slope kept: strictly increasing, so calibration never ties or reverses ranks
+
+
 def fit_platt_label(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
     """One label's Platt fit on validation logits (N,) and 0/1 targets (N,) -> (slope >= 0, intercept, fitted)."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
@@ -98,10 +103,11 @@ def fit_platt_label(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, bo
         return 1.0, 0.0, False
     lr = LogisticRegression(C=PLATT_C).fit(z, y)
     slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-    if slope < 0:
-        # Intercept only: the calibrated probability is the validation prevalence, whatever the logit.
+    if slope < MIN_SLOPE:
+        # Intercept only: the calibrated probability is the validation prevalence, whatever the logit (to ~1e-6 per
+        # unit of logit), and still increasing in it, so the ranking (AUROC) stays the model's own.
         prevalence = float(y.mean())
-        slope, intercept = 0.0, math.log(prevalence / (1 - prevalence))
+        slope, intercept = MIN_SLOPE, math.log(prevalence / (1 - prevalence))
     return slope, intercept, True
 
 
