@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import NIH_IMAGES, ROOT, add_out_argument, model_args_parser, timed
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chestxray.cam import class_activation_maps, predict_with_maps  # noqa: E402
@@ -41,14 +41,12 @@ from chestxray.imaging import read_xray  # noqa: E402
 from chestxray.onnx_backend import OnnxModel, export_onnx, quantize_int8  # noqa: E402
 from chestxray.transforms import preprocess  # noqa: E402
 
-IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
+IMAGES = NIH_IMAGES
 GOALS = {"best fp32": 0.6, "int8": 0.35}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", help="model trunk (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=512, help="input size (default: %(default)s)")
+    parser = model_args_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds, one run of each variant per round "
                         "(default: %(default)s)")
     parser.add_argument("--images", default=str(IMAGES), help="folder of real X-rays: the timed image, the "
@@ -58,15 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-images", type=int, default=4, help="images for the agreement check "
                         "(default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default: try it)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.md"),
-                        help="markdown file for the figures (default: %(default)s)")
+    add_out_argument(parser, "cpu.md")
     return parser
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _torch_variant(run, meta: Meta, channels_last: bool = False):
@@ -103,6 +94,66 @@ def _agreement(step, reference, images) -> tuple[float, float]:
     return float(np.abs(p - rp).max()), corr
 
 
+class _Graph(torch.nn.Module):
+    """The model as one graph returning (logits, maps), for tracing and compiling."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, t):
+        a = self.m.features(t)
+        return self.m.head(a), class_activation_maps(self.m, a)
+
+
+def _torch_variants(model, meta: Meta, x: torch.Tensor, no_compile: bool, setup: dict, notes: list) -> dict:
+    """The PyTorch variants (eager, channels_last, jit.freeze, torch.compile); one-off costs go to setup, failures
+    to notes."""
+    variants: dict[str, object] = {
+        "PyTorch eager, predict + 14 maps": _torch_variant(lambda t: predict_with_maps(model, t), meta)}
+
+    cl_model = model_from_meta(meta).eval()
+    cl_model.load_state_dict(model.state_dict())
+    cl_model = cl_model.to(memory_format=torch.channels_last)
+    variants["PyTorch eager, channels_last"] = _torch_variant(lambda t: predict_with_maps(cl_model, t), meta, True)
+
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(_Graph(model).eval(), x)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            frozen(x), frozen(x)  # the first calls run the profiling executor's optimisations
+        setup["jit.freeze"] = time.perf_counter() - start
+        variants["torch.jit.freeze + optimize_for_inference (oneDNN)"] = _torch_variant(frozen, meta)
+    except Exception as exc:  # a benchmark reports a path that fails here rather than stopping
+        notes.append(f"jit.freeze failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+    if not no_compile:
+        start = time.perf_counter()
+        try:
+            compiled = torch.compile(_Graph(model).eval())
+            with torch.inference_mode():
+                compiled(x)
+            setup["torch.compile"] = time.perf_counter() - start
+            variants["torch.compile (inductor)"] = _torch_variant(compiled, meta)
+        except Exception as exc:
+            notes.append(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
+    return variants
+
+
+def _rows(times: dict, agreement: dict) -> list[tuple]:
+    """Per variant: (name, median s, ratio of medians, median per-round ratio, max |Δprobability|, lowest map
+    correlation)."""
+    base = statistics.median(times["baseline"])
+    rows = []
+    for name, values in times.items():
+        if name == "baseline":
+            continue
+        paired = statistics.median(v / b for v, b in zip(values, times["baseline"]))
+        rows.append((name, statistics.median(values), statistics.median(values) / base, paired, *agreement[name]))
+    return rows
+
+
 def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -120,45 +171,9 @@ def main(args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             model(x)
 
-    eager = _torch_variant(lambda t: predict_with_maps(model, t), meta)
-    variants: dict[str, object] = {"PyTorch eager, predict + 14 maps": eager}
-
-    cl_model = model_from_meta(meta).eval()
-    cl_model.load_state_dict(model.state_dict())
-    cl_model = cl_model.to(memory_format=torch.channels_last)
-    variants["PyTorch eager, channels_last"] = _torch_variant(lambda t: predict_with_maps(cl_model, t), meta, True)
-
-    class Graph(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, t):
-            a = self.m.features(t)
-            return self.m.head(a), class_activation_maps(self.m, a)
-
     setup: dict[str, float] = {}
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(Graph(model).eval(), x)
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            frozen(x), frozen(x)  # the first calls run the profiling executor's optimisations
-        setup["jit.freeze"] = time.perf_counter() - start
-        variants["torch.jit.freeze + optimize_for_inference (oneDNN)"] = _torch_variant(frozen, meta)
-    except Exception as exc:  # a benchmark reports a path that fails here rather than stopping
-        notes.append(f"jit.freeze failed: {type(exc).__name__}: {str(exc)[:200]}")
-
-    if not args.no_compile:
-        start = time.perf_counter()
-        try:
-            compiled = torch.compile(Graph(model).eval())
-            with torch.inference_mode():
-                compiled(x)
-            setup["torch.compile"] = time.perf_counter() - start
-            variants["torch.compile (inductor)"] = _torch_variant(compiled, meta)
-        except Exception as exc:
-            notes.append(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
+    variants = _torch_variants(model, meta, x, args.no_compile, setup, notes)
+    eager = variants["PyTorch eager, predict + 14 maps"]
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -180,18 +195,13 @@ def main(args: argparse.Namespace) -> dict:
         times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in variants}}
         load_before = os.getloadavg()[0]
         for _ in range(args.repeats):
-            times["baseline"].append(_time(forward))
+            times["baseline"].append(timed(forward))
             for name, step in variants.items():
-                times[name].append(_time(lambda step=step: step(image)))
+                times[name].append(timed(lambda step=step: step(image)))
         load_after = os.getloadavg()[0]
 
     base = statistics.median(times["baseline"])
-    rows = []
-    for name, values in times.items():
-        if name == "baseline":
-            continue
-        paired = statistics.median(v / b for v, b in zip(values, times["baseline"]))
-        rows.append((name, statistics.median(values), statistics.median(values) / base, paired, *agreement[name]))
+    rows = _rows(times, agreement)
     fp32_rows = [r for r in rows if "int8" not in r[0]]
     best = min(fp32_rows, key=lambda r: r[2])
     int8_row = next(r for r in rows if "int8" in r[0])

@@ -16,33 +16,23 @@ import time
 from pathlib import Path
 
 import torch
+from common import NIH_IMAGES, add_out_argument, model_args_parser, timed
 
 from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint
 from chestxray.imaging import read_xray
 from chestxray.predictor import Predictor
 
-ROOT = Path(__file__).resolve().parents[1]
-
-IMAGE = ROOT.parent / "shared" / "data" / "nih" / "images" / "00000001_000.png"
+IMAGE = NIH_IMAGES / "00000001_000.png"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", help="model trunk (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=512, help="input size (default: %(default)s)")
+    parser = model_args_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=9, 
                         help="timed runs of forward and predict (default: %(default)s)")
     parser.add_argument("--gradcam-repeats", type=int, default=3, help="timed grad-cam runs (default: %(default)s)")
     parser.add_argument("--image", default=str(IMAGE), help="X-ray to use (default: a real NIH PNG)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predict.md"),
-                        help="markdown file for the figures (default: %(default)s)")
+    add_out_argument(parser, "predict.md")
     return parser
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -75,12 +65,12 @@ def main(args: argparse.Namespace) -> dict:
     forward(), predict()  # warm-up
     fwd, pred = [], []
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
-        fwd.append(_time(forward))
-        pred.append(_time(predict))
+        fwd.append(timed(forward))
+        pred.append(timed(predict))
     grad = []
     for _ in range(args.gradcam_repeats):
-        fwd.append(_time(forward))
-        grad.append(_time(gradcam))
+        fwd.append(timed(forward))
+        grad.append(timed(gradcam))
     f, p, g = statistics.median(fwd), statistics.median(pred), statistics.median(grad)
     result = {"forward_s": f, "predict_s": p, "gradcam_s": g,
               "predict_over_forward": p / f, "gradcam_over_predict": g / p}

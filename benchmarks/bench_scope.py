@@ -191,23 +191,9 @@ def write_calibration(out: str, report: dict, labels, stamp: str) -> None:
     print("\n".join(cal))
 
 
-def main(args: argparse.Namespace) -> dict:
-    model, meta, _ = load_checkpoint(args.checkpoint)
-    report = (safe_torch_load(args.checkpoint).get("trust") or {}).get("report")  # calibration figures (fit_trust)
-    splits = training_splits(meta, args.data_dir)
-    tf, normalize = build_transform(meta), build_normalize(meta)
-    pooled, thumbs = {}, {}
-    for split in ("train", "val"):
-        loader = DataLoader(XrayDataset(splits[split], meta.labels, tf, skip_unreadable=True), batch_size=32,
-                            collate_fn=collate_batch)
-        out = collect_outputs(model, loader, "cpu", normalize)
-        pooled[split], thumbs[split] = out[1], out[4]
-    sets = {"other-cxr (real, unseen)": real_other_cxr(), "scikit-image samples": skimage_images(),
-            "pydicom test DICOMs": pydicom_images(), "generated": generated_images()}
-    feats, images, names, unreadable = {}, {}, {}, {}
-    for key, items in sets.items():
-        names[key], feats[key], images[key], unreadable[key] = features_of(model, meta, items)
-
+def score_methods(args: argparse.Namespace, pooled: dict, thumbs: dict, feats: dict, images: dict,
+                  names: dict) -> tuple[list[dict], dict]:
+    """Fit each scope method on the training split; its limit, accept rates and misjudged images per set."""
     rng = np.random.default_rng(0)
     halves = np.array_split(rng.permutation(len(pooled["val"])), 2)
     rows, failures = [], {}
@@ -221,23 +207,18 @@ def main(args: argparse.Namespace) -> dict:
         row = {"method": method, "limit": stats.limit,
                "val": (int(stats.in_scope(val_scores).sum()), len(val_scores)),
                "val_cross": float(np.mean(cross))}
-        for key in sets:
+        for key in feats:
             ok = stats.in_scope(stats.score(feats[key], images[key])) if len(feats[key]) else np.zeros(0, bool)
             row[key] = (int(ok.sum()), len(ok))
             real = key.startswith("other-cxr")
             failures[(method, key)] = [n for n, a in zip(names[key], ok) if a != real]
         rows.append(row)
+    return rows, failures
 
-    accept = {r["method"]: (r["val"][0] + r["other-cxr (real, unseen)"][0]) /
-              (r["val"][1] + r["other-cxr (real, unseen)"][1]) for r in rows}
-    reject = {}
-    for r in rows:
-        acc = sum(r[k][0] for k in sets if not k.startswith("other-cxr"))
-        tot = sum(r[k][1] for k in sets if not k.startswith("other-cxr"))
-        reject[r["method"]] = (tot - acc) / tot
-    stamp = (f"on {platform.machine()} CPU, torch {torch.__version__}, {datetime.date.today()}; checkpoint: "
-             f"{meta.arch} at {meta.image_size} px, validation mean AUROC {meta.training.get('val_mean_auroc')}, "
-             f"{len(splits['train'])} train / {len(splits['val'])} val images")
+
+def write_scope_markdown(args: argparse.Namespace, stamp: str, rows: list[dict], accept: dict, reject: dict,
+                         failures: dict, unreadable: dict) -> None:
+    """Print and write the accept/reject table and the misjudged images to args.out."""
     lines = ["## In-scope check: accept rate on real chest X-rays, reject rate on other images", "",
              f"`python benchmarks/bench_scope.py --checkpoint CKPT --data-dir {args.data_dir}` {stamp}.",
              *([f"Model trained with `{args.command}`, then `Model_Training/fit_trust.py`."] if args.command else []),
@@ -271,6 +252,38 @@ def main(args: argparse.Namespace) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def main(args: argparse.Namespace) -> dict:
+    model, meta, _ = load_checkpoint(args.checkpoint)
+    report = (safe_torch_load(args.checkpoint).get("trust") or {}).get("report")  # calibration figures (fit_trust)
+    splits = training_splits(meta, args.data_dir)
+    tf, normalize = build_transform(meta), build_normalize(meta)
+    pooled, thumbs = {}, {}
+    for split in ("train", "val"):
+        loader = DataLoader(XrayDataset(splits[split], meta.labels, tf, skip_unreadable=True), batch_size=32,
+                            collate_fn=collate_batch)
+        out = collect_outputs(model, loader, "cpu", normalize)
+        pooled[split], thumbs[split] = out[1], out[4]
+    sets = {"other-cxr (real, unseen)": real_other_cxr(), "scikit-image samples": skimage_images(),
+            "pydicom test DICOMs": pydicom_images(), "generated": generated_images()}
+    feats, images, names, unreadable = {}, {}, {}, {}
+    for key, items in sets.items():
+        names[key], feats[key], images[key], unreadable[key] = features_of(model, meta, items)
+
+    rows, failures = score_methods(args, pooled, thumbs, feats, images, names)
+
+    accept = {r["method"]: (r["val"][0] + r["other-cxr (real, unseen)"][0]) /
+              (r["val"][1] + r["other-cxr (real, unseen)"][1]) for r in rows}
+    reject = {}
+    for r in rows:
+        acc = sum(r[k][0] for k in sets if not k.startswith("other-cxr"))
+        tot = sum(r[k][1] for k in sets if not k.startswith("other-cxr"))
+        reject[r["method"]] = (tot - acc) / tot
+    stamp = (f"on {platform.machine()} CPU, torch {torch.__version__}, {datetime.date.today()}; checkpoint: "
+             f"{meta.arch} at {meta.image_size} px, validation mean AUROC {meta.training.get('val_mean_auroc')}, "
+             f"{len(splits['train'])} train / {len(splits['val'])} val images")
+    write_scope_markdown(args, stamp, rows, accept, reject, failures, unreadable)
 
     if report:
         write_calibration(args.calibration_out, report, meta.labels, stamp)

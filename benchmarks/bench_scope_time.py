@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import NIH_IMAGES, add_out_argument, model_args_parser, timed
 
 from chestxray.calibration import Calibration
 from chestxray.checkpoint import model_from_meta
@@ -25,17 +25,13 @@ from chestxray.predictor import Predictor
 from chestxray.scope import IMAGE_STATS, fit_scope
 from chestxray.trust import Trust
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = ROOT.parent / "shared" / "data" / "nih" / "images" / "00000001_000.png"
+IMAGE = NIH_IMAGES / "00000001_000.png"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", help="model trunk (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=512, help="input size (default: %(default)s)")
+    parser = model_args_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=9, help="timed calls of each (default: %(default)s)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scope_time.md"),
-                        help="markdown file for the figures (default: %(default)s)")
+    add_out_argument(parser, "scope_time.md")
     return parser
 
 
@@ -56,9 +52,7 @@ def main(args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {"plain": [], "trusted": []}
     for _ in range(args.repeats):
         for name, p in (("plain", plain), ("trusted", trusted)):
-            start = time.perf_counter()
-            p.predict(image)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(lambda p=p: p.predict(image)))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["trusted"] / med["plain"]
     lines = ["## predict with the in-scope check and calibration vs without", "",

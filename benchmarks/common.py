@@ -1,13 +1,47 @@
-"""What the benchmarks share with the tests: tests/e2e/livesite.py (run/stop a server) and tests/conftest.py (data
-paths, make_checkpoint). tests/ is not an installed package, so they are loaded by path, not via sys.path."""
+"""What the benchmarks share: a timer, the model arguments and the NIH sample's location, and from the tests
+tests/e2e/livesite.py (run/stop a server) and tests/conftest.py (data paths, make_checkpoint). tests/ is not an
+installed package, so those two are loaded by path, not via sys.path, and only when first asked for."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NIH_IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
 
-_spec = importlib.util.spec_from_file_location("livesite", ROOT / "tests" / "e2e" / "livesite.py")
-livesite = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(livesite)
-conftest = livesite.conftest_module()
+
+def timed(fn) -> float:
+    """Seconds one call of fn() takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_args_parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the model options every CPU benchmark takes: --arch and --image-size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50", help="model trunk (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=512, help="input size (default: %(default)s)")
+    return parser
+
+
+def add_out_argument(parser: argparse.ArgumentParser, filename: str) -> None:
+    """--out: the markdown file for the figures, by default benchmarks/results/<filename>."""
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / filename),
+                        help="markdown file for the figures (default: %(default)s)")
+
+
+def __getattr__(name: str):
+    """livesite and conftest, loaded on first use so that the other benchmarks do not import the tests' helpers."""
+    if name == "livesite":
+        spec = importlib.util.spec_from_file_location("livesite", ROOT / "tests" / "e2e" / "livesite.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif name == "conftest":
+        module = __getattr__("livesite").conftest_module()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = module
+    return module
