@@ -56,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--image-dir", default=str(NIH_DIR / "images"), help="folder of NIH PNGs (default: %(default)s)")
     add("--arch", default="resnet18", help="checkpoint architecture (default: %(default)s)")
     add("--image-size", type=int, default=224, help="checkpoint input size (default: %(default)s)")
+    add("--backend", choices=("torch", "onnx"), default="torch", help="the server's --backend; onnx exports the "
+        "checkpoint beside itself first (default: %(default)s)")
     add("--retention", type=int, default=50, help="the server's --retention (default: %(default)s)")
     add("--threads", type=int, default=10, help="the server's waitress --threads; THREADS - MAX_ANALYSES - 1 "
         "requests may wait for an analysis slot, so keep it above --clients (default: %(default)s)")
@@ -137,7 +139,7 @@ def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
            "--threads", str(args.threads), "--max-analyses", str(args.max_analyses), "--device", "cpu",
-           "--min-age", "0"]  # results are pruned to the retention at once, as the folder check expects
+           "--min-age", "0", "--backend", args.backend]  # --min-age 0: pruned to the retention at once
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
@@ -210,6 +212,12 @@ def run_load(args: argparse.Namespace, bodies: list[bytes]) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "model.pth", arch=args.arch, image_size=args.image_size)
+        if args.backend == "onnx":  # the server's onnx backend reads the export beside the checkpoint
+            from chestxray.checkpoint import load_checkpoint
+            from chestxray.onnx_backend import export_onnx
+
+            model, meta, train = load_checkpoint(checkpoint)
+            export_onnx(model, meta, checkpoint.with_suffix(".onnx"), train)
         results, log_path = tmp / "results", tmp / "server.log"
         proc, port = start_server(args, checkpoint, results, log_path)
         try:
@@ -369,7 +377,8 @@ def main(args: argparse.Namespace) -> int:
 Command: `{command.strip()}`
 
 Server: `python main.py --port <free> --retention {args.retention} --threads {args.threads} --device cpu` on
-127.0.0.1 with a random-weight {args.arch} checkpoint at {args.image_size} px; {os.cpu_count()} CPUs
+127.0.0.1 with a random-weight {args.arch} checkpoint at {args.image_size} px (backend {args.backend});
+{os.cpu_count()} CPUs
 ({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}.
 Clients: {args.clients} threads posting {args.images} real NIH PNGs (1024 px, `{paths[0].name}` …
 `{paths[-1].name}`) in turn to `POST /api/predict`, each request on a new connection.
