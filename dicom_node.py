@@ -458,6 +458,7 @@ def analyser(predictor, store) -> Callable[[bytes], Analysis]:
 
     predictor: a chestxray Predictor; store: a chestxray.results.ResultStore (save returns the record with its "id").
     In scope: a radiograph SOP class (CR, DX, SC) and, where the prediction has it, the in-scope check's verdict.
+    The check refuses only when it says False: in_scope None (a checkpoint without scope statistics) is no verdict.
     """
     name = model_name(predictor)
 
@@ -468,7 +469,7 @@ def analyser(predictor, store) -> Callable[[bytes], Analysis]:
         # results first, never the web uploads' (chestxray.results counts retention per source).
         record = store.save(prediction, source=RESULT_SOURCE)
         in_scope = str(header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
-            bool(getattr(prediction, "in_scope", True))
+            getattr(prediction, "in_scope", None) is not False
         return Analysis(result_id=record["id"], in_scope=in_scope,
                         content=ReportContent.from_prediction(prediction, model_name=name))
 

@@ -657,3 +657,20 @@ def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoin
     assert not leaked(output) and not [leaked(p) for p in pages if leaked(p)]
     files = [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
     assert files and not [p for p in files if leaked(p.read_bytes())]
+
+
+@pytest.mark.parametrize("verdict, expected", [(None, True), (True, True), (False, False)])
+def test_the_analyser_refuses_a_radiograph_only_when_the_in_scope_check_says_so(tiny_predictor, tmp_path, verdict,
+                                                                                 expected):
+    """in_scope None (a checkpoint without scope statistics) is no verdict: a DX radiograph stays in scope."""
+    from types import SimpleNamespace
+
+    from dicom_node import analyser
+
+    radiograph(tmp_path / "dx.dcm")
+    real = tiny_predictor.predict((tmp_path / "dx.dcm").read_bytes())
+    prediction = SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
+    prediction.in_scope = verdict
+    predictor = SimpleNamespace(predict=lambda data: prediction, meta=getattr(tiny_predictor, "meta", None))
+    store = SimpleNamespace(save=lambda pred, source: {"id": "r1"})
+    assert analyser(predictor, store)((tmp_path / "dx.dcm").read_bytes()).in_scope is expected

@@ -17,12 +17,18 @@ VALIDATED = "Effusion"  # the one label the evidence validates
 
 
 def make_trusted_checkpoint(path: Path, tiny_checkpoint: Path, nih_dir: Path) -> Path:
-    """The tiny checkpoint with a trust entry: scope (mahalanobis+image) fitted on 80 real 64 px NIH images (limit:
+    """The tiny checkpoint with a trust entry: scope (mahalanobis+image) fitted on 80 real small NIH images (limit:
     the largest score of 40 others), Platt calibration, evidence that validates only Effusion, thresholds 0 (so
-    every probability reaches its threshold and only the rules can withhold a call)."""
+    every probability reaches its threshold and only the rules can withhold a call).
+
+    The 120 images are the 64 and 128 px copies (the transform resizes both to the checkpoint's 64 px): the bundled
+    sample holds only 60 at 64 px, too few for 80 + 40. The full-size images/ are left out, so the tests' held-out
+    image is never among them."""
     model, meta, _ = load_checkpoint(tiny_checkpoint)
     index = load_index(nih_dir, allow_missing=True)
-    small = index[index["path"].astype(str).str.contains("images_64")].iloc[:120].reset_index(drop=True)
+    small = index[index["path"].astype(str).str.contains(r"[/\\]images_(?:64|128)[/\\]")]
+    small = small.sort_values("path", kind="stable").iloc[:120].reset_index(drop=True)
+    assert len(small) == 120, f"{nih_dir} has only {len(small)} images at 64/128 px; the trusted checkpoint needs 120"
     loader = torch.utils.data.DataLoader(XrayDataset(small, meta.labels, build_transform(meta)), batch_size=40,
                                          collate_fn=collate_batch)
     logits, pooled, y, _, thumbs = collect_outputs(model, loader, "cpu", build_normalize(meta))
