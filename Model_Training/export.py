@@ -85,9 +85,22 @@ def calibration_paths(folder: Path, meta: Meta, limit: int, seed: int) -> tuple[
     """Up to `limit` image paths to calibrate on and a description; an NIH data folder gives its training split."""
     if not folder.is_dir():
         raise UsageError(f"--calibration-dir {folder} is not a folder")
-    try:
-        find_data_entry(folder)
-    except DataError:
+    index = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # split notices and the bundled-metadata notice are training's business
+        try:
+            labels_csv = find_data_entry(folder)
+        except DataError:
+            labels_csv = None
+        if labels_csv is not None:
+            try:
+                index = load_index(folder, allow_missing=True)
+            except DataError:
+                # Its own label file must index. The bundled NIH metadata stands in for any folder, so a folder
+                # holding none of the images it lists is a plain image folder (every image found is used).
+                if labels_csv.parent == folder:
+                    raise
+    if index is None:
         found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise UsageError(f"no PNG, JPEG or DICOM files in {folder} to calibrate on") from None
@@ -97,7 +110,6 @@ def calibration_paths(folder: Path, meta: Meta, limit: int, seed: int) -> tuple[
     split = dict(meta.training.get("split") or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # split notices (no test list...) are training's business
-        index = load_index(folder, allow_missing=True)
         splits = make_splits(index, folder, val_fraction=float(split.get("val_fraction", 0.1)),
                              seed=int(split.get("seed", 0)))
     train = subsample(splits["train"], limit, seed)

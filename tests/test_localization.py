@@ -151,9 +151,13 @@ def test_evaluate_localization_on_real_images(boxed_data, tmp_path, monkeypatch)
     labels = ("Atelectasis", "Infiltration", "Mass")
     model, meta, _ = load_checkpoint(make_checkpoint(tmp_path / "ckpt.pth", labels=labels))
     preprocessed = []
-    real_preprocess = Predictor.preprocess
-    monkeypatch.setattr(Predictor, "preprocess", lambda self, image: preprocessed.append(image.shape)
-                        or real_preprocess(self, image))
+    real_predict_batch = Predictor.predict_batch  # predict is a batch of one; it preprocesses there (transform)
+
+    def spy(self, images, *args, **kwargs):
+        preprocessed.extend(image.shape for image in images)
+        return real_predict_batch(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_batch", spy)
     results = evaluate_localization(model, meta, boxes, paths, progress=False)
     assert sorted(preprocessed) == [(128, 128), (1024, 1024)]  # each boxed image once, through the Predictor
     assert results[["image", "label"]].values.tolist() == [["00013118_008.png", "Infiltration"],
