@@ -81,7 +81,9 @@ def test_called_findings_are_listed_first(record, prediction):
 
 
 def test_one_page_per_result_on_letter_paper(tmp_path, record, prediction):
-    unpositive = [{**row, "positive": False} for row in record["labels"]]
+    # the second record calls nothing: no row is positive, and its `call` says so (unvalidated rows keep theirs)
+    unpositive = [{**row, "positive": False, "call": "negative" if row["call"] == "positive" else row["call"]}
+                  for row in record["labels"]]
     other = {**record, "id": "f" * 32, "positive": [], "labels": unpositive}
     pages = [ReportPage.from_record(record, prediction.image, prediction.heatmaps, label=names(record)[0]),
              ReportPage.from_record(other, prediction.image, prediction.heatmaps, label=names(record)[1],
@@ -93,7 +95,12 @@ def test_one_page_per_result_on_letter_paper(tmp_path, record, prediction):
     assert [float(p.mediabox.width) for p in reader.pages] == pytest.approx([612, 612], abs=1)
     assert RESULT_ID in page_text(reader, 0) and "f" * 32 not in page_text(reader, 0)
     assert "f" * 32 in page_text(reader, 1) and "one scale for all labels" in page_text(reader, 1)
-    assert page_text(reader, 1).count("% negative") == len(record["labels"])  # the second record calls nothing
+    for index, shown in enumerate([record, other]):  # each row prints its record's call after the threshold
+        text = page_text(reader, index)
+        for call in ("positive", "negative", "not validated", "out of scope"):
+            assert text.count(f"% {call}") == sum(row["call"] == call for row in shown["labels"]), (index, call)
+    assert "% positive" not in page_text(reader, 1)
+    assert page_text(reader, 1).count("% ") >= 2 * len(record["labels"])  # probability and threshold per row
 
 
 def pictures(reader: PdfReader) -> list[np.ndarray]:
