@@ -36,6 +36,7 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
+from chestxray.evidence import format_call, format_scope
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
 from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
@@ -43,7 +44,7 @@ from chestxray.results import ResultNotFound, ResultStore, default_label, label_
 from predictions import TRAIN_COMMAND
 
 if TYPE_CHECKING:
-    from main import ModelState
+    from webmodel import ModelState
 
 POINT_COMMAND = "python main.py --checkpoint PATH"
 RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
@@ -121,6 +122,25 @@ def no_model_message(reason: str) -> str:
 def model_state() -> ModelState:
     """The ModelState built at start-up (app.extensions["chestxray"])."""
     return current_app.extensions["chestxray"]
+
+
+@bp.app_context_processor
+def model_context() -> dict:
+    """What every template (base.html's model card and no-model banner) knows of the loaded model."""
+    state = model_state()
+    return {
+        "model": state.predictor.model_card() if state.predictor else None,
+        "model_error": state.error,  # the loader's message; base.html adds the commands
+        "train_command": TRAIN_COMMAND,
+        "point_command": POINT_COMMAND,
+        "checkpoint": state.checkpoint,
+    }
+
+
+bp.add_app_template_filter(lambda label: label.replace("_", " "), "label_name")
+bp.add_app_template_filter(lambda p: f"{100 * p:.1f}%", "percent")
+bp.add_app_template_global(format_call, "format_call")  # probability/threshold texts that agree with the call
+bp.add_app_template_global(format_scope, "format_scope")
 
 
 def result_store() -> ResultStore:

@@ -1,11 +1,17 @@
 """The DICOM worklist page (/worklist): images the DICOM node received, newest first or by highest probability.
 
-A small Blueprint of its own; main.py registers it and hangs the running node on app.extensions["dicom_node"].
+A small Blueprint of its own; main.py registers it, and `start_node` starts the DICOM node the --dicom-* flags ask
+for and hangs it on app.extensions["dicom_node"].
 The worklist holds no patient data: result id, received time, modality, scope, calls, top probability, send status.
 """
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template, request, url_for
+import argparse
+
+from flask import Blueprint, Flask, current_app, render_template, request, url_for
+
+import dicom_node
+from views import no_model_message
 
 bp = Blueprint("worklist", __name__)
 
@@ -28,3 +34,18 @@ def worklist():
              "problem": e.send_status.startswith(("failed", "retrying")) or e.result_id is None}
             for e in entries]
     return render_template("worklist.html", rows=rows, sort=sort, sorts=SORTS, node=node)
+
+
+def start_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | None:
+    """Start the DICOM node the --dicom-* flags ask for, sharing the app's model and results store; None without.
+
+    Raises ValueError for bad flags or a missing model, OSError when the port cannot be bound.
+    """
+    if args.dicom_port is None:
+        return None
+    state = app.extensions["chestxray"]
+    if state.predictor is None:
+        raise ValueError("the DICOM node needs a loaded model: " + no_model_message(state.error))
+    node = dicom_node.node_from_args(args, dicom_node.analyser(state.predictor, app.extensions["chestxray.results"]))
+    app.extensions["dicom_node"] = node.start()  # logs "DICOM node <AET> listening on <host>:<port>"
+    return node

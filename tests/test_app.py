@@ -22,6 +22,8 @@ from PIL import Image
 
 import main
 import predictions
+import webhttp
+import webmodel
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError, load_checkpoint
@@ -144,9 +146,9 @@ def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
     args = main.get_args_parser().parse_args([])
     assert (args.host, args.port, args.retention, args.checkpoint, args.no_demo) == ("127.0.0.1", 5000, 200, None,
                                                                                      False)
-    assert main.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
+    assert webmodel.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
     monkeypatch.setenv("CXR_CHECKPOINT", str(tmp_path / "env.pth"))
-    assert main.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
+    assert webmodel.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
 
 
 def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):
@@ -184,7 +186,7 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert "Serving the chest X-ray app on http://127.0.0.1:5123/" in capsys.readouterr().out
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
     # Far above the app's limit, so every upload a person makes over the limit gets the app's own 413 answer.
-    assert served["max_body"] == main.waitress_body_limit(50 * 1024 * 1024) == 20 * 50 * 1024 * 1024
+    assert served["max_body"] == webhttp.waitress_body_limit(50 * 1024 * 1024) == 20 * 50 * 1024 * 1024
     # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
     assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
     assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5

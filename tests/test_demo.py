@@ -77,46 +77,46 @@ def serve_args(*argv: str):
 @pytest.fixture()
 def no_default(tmp_path, monkeypatch):
     """No $CXR_CHECKPOINT and no default checkpoint file; building the demo returns `built` and is recorded."""
-    import main
+    import webmodel
 
     monkeypatch.delenv("CXR_CHECKPOINT", raising=False)
-    monkeypatch.setattr(main, "default_checkpoint", lambda: str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(webmodel, "default_checkpoint", lambda: str(tmp_path / "absent.pth"))
     calls = []
     monkeypatch.setattr(demo, "build_demo_model", lambda path=demo.DEMO_CHECKPOINT, **kw: calls.append(path) or path)
     return tmp_path / "absent.pth", calls
 
 
 def test_without_any_checkpoint_the_demo_is_served(no_default):
-    import main
+    import webmodel
 
     default, calls = no_default
-    assert main.choose_checkpoint(serve_args()) == str(demo.DEMO_CHECKPOINT) and calls == [demo.DEMO_CHECKPOINT]
+    assert webmodel.choose_checkpoint(serve_args()) == str(demo.DEMO_CHECKPOINT) and calls == [demo.DEMO_CHECKPOINT]
 
 
 @pytest.mark.parametrize("how", ["flag", "environment", "default file"])
 def test_a_real_checkpoint_always_wins(no_default, monkeypatch, tmp_path, how):
-    import main
+    import webmodel
 
     default, calls = no_default
     real = tmp_path / "real.pth"
     if how == "flag":
-        chosen = main.choose_checkpoint(serve_args("--checkpoint", str(real)))
+        chosen = webmodel.choose_checkpoint(serve_args("--checkpoint", str(real)))
     elif how == "environment":
         monkeypatch.setenv("CXR_CHECKPOINT", str(real))
-        monkeypatch.setattr(main, "default_checkpoint", lambda: str(real))
-        chosen = main.choose_checkpoint(serve_args())
+        monkeypatch.setattr(webmodel, "default_checkpoint", lambda: str(real))
+        chosen = webmodel.choose_checkpoint(serve_args())
     else:
         default.write_bytes(b"x")  # present, even if broken: the app then says why it cannot load it
         real = default
-        chosen = main.choose_checkpoint(serve_args())
+        chosen = webmodel.choose_checkpoint(serve_args())
     assert chosen == str(real) and calls == []
 
 
 def test_no_demo_keeps_the_no_model_mode(no_default):
-    import main
+    import webmodel
 
     default, calls = no_default
-    assert main.choose_checkpoint(serve_args("--no-demo")) == str(default) and calls == []
+    assert webmodel.choose_checkpoint(serve_args("--no-demo")) == str(default) and calls == []
 
 
 def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path):

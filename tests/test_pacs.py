@@ -533,11 +533,12 @@ def leaked(blob: str | bytes) -> list[str]:
 def web(tiny_checkpoint, tmp_path):
     """The web app with a DICOM node started as main.py starts it (flags parsed by main's parser)."""
     import main
+    import worklist
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
     args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET])
-    node = main.start_dicom_node(app, args)
+    node = worklist.start_node(app, args)
     try:
         yield app, node
     finally:
@@ -588,6 +589,7 @@ def test_a_received_image_is_saved_like_an_upload_and_listed_on_the_worklist(web
 
 def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
     import main
+    import worklist
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})

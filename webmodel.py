@@ -1,0 +1,65 @@
+"""Which model the web app serves, built once at start-up.
+
+`choose_checkpoint` picks the file: --checkpoint, else $CXR_CHECKPOINT, else chestxray_model_resnet50.pth in the
+project root, else the demo model trained once on the bundled sample (Model_Training/demo.py). `load_model` builds
+the Predictor from it, or records why it cannot; main.create_app keeps the result in app.extensions["chestxray"].
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from chestxray.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("chestxray.web")
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What app.extensions["chestxray"] holds: the Predictor built at start-up, or why there is none."""
+
+    predictor: Predictor | None
+    checkpoint: str
+    error: str | None = None  # the loader's message when no model is loaded
+
+
+def default_checkpoint() -> str:
+    """$CXR_CHECKPOINT, else chestxray_model_resnet50.pth in the project root."""
+    return os.environ.get("CXR_CHECKPOINT") or str(ROOT / DEFAULT_CHECKPOINT)
+
+
+def load_model(checkpoint: str, device: str = "auto", backend: str = "torch") -> ModelState:
+    """Build the Predictor once; a missing or broken checkpoint gives a state with no predictor and its error."""
+    try:
+        return ModelState(Predictor.from_checkpoint(checkpoint, device=device, backend=backend), checkpoint)
+    except (CheckpointError, RuntimeError) as exc:
+        return ModelState(None, checkpoint, str(exc))
+
+
+def choose_checkpoint(args: argparse.Namespace) -> str:
+    """--checkpoint, else $CXR_CHECKPOINT, else the default file if it exists; else the demo model (built once).
+
+    A checkpoint the user names always wins, even a broken one (the app then says why it cannot load it). The demo
+    model is used only when nothing is named or found and --no-demo is not given; if it cannot be built, the app
+    starts without a model.
+    """
+    if args.checkpoint:
+        return args.checkpoint
+    default = default_checkpoint()
+    if args.no_demo or os.environ.get("CXR_CHECKPOINT") or Path(default).exists():
+        return default
+    from Model_Training.demo import DEMO_CHECKPOINT, DemoError, build_demo_model
+
+    print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
+          f"{DEMO_CHECKPOINT} (the first start trains it, 1-3 minutes on a CPU). Its answers are meaningless; "
+          "pass --no-demo to start without a model.", flush=True)
+    try:
+        return str(build_demo_model(DEMO_CHECKPOINT))
+    except DemoError as exc:
+        log.warning("the demo model could not be built: %s", exc)
+        return default
