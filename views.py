@@ -1,8 +1,9 @@
 """The web app's routes, as one Blueprint: thin views over chestxray.predictor and chestxray.results.
 
 Every view reads the Predictor and the ResultStore that create_app hung on app.extensions; core errors map to
-HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, ResultNotFound -> 404, no model -> 503, every
-analysis slot busy -> 503 with Retry-After, a full results disk -> 507, a cross-origin API request -> 403).
+HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, no model -> 503, every analysis slot busy -> 503 with
+Retry-After, a full results disk -> 507, a cross-origin API request -> 403), except ResultNotFound (a malformed,
+unknown, expired or deleted result id), which any view may let through: webhttp answers it 404.
 """
 from __future__ import annotations
 
@@ -158,10 +159,7 @@ def require_predictor() -> Predictor:
 
 def load_result(rid: str) -> dict:
     """A saved result's record; 404 for a malformed, unknown or expired id."""
-    try:
-        return result_store().load(rid)
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    return result_store().load(rid)
 
 
 def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
@@ -432,10 +430,7 @@ def result(rid: str):
     record = load_result(rid)
     view = view_from_args(record)
     rows = ranked(record)
-    try:
-        maps = np.load(result_store().heatmaps_path(rid))
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    maps = np.load(result_store().heatmaps_path(rid))
     return render_template(
         "result.html", r=record, rows=rows, label=view.label, view=view, descriptions=heat_descriptions(record, maps),
         top_call=next((row for row in rows if row["positive"]), None),
@@ -446,38 +441,24 @@ def result(rid: str):
 
 @bp.post("/results/<rid>/delete")
 def delete_result(rid: str):
-    try:
-        result_store().delete(rid)
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    result_store().delete(rid)
     flash("The result was deleted: its image, heatmaps and findings are gone from this server.", "info")
     return redirect(url_for("views.index"), 303)
 
 
 @bp.get("/results/<rid>/image.png")
 def result_image(rid: str):
-    try:
-        return send_file(result_store().image_path(rid), mimetype="image/png")
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    return send_file(result_store().image_path(rid), mimetype="image/png")
 
 
 @bp.get("/results/<rid>/heatmap/<label>.png")
 def heatmap(rid: str, label: str):
-    try:
-        return send_file(result_store().heatmap_path(rid, label, request.args.get("scale", "own")),
-                         mimetype="image/png")
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    return send_file(result_store().heatmap_path(rid, label, request.args.get("scale", "own")), mimetype="image/png")
 
 
 @bp.get("/results/<rid>/heatmaps.npy")
 def heatmaps_npy(rid: str):
-    try:
-        path = result_store().heatmaps_path(rid)
-    except ResultNotFound as exc:
-        abort(404, str(exc))
-    return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+    return send_file(result_store().heatmaps_path(rid), mimetype="application/octet-stream", as_attachment=True,
                      download_name=f"heatmaps-{rid}.npy")
 
 
@@ -485,11 +466,8 @@ def report_page(rid: str, view: View | None = None) -> ReportPage:
     """The PDF report page of a saved result in the given view (default: the result's default view)."""
     record = load_result(rid)
     view = view or View(default_label(record), 60, False, DEFAULT_SCALE)
-    try:
-        image = np.asarray(Image.open(result_store().image_path(rid)).convert("L"))
-        maps = np.load(result_store().heatmaps_path(rid))
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    image = np.asarray(Image.open(result_store().image_path(rid)).convert("L"))
+    maps = np.load(result_store().heatmaps_path(rid))
     return ReportPage.from_record(record, image, maps, label=None if view.plain else view.label, scale=view.scale)
 
 
@@ -534,10 +512,7 @@ def api_result(rid: str):
 
 @bp.delete("/api/results/<rid>")
 def api_delete_result(rid: str):
-    try:
-        result_store().delete(rid)
-    except ResultNotFound as exc:
-        abort(404, str(exc))
+    result_store().delete(rid)
     return jsonify(deleted=rid)
 
 

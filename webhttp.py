@@ -13,8 +13,9 @@ import re
 from flask import Flask, flash, jsonify, redirect, render_template, request, url_for
 from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
 
+from chestxray.results import ResultNotFound
 from views import shown_name
 
 # Part headers a multipart parser reads (Content-Disposition, Content-Type), to repair names that are not UTF-8.
@@ -119,6 +120,10 @@ def _register_errors(app: Flask) -> None:
         if getattr(exc, "retry_after", None) is not None:  # views.Busy: when to try again
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
+
+    @app.errorhandler(ResultNotFound)
+    def result_not_found(exc: ResultNotFound):  # a malformed, unknown, expired or deleted result id, from any view
+        return http_error(NotFound(str(exc)))
 
     @app.errorhandler(InternalServerError)
     def server_error(exc: InternalServerError):

@@ -23,9 +23,11 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
+from .fileio import check_record
 from .metrics import calibration as reliability
 
 CALIBRATION_FORMAT = 1
+REFIT = "fit it again with Model_Training/fit_trust.py"
 # L2 strength of the Platt fit (scikit-learn's default C): keeps the slope finite when a label's few validation
 # positives are perfectly separated, where an unpenalised fit diverges.
 PLATT_C = 1.0
@@ -81,13 +83,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: Mapping) -> Calibration:
         """Rebuild from to_dict() output. Raises CalibrationError naming what is wrong."""
-        if not isinstance(d, Mapping):
-            raise CalibrationError(f"calibration must be a dict, got {type(d).__name__}")
-        if d.get("format") != CALIBRATION_FORMAT:
-            raise CalibrationError(f"calibration format {d.get('format')!r}; this version reads {CALIBRATION_FORMAT}")
-        missing = [k for k in ("labels", "slope", "intercept", "fitted") if k not in d]
-        if missing:
-            raise CalibrationError(f"calibration lacks {missing}; fit it again with Model_Training/fit_trust.py")
+        check_record(d, "calibration", CALIBRATION_FORMAT, ("labels", "slope", "intercept", "fitted"),
+                     CalibrationError, REFIT)
         return cls(tuple(d["labels"]), tuple(d["slope"]), tuple(d["intercept"]), tuple(d["fitted"]),
                    str(d.get("method", "platt")))
 

@@ -1,4 +1,5 @@
-"""Small file helpers used across the project: atomic writes and strict JSON (NaN/inf -> null).
+"""Small file helpers used across the project: atomic writes, strict JSON (NaN/inf -> null), and the check of a
+versioned plain-data record read back from a checkpoint or a JSON file.
 
 Written by hand because they are a few lines each; every module that writes a file a crash must not leave half
 written (checkpoints, training state, history, the image cache, saved results) goes through `atomic_write`.
@@ -9,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,3 +87,19 @@ def dumps_json(obj: Any, **kwargs: Any) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write strict, indented JSON atomically."""
     return atomic_write(path, dumps_json(obj, indent=2) + "\n")
+
+
+def check_record(record: Any, what: str, version: int, keys: Iterable[str], error: type[Exception],
+                 refit: str = "") -> None:
+    """Check a record written by a to_dict(): a mapping whose "format" is `version` and that holds every key.
+
+    Raises `error` naming what is wrong ("the calibration record lacks ['slope']"), followed by `refit`, the way to
+    write it again, where a key is missing.
+    """
+    if not isinstance(record, Mapping):
+        raise error(f"the {what} record must be a dict, got {type(record).__name__}")
+    if record.get("format") != version:
+        raise error(f"the {what} record has format {record.get('format')!r}; this version reads {version}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise error(f"the {what} record lacks {missing}" + (f"; {refit}" if refit else ""))

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from .fileio import check_record
+
 SCOPE_FORMAT = 1
+REFIT = "fit them again with Model_Training/fit_trust.py"
 DEFAULT_PERCENTILE = 99.0
 # "mahalanobis": the distance on the pooled features as they are (Lee et al. 2018).
 # "mahalanobis-l2": the features are first divided by their L2 norm, so the distance measures the pattern of
@@ -141,7 +144,7 @@ class ScopeStats:
             object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
             if self.image_mean.shape != (IMAGE_STATS,) or self.image_precision.shape != (IMAGE_STATS, IMAGE_STATS):
                 raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
-                                 f"computes {IMAGE_STATS}: refit with Model_Training/fit_trust.py")
+                                 f"computes {IMAGE_STATS}: {REFIT}")
             if not (self.feature_scale > 0 and self.image_scale > 0):
                 raise ScopeError("scope part scales must be positive")
 
@@ -207,13 +210,8 @@ class ScopeStats:
     @classmethod
     def from_dict(cls, d: Mapping) -> ScopeStats:
         """Rebuild from to_dict() output. Raises ScopeError naming a missing key or a bad value."""
-        if not isinstance(d, Mapping):
-            raise ScopeError(f"scope statistics must be a dict, got {type(d).__name__}")
-        if d.get("format") != SCOPE_FORMAT:
-            raise ScopeError(f"scope statistics format {d.get('format')!r}; this version reads {SCOPE_FORMAT}")
-        missing = [k for k in ("method", "mean", "precision", "limit") if k not in d]
-        if missing:
-            raise ScopeError(f"scope statistics lack {missing}; fit them again with Model_Training/fit_trust.py")
+        check_record(d, "scope statistics", SCOPE_FORMAT, ("method", "mean", "precision", "limit"), ScopeError,
+                     REFIT)
         if not isinstance(d["mean"], torch.Tensor) or not isinstance(d["precision"], torch.Tensor):
             raise ScopeError("scope mean and precision must be tensors")
         return cls(str(d["method"]), d["mean"], d["precision"], float(d["limit"]),

@@ -123,6 +123,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 
+@pytest.fixture
+def make_app(tiny_checkpoint, tmp_path):
+    """make_app(**config) -> the web app on the tiny checkpoint, results in tmp_path, CSRF off; config overrides."""
+    from main import create_app
+
+    def make(**config):
+        base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
+                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
+        return create_app({**base, **config})
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_checkpoint):
     from predictions import Predictor

@@ -41,16 +41,6 @@ UPLOAD_NAME = "upload-name-QWERTY"  # a user-supplied file name that must never 
 
 
 @pytest.fixture
-def make_app(tiny_checkpoint, tmp_path):
-    def make(**config) -> Flask:
-        base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
-                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
-        return create_app({**base, **config})
-
-    return make
-
-
-@pytest.fixture
 def app(make_app) -> Flask:
     return make_app()
 

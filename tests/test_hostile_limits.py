@@ -22,19 +22,8 @@ from hostile import CORPUS, blank_png, png_bytes
 from PIL import Image
 
 from chestxray.results import RESULT_ID
-from main import create_app
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]
-
-
-@pytest.fixture
-def make_app(tiny_checkpoint, tmp_path):
-    def make(**config) -> Flask:
-        base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
-                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
-        return create_app({**base, **config})
-
-    return make
 
 
 def upload(data: bytes = b"", name: str = "x.png") -> dict:

@@ -34,7 +34,6 @@ from hostile import CORPUS, Case, png_bytes
 import predictions
 from chestxray.imaging import ACCEPTED
 from chestxray.results import RESULT_ID
-from main import create_app
 
 RELIABILITY_DOC = ROOT / "docs" / "RELIABILITY.md"
 HOSTILE_NAME = CORPUS["hostile file name (../, NUL, non-ASCII)"].filename
@@ -59,10 +58,8 @@ DOCUMENTED = documented_statuses()
 
 
 @pytest.fixture
-def app(tiny_checkpoint, tmp_path) -> Flask:
-    return create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
-                       "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False,
-                       "MAX_CONTENT_LENGTH": 1024 * 1024})
+def app(make_app) -> Flask:
+    return make_app(MAX_CONTENT_LENGTH=1024 * 1024)
 
 
 @pytest.fixture

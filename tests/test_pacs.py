@@ -589,7 +589,6 @@ def test_a_received_image_is_saved_like_an_upload_and_listed_on_the_worklist(web
 
 def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
     import main
-    import worklist
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})

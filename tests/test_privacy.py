@@ -18,8 +18,6 @@ from flask.testing import FlaskClient
 from hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
 from test_hostile_web import file_field, multipart, post, serve
 
-from main import create_app
-
 SECRETS = phi_strings()  # name (whole and given part), ID, birth date (2 forms), accession, institution, ...
 PHI_KINDS = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in SECRETS)]
 
@@ -36,9 +34,8 @@ def test_the_corpus_carries_patient_data():
 
 
 @pytest.fixture
-def app(tiny_checkpoint, tmp_path) -> Flask:
-    return create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
-                       "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False})
+def app(make_app) -> Flask:
+    return make_app()
 
 
 def exercise(client: FlaskClient, app: Flask, kind: str) -> dict[str, bytes]:

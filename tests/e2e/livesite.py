@@ -80,6 +80,32 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
 
 
+def require(path: Path, how: str) -> Path:
+    """The path of a tool a browser test needs (Chromium, axe-core); missing, the test is skipped with `how` to get
+    it, or fails where $CI is set."""
+    import pytest
+
+    if not path.exists():
+        message = f"{path} is missing ({how})"
+        if "CI" in os.environ:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def open_page(browser, width: int = 1280, failed_responses: bool = True, **options):
+    """(context, page): a page in a fresh context (`options` go to new_context) whose `page.errors` records console
+    errors (CSP violations land there), page errors and, with `failed_responses`, every response of 400 or more."""
+    context = browser.new_context(viewport={"width": width, "height": 900}, **options)
+    page = context.new_page()
+    page.errors = []
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    if failed_responses:
+        page.on("response", lambda resp: resp.status >= 400 and page.errors.append(f"{resp.status} {resp.url}"))
+    return context, page
+
+
 def load_module(path: Path, name: str) -> ModuleType:
     """Import a file by path: how scripts run outside pytest (benchmarks, screenshot.py) reach tests/conftest.py and
     this file, since tests/ is not an installed package."""

@@ -7,14 +7,13 @@ Skipped only when Chromium is missing and CI is unset; in CI a missing browser f
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG
-from livesite import CHROMIUM, launch_chromium, run_server
+from livesite import CHROMIUM, launch_chromium, open_page, require, run_server
 from playwright.sync_api import sync_playwright
 from trustutil import VALIDATED, make_trusted_checkpoint
 
@@ -47,12 +46,7 @@ HEAT_LOADED = """(label) => {
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        message = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or `make browser`)"
-        if "CI" in os.environ:
-            pytest.fail(message)
-        pytest.skip(message)
-    return CHROMIUM
+    return require(CHROMIUM, "apt-get install chromium, or `make browser`")
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +62,6 @@ def browser(chromium):
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
-
-
-def open_page(browser, javascript: bool = True):
-    """A fresh context and page that records console errors (CSP violations land there) and page errors."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, java_script_enabled=javascript)
-    page = context.new_page()
-    page.errors = []
-    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-    page.on("response", lambda resp: resp.status >= 400 and page.errors.append(f"{resp.status} {resp.url}"))
-    return context, page
 
 
 def shown_findings(page) -> list[tuple[str, str]]:
@@ -172,7 +155,7 @@ def default_shown(page) -> str:
 
 def test_basic_flow_works_without_javascript(server, browser):
     base, results = server
-    context, page = open_page(browser, javascript=False)
+    context, page = open_page(browser, java_script_enabled=False)
     page.goto(base + "/")
     page.set_input_files("#file", str(NIH_PNG))
     with page.expect_navigation():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DICOM_MONO2, NIH_PNG, ROOT
-from livesite import CHROMIUM, free_port, launch_chromium, run_server
+from livesite import CHROMIUM, free_port, launch_chromium, open_page, require, run_server
 from playwright.sync_api import sync_playwright
 from pypdf import PdfReader
 
@@ -29,23 +29,14 @@ ODD_NAME = '<img src=x onerror=alert(1)> & "odd".png'  # must be shown as text, 
 MAX_UPLOAD_MB = 3  # a small limit, so the size checks need no large files
 
 
-def need(path: Path, how: str) -> Path:
-    if not path.exists():
-        message = f"{path} is missing ({how})"
-        if "CI" in os.environ:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    return need(CHROMIUM, "apt-get install chromium, or `make browser`")
+    return require(CHROMIUM, "apt-get install chromium, or `make browser`")
 
 
 @pytest.fixture(scope="module")
 def axe() -> Path:
-    return need(AXE, "`make browser` installs axe-core from npm")
+    return require(AXE, "`make browser` installs axe-core from npm")
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +55,6 @@ def browser(chromium):
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
-
-
-def new_page(browser, width: int = 1400, **options):
-    """A page in a fresh context that records console errors, page errors and failed responses."""
-    context = browser.new_context(viewport={"width": width, "height": 900}, **options)
-    page = context.new_page()
-    page.errors = []
-    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
-    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-    return context, page
 
 
 def png_bytes(size: int = 96) -> bytes:
@@ -114,7 +95,7 @@ def axe_violations(page, axe: Path) -> list[str]:
 
 def test_no_sideways_scroll_and_no_axe_violations_on_any_page(site, browser, axe):
     base, results, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     upload_batch(page, base)
     batch = page.url
     result = base + page.locator("a.result-link").first.get_attribute("href")
@@ -132,7 +113,7 @@ def test_no_sideways_scroll_and_no_axe_violations_on_any_page(site, browser, axe
     problems = []
     for width in WIDTHS:
         # bypass_csp lets the test add axe's script tag; the app's own pages never need it
-        context, page = new_page(browser, width, bypass_csp=True)
+        context, page = open_page(browser, width, failed_responses=False, bypass_csp=True)
         for name, open_it in pages.items():
             open_it(page)
             page.wait_for_load_state("load")
@@ -161,7 +142,7 @@ def too_large_choice(page, base: str) -> None:
 
 def test_batch_shows_names_progress_sortable_summary_and_csv(site, browser, tmp_path):
     base, results, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     page.goto(base + "/")
     held = []
 
@@ -228,7 +209,7 @@ def test_batch_shows_names_progress_sortable_summary_and_csv(site, browser, tmp_
 
 def test_result_prints_on_one_page_and_downloads_a_pdf_report(site, browser):
     base, results, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     page.goto(base + "/")
     page.set_input_files("#file", str(NIH_PNG))
     with page.expect_navigation():
@@ -252,7 +233,7 @@ def test_result_prints_on_one_page_and_downloads_a_pdf_report(site, browser):
 def test_a_form_opened_before_a_restart_submits_after_it(chromium, browser, tiny_checkpoint, tmp_path):
     results, instance, port = tmp_path / "results", tmp_path / "instance", free_port()
     args = ["--instance-dir", str(instance)]
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     with run_server(tiny_checkpoint, results, port=port, extra_args=args) as base:
         page.goto(base + "/")
         page.set_input_files("#file", str(NIH_PNG))
@@ -270,7 +251,7 @@ def test_a_form_opened_before_a_restart_submits_after_it(chromium, browser, tiny
 
 def test_an_expired_form_lists_the_chosen_files(site, browser):
     base, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     page.goto(base + "/")
     page.set_input_files("#file", [str(NIH_PNG), str(DICOM_MONO2)])
     page.evaluate("document.querySelector('input[name=csrf_token]').value = 'expired'")
@@ -285,7 +266,7 @@ def test_an_expired_form_lists_the_chosen_files(site, browser):
 
 def test_size_limit_is_checked_before_sending_and_the_app_answers_413(site, browser):
     base, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     sent = []
     page.on("request", lambda request: request.method == "POST" and sent.append(request.url))
     too_large_choice(page, base)
@@ -306,7 +287,7 @@ def test_size_limit_is_checked_before_sending_and_the_app_answers_413(site, brow
 
 def test_after_an_error_the_address_is_the_upload_page(site, browser):
     base, *_ = site
-    context, page = new_page(browser, java_script_enabled=False)
+    context, page = open_page(browser, 1400, failed_responses=False, java_script_enabled=False)
     refused_upload(page, base)
     assert "unsupported file type" in page.inner_text(".flash.error")
     context.close()
@@ -314,7 +295,7 @@ def test_after_an_error_the_address_is_the_upload_page(site, browser):
 
 def test_view_is_in_the_url_and_the_permalink_copies_it(site, browser):
     base, results, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
     page.goto(base + "/")
     page.set_input_files("#file", str(NIH_PNG))
@@ -346,7 +327,7 @@ def test_view_is_in_the_url_and_the_permalink_copies_it(site, browser):
 
 def test_delete_a_result_from_its_page_and_through_the_api(site, browser):
     base, results, *_ = site
-    context, page = new_page(browser)
+    context, page = open_page(browser, 1400, failed_responses=False)
     ids = []
     for _ in range(2):
         page.goto(base + "/")
