@@ -19,6 +19,7 @@ import pytest
 from conftest import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
 from flask import Flask
 from PIL import Image
+from webutil import results_dir, saved_ids, upload
 
 import main
 import predictions
@@ -30,7 +31,7 @@ from chestxray.checkpoint import CheckpointError, load_checkpoint
 from chestxray.evidence import format_call
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
-from chestxray.results import DISPLAY_MAX_SIDE, RESULT_ID, default_label, label_names, ranked
+from chestxray.results import DISPLAY_MAX_SIDE, default_label, label_names, ranked
 from main import create_app
 from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
 
@@ -61,20 +62,6 @@ def phi_dicom() -> bytes:
     data = buf.getvalue()
     assert all(s.encode() in data for s in PHI)
     return data
-
-
-def upload(source: Path | bytes, name: str | None = None) -> dict:
-    """Multipart data for the field `file` from a path or bytes."""
-    data = source.read_bytes() if isinstance(source, Path) else source
-    return {"file": (io.BytesIO(data), name or (source.name if isinstance(source, Path) else "x.png"))}
-
-
-def results_dir(app: Flask) -> Path:
-    return Path(app.config["RESULTS_DIR"])
-
-
-def saved_ids(app: Flask) -> set[str]:
-    return {p.name for p in results_dir(app).iterdir() if RESULT_ID.fullmatch(p.name)}
 
 
 def post_png(client) -> str:

@@ -7,7 +7,6 @@ each corpus kind gets is also checked against the table in docs/RELIABILITY.md, 
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import http.client
 import io
@@ -15,21 +14,18 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import NIH_DIR, ROOT
-from e2e.livesite import free_port, stop_server
 from flask import Flask
 from flask.testing import FlaskClient
 from hostile import CORPUS, Case, png_bytes
+from webutil import BOUNDARY, LiveServer, file_field, multipart, post, serve
 
 import predictions
 from chestxray.imaging import ACCEPTED
@@ -39,7 +35,6 @@ RELIABILITY_DOC = ROOT / "docs" / "RELIABILITY.md"
 HOSTILE_NAME = CORPUS["hostile file name (../, NUL, non-ASCII)"].filename
 SAVED_FILES = {"image.png", "heatmaps.npy", "heatmap", "result.json"}  # what a result folder may hold
 TIMEOUT = 10.0  # seconds; bounds every socket wait against the live server
-BOUNDARY = "hostile-boundary-7d1f"
 
 
 def documented_statuses() -> dict[str, int]:
@@ -92,11 +87,6 @@ def check_healthy(client: FlaskClient) -> None:
 def flashed(body: bytes) -> list[str]:
     """The error messages flashed on a page, unescaped."""
     return [html.unescape(m) for m in re.findall(r'<li class="flash error">(.*?)</li>', body.decode(), re.S)]
-
-
-def file_field(case: Case) -> dict:
-    """The multipart field `file` holding the case's bytes, under its file name and Content-Type."""
-    return {"file": (io.BytesIO(case.make()), case.filename, case.content_type)}
 
 
 def expected_message(case: Case, status: int) -> str:
@@ -285,58 +275,10 @@ def test_predictions_cli_keeps_overlays_inside_out_for_dotted_names(tiny_checkpo
 # ---------------------------------------------------------------- a real server: partial, slow and oversized uploads
 
 
-@dataclass(frozen=True)
-class LiveServer:
-    """`python main.py` on 127.0.0.1:port with its own results folder, TMPDIR and console log."""
-
-    port: int
-    results: Path
-    tmpdir: Path
-    log: Path
-    limit: int  # --max-upload-mb in bytes
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-@contextlib.contextmanager
-def serve(checkpoint: Path, root: Path, limit_mb: int = 1, timeout: float = 60.0) -> Iterator[LiveServer]:
-    """Start the waitress server in a subprocess and wait for /healthz; terminate it on exit."""
-    root.mkdir(parents=True, exist_ok=True)
-    server = LiveServer(free_port(), root / "results", root / "tmp", root / "server.log", limit_mb * 1024 * 1024)
-    server.tmpdir.mkdir()
-    cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(server.port),
-           "--results-dir", str(server.results), "--device", "cpu", "--max-upload-mb", str(limit_mb),
-           "--threads", "2", "--instance-dir", str(root / "instance")]
-    env = {**os.environ, "TMPDIR": str(server.tmpdir)}  # waitress spools large bodies here
-    with open(server.log, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{server.log.read_text()}"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(server.url("/healthz"), timeout=2) as response:
-                    if response.status == 200:
-                        break
-            assert time.monotonic() < deadline, f"no answer within {timeout:.0f} s:\n{server.log.read_text()}"
-            time.sleep(0.1)
-        yield server
-    finally:
-        stop_server(proc)
-
-
 @pytest.fixture(scope="module")
 def live(tiny_checkpoint, tmp_path_factory) -> Iterator[LiveServer]:
     with serve(tiny_checkpoint, tmp_path_factory.mktemp("live")) as server:
         yield server
-
-
-def multipart(data: bytes, filename: bytes = b"x.png") -> bytes:
-    """A multipart/form-data body with one part, `file`, holding `data`."""
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="'.encode() + filename
-            + b'"\r\nContent-Type: application/octet-stream\r\n\r\n')
-    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
 def open_post(server: LiveServer, length: int, path: str = "/api/predict") -> socket.socket:
@@ -360,16 +302,6 @@ def health(server: LiveServer) -> float:
     with urllib.request.urlopen(server.url("/healthz"), timeout=TIMEOUT) as response:
         assert json.load(response) == {"status": "ok", "model_loaded": True}
     return time.monotonic() - start
-
-
-def post(server: LiveServer, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url("/api/predict"), data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def check_server_clean(server: LiveServer) -> None:

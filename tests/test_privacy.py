@@ -16,7 +16,8 @@ from conftest import ROOT
 from flask import Flask
 from flask.testing import FlaskClient
 from hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
-from test_hostile_web import file_field, multipart, post, serve
+from trainutil import TRAIN_PY, linked_data
+from webutil import file_field, multipart, post, serve
 
 SECRETS = phi_strings()  # name (whole and given part), ID, birth date (2 forms), accession, institution, ...
 PHI_KINDS = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in SECRETS)]
@@ -132,10 +133,9 @@ def test_corrupted_length_dicoms_are_among_the_checked_kinds():
 
 
 def test_train_py_skips_corrupted_dicoms_and_prints_no_patient_data(nih_dir, tmp_path):
-    from test_train import TRAIN_PY, _linked_data
 
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
-    root = _linked_data(nih_dir, tmp_path / "data", names)
+    root = linked_data(nih_dir, tmp_path / "data", names)
     bad = names[:len(CORRUPTED_LENGTH_KINDS) + 1]
     for name, data in zip(bad, [*(CORPUS[kind].make() for kind in CORRUPTED_LENGTH_KINDS),
                                 dicom_bytes(identified_dicom())[:600]]):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from trainutil import read_history, run_main, small_run
+from trainutil import TRAIN_PY, linked_data, read_history, run_main, small_run
 
 from chestxray import data
 from chestxray.checkpoint import load_checkpoint
@@ -32,7 +32,6 @@ from chestxray.trust import Trust
 from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "Model_Training" / "train.py"
 TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commit", "split", "loss",
                  "threshold_rule", "n_train", "n_val"}
 
@@ -200,22 +199,9 @@ def test_torchrun_two_processes_gloo(nih_dir, tmp_path):
     assert_auroc_matches(meta, probs, y, abs_tol=1e-5)
 
 
-def _linked_data(nih_dir: Path, root: Path, names: list[str], lists: bool = True) -> Path:
-    """A data folder: labels.csv rows of `names`, links to their images, official lists with an empty test list."""
-    root.mkdir(parents=True)
-    lines = (nih_dir / "labels.csv").read_text().splitlines()
-    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in names]))
-    for name in names:
-        (root / name).symlink_to(nih_dir / "images_64" / name)
-    if lists:
-        (root / "train_val_list.txt").write_text("\n".join(names))
-        (root / "test_list.txt").write_text("")
-    return root
-
-
 def test_unreadable_image_is_reported_by_name(nih_dir, tmp_path, capsys):
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
-    root = _linked_data(nih_dir, tmp_path / "data", names)
+    root = linked_data(nih_dir, tmp_path / "data", names)
     split = make_splits(load_index(root), root, val_fraction=0.3)
     bad = split["train"]["image"].iloc[0]
     (root / bad).unlink()
@@ -239,7 +225,7 @@ def test_unreadable_image_is_reported_by_name(nih_dir, tmp_path, capsys):
 
 def test_missing_images_stop_unless_allowed(nih_dir, tmp_path, capsys):
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]
-    root = _linked_data(nih_dir, tmp_path / "data", names)
+    root = linked_data(nih_dir, tmp_path / "data", names)
     (root / names[3]).unlink()
     base = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
             "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress", "--val-fraction", "0.3",
@@ -256,7 +242,7 @@ def test_without_official_lists_a_patient_wise_split_is_used_with_a_warning(nih_
                                                                             monkeypatch):
     monkeypatch.setattr(data, "BUNDLED_METADATA", tmp_path / "not-bundled")  # else the bundled lists apply
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:30]
-    root = _linked_data(nih_dir, tmp_path / "data", names, lists=False)
+    root = linked_data(nih_dir, tmp_path / "data", names, lists=False)
     argv = ["--data-dir", str(root), "--arch", "resnet18", "--image-size", "64", "--epochs", "1", "--no-pretrained",
             "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress", "--val-fraction", "0.3",
             "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x.pth")]

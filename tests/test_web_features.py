@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import DICOM_MONO2, NIH_PNG
 from pypdf import PdfReader
-from test_app import make_app, results_dir, saved_ids, upload  # noqa: F401 - make_app is a fixture
+from webutil import results_dir, saved_ids, upload
 
 from chestxray.report_pdf import strongest_zone
 from chestxray.results import label_names, ranked

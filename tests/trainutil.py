@@ -6,6 +6,8 @@ from pathlib import Path
 
 from Model_Training import train
 
+TRAIN_PY = Path(__file__).resolve().parents[1] / "Model_Training" / "train.py"
+
 
 def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
     """train.py arguments for a short CPU run: ResNet-18 at 64 px, no ImageNet weights, no workers."""
@@ -25,3 +27,16 @@ def read_history(run_dir: Path) -> list[dict]:
     """The rows of <run_dir>/history.csv."""
     with (run_dir / "history.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def linked_data(nih_dir: Path, root: Path, names: list[str], lists: bool = True) -> Path:
+    """A data folder: labels.csv rows of `names`, links to their images, official lists with an empty test list."""
+    root.mkdir(parents=True)
+    lines = (nih_dir / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in names]))
+    for name in names:
+        (root / name).symlink_to(nih_dir / "images_64" / name)
+    if lists:
+        (root / "train_val_list.txt").write_text("\n".join(names))
+        (root / "test_list.txt").write_text("")
+    return root
