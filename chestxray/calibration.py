@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss
 
 from .fileio import check_record
 from .metrics import calibration as reliability
+
+# scikit-learn is imported inside the fitting functions only: it costs ~1 s at every start of the app and CLI.
 
 CALIBRATION_FORMAT = 1
 REFIT = "fit it again with Model_Training/fit_trust.py"
@@ -94,6 +94,7 @@ MIN_SLOPE = 1e-6  # the smallest Platt slope kept: strictly increasing, so calib
 
 def fit_platt_label(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
     """One label's Platt fit on validation logits (N,) and 0/1 targets (N,) -> (slope >= 0, intercept, fitted)."""
+    from sklearn.linear_model import LogisticRegression
     z = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
     y = np.asarray(y).astype(int).ravel()
     if y.size == 0 or y.min() == y.max():
@@ -131,6 +132,7 @@ def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, bins: int
 def calibration_report(y_true: np.ndarray, y_prob: np.ndarray, labels: Sequence[str],
                        bins: int = ECE_BINS) -> dict[str, dict[str, float | None]]:
     """Per label {"ece", "brier", "positives"} for (N, L) targets and probabilities (None where N is 0)."""
+    from sklearn.metrics import brier_score_loss
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
     out = {}
     for j, name in enumerate(labels):

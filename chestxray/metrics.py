@@ -11,19 +11,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_curve,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 from .fileio import to_json_data
+
+# scikit-learn is imported inside the functions that use it: importing it costs ~1 s (it pulls in SciPy), which
+# every start of the web app and the CLI paid though they only call binarize().
 
 THRESHOLD_RULES = ("f1", "youden")
 CI_LEVEL = 0.95
@@ -37,6 +29,7 @@ def has_both_classes(y_true: np.ndarray) -> bool:
 
 def per_label_auroc(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """(L,) ROC-AUC per label via sklearn; NaN where a label lacks positives or negatives."""
+    from sklearn.metrics import roc_auc_score
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
@@ -53,6 +46,7 @@ def mean_auroc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 
 def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "f1") -> float:
     """One label's decision threshold: max F1 ("f1") or max TPR - FPR ("youden"); 0.5 if undefined."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
@@ -79,6 +73,7 @@ def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray, rule: str = "f1") 
 
 def per_label_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """(L,) average precision per label via sklearn; NaN where a label has no positives (AP is undefined)."""
+    from sklearn.metrics import average_precision_score
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
     out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
@@ -98,6 +93,7 @@ def threshold_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) 
 
     A ratio whose denominator is zero (precision with no positive calls, recall without positives, ...) is NaN.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
     y_true = np.asarray(y_true).astype(int)
     y_pred = binarize(y_prob, threshold)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
@@ -126,6 +122,7 @@ def accuracy_summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]
     exact_match: fraction of images whose whole label set is right (sklearn's multilabel accuracy_score);
     exact_match_all_negative_baseline: the same for the all-negative model (= fraction of "No Finding" images).
     """
+    from sklearn.metrics import accuracy_score
     y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
     if y_true.size == 0:
         return {k: math.nan for k in ("per_label_mean", "all_negative_baseline", "exact_match",

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from .fileio import check_record
+
+# scikit-learn is imported inside fit_scope's helper only: it costs ~1 s at every start of the app and CLI.
 
 SCOPE_FORMAT = 1
 REFIT = "fit them again with Model_Training/fit_trust.py"
@@ -81,6 +82,7 @@ def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, t
     thumbnail beside a contrast value 20x smaller) that drowns the small ones. Shrinking the standardised data and
     mapping back (P = D^-1 P' D^-1, D = the training standard deviations) keeps every dimension's own scale.
     """
+    from sklearn.covariance import LedoitWolf
     if not standardize:
         lw = LedoitWolf(assume_centered=False).fit(x)
         return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()

@@ -34,7 +34,12 @@ SHARED_REASON = f"needs the shared data set in {SHARED_DATA} (not in the reposit
 # For tests that need more data than the bundle: skipped without the shared data set, failed under CI.
 shared = pytest.mark.shared
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Threads per test process: the cores shared out over pytest-xdist's workers (`-n 2`: one each), also for the
+# processes the tests start (OMP_NUM_THREADS), so parallel workers do not oversubscribe the cores.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(THREADS)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_configure(config) -> None:
@@ -143,22 +148,46 @@ def tiny_predictor(tiny_checkpoint):
     return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
+def run_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that `make(folder)` fills once per pytest run, shared by every test file and every pytest-xdist
+    worker (a file lock makes the others wait for the first): one trained checkpoint, one image cache per run."""
+    from filelock import FileLock
+
+    # Under xdist each worker has its own base temp folder; their parent is the run's.
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> dict:
-    """One in-process training run shared by the whole session (test_train, test_evaluate): ResNet-18 at 64 px,
-    2 epochs on 48 training + the 21 validation images of the sample, with a resized-image cache."""
+    """One training run shared by the whole pytest run (test_train, test_evaluate), done in-process by whichever
+    worker needs it first: ResNet-18 at 64 px, 2 epochs on 48 training + the 21 validation images of the sample,
+    with a resized-image cache."""
     import io
+    import json
     from contextlib import redirect_stderr, redirect_stdout
 
     from trainutil import small_run
 
     from Model_Training import train
 
-    tmp = tmp_path_factory.mktemp("train")
-    argv = small_run(NIH_DIR, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
-                     "--cache-dir", str(tmp / "cache"))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = train.main(train.get_args_parser().parse_args(argv))
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "run": tmp / "run", "best": tmp / "best.pth",
-            "cache": tmp / "cache", "argv": argv}
+    def train_into(tmp: Path) -> None:
+        argv = small_run(NIH_DIR, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
+                         "--cache-dir", str(tmp / "cache"))
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = train.main(train.get_args_parser().parse_args(argv))
+        (tmp / "outcome.json").write_text(json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(),
+                                                      "argv": argv}))
+
+    tmp = run_once(tmp_path_factory, "trained_run", train_into)
+    outcome = json.loads((tmp / "outcome.json").read_text())
+    return {**outcome, "run": tmp / "run", "best": tmp / "best.pth", "cache": tmp / "cache"}

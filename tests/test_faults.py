@@ -55,7 +55,8 @@ def _files(folder: Path) -> list[str]:
 # 937-image sample give one; the bundled sample's 21 do not (its seeded run's best epoch is 1), so it reads ../shared.
 @pytest.mark.parametrize("match, what", [("kind", "training state"),
                                          pytest.param("meta", "best checkpoint", marks=shared)])
-def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(nih_dir, tmp_path, match, what):
+def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(nih_dir, tmp_path, capsys, match,
+                                                                             what):
     run, best = tmp_path / "run", tmp_path / "best.pth"
     data_dir = shared_path("nih") if match == "meta" else nih_dir
     argv = small_run(data_dir, "--run-dir", str(run), "--output", str(best), epochs=3)
@@ -72,10 +73,9 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     if best.exists():
         load_checkpoint(best)
 
-    resumed = subprocess.run([sys.executable, "Model_Training/train.py", *argv, "--resume"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "partial" in resumed.stdout
+    rc, out, err = run_main([*argv, "--resume"], capsys)  # the resume itself needs no process of its own
+    assert rc == 0, out + err
+    assert "partial" in out
     assert [row["epoch"] for row in read_history(run)] == ["1", "2", "3"]
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3
     assert not [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]

@@ -127,7 +127,7 @@ def test_an_upload_in_flight_never_touches_disk(tiny_checkpoint, tmp_path):
         try:
             sock.sendall(f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                          f"boundary={BOUNDARY}\r\nContent-Length: {len(body) + 1}\r\n\r\n".encode() + body)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 3  # the 3 MB arrive over loopback in milliseconds
             while time.monotonic() < deadline:  # waitress has read all but the last byte once the fds settle
                 assert _open_files_in(server.proc.pid, server.tmpdir) == []
                 time.sleep(0.2)

@@ -134,16 +134,18 @@ def test_resume_of_a_finished_run_trains_no_more(trained_run, nih_dir, capsys):
 
 
 def _subprocess_env() -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1")
+    # As many threads as this process uses, so a run started here computes the same numbers as one run in-process.
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
-def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path):
+def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path, capsys):
     def argv(run: str, output: str) -> list[str]:
-        return [sys.executable, str(TRAIN_PY), *small_run(nih_dir, "--run-dir", str(tmp_path / run), "--output",
-                                                          str(tmp_path / output), limit=64, epochs=3)]
+        return small_run(nih_dir, "--run-dir", str(tmp_path / run), "--output", str(tmp_path / output), limit=64,
+                         epochs=3)
 
-    proc = subprocess.Popen(argv("run", "best.pth"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_subprocess_env(), text=True)
+    # Only the killed run needs a process of its own; the resume and the reference run go in-process.
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *argv("run", "best.pth")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=_subprocess_env(), text=True)
     state = tmp_path / "run" / "last.pth"
     deadline = time.monotonic() + 240
     while not state.exists():  # appears (atomically) when epoch 1 is complete
@@ -157,10 +159,9 @@ def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path):
     assert torch.load(state, weights_only=True)["epoch"] == 1
     assert [row["epoch"] for row in read_history(tmp_path / "run")] == ["1"]  # killed inside epoch 2
 
-    resumed = subprocess.run(argv("run", "best.pth") + ["--resume"], capture_output=True, text=True,
-                             env=_subprocess_env(), timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout and "after epoch 1" in resumed.stdout
+    rc, out, err = run_main(argv("run", "best.pth") + ["--resume"], capsys)
+    assert rc == 0, out + err
+    assert "resuming" in out and "after epoch 1" in out
     history = read_history(tmp_path / "run")
     assert [row["epoch"] for row in history] == ["1", "2", "3"]
     assert torch.load(state, weights_only=True)["epoch"] == 3
@@ -168,9 +169,8 @@ def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path):
     assert meta.training["epochs"] in (1, 2, 3) and meta.training["n_train"] == 64
 
     # The resumed run continues exactly where an uninterrupted one goes (optimiser, sampler and RNG restored).
-    straight = subprocess.run(argv("straight", "straight.pth"), capture_output=True, text=True,
-                              env=_subprocess_env(), timeout=300)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
+    rc, out, err = run_main(argv("straight", "straight.pth"), capsys)
+    assert rc == 0, out + err
     reference = read_history(tmp_path / "straight")
     for key in ("train_loss", "val_loss", "val_mean_auroc"):
         np.testing.assert_allclose([float(r[key]) for r in history], [float(r[key]) for r in reference], rtol=1e-6)
