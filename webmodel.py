@@ -56,7 +56,7 @@ def choose_checkpoint(args: argparse.Namespace) -> str:
     from Model_Training.demo import DEMO_CHECKPOINT, DemoError, build_demo_model
 
     print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
-          f"{DEMO_CHECKPOINT} (the first start trains it, 1-3 minutes on a CPU). Its answers are meaningless; "
+          f"{DEMO_CHECKPOINT} (the first start trains it: about 30 s on 2 CPU cores). Its answers are meaningless; "
           "pass --no-demo to start without a model.", flush=True)
     try:
         return str(build_demo_model(DEMO_CHECKPOINT))

@@ -1,6 +1,6 @@
 """A demo model trained on the bundled sample, so that `make run` serves a working app on a fresh clone.
 
-    python Model_Training/demo.py [--force]     (writes .cache/demo_model.pth; about 1-2 minutes on 2 CPU cores)
+    python Model_Training/demo.py [--force]     (writes .cache/demo_model.pth; about 30 s on 2 CPU cores)
 
 `python main.py` builds it by itself when no checkpoint is given or found. It is a ResNet-18 at 128 px trained for
 two epochs on the ~260 training images of samples/nih, with random initialisation (nothing is downloaded): it

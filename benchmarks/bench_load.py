@@ -332,6 +332,11 @@ Goal: /healthz p99 <= 1 s: {"met" if p99 <= 1.0 else "**NOT met**"}. Load averag
     return 0 if p99 <= 1.0 else 1
 
 
+RETENTION_NOTE = """The retention is applied right after each result is saved, so while several of the server's
+{threads} threads finish at once the folder can hold up to {more} results more than the retention for a moment; it is
+back at the retention as soon as they are done."""
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the load test, print and write the report; exit code 0 when every goal is met."""
     if args.healthz_run:
@@ -404,9 +409,7 @@ Load average before/after the run: {load_before:.2f} / {load_after:.2f}.
 Goals (issue "Reliability and security", item 2):
 {verdict}
 {error_lines}
-The retention is applied right after each result is saved, so while several of the server's {args.threads} threads
-finish at once the folder can hold up to {args.threads - 1} results more than the retention for a moment; it is back
-at the retention as soon as they are done.
+{RETENTION_NOTE.format(threads=args.threads, more=args.threads - 1)}
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 from common import ROOT, conftest
 from PIL import Image
@@ -27,9 +27,7 @@ from chestxray.imaging import MAX_DECODED_PIXELS
 
 # tests/hostile.py (the corpus generators) is loaded by path like the other test helpers; it imports conftest by name.
 sys.modules.setdefault("conftest", conftest)
-_spec = importlib.util.spec_from_file_location("hostile", ROOT / "tests" / "hostile.py")
-hostile = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hostile)
+hostile = common.livesite.load_module(ROOT / "tests" / "hostile.py", "hostile")
 
 
 def largest_png() -> bytes:

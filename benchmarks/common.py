@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def __getattr__(name: str):
     if name == "livesite":
         spec = importlib.util.spec_from_file_location("livesite", ROOT / "tests" / "e2e" / "livesite.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules["livesite"] = module
         spec.loader.exec_module(module)
     elif name == "conftest":
         module = __getattr__("livesite").conftest_module()

@@ -111,6 +111,7 @@ def load_module(path: Path, name: str) -> ModuleType:
     this file, since tests/ is not an installed package."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while a class is built
     spec.loader.exec_module(module)
     return module
 
