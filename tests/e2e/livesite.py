@@ -75,6 +75,21 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def chromium_fixture() -> Path:
+    """The `chromium` fixture of the browser tests: Debian's Chromium, or a skip (a failure under $CI)."""
+    return require(CHROMIUM, "apt-get install chromium, or `make browser`")
+
+
+def browser_fixture(chromium: Path) -> Iterator:
+    """The `browser` fixture of the browser tests: one headless Chromium for a test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
 def launch_chromium(playwright):
     """Headless Debian Chromium through Playwright (sync API)."""
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG
-from livesite import CHROMIUM, launch_chromium, open_page, require, run_server
-from playwright.sync_api import sync_playwright
+from livesite import browser_fixture, chromium_fixture, open_page, run_server
 from trustutil import VALIDATED, make_trusted_checkpoint
 
 from chestxray.evidence import format_call
@@ -44,9 +43,7 @@ HEAT_LOADED = """(label) => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    return require(CHROMIUM, "apt-get install chromium, or `make browser`")
+chromium = pytest.fixture(scope="module", name="chromium")(chromium_fixture)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +53,7 @@ def server(chromium, tiny_checkpoint, tmp_path_factory):
         yield base, results
 
 
-@pytest.fixture(scope="module")
-def browser(chromium):
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
+browser = pytest.fixture(scope="module", name="browser")(browser_fixture)
 
 
 def shown_findings(page) -> list[tuple[str, str]]:

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pytest
 from conftest import DICOM_MONO2, NIH_PNG, ROOT
-from livesite import CHROMIUM, free_port, launch_chromium, open_page, require, run_server
-from playwright.sync_api import sync_playwright
+from livesite import (
+    browser_fixture,
+    chromium_fixture,
+    free_port,
+    open_page,
+    require,
+    run_server,
+)
 from pypdf import PdfReader
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +36,7 @@ ODD_NAME = '<img src=x onerror=alert(1)> & "odd".png'  # must be shown as text, 
 MAX_UPLOAD_MB = 3  # a small limit, so the size checks need no large files
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    return require(CHROMIUM, "apt-get install chromium, or `make browser`")
+chromium = pytest.fixture(scope="module", name="chromium")(chromium_fixture)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +54,7 @@ def site(chromium, tiny_checkpoint, tmp_path_factory):
         yield base, results, instance, port, args
 
 
-@pytest.fixture(scope="module")
-def browser(chromium):
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
+browser = pytest.fixture(scope="module", name="browser")(browser_fixture)
 
 
 def png_bytes(size: int = 96) -> bytes:
