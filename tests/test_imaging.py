@@ -208,12 +208,19 @@ def test_dicom_patient_data_never_in_errors_or_logs(caplog):
 # ---- bad input: the whole hostile corpus is in test_hostile.py; here, what it cannot show --------------------------
 
 
-def test_bomb_is_refused_before_decoding(monkeypatch):
-    # The header check must come first: decoding is never attempted.
+def forbid_decoding(monkeypatch) -> None:
+    """From here on any Pillow decode fails the test: the checks under test must refuse the file from its header
+    alone. Call it after the test data is made (making it decodes)."""
+
     def no_load(self):
-        raise AssertionError("decoded a decompression bomb")
+        raise AssertionError(f"decoded a {self.format} image that should have been refused before decoding")
 
     monkeypatch.setattr(Image.Image, "load", no_load)
+
+
+def test_bomb_is_refused_before_decoding(monkeypatch):
+    # The header check must come first: decoding is never attempted.
+    forbid_decoding(monkeypatch)
     side = int(np.sqrt(MAX_PIXELS)) + 10
     with pytest.raises(InvalidImage, match="megapixel"):
         read_xray(_png_header_only(side, side))
@@ -269,11 +276,7 @@ def test_deflate_bomb_is_refused_by_its_inflated_size():
 
 def test_progressive_jpeg_scans_are_counted_before_decoding(monkeypatch):
     data = progressive_jpeg_with_many_scans(scans=MAX_JPEG_SCANS, side=256)  # 5 own scans + 100 repeats
-
-    def no_load(self):
-        raise AssertionError("decoded a JPEG with too many scans")
-
-    monkeypatch.setattr(Image.Image, "load", no_load)
+    forbid_decoding(monkeypatch)
     with pytest.raises(InvalidImage, match=f"more than {MAX_JPEG_SCANS} scans"):
         read_xray(data)
 
@@ -297,11 +300,7 @@ def test_large_jpeg_is_decoded_at_a_reduced_size():
 
 def test_png_over_the_decode_budget_is_refused_before_decoding(monkeypatch):
     data = blank_png()  # 8000 x 7500, 58 KB: cost 0.7 GB and 4 s before issue 11
-
-    def no_load(self):
-        raise AssertionError("decoded a PNG over the decode budget")
-
-    monkeypatch.setattr(Image.Image, "load", no_load)
+    forbid_decoding(monkeypatch)
     with pytest.raises(InvalidImage, match=f"over the {MAX_DECODED_PIXELS // 1_000_000} megapixel limit for PNG"):
         read_xray(data)
 
