@@ -42,7 +42,6 @@ METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
 THUMBNAIL = 8
 HISTOGRAM_BINS = 16
 IMAGE_STATS = THUMBNAIL**2 + HISTOGRAM_BINS + 1
-IMAGENET_MEAN0, IMAGENET_STD0 = 0.485, 0.229  # meta.mean[0] / meta.std[0] of every checkpoint so far
 DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
 
 
@@ -57,19 +56,19 @@ def pooled_features(features: torch.Tensor) -> torch.Tensor:
     return features.float().mean(dim=(2, 3))
 
 
-def image_statistics(x: torch.Tensor, mean: float | None = None, std: float | None = None) -> torch.Tensor:
+def image_statistics(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Cheap statistics of the normalised input (N, C, S, S) -> (N, IMAGE_STATS) float32: its first channel averaged
     to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions) and their
     standard deviation (contrast: a flat or washed-out image has almost none).
 
-    mean/std: channel 0's normalisation, to map values back to [0, 1] for the histogram (ImageNet's by default).
+    mean/std: channel 0's normalisation (the checkpoint's meta.mean[0], meta.std[0]), to map values back to [0, 1]
+    for the histogram.
     """
     if x.ndim != 4:
         raise ScopeError(f"expected a normalised input batch (N, C, S, S), got shape {tuple(x.shape)}")
     g = x[:, :1].float()
     thumb = torch.nn.functional.adaptive_avg_pool2d(g, THUMBNAIL).flatten(1)
-    m, s = (IMAGENET_MEAN0 if mean is None else mean), (IMAGENET_STD0 if std is None else std)
-    v = (g.flatten(1) * s + m).clamp(0.0, 1.0)
+    v = (g.flatten(1) * std + mean).clamp(0.0, 1.0)
     bins = (v * HISTOGRAM_BINS).long().clamp_max(HISTOGRAM_BINS - 1)
     hist = torch.zeros(v.shape[0], HISTOGRAM_BINS, device=v.device).scatter_add_(1, bins, torch.ones_like(v))
     return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True)], dim=1)
