@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     server = webhttp.make_server(app, args)
     model = (f"{predictor.meta.arch} at {predictor.meta.image_size} px from {args.checkpoint}"
              if predictor else "none loaded (see the warning above); predictions answer 503")
-    if predictor and predictor.meta.training.get("demo"):
+    if predictor and predictor.model_card()["demo"]:
         model = f"DEMO ({model}; its answers are meaningless; train a real one with: {TRAIN_COMMAND})"
     try:
         node = worklist.start_node(app, args)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from chestxray.cam import has_support, with_legend
+from chestxray.cam import with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
@@ -97,21 +97,13 @@ def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> di
     if folder is not None:
         record["heatmaps"] = {}
         for label in pred.labels if which == "all" else pred.positive:
-            supported = has_support(pred.heatmaps[pred.labels.index(label)])
+            supported = pred.support[label]
             caption = (f"{label}: colour = evidence for this finding, scaled to this map's own peak" if supported
                        else f"{label}: no region supports this finding")
             image = with_legend(pred.overlay(label), caption)
             target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
             record["heatmaps"][label] = str(target)
     return record
-
-
-def _in_scope(record: dict):
-    # The in-scope verdict, where the Prediction carries one (the trust work adds it to to_dict).
-    scope = record.get("scope")
-    if isinstance(scope, dict) and "in_scope" in scope:
-        return scope["in_scope"]
-    return record.get("in_scope", "")
 
 
 def csv_header(labels) -> list[str]:
@@ -123,7 +115,7 @@ def csv_row(record: dict, labels) -> list:
     if "error" in record:
         return [record["image"], "", *([""] * len(labels)), "", record["error"]]
     probs = {item["label"]: item["probability"] for item in record["labels"]}
-    return [record["image"], _in_scope(record), *(f"{probs[name]:.6f}" for name in labels),
+    return [record["image"], record["in_scope"], *(f"{probs[name]:.6f}" for name in labels),
             "|".join(record["positive"]), ""]
 
 

@@ -453,7 +453,8 @@ def result_image(rid: str):
 
 @bp.get("/results/<rid>/heatmap/<label>.png")
 def heatmap(rid: str, label: str):
-    return send_file(result_store().heatmap_path(rid, label, request.args.get("scale", "own")), mimetype="image/png")
+    path = result_store().heatmap_path(rid, label, request.args.get("scale", DEFAULT_SCALE))
+    return send_file(path, mimetype="image/png")
 
 
 @bp.get("/results/<rid>/heatmaps.npy")

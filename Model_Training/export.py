@@ -22,19 +22,15 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make the chestxray package importable
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from chestxray.cam import predict_with_maps  # noqa: E402
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load  # noqa: E402
-from chestxray.data import DataError, find_data_entry, load_index, make_splits, subsample  # noqa: E402
-from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_xray  # noqa: E402
-from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8  # noqa: E402
-from chestxray.transforms import preprocess  # noqa: E402
+from chestxray.cam import predict_with_maps
+from chestxray.checkpoint import CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
+from chestxray.data import DataError, find_data_entry, load_index, make_splits, subsample
+from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
+from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8
+from chestxray.transforms import preprocess
 
 FP32_TOLERANCE = 1e-4  # max |probability difference| between PyTorch and the fp32 export
 CHECKPOINT_KEYS = ("format", "model", "meta", "train")  # everything else a checkpoint holds travels as "extra"
@@ -148,8 +144,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         checkpoint = Path(args.checkpoint)
-        model, meta, train = load_checkpoint(checkpoint)
         raw = safe_torch_load(checkpoint)
+        model, meta, train = checkpoint_from_obj(raw, checkpoint)
         extra = {k: v for k, v in raw.items() if k not in CHECKPOINT_KEYS}
         out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, safe_torch_load
+from chestxray.checkpoint import CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
 from chestxray.data import DataError, XrayDataset, collate_batch, load_index, rebuild_splits
 from chestxray.device import resolve_device
 from chestxray.fileio import atomic_write
@@ -65,7 +65,7 @@ def training_splits(meta: Meta, data_dir: str | os.PathLike) -> dict:
 def fit_checkpoint(args: argparse.Namespace, log=print) -> dict:
     """Load, fit, and write the upgraded checkpoint; returns the checkpoint dict written."""
     obj = safe_torch_load(args.checkpoint)  # kept whole: the upgraded file keeps every entry it had
-    model, meta, _ = load_checkpoint(args.checkpoint)
+    model, meta, _ = checkpoint_from_obj(obj, args.checkpoint)
     splits = training_splits(meta, args.data_dir)
     expected = (meta.training.get("n_train"), meta.training.get("n_val"))
     got = (len(splits["train"]), len(splits["val"]))

@@ -32,6 +32,7 @@ from .cam import class_activation_maps
 from .checkpoint import CheckpointError, Meta
 from .fileio import atomic_write, to_json_data
 from .model import TRANSITION_CHANNELS, ChestXrayNet
+from .scope import pooled_features
 
 ONNX_FORMAT = 1  # bump when the graph's inputs/outputs or the metadata keys change
 INPUT_NAME = "image"
@@ -61,8 +62,7 @@ class _ExportGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.model.features(x)
-        return (self.model.head(features), class_activation_maps(self.model, features),
-                features.float().mean(dim=(2, 3)))
+        return self.model.head(features), class_activation_maps(self.model, features), pooled_features(features)
 
 
 def _plain(obj: Any) -> Any:

@@ -189,11 +189,6 @@ class Predictor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
         return preprocess(self.meta, image, self.device)
 
-    def forward(self, x: torch.Tensor, heatmaps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Normalised (B, 3, S, S) -> (logits (B, L) float32, raw maps (B, L, h, w) float32 or None), numpy."""
-        logits, maps, _ = self._outputs(x)
-        return logits, maps if heatmaps else None
-
     def _outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """One forward pass: (logits (B, L), maps (B, L, h, w), pooled transition features (B, C)).
 
@@ -245,18 +240,20 @@ class Predictor:
         scope = self.trust.scope
         stats = (image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu()
                  if scope is not None and scope.needs_images else None)
+        card = self.model_card()  # the same for every image: built once per batch
         predictions = []
         for i, image in enumerate(images):
             prediction = self._prediction(image, logits[i].astype(np.float64), maps[i],
                                           pooled[i:i + 1] if scope is not None else None,
-                                          stats[i:i + 1] if stats is not None else None, formats[i])
+                                          stats[i:i + 1] if stats is not None else None, formats[i], card)
             if not heatmaps:
                 prediction.heatmaps = None
             predictions.append(prediction)
         return predictions
 
     def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
-                    pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None) -> Prediction:
+                    pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None,
+                    card: dict) -> Prediction:
         trust = self.trust
         if trust.calibration is not None:
             probs = trust.calibration.apply(logits)
@@ -278,7 +275,7 @@ class Predictor:
             image=image,
             heatmaps=maps,
             format=image_format,
-            model=self.model_card(),
+            model=card,
             logits={name: float(z) for name, z in zip(self.labels, logits)},
             calibrated=trust.calibration is not None,
             validated=dict(self.validated),
