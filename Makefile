@@ -45,7 +45,7 @@ run: setup
 # The suite runs on every core with pytest-xdist (`-n auto`; one file per worker at a time, so module fixtures such as
 # a live server start once); PYTEST_ARGS adds options, e.g. PYTEST_ARGS="-n 0 -k train" to run a few tests serially.
 test: setup-dev browser pacs
-	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: setup-dev
 	PY=$(PY) bash benchmarks/run_all.sh

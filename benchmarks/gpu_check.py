@@ -67,7 +67,7 @@ class Plan:
 
 FULL = Plan(device="cuda", arch="resnet50", image_size=512, images=2048, batch_size=32, workers=12, epochs=3,
             ceiling_steps=40, predict_images=128, web_posts=20, budget_s=450)
-DRY = Plan(device="cpu", arch="resnet18", image_size=64, images=64, batch_size=8, workers=1, epochs=2,
+DRY = Plan(device="cpu", arch="resnet18", image_size=32, images=32, batch_size=8, workers=1, epochs=2,
            ceiling_steps=3, predict_images=8, web_posts=3, budget_s=1200)  # generous: CPUs are often shared
 
 
@@ -251,7 +251,7 @@ def step_train(plan: Plan, runner: Runner, data: Path, step: Step) -> tuple[Path
     cached = [float(r["images_per_s"]) for r in history[1:]]
     rate = max(cached) if cached else float(history[0]["images_per_s"])
     step.rows.append(("training images/s from the cache (best epoch after the first)", f"**{rate:.1f}**"))
-    step.rows.append(("whole command (start-up, 3 epochs, validation, checkpoints)", f"{seconds:.0f} s"))
+    step.rows.append((f"whole command (start-up, {plan.epochs} epochs, validation, checkpoints)", f"{seconds:.0f} s"))
     amp = "on" if plan.device == "cuda" else "off (CPU)"
     step.notes.append(f"{plan.arch} at {plan.image_size} px, batch {plan.batch_size}, {plan.workers} workers, AMP "
                       f"{amp}, channels_last {'on' if plan.device == 'cuda' else 'off'} (train.py's defaults)")
@@ -420,17 +420,6 @@ def step_torchrun(plan: Plan, runner: Runner, data: Path, step: Step) -> None:
         step.notes.append(_tail(out2))
 
 
-_HELP: dict[str, str] = {}
-
-
-def _supports(script: str, flag: str, runner: Runner) -> bool:
-    """Whether `script --help` lists `flag` (the steps adapt to the version of the scripts they find)."""
-    if script not in _HELP:
-        rc, out, _ = runner.run([sys.executable, script, "--help"], 60, f"{script} --help")
-        _HELP[script] = out if rc == 0 else ""
-    return flag in _HELP[script]
-
-
 def step_export(plan: Plan, runner: Runner, checkpoint: Path, step: Step) -> Path | None:
     onnx_path = checkpoint.with_suffix(".onnx")
     rc, out, seconds = runner.run([sys.executable, "Model_Training/export.py", "--checkpoint", str(checkpoint),
@@ -449,26 +438,19 @@ def step_predictions(plan: Plan, runner: Runner, data: Path, checkpoint: Path, o
     listing.mkdir(exist_ok=True)
     for p in images:
         (listing / p.name).symlink_to(p)
-    has_backend = _supports("predictions.py", "--backend", runner)
-    has_batch = _supports("predictions.py", "--batch-size", runner)
     ok = True
     outputs = {}
     for backend in ("torch", "onnx"):
         argv = [sys.executable, "predictions.py", str(listing), "--checkpoint", str(checkpoint), "--device",
                 plan.device]
         if backend == "onnx":
-            if not has_backend or onnx_path is None:
-                step.rows.append(("predictions.py --backend onnx", "not available in this version of predictions.py"
-                                  if not has_backend else "no ONNX export"))
+            if onnx_path is None:
+                step.rows.append(("predictions.py --backend onnx", "no ONNX export"))
                 continue
             argv[argv.index(str(checkpoint))] = str(onnx_path)
             # auto: the CUDA execution provider when this onnxruntime has it, else the CPU one (reported below)
             argv[argv.index("--device") + 1] = "auto"
-            argv += ["--backend", "onnx"]
-        elif has_backend:
-            argv += ["--backend", "torch"]
-        if has_batch:
-            argv += ["--batch-size", "16", "--workers", str(plan.workers)]
+        argv += ["--backend", backend, "--batch-size", "16", "--workers", str(plan.workers)]
         rc, out, seconds = runner.run(argv, 150, f"predictions.py {backend}", stdout_only=True)
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         good = rc == 0 and len(lines) == len(images) and all("labels" in r for r in lines)
@@ -531,10 +513,8 @@ def step_web(plan: Plan, runner: Runner, data: Path, checkpoint: Path, onnx_path
         config = {"CHECKPOINT": str(checkpoint), "DEVICE": plan.device, "RESULTS_DIR": str(runner.work / "results"),
                   "WTF_CSRF_ENABLED": False, "TESTING": True}
         if backend == "onnx":
-            import inspect
-
-            if onnx_path is None or "BACKEND" not in inspect.getsource(webapp):
-                step.rows.append(("POST /api/predict, backend onnx", "not available in this version of main.py"))
+            if onnx_path is None:
+                step.rows.append(("POST /api/predict, backend onnx", "no ONNX export"))
                 continue
             config.update(CHECKPOINT=str(onnx_path), BACKEND="onnx", DEVICE="auto")  # CPU EP if no CUDA EP
         client = webapp.create_app(config).test_client()

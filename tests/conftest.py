@@ -50,12 +50,28 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    if HAVE_SHARED:
-        return
-    skip = pytest.mark.skip(reason=SHARED_REASON)
+    if not HAVE_SHARED:
+        skip = pytest.mark.skip(reason=SHARED_REASON)
+        for item in items:
+            if "shared" in item.keywords:
+                item.add_marker(skip)
+    items[:] = costliest_files_first(items)
+
+
+def costliest_files_first(items: list) -> list:
+    """The tests in file order, the files with the most `slow(seconds)` first, then those with the most tests.
+
+    `make test` hands whole files to pytest-xdist's workers in this order (`--dist loadfile --no-loadscope-reorder`):
+    a long file started last would run alone at the end while the other core idles. Tests keep their order in a file.
+    """
+    seconds: dict[str, float] = {}
+    count: dict[str, int] = {}
     for item in items:
-        if "shared" in item.keywords:
-            item.add_marker(skip)
+        path = item.nodeid.split("::")[0]
+        mark = item.get_closest_marker("slow")
+        seconds[path] = seconds.get(path, 0.0) + (float(mark.args[0]) if mark and mark.args else 0.0)
+        count[path] = count.get(path, 0) + 1
+    return sorted(items, key=lambda item: (-seconds[item.nodeid.split("::")[0]], -count[item.nodeid.split("::")[0]]))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

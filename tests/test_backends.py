@@ -126,6 +126,7 @@ def test_batched_scoring_equals_one_at_a_time(exported, folder, tmp_path, capsys
             assert row[-2] == "|".join(record["positive"])
 
 
+@pytest.mark.slow(10)
 def test_batched_overlays_match(exported, folder, tmp_path, capsys):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     common = [str(folder), "--checkpoint", str(exported), "--device", "cpu", "--heatmaps", "positive"]
@@ -162,6 +163,7 @@ def test_shards_cover_the_list_in_order(tmp_path):
         merge_parts(target, 2)
 
 
+@pytest.mark.slow(15)
 def test_torchrun_two_ranks_merge_to_the_single_process_output(exported, folder, tmp_path, capsys):
     common = [str(folder), "--checkpoint", str(exported), "--device", "cpu", "--batch-size", "1", "--workers", "0"]
     single_jsonl, single_csv = tmp_path / "single.jsonl", tmp_path / "single.csv"

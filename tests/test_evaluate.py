@@ -16,7 +16,7 @@ from chestxray.checkpoint import load_checkpoint
 from chestxray.labels import LABELS
 from Model_Training import test as evaluation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(1)
 OUTPUTS = ("predictions.csv", "metrics.json", "per_label.csv", "report.md", "args.json", "roc.png", "pr.png",
            "confusion.png", "reliability.png", "localization.csv")
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from trainutil import read_history, run_main, small_run
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.trainstate import NoTrainingState, load_resume_state
+from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +59,7 @@ def _files(folder: Path) -> list[str]:
 # 937-image sample give one; the bundled sample's 21 do not (its seeded run's best epoch is 1), so it reads ../shared.
 @pytest.mark.parametrize("match, what", [("kind", "training state"),
                                          pytest.param("meta", "best checkpoint", marks=shared)])
+@pytest.mark.slow(20)
 def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(nih_dir, tmp_path, capsys, match,
                                                                              what):
     run, best = tmp_path / "run", tmp_path / "best.pth"
@@ -83,17 +88,27 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     assert meta.training["epochs"] in (1, 2, 3)
 
 
+@pytest.fixture(scope="module")
+def two_epochs_once(nih_dir, tmp_path_factory) -> Path:
+    """A run of two epochs, trained once for this module: last.pth holds epoch 2, last.prev.pth epoch 1."""
+    folder = tmp_path_factory.mktemp("two_epochs")
+    argv = small_run(nih_dir, "--run-dir", str(folder / "run"), "--output", str(folder / "best.pth"), epochs=2)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        assert train.main(train.get_args_parser().parse_args(argv)) == 0, err.getvalue()
+    assert torch.load(folder / "run" / "last.pth", weights_only=True)["epoch"] == 2
+    assert torch.load(folder / "run" / "last.prev.pth", weights_only=True)["epoch"] == 1
+    return folder
+
+
 @pytest.fixture()
-def two_epochs(nih_dir, tmp_path, capsys):
+def two_epochs(two_epochs_once, nih_dir, tmp_path):
+    """A copy of the two-epoch run for one test to damage -> (run folder, best checkpoint, its train.py arguments)."""
+    shutil.copytree(two_epochs_once, tmp_path, dirs_exist_ok=True)
     run, best = tmp_path / "run", tmp_path / "best.pth"
-    argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=2)
-    rc, _, err = run_main(argv, capsys)
-    assert rc == 0, err
-    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
-    assert torch.load(run / "last.prev.pth", weights_only=True)["epoch"] == 1
-    return run, best, argv
+    return run, best, small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=2)
 
 
+@pytest.mark.slow(8)
 def test_truncated_state_is_detected_and_resume_falls_back(two_epochs, capsys):
     run, best, argv = two_epochs
     data = (run / "last.pth").read_bytes()
@@ -114,6 +129,7 @@ def test_both_states_damaged_is_a_clear_error(two_epochs, capsys):
     assert rc == 2 and "neither training state can be used" in err
 
 
+@pytest.mark.slow(13)
 def test_full_disk_during_a_state_write_is_reported_and_the_previous_survives(nih_dir, tmp_path, capsys,
                                                                              monkeypatch):
     run, best = tmp_path / "run", tmp_path / "best.pth"

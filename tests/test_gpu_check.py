@@ -24,7 +24,7 @@ def _load_gpu_check():
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.slow(90)
 def test_dry_run_runs_every_step(tmp_path):
     gpu_check = _load_gpu_check()
     out = tmp_path / "gpu.md"

@@ -51,6 +51,7 @@ def _safe_name(i: int, filename: str) -> str:
     return f"{i:02d}-\u00e9\u4e2d{suffix}"  # non-ASCII names on disk
 
 
+@pytest.mark.slow(20)
 def test_predictions_cli_on_the_corpus(tiny_checkpoint, tmp_path):
     inputs, out = tmp_path / "inputs", tmp_path / "out"
     inputs.mkdir()

@@ -290,6 +290,7 @@ def test_a_checkpoint_with_a_bad_meta_field_runs_the_app_without_a_model(make_ap
 # ---------------------------------------------------------------- item 11: per-image limits on the command line
 
 
+@pytest.mark.slow(10)
 def test_cli_applies_per_image_limits_and_goes_on(tiny_checkpoint, tmp_path):
     sparse = tmp_path / "huge.dcm"
     with sparse.open("wb") as f:

@@ -199,6 +199,7 @@ def trained_on_sample(tmp_path_factory):
 
 
 @shared
+@pytest.mark.slow(28)
 def test_int8_quality_gate_on_the_validation_split(trained_on_sample, capsys):
     fp32_path = trained_on_sample.with_suffix(".onnx")
     int8_path = export.int8_path(fp32_path)

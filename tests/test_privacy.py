@@ -88,6 +88,7 @@ def test_web_app_never_shows_saves_or_logs_patient_data(kind, app, caplog, capsy
     assert not leaks(" ".join(str(w.message) for w in caught))
 
 
+@pytest.mark.slow(10)
 def test_predictions_cli_never_prints_or_writes_patient_data(tiny_checkpoint, tmp_path):
     inputs, out = tmp_path / "inputs", tmp_path / "out"
     inputs.mkdir()
@@ -132,6 +133,7 @@ def test_corrupted_length_dicoms_are_among_the_checked_kinds():
         assert sum(secret.encode() in data for secret in SECRETS) >= 10
 
 
+@pytest.mark.slow(11)
 def test_train_py_skips_corrupted_dicoms_and_prints_no_patient_data(nih_dir, tmp_path):
 
     names = sorted(p.name for p in (nih_dir / "images_64").iterdir())[:24]

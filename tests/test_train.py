@@ -138,6 +138,7 @@ def _subprocess_env() -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
+@pytest.mark.slow(30)
 def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path, capsys):
     def argv(run: str, output: str) -> list[str]:
         return small_run(nih_dir, "--run-dir", str(tmp_path / run), "--output", str(tmp_path / output), limit=64,
@@ -176,6 +177,7 @@ def test_sigkill_during_second_epoch_then_resume(nih_dir, tmp_path, capsys):
         np.testing.assert_allclose([float(r[key]) for r in history], [float(r[key]) for r in reference], rtol=1e-6)
 
 
+@pytest.mark.slow(28)
 def test_torchrun_two_processes_gloo(nih_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN_PY),
            *small_run(nih_dir, "--output", "best.pth", "--labels", "chestxray8", limit=40)]

@@ -175,6 +175,7 @@ def trusted_server(chromium, tiny_checkpoint, tmp_path_factory):
         yield base
 
 
+@pytest.mark.slow(19)
 def test_out_of_scope_upload_and_not_validated_label(trusted_server, browser, tmp_path):
 
     import skimage.data

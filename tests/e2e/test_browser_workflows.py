@@ -232,6 +232,7 @@ def test_result_prints_on_one_page_and_downloads_a_pdf_report(site, browser):
     context.close()
 
 
+@pytest.mark.slow(9)
 def test_a_form_opened_before_a_restart_submits_after_it(chromium, browser, tiny_checkpoint, tmp_path):
     results, instance, port = tmp_path / "results", tmp_path / "instance", free_port()
     args = ["--instance-dir", str(instance)]
