@@ -10,6 +10,7 @@ Area-specific fixtures live in the test modules that use them.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,15 @@ def costliest_files_first(items: list) -> list:
     `make test` hands whole files to pytest-xdist's workers in this order (`--dist loadfile --no-loadscope-reorder`):
     a long file started last would run alone at the end while the other core idles. Tests keep their order in a file.
     """
-    seconds: dict[str, float] = {}
-    count: dict[str, int] = {}
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    seconds: Counter[str] = Counter()
+    tests = Counter(file_of(item) for item in items)
     for item in items:
-        path = item.nodeid.split("::")[0]
         mark = item.get_closest_marker("slow")
-        seconds[path] = seconds.get(path, 0.0) + (float(mark.args[0]) if mark and mark.args else 0.0)
-        count[path] = count.get(path, 0) + 1
-    return sorted(items, key=lambda item: (-seconds[item.nodeid.split("::")[0]], -count[item.nodeid.split("::")[0]]))
+        seconds[file_of(item)] += float(mark.args[0]) if mark and mark.args else 0.0
+    return sorted(items, key=lambda item: (-seconds[file_of(item)], -tests[file_of(item)]))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
