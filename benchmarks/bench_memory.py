@@ -17,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
 import numpy as np
-from common import ROOT, conftest
+from common import ROOT, conftest, livesite
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 
@@ -27,7 +26,7 @@ from chestxray.imaging import MAX_DECODED_PIXELS
 
 # tests/hostile.py (the corpus generators) is loaded by path like the other test helpers; it imports conftest by name.
 sys.modules.setdefault("conftest", conftest)
-hostile = common.livesite.load_module(ROOT / "tests" / "hostile.py", "hostile")
+hostile = livesite.load_module(ROOT / "tests" / "hostile.py", "hostile")
 
 
 def largest_png() -> bytes:

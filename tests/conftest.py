@@ -189,22 +189,15 @@ def trained_run(tmp_path_factory) -> dict:
     """One training run shared by the whole pytest run (test_train, test_evaluate), done in-process by whichever
     worker needs it first: ResNet-18 at 64 px, 2 epochs on 48 training + the 21 validation images of the sample,
     with a resized-image cache."""
-    import io
     import json
-    from contextlib import redirect_stderr, redirect_stdout
 
-    from trainutil import small_run
-
-    from Model_Training import train
+    from trainutil import run_quietly, small_run
 
     def train_into(tmp: Path) -> None:
         argv = small_run(NIH_DIR, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),
                          "--cache-dir", str(tmp / "cache"))
-        out, err = io.StringIO(), io.StringIO()
-        with redirect_stdout(out), redirect_stderr(err):
-            rc = train.main(train.get_args_parser().parse_args(argv))
-        (tmp / "outcome.json").write_text(json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(),
-                                                      "argv": argv}))
+        rc, out, err = run_quietly(argv)
+        (tmp / "outcome.json").write_text(json.dumps({"rc": rc, "out": out, "err": err, "argv": argv}))
 
     tmp = run_once(tmp_path_factory, "trained_run", train_into)
     outcome = json.loads((tmp / "outcome.json").read_text())

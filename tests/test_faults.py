@@ -2,24 +2,21 @@
 from __future__ import annotations
 
 import errno
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import shared, shared_path
-from trainutil import read_history, run_main, small_run
+from trainutil import read_history, run_main, run_quietly, small_run
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.trainstate import NoTrainingState, load_resume_state
-from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +90,8 @@ def two_epochs_once(nih_dir, tmp_path_factory) -> Path:
     """A run of two epochs, trained once for this module: last.pth holds epoch 2, last.prev.pth epoch 1."""
     folder = tmp_path_factory.mktemp("two_epochs")
     argv = small_run(nih_dir, "--run-dir", str(folder / "run"), "--output", str(folder / "best.pth"), epochs=2)
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
-        assert train.main(train.get_args_parser().parse_args(argv)) == 0, err.getvalue()
+    rc, _, err = run_quietly(argv)
+    assert rc == 0, err
     assert torch.load(folder / "run" / "last.pth", weights_only=True)["epoch"] == 2
     assert torch.load(folder / "run" / "last.prev.pth", weights_only=True)["epoch"] == 1
     return folder

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import io
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from Model_Training import train
@@ -21,6 +23,14 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     rc = train.main(train.get_args_parser().parse_args(argv))
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def run_quietly(argv: list[str]) -> tuple[int, str, str]:
+    """train.main in this process, its output caught without capsys (for module and session fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = train.main(train.get_args_parser().parse_args(argv))
+    return rc, out.getvalue(), err.getvalue()
 
 
 def read_history(run_dir: Path) -> list[dict]:
