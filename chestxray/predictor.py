@@ -237,31 +237,29 @@ class Predictor:
             raise ValueError(f"{len(images)} images, {len(formats)} formats and {inputs.shape[0]} inputs differ")
         x = self.normalize(inputs.to(self.device))
         logits, maps, pooled = self._outputs(x)
-        scope = self.trust.scope
-        stats = (image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu()
-                 if scope is not None and scope.needs_images else None)
+        scope, scores = self.trust.scope, None
+        if scope is not None:  # the in-scope check scores the whole batch at once
+            stats = image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu() if scope.needs_images else None
+            scores = scope.score(pooled, stats)
         card = self.model_card()  # the same for every image: built once per batch
         predictions = []
         for i, image in enumerate(images):
             prediction = self._prediction(image, logits[i].astype(np.float64), maps[i],
-                                          pooled[i:i + 1] if scope is not None else None,
-                                          stats[i:i + 1] if stats is not None else None, formats[i], card)
+                                          float(scores[i]) if scores is not None else None, formats[i], card)
             if not heatmaps:
                 prediction.heatmaps = None
             predictions.append(prediction)
         return predictions
 
-    def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None,
-                    pooled: torch.Tensor | None, stats: torch.Tensor | None, image_format: str | None,
-                    card: dict) -> Prediction:
+    def _prediction(self, image: np.ndarray, logits: np.ndarray, maps: np.ndarray | None, score: float | None,
+                    image_format: str | None, card: dict) -> Prediction:
         trust = self.trust
         if trust.calibration is not None:
             probs = trust.calibration.apply(logits)
         else:
             probs = expit(logits)
-        in_scope = score = limit = None
-        if pooled is not None:
-            score = float(trust.scope.score(pooled, stats)[0])
+        in_scope = limit = None
+        if score is not None:
             limit = trust.scope.limit
             in_scope = bool(trust.scope.in_scope(score))
         calls = binarize(probs, self.thresholds)

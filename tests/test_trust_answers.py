@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from trustutil import VALIDATED, make_trusted_checkpoint
 
+from chestxray.imaging import read_xray
 from chestxray.predictor import NOT_VALIDATED, Predictor
 from chestxray.trust import TRUST_KEY
 
@@ -59,6 +60,17 @@ def test_photo_and_ct_slice_are_out_of_scope_with_no_calls(predictor, photo, whi
     assert doc["scope_score"] > doc["scope_limit"]
     assert "does not look like a frontal chest radiograph" in doc["scope"]
     assert all(not row["positive"] for row in doc["labels"])
+
+
+def test_a_batch_gets_the_verdicts_each_image_gets_alone(predictor, photo, held_out):
+    # predict_batch scores the in-scope check for the whole batch at once; no image may borrow another's score.
+    images = [read_xray(photo), read_xray(held_out), read_xray(CT_SLICE.read_bytes())]
+    batch = predictor.predict_batch(images)
+    alone = [predictor.predict_batch([image])[0] for image in images]
+    assert [p.in_scope for p in batch] == [a.in_scope for a in alone] == [False, True, False]
+    assert [p.positive for p in batch] == [a.positive for a in alone] == [[], [VALIDATED], []]
+    for together, single in zip(batch, alone):
+        assert together.scope_score == pytest.approx(single.scope_score, rel=1e-4)
 
 
 def test_real_nih_image_is_in_scope_and_only_validated_labels_are_called(predictor, held_out):
