@@ -30,6 +30,7 @@ from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
 from chestxray.predictor import BACKENDS, Prediction, Predictor
+from chestxray.results import PNG_COMPRESS_LEVEL
 from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
 
 __all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
@@ -101,7 +102,8 @@ def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> di
             caption = (f"{label}: colour = evidence for this finding, scaled to this map's own peak" if supported
                        else f"{label}: no region supports this finding")
             image = with_legend(pred.overlay(label), caption)
-            target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(f, format="PNG"))
+            target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(
+                f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))  # the web app's level: ~3x faster than 6
             record["heatmaps"][label] = str(target)
     return record
 

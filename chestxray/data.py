@@ -7,6 +7,7 @@ folders), and optionally the official `train_val_list.txt` / `test_list.txt` at 
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -242,14 +243,24 @@ def official_lists(data_dir: str | os.PathLike, index: pd.DataFrame | None = Non
     return lists if index["image"].isin(listed).all() else None
 
 
-def read_list(path: str | os.PathLike) -> set[str]:
-    """The image names of an official split list, plain or .gz (one per line; the NIH files lack a final newline)."""
+def read_list(path: str | os.PathLike) -> frozenset[str]:
+    """The image names of an official split list, plain or .gz (one per line; the NIH files lack a final newline).
+
+    Parsed once per file version (path, size, modification time): a data folder's lists are consulted several times
+    while its split is made, and the official train_val list holds 86,524 names."""
     path = Path(path)
     try:
-        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        stat = path.stat()
+        return _parse_list(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read split list {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_list(path: str, size: int, mtime_ns: int) -> frozenset[str]:
+    raw = Path(path).read_bytes()
+    text = gzip.decompress(raw).decode() if path.endswith(".gz") else raw.decode()
+    return frozenset(name for name in (line.strip() for line in text.splitlines()) if name)
 
 
 def patient_uniform(patients: Sequence[int] | np.ndarray, seed: int) -> np.ndarray:

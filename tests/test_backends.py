@@ -49,6 +49,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
+@pytest.mark.slow(6)
 def test_both_backends_give_the_same_prediction(exported, folder):
     torch_p = Predictor.from_checkpoint(exported, device="cpu", backend="torch")
     onnx_p = Predictor.from_checkpoint(exported, device="cpu", backend="onnx")  # finds model.onnx beside it
@@ -204,6 +205,7 @@ def test_web_app_serves_the_onnx_backend(exported, tmp_path):
     assert answers["onnx"]["model"]["backend"] == "onnx (fp32)"
 
 
+@pytest.mark.slow(8)
 def test_evaluation_on_the_onnx_backend_matches_torch(exported, tmp_path):
     import pandas as pd
 

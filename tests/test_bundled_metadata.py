@@ -99,3 +99,14 @@ def test_one_list_alone_is_refused_even_with_the_bundle(tmp_path):
     (root / data.TEST_LIST).write_bytes(gzip.decompress((root / "x.gz").read_bytes()))
     with pytest.raises(DataError, match="provide both official lists or neither"):
         official_lists(root, load_index(root))
+
+
+def test_a_list_is_read_again_once_it_changes(tmp_path):
+    path = tmp_path / "train_val_list.txt"
+    path.write_text("00000001_000.png\n00000002_000.png")
+    assert read_list(path) == {"00000001_000.png", "00000002_000.png"}
+    path.write_text("00000001_000.png\n00000002_000.png\n00000003_000.png\n")
+    assert read_list(path) == {"00000001_000.png", "00000002_000.png", "00000003_000.png"}
+    path.unlink()
+    with pytest.raises(DataError, match="cannot read split list"):
+        read_list(path)

@@ -32,6 +32,11 @@ def test_round_trip_gives_identical_logits_and_meta(tiny_checkpoint):
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
     assert not model.training
+    # Built on the meta device and given the saved tensors: none is left without storage or differs.
+    state = model.state_dict()
+    assert state.keys() == raw["model"].keys()
+    assert all(t.device.type == "cpu" and torch.equal(t, raw["model"][k]) for k, t in state.items())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_meta_survives_json_and_rebuilds_preprocessing(tmp_path):

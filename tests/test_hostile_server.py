@@ -82,6 +82,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
         return False
 
 
+@pytest.mark.slow(8)
 def test_a_silent_connection_is_closed(tiny_checkpoint, tmp_path):
     with serve(tiny_checkpoint, tmp_path, "--channel-timeout", "2", "--cleanup-interval", "1") as server:
         idle, half = connect(server), connect(server)
@@ -90,6 +91,7 @@ def test_a_silent_connection_is_closed(tiny_checkpoint, tmp_path):
         assert healthy(server)
 
 
+@pytest.mark.slow(5)
 def test_half_open_connections_beyond_the_old_limit_do_not_block_healthz(tiny_checkpoint, tmp_path):
     # Slowloris: 110 requests whose headers never end (waitress's default connection_limit was 100).
     with serve(tiny_checkpoint, tmp_path) as server:
@@ -119,6 +121,7 @@ def _open_files_in(pid: int, folder: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to see the server's open files")
+@pytest.mark.slow(7)
 def test_an_upload_in_flight_never_touches_disk(tiny_checkpoint, tmp_path):
     # Waitress spooled a request body over 512 KB to an unlinked temporary file holding the DICOM header (issue 11).
     with serve(tiny_checkpoint, tmp_path, "--max-upload-mb", "4") as server:

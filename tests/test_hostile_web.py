@@ -312,6 +312,7 @@ def check_server_clean(server: LiveServer) -> None:
     assert "Traceback" not in server.log.read_text(errors="replace")
 
 
+@pytest.mark.slow(5)
 def test_live_upload_closed_mid_body_leaves_nothing(live):
     before = entries(live.results)
     body = multipart(png_bytes())

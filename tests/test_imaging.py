@@ -104,6 +104,7 @@ def test_every_nih_sample_image_reads_as_its_gray_values():
 
 
 @shared
+@pytest.mark.slow(6)
 def test_every_shared_nih_image_reads_as_its_gray_values():
     files = sorted(shared_path("nih").rglob("*.png"))
     assert len(files) == 937

@@ -77,6 +77,7 @@ def real_batch():
     return _batch(Meta.new(image_size=64), paths)
 
 
+@pytest.mark.slow(5)
 def test_onnx_matches_pytorch_on_real_images(scoped_checkpoint, fp32_onnx, real_batch):
     model, meta, _ = load_checkpoint(scoped_checkpoint)
     with torch.inference_mode():

@@ -275,6 +275,7 @@ def test_a_study_pushed_by_the_pacs_comes_back_with_results(pacs, tmp_path):
     check_results_in_study(orthanc, source, expected_instances=3)
 
 
+@pytest.mark.slow(6)
 def test_the_readmes_orthanc_auto_forward_sends_new_radiographs_and_does_not_loop(tiny_predictor, tmp_path):
     """The README's Lua script: an image stored in Orthanc goes to the node; the results stored back are not sent."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -413,6 +414,7 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.slow(5)
 def test_four_machines_sending_25_images_each_at_once_lose_nothing(tiny_predictor, tmp_path):
     analyser = Analyser(tiny_predictor)
     folders = []
@@ -619,6 +621,7 @@ def test_main_refuses_bad_dicom_settings_and_says_why(tiny_checkpoint, tmp_path,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow(7)
 def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoint, tmp_path):
     """python main.py --dicom-port: receive an identified image, open the worklist and the result; read the console."""
     import re

@@ -170,6 +170,7 @@ def _run_cli(capsys, *argv) -> tuple[int, list[dict], str]:
     return code, [json.loads(line) for line in out.splitlines()], err
 
 
+@pytest.mark.slow(8)
 def test_cli_on_a_mixed_folder(tiny_checkpoint, mixed_folder, tmp_path, capsys):
     out_dir = tmp_path / "maps"
     code, records, err = _run_cli(capsys, mixed_folder, "--checkpoint", tiny_checkpoint, "--out", out_dir)
@@ -205,6 +206,7 @@ def test_cli_without_a_usable_checkpoint(tmp_path, capsys):
     assert "not found" in err and "Model_Training/train.py" in err
 
 
+@pytest.mark.slow(6)
 def test_cli_as_a_subprocess(tiny_checkpoint):
     result = subprocess.run(
         [sys.executable, "predictions.py", str(NIH_PNG), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"],

@@ -110,6 +110,7 @@ def test_predictions_cli_never_prints_or_writes_patient_data(tiny_checkpoint, tm
         assert not leaks(str(path.relative_to(out))) and not leaks(path.read_bytes()), path
 
 
+@pytest.mark.slow(5)
 def test_a_real_server_console_never_shows_patient_data(tiny_checkpoint, tmp_path):
     with serve(tiny_checkpoint, tmp_path / "live") as server:
         for kind in PHI_KINDS:

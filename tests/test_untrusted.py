@@ -79,6 +79,7 @@ def test_the_payload_is_live_when_loaded_unsafely(kind, tmp_path, tiny_checkpoin
     assert marker.is_dir()
 
 
+@pytest.mark.slow(5)
 def test_predictions_cli_refuses_it(tmp_path, tiny_checkpoint):
     marker = tmp_path / "payload-ran"
     path = make_evil("payload inside a real checkpoint", tmp_path / "model.pth", marker, tiny_checkpoint)

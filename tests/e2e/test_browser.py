@@ -69,6 +69,7 @@ def expected_findings(results: Path, rid: str) -> list[tuple[str, str]]:
     return [(row["label"], format_call(row["probability"], row["threshold"])[0]) for row in ranked]
 
 
+@pytest.mark.slow(19)
 def test_upload_png_and_dicom_switch_heatmap_open_permalink(server, browser):
     base, results = server
     context, page = open_page(browser)

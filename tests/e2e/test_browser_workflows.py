@@ -93,6 +93,7 @@ def axe_violations(page, axe: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow(5)
 def test_no_sideways_scroll_and_no_axe_violations_on_any_page(site, browser, axe):
     base, results, *_ = site
     context, page = open_page(browser, 1400, failed_responses=False)
