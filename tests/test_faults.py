@@ -5,11 +5,11 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 from conftest import shared, shared_path
@@ -65,7 +65,7 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     require = str(tmp_path) if match == "kind" else str(run / "last.pth")
     script = DYING_TRAINER.format(match=match, kill_at=2 if match == "kind" else 1,
                                   require=require, argv=argv)
-    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    killed = forked.run([sys.executable, "-c", script], cwd=ROOT, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     # The interrupted write left only a temporary file; every complete file still loads.
     leftovers = [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]

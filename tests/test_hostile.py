@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -61,10 +61,10 @@ def test_predictions_cli_on_the_corpus(tiny_checkpoint, tmp_path):
         (inputs / name).write_bytes(case.make())
         expected[name] = kind
     files = [str(p) for p in sorted(inputs.iterdir())]
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "predictions.py", *files, "--checkpoint", str(tiny_checkpoint), "--out", str(out),
          "--device", "cpu", "--heatmaps", "positive"],  # positive only: the corpus holds 25-60 MP images
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, timeout=300,
     )
     assert result.returncode == 1  # some images failed
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout

@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import io
 import json
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 from conftest import NIH_PNG, ROOT
@@ -299,10 +299,10 @@ def test_cli_applies_per_image_limits_and_goes_on(tiny_checkpoint, tmp_path):
     blank.write_bytes(blank_png())  # 60 MP in 58 KB: took 217 s and 8.2 GB with --out
     good = tmp_path / "good.png"
     good.write_bytes(NIH_PNG.read_bytes())
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "predictions.py", str(sparse), str(blank), str(good), "--checkpoint", str(tiny_checkpoint),
          "--out", str(tmp_path / "out"), "--device", "cpu", "--max-file-mb", "50"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, timeout=300,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     records = {Path(r["image"]).name: r for r in map(json.loads, result.stdout.splitlines())}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import ROOT
 from e2e.livesite import free_port, stop_server
@@ -26,7 +26,7 @@ BOUNDARY = "server-boundary-3c9a"
 @dataclass
 class Server:
     port: int
-    proc: subprocess.Popen
+    proc: forked.Forked
     tmpdir: Path
     log: Path
 
@@ -36,16 +36,15 @@ class Server:
 
 @contextlib.contextmanager
 def serve(checkpoint: Path, root: Path, *flags: str, timeout: float = 60.0) -> Iterator[Server]:
-    """`python main.py` with `flags` in a subprocess, TMPDIR inside `root`; waits for /healthz, stops it on exit."""
+    """`python main.py` with `flags` in a process of its own (tests/forked.py), TMPDIR inside `root`; waits for
+    /healthz, stops it on exit."""
     root.mkdir(parents=True, exist_ok=True)
     tmpdir = root / "tmp"
     tmpdir.mkdir()
     port, log = free_port(), root / "server.log"
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(port),
            "--results-dir", str(root / "results"), "--device", "cpu", "--threads", "2", *flags]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TMPDIR": str(tmpdir)})
+    proc = forked.popen(cmd, cwd=ROOT, stdout=log, env={**os.environ, "TMPDIR": str(tmpdir)})
     server = Server(port, proc, tmpdir, log)
     try:
         deadline = time.monotonic() + timeout

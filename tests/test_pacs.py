@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import forked
 import numpy as np
 import pydicom
 import pytest
@@ -632,8 +633,7 @@ def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoin
     cmd = [sys.executable, str(root / "main.py"), "--checkpoint", str(tiny_checkpoint), "--port", "0",
            "--results-dir", str(tmp_path / "results"), "--device", "cpu", "--dicom-port", "0",
            "--dicom-send", f"{PACS_AET}@127.0.0.1:{free_port()}"]
-    with open(console, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    proc = forked.popen(cmd, cwd=root, stdout=console)
     try:
         deadline = time.monotonic() + WAIT
         while not (re.search(r"listening on 127\.0\.0\.1:(\d+)", console.read_text())

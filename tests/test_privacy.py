@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import ROOT
 from flask import Flask
@@ -94,10 +94,10 @@ def test_predictions_cli_never_prints_or_writes_patient_data(tiny_checkpoint, tm
     inputs.mkdir()
     for i, kind in enumerate(PHI_KINDS):
         (inputs / f"case-{i:02d}.dcm").write_bytes(CORPUS[kind].make())
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "-W", "always", "predictions.py", str(inputs), "--checkpoint", str(tiny_checkpoint),
          "--out", str(out), "--heatmaps", "positive", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, timeout=300,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -145,12 +145,12 @@ def test_train_py_skips_corrupted_dicoms_and_prints_no_patient_data(nih_dir, tmp
         (root / name).unlink()
         (root / name).write_bytes(data)  # a DICOM under an NIH name: the content decides
     run = tmp_path / "run"
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "-W", "always", str(TRAIN_PY), "--data-dir", str(root), "--arch", "resnet18",
          "--image-size", "64", "--epochs", "1", "--no-pretrained", "--device", "cpu", "--batch-size", "4",
          "--workers", "0", "--no-progress", "--val-fraction", "0.3", "--check-data", "--run-dir", str(run),
          "--output", str(tmp_path / "x.pth")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import forked
 import numpy as np
 import pandas as pd
 import pytest
@@ -145,17 +146,16 @@ def test_sigkill_during_second_epoch_then_resume(trained_run, nih_dir, tmp_path,
     # of its own; the resume goes in-process and must end where the uninterrupted run ended.
     argv = small_run(nih_dir, "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "best.pth"),
                      "--cache-dir", str(trained_run["cache"]))
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_subprocess_env(), text=True)
+    log = tmp_path / "killed.log"
+    proc = forked.popen([sys.executable, str(TRAIN_PY), *argv], cwd=tmp_path, stdout=log, env=_subprocess_env())
     state = tmp_path / "run" / "last.pth"
     deadline = time.monotonic() + 240
     while not state.exists():  # appears (atomically) when epoch 1 is complete
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "epoch 1 did not finish in time"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(state, weights_only=True)["epoch"] == 1
     assert [row["epoch"] for row in read_history(tmp_path / "run")] == ["1"]  # killed inside epoch 2

@@ -9,10 +9,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 from conftest import NIH_DIR, ROOT
@@ -84,9 +84,9 @@ def test_predictions_cli_refuses_it(tmp_path, tiny_checkpoint):
     marker = tmp_path / "payload-ran"
     path = make_evil("payload inside a real checkpoint", tmp_path / "model.pth", marker, tiny_checkpoint)
     image = sorted((NIH_DIR / "images_64").glob("*.png"))[0]
-    result = subprocess.run([sys.executable, "predictions.py", str(image), "--checkpoint", str(path), "--device",
+    result = forked.run([sys.executable, "predictions.py", str(image), "--checkpoint", str(path), "--device",
                              "cpu", "--out", str(tmp_path / "out")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert f"error: {path} {REFUSED_OBJECTS}" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import forked
 from conftest import ROOT
 from e2e.livesite import free_port, stop_server
 from flask import Flask
@@ -60,7 +60,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(checkpoint: Path, root: Path, limit_mb: int = 1, timeout: float = 60.0) -> Iterator[LiveServer]:
-    """Start the waitress server in a subprocess and wait for /healthz; terminate it on exit."""
+    """Start the waitress server in a process of its own (tests/forked.py), wait for /healthz; terminate it on exit."""
     root.mkdir(parents=True, exist_ok=True)
     server = LiveServer(free_port(), root / "results", root / "tmp", root / "server.log", limit_mb * 1024 * 1024)
     server.tmpdir.mkdir()
@@ -68,8 +68,7 @@ def serve(checkpoint: Path, root: Path, limit_mb: int = 1, timeout: float = 60.0
            "--results-dir", str(server.results), "--device", "cpu", "--max-upload-mb", str(limit_mb),
            "--threads", "2", "--instance-dir", str(root / "instance")]
     env = {**os.environ, "TMPDIR": str(server.tmpdir)}  # waitress spools large bodies here
-    with open(server.log, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = forked.popen(cmd, cwd=ROOT, stdout=server.log, env=env)
     try:
         deadline = time.monotonic() + timeout
         while True:

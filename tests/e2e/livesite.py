@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -31,11 +31,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def popen_logged(cmd: list[str], *, cwd: Path, stdout: Path, env: dict | None = None) -> subprocess.Popen:
+    """subprocess.Popen with stdout and stderr appended to the file `stdout` (the signature of tests/forked.popen)."""
+    with open(stdout, "ab") as log:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 @contextlib.contextmanager
 def run_server(checkpoint: Path, results_dir: Path, timeout: float = 90.0, port: int | None = None,
-               extra_args: Sequence[str] = ()) -> Iterator[str]:
-    """Start `python main.py --checkpoint CKPT --port PORT` (waitress; a free port by default) in a subprocess, with
-    its secret key in a folder beside `results_dir` unless `extra_args` name another; yield its base URL."""
+               extra_args: Sequence[str] = (), launch: Callable = popen_logged) -> Iterator[str]:
+    """Start `python main.py --checkpoint CKPT --port PORT` (waitress; a free port by default) in a process of its
+    own, with its secret key in a folder beside `results_dir` unless `extra_args` name another; yield its base URL.
+    `launch` starts it: a fresh interpreter by default (benchmarks, screenshots), tests/forked.popen in the tests."""
     port = port or free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(port),
            "--results-dir", str(results_dir), "--device", "cpu"]
@@ -43,26 +50,26 @@ def run_server(checkpoint: Path, results_dir: Path, timeout: float = 90.0, port:
         cmd += ["--instance-dir", str(Path(results_dir).parent / "instance")]
     cmd += list(extra_args)
     log_path = Path(results_dir).parent / f"server-{port}.log"
-    with open(log_path, "w+b") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
-                try:
-                    with urllib.request.urlopen(base + "/healthz", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{log_path.read_text()}")
-                time.sleep(0.2)
-            yield base
-        finally:
-            stop_server(proc)
+    log_path.write_bytes(b"")
+    proc = launch(cmd, cwd=ROOT, stdout=log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(base + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

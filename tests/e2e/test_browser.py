@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG
@@ -49,7 +50,7 @@ chromium = pytest.fixture(scope="module", name="chromium")(chromium_fixture)
 @pytest.fixture(scope="module")
 def server(chromium, tiny_checkpoint, tmp_path_factory):
     results = tmp_path_factory.mktemp("e2e") / "results"
-    with run_server(tiny_checkpoint, results) as base:
+    with run_server(tiny_checkpoint, results, launch=forked.popen) as base:
         yield base, results
 
 
@@ -172,7 +173,7 @@ def test_basic_flow_works_without_javascript(server, browser):
 def trusted_server(chromium, tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("e2e-trust")
     checkpoint = make_trusted_checkpoint(folder / "model.pth", tiny_checkpoint, NIH_DIR)
-    with run_server(checkpoint, folder / "results") as base:
+    with run_server(checkpoint, folder / "results", launch=forked.popen) as base:
         yield base
 
 

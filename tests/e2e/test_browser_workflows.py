@@ -16,6 +16,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+import forked
 import pytest
 from conftest import DICOM_MONO2, NIH_PNG, ROOT
 from livesite import (
@@ -50,7 +51,7 @@ def site(chromium, tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("workflows")
     results, instance, port = root / "results", root / "instance", free_port()
     args = ["--max-upload-mb", str(MAX_UPLOAD_MB), "--instance-dir", str(instance)]
-    with run_server(tiny_checkpoint, results, port=port, extra_args=args) as base:
+    with run_server(tiny_checkpoint, results, port=port, extra_args=args, launch=forked.popen) as base:
         yield base, results, instance, port, args
 
 
@@ -238,13 +239,14 @@ def test_a_form_opened_before_a_restart_submits_after_it(chromium, browser, tiny
     results, instance, port = tmp_path / "results", tmp_path / "instance", free_port()
     args = ["--instance-dir", str(instance)]
     context, page = open_page(browser, 1400, failed_responses=False)
-    with run_server(tiny_checkpoint, results, port=port, extra_args=args) as base:
+    with run_server(tiny_checkpoint, results, port=port, extra_args=args, launch=forked.popen) as base:
         page.goto(base + "/")
         page.set_input_files("#file", str(NIH_PNG))
     key_file = instance / "secret_key"
     assert key_file.is_file() and key_file.stat().st_mode & 0o777 == 0o600
     key = key_file.read_text()
-    with run_server(tiny_checkpoint, results, port=port, extra_args=args) as base:  # the restart
+    with run_server(tiny_checkpoint, results, port=port, extra_args=args,
+                    launch=forked.popen) as base:  # the restart
         with page.expect_navigation():
             page.click("#submit")
         assert re.search(r"/results/[0-9a-f]{32}$", page.url), page.url

@@ -1,0 +1,62 @@
+"""tests/forked.py starts the tests' command lines as forks of a preloaded Python: each must behave as the same
+command does in a fresh interpreter (subprocess): exit status, stdout and stderr, argv, working folder, environment,
+sys.path, `-W`, an uncaught exception, a signal."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import forked
+import pytest
+
+PROBE = """
+import json, os, sys, warnings
+warnings.warn("a probe warning")
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("CXR_PROBE"),
+                  "name": __name__}))
+print("to stderr", file=sys.stderr)
+if sys.argv[1] == "raise":
+    raise ValueError("probe failure")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("options", [[], ["-W", "ignore"]], ids=["warnings", "-W ignore"])
+@pytest.mark.parametrize("status", ["0", "3", "raise"])
+def test_a_script_behaves_as_in_a_fresh_interpreter(tmp_path, options, status):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    argv = [sys.executable, *options, str(script), status, "two words"]
+    env = {**os.environ, "CXR_PROBE": "from the caller"}
+    fresh = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    fork = forked.run(argv, cwd=tmp_path, env=env, timeout=60)
+    assert fork.returncode == fresh.returncode == {"0": 0, "3": 3, "raise": 1}[status]
+    assert fork.stdout == fresh.stdout and '"probe": "from the caller"' in fork.stdout
+    if status == "raise":  # the traceback's last line; the fork's has frames of forked.py above the script's
+        assert fork.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1] == "ValueError: probe failure"
+    else:
+        assert fork.stderr == fresh.stderr
+    assert ("a probe warning" in fork.stderr) == (not options)
+
+
+def test_code_and_module_forms_and_a_kill(tmp_path):
+    code = "import sys; print(sys.argv, sys.path[0] == '')"
+    for argv in ([sys.executable, "-c", code, "x"], [sys.executable, "-m", "json.tool", "--help"]):
+        fresh = subprocess.run(argv, cwd=os.getcwd(), capture_output=True, text=True, timeout=60)
+        fork = forked.run(argv, cwd=os.getcwd(), timeout=60)
+        assert (fork.returncode, fork.stdout, fork.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+
+    out = tmp_path / "out.txt"
+    proc = forked.popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                        cwd=tmp_path, stdout=out)
+    deadline = time.monotonic() + 30
+    while "ready" not in out.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL == proc.returncode
