@@ -5,7 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["predict.md", "web.md", "cache.md", "load.md", "load_healthz.md", "memory.md", "cpu.md", "int8.md",
-         "batch.md", "web-onnx.md", "load-onnx.md", "gpu.md", "scope_time.md", "scope.md", "calibration.md"]
+         "batch.md", "web-onnx.md", "load-onnx.md", "gpu.md", "scope_time.md", "scope.md", "calibration.md",
+         "startup.md"]
 HEADER = """# Benchmarks
 
 Timings are measured as ratios against a baseline run side by side in the same process (or the same server), on

@@ -65,6 +65,8 @@ def to_json_data(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_json_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
+        if all(type(v) is float for v in obj):  # a row of numbers (a scope's precision matrix has a million)
+            return [v if math.isfinite(v) else None for v in obj]
         return [to_json_data(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return to_json_data(obj.tolist())

@@ -71,7 +71,7 @@ def _plain(obj: Any) -> Any:
         return obj.detach().cpu().tolist()
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple)) and not all(type(v) is float for v in obj):
         return [_plain(v) for v in obj]
     return to_json_data(obj)
 

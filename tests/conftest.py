@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +37,16 @@ shared = pytest.mark.shared
 # Threads per test process: the cores shared out over pytest-xdist's workers (`-n 2`: one each), also for the
 # processes the tests start (OMP_NUM_THREADS), so parallel workers do not oversubscribe the cores.
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-torch.set_num_threads(THREADS)
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "shared: needs ../shared/data beyond the bundled sample (skipped without it)")
+    if "PYTEST_XDIST_WORKER" in os.environ or not getattr(config.option, "numprocesses", None):
+        import torch  # not in pytest-xdist's controller, which runs no test: its workers start ~2 s sooner
+
+        torch.set_num_threads(THREADS)
     if REQUIRE_SHARED and not HAVE_SHARED:
         raise pytest.UsageError(f"CXR_REQUIRE_SHARED is set but the shared test data is missing: {SHARED_DATA} "
                                 "(set CXR_SHARED_DATA to its folder)")
@@ -124,6 +126,8 @@ def official_lists_dir(tmp_path_factory) -> Path:
 def make_checkpoint(path: Path, arch: str = "resnet18", image_size: int = 64, labels=None, seed: int = 0,
                     bias_spread: float = 3.0, thresholds=None, training: dict | None = None) -> Path:
     """Save a randomly initialised checkpoint whose head bias spreads the probabilities over (0, 1)."""
+    import torch
+
     from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint
     from chestxray.labels import LABELS
 

@@ -135,3 +135,13 @@ def test_a_result_saved_by_an_older_version_is_not_found(tmp_path, prediction):
     (tmp_path / record["id"] / "result.json").write_text(json.dumps(old))
     with pytest.raises(ResultNotFound, match="older version"):
         store.load(record["id"])
+
+
+def test_json_data_makes_non_finite_numbers_null_in_rows_mixed_lists_and_arrays():
+    nan, inf = float("nan"), float("inf")
+    data = {"row": [1.0, nan, inf, -inf], "mixed": [1, 2.0, np.float32(nan), "x", None, True],
+            "nested": [[0.5, nan], (np.float64(inf), 3.0)], "array": np.array([[1.0, nan]]), 7: ()}
+    expected = {"row": [1.0, None, None, None], "mixed": [1, 2.0, None, "x", None, True],
+                "nested": [[0.5, None], [None, 3.0]], "array": [[1.0, None]], "7": []}
+    assert chestxray.fileio.to_json_data(data) == expected
+    assert json.loads(chestxray.fileio.dumps_json(data)) == expected
