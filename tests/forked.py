@@ -8,6 +8,8 @@ pytest-xdist worker pays it once, in multiprocessing's fork server (`set_forkser
 forked from it in ~0.1 s. The child sets up what a fresh `python` would have (argv, working folder, environment,
 sys.path, `-W`/`-u`, stdout/stderr on the given files) and runs the script as `__main__` with runpy; the project's
 own modules are imported afresh in it. Tests about the interpreter start itself keep using subprocess.
+`forked.Popen` (with PIPE, STDOUT, TimeoutExpired) stands in for the subprocess module of a script that runs
+Python commands, for benchmarks/gpu_check.py's dry run.
 """
 from __future__ import annotations
 
@@ -41,10 +43,16 @@ def _fresh_sys_path() -> list[str]:
                                      check=True).stdout)
 
 
-def _child(argv: list[str], cwd: str, env: dict, stdout: str, stderr: str, base_path: list[str]) -> None:
+def _child(argv: list[str], cwd: str, env: dict, stdout: str, stderr: str, base_path: list[str],
+           new_session: bool) -> None:
     """In the forked process: become `argv` (argv[0] is the interpreter) and exit with its status."""
     code = 1
     try:
+        if new_session:
+            os.setsid()
+        # multiprocessing handed this child its own start method (forkserver); a fresh python has the platform's, so
+        # a DataLoader's workers here are forked as they would be there, not started anew by a second fork server.
+        multiprocessing.set_start_method(None, force=True)
         for fd, path in ((1, stdout), (2, stderr)):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(target, fd)
@@ -135,8 +143,9 @@ class Forked:
 
 
 def popen(argv: list[str], *, cwd: str | os.PathLike, stdout: str | os.PathLike,
-          stderr: str | os.PathLike | None = None, env: dict | None = None) -> Forked:
-    """Start `argv` (`[sys.executable, ...]`) with stdout (and stderr, or the same file) appended to the given files."""
+          stderr: str | os.PathLike | None = None, env: dict | None = None, new_session: bool = False) -> Forked:
+    """Start `argv` (`[sys.executable, ...]`) with stdout (and stderr, or the same file) appended to the given files;
+    `new_session`: in a session and process group of its own (subprocess's start_new_session)."""
     global _context
     if _context is None:
         _base_path[:] = _fresh_sys_path()
@@ -145,7 +154,7 @@ def popen(argv: list[str], *, cwd: str | os.PathLike, stdout: str | os.PathLike,
     for path in (stdout, stderr or stdout):
         Path(path).touch()  # there for the caller to read at once, as with subprocess and an open file
     process = _context.Process(target=_child, args=(list(map(str, argv)), str(cwd), dict(env or os.environ),
-                                                    str(stdout), str(stderr or stdout), _base_path))
+                                                    str(stdout), str(stderr or stdout), _base_path, new_session))
     process.start()
     _started.append(Forked(argv, process))
     return _started[-1]
@@ -165,6 +174,44 @@ def run(argv: list[str], *, cwd: str | os.PathLike, env: dict | None = None,
             raise
         return subprocess.CompletedProcess(argv, proc.returncode, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
+
+
+# What a script that runs Python commands with `subprocess` needs, so a test can hand it this module instead
+# (benchmarks/gpu_check.py's dry run); a command of another program is started by subprocess itself.
+PIPE, STDOUT, TimeoutExpired = subprocess.PIPE, subprocess.STDOUT, subprocess.TimeoutExpired
+
+
+class Popen:
+    """subprocess.Popen(argv, cwd=, env=, stdout=PIPE, stderr=PIPE or STDOUT, text=, start_new_session=) for a
+    Python command: a forked process whose piped output is kept in temporary files until communicate()."""
+
+    def __init__(self, argv: list[str], cwd: str | os.PathLike | None = None, env: dict | None = None,
+                 stdout: int | None = None, stderr: int | None = None, text: bool = False,
+                 start_new_session: bool = False) -> None:
+        if argv[0] != sys.executable or stdout != PIPE or stderr not in (PIPE, STDOUT):
+            raise ValueError(f"forked.Popen runs `{sys.executable} ...` with piped output, not {argv[:2]}")
+        self._tmp = tempfile.TemporaryDirectory(prefix="forked-")
+        self._out = Path(self._tmp.name) / "stdout"
+        self._err = Path(self._tmp.name) / "stderr" if stderr == PIPE else None
+        self._text = text
+        self._proc = popen(argv, cwd=cwd or os.getcwd(), env=env, stdout=self._out, stderr=self._err,
+                           new_session=start_new_session)
+        self.args, self.pid = self._proc.args, self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._proc.wait(timeout)
+
+    def communicate(self, timeout: float | None = None) -> tuple:
+        self._proc.wait(timeout)
+        read = (lambda p: p.read_text(errors="replace")) if self._text else (lambda p: p.read_bytes())
+        return read(self._out), (read(self._err) if self._err else None)
 
 
 @atexit.register

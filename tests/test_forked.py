@@ -43,7 +43,7 @@ def test_a_script_behaves_as_in_a_fresh_interpreter(tmp_path, options, status):
 
 
 def test_code_and_module_forms_and_a_kill(tmp_path):
-    code = "import sys; print(sys.argv, sys.path[0] == '')"
+    code = "import multiprocessing, sys; print(sys.argv, sys.path[0] == '', multiprocessing.get_start_method())"
     for argv in ([sys.executable, "-c", code, "x"], [sys.executable, "-m", "json.tool", "--help"]):
         fresh = subprocess.run(argv, cwd=os.getcwd(), capture_output=True, text=True, timeout=60)
         fork = forked.run(argv, cwd=os.getcwd(), timeout=60)
@@ -60,3 +60,17 @@ def test_code_and_module_forms_and_a_kill(tmp_path):
         proc.wait(timeout=0.2)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL == proc.returncode
+
+
+def test_popen_stands_in_for_subprocess_with_pipes_and_a_session_of_its_own(tmp_path):
+    """What benchmarks/gpu_check.py uses of subprocess: Popen with piped output, communicate, start_new_session."""
+    code = "import os, sys; print('out', os.getsid(0) == os.getpid()); print('err', file=sys.stderr); sys.exit(4)"
+    for stderr in (subprocess.PIPE, subprocess.STDOUT):
+        answers = []
+        for module in (subprocess, forked):
+            proc = module.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=module.PIPE, stderr=stderr,
+                                text=True, start_new_session=True)
+            answers.append((*proc.communicate(timeout=60), proc.returncode))
+        assert answers[0] == answers[1]
+        assert answers[1][0].startswith("out True") and answers[1][2] == 4
+

@@ -1,13 +1,16 @@
 """benchmarks/gpu_check.py --dry-run: every step of the GPU check runs on the CPU with tiny sizes and reports ok.
 
 The real check runs on a GPU machine (bash benchmarks/gpu_check.sh); this keeps the script from rotting between
-those runs. It times nothing that is asserted."""
+those runs. It times nothing that is asserted, so the script's commands (train.py, its kill and resume, torchrun's
+launcher, export.py, predictions.py) run as processes forked from a Python with PyTorch already imported
+(tests/forked.py stands in for the subprocess module the script uses); torchrun's workers start anew."""
 from __future__ import annotations
 
 import importlib.util
 import re
 import sys
 
+import forked
 import pytest
 from conftest import ROOT
 
@@ -25,8 +28,9 @@ def _load_gpu_check():
 
 
 @pytest.mark.slow(90)
-def test_dry_run_runs_every_step(tmp_path):
+def test_dry_run_runs_every_step(tmp_path, monkeypatch):
     gpu_check = _load_gpu_check()
+    monkeypatch.setattr(gpu_check, "subprocess", forked)
     out = tmp_path / "gpu.md"
     rc = gpu_check.main(gpu_check.get_args_parser().parse_args(
         ["--dry-run", "--work", str(tmp_path / "work"), "--out", str(out)]))
