@@ -34,8 +34,9 @@ SHARED_REASON = f"needs the shared data set in {SHARED_DATA} (not in the reposit
 # For tests that need more data than the bundle: skipped without the shared data set, failed under CI.
 shared = pytest.mark.shared
 
-# Threads per test process: the cores shared out over pytest-xdist's workers (`-n 2`: one each), also for the
-# processes the tests start (OMP_NUM_THREADS), so parallel workers do not oversubscribe the cores.
+# Threads per test process: the cores shared out over pytest-xdist's workers (one each when there are at least as
+# many workers as cores, as under `make test`), also for the processes the tests start (OMP_NUM_THREADS), so
+# parallel workers do not oversubscribe the cores.
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
