@@ -60,12 +60,18 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def number_row(obj: list | tuple) -> bool:
+    """True for a list or tuple of Python floats alone (a scope's precision matrix holds a million in rows of them):
+    converted in one pass, with no call per number."""
+    return all(type(v) is float for v in obj)
+
+
 def to_json_data(obj: Any) -> Any:
     """Recursively make plain JSON data: NaN/inf -> None, numpy scalars/arrays -> Python numbers/lists, paths -> str."""
     if isinstance(obj, dict):
         return {str(k): to_json_data(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        if all(type(v) is float for v in obj):  # a row of numbers (a scope's precision matrix has a million)
+        if number_row(obj):
             return [v if math.isfinite(v) else None for v in obj]
         return [to_json_data(v) for v in obj]
     if isinstance(obj, np.ndarray):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .cam import class_activation_maps
 from .checkpoint import CheckpointError, Meta
-from .fileio import atomic_write, to_json_data
+from .fileio import atomic_write, number_row, to_json_data
 from .model import TRANSITION_CHANNELS, ChestXrayNet
 from .scope import pooled_features
 
@@ -71,7 +71,7 @@ def _plain(obj: Any) -> Any:
         return obj.detach().cpu().tolist()
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not all(type(v) is float for v in obj):
+    if isinstance(obj, (list, tuple)) and not number_row(obj):  # a row of numbers holds no tensor
         return [_plain(v) for v in obj]
     return to_json_data(obj)
 
