@@ -6,29 +6,43 @@
 - Transfer syntaxes: those chestxray.imaging decodes (uncompressed, deflated, JPEG baseline/extended/lossless,
   JPEG 2000, RLE). A file the reader refuses gets 0xC000 (cannot understand) and one log line with the reader's
   message, which never holds header values.
-- Received images go to a bounded queue; one worker thread calls `analyse(dataset_bytes) -> Analysis` (given at
-  construction, so this module knows nothing of Flask). A full queue answers 0xA700 (out of resources): the sender
-  keeps the image and retries, nothing is lost silently.
-- With a destination, each in-scope result goes back as a Secondary Capture + Comprehensive SR (chestxray.dicom_out)
-  from a separate sender thread that retries with back-off, so a slow or absent PACS never blocks reception.
-- Patient identifiers stay in memory only as long as the sender needs them; the worklist and the logs hold the result
-  id, times, modality, scope, calls, probabilities and send status.
+- A received image is answered 0x0000 only once it is stored durably in the spool (fsync'ed, renamed into place);
+  one worker thread then calls `analyse(dataset_bytes) -> Analysis` (given at construction, so this module knows
+  nothing of Flask). A data set over max_dataset_bytes (refused before decoding, never held whole), a spool at its
+  limits (max_pending items or max_pending_bytes), a disk that cannot be written, or a results store that cannot
+  save all answer 0xA700 (out of resources): the sender keeps the image and retries, nothing is lost silently.
+- With a destination, each in-scope result (Secondary Capture + Comprehensive SR, chestxray.dicom_out) is written to
+  the spool's outbox and sent from a separate thread; while the destination is down one result probes with back-off,
+  the others wait on disk, and the log gets one line when it goes down and one when it comes back. A restart
+  resumes every image and result the spool holds.
+- Connections: at most max_associations at once and max_per_peer from one address; one that has not asked for an
+  association within connect_timeout is closed, and silent ones are evicted first so a newcomer always finds a slot.
+  The called AE title must be the node's own. Control characters in pynetdicom's log records are escaped.
+- Patient identifiers are kept only in the spool (0700) until the result is delivered; the worklist and the logs
+  hold the result id, times, modality, scope, calls, probabilities and send status.
 """
 from __future__ import annotations
 
 import argparse
-import heapq
+import contextlib
 import io
 import itertools
+import json
 import logging
+import os
 import queue
 import re
+import shutil
+import socket
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -46,6 +60,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
@@ -55,9 +70,10 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from chestxray.dicom_out import ReportContent, build_secondary_capture, build_structured_report
-from chestxray.imaging import InvalidImage, read_xray
+from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, read_xray
 
 log = logging.getLogger("dicom_node")
 
@@ -80,6 +96,15 @@ DEFAULT_AET = "CXR_AI"
 RESULT_SOURCE = "dicom-node"  # the results store's retention key for received images
 CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM's CS value representation (PS3.5 6.2)
 RETRY_DELAYS = (2.0, 5.0, 15.0, 60.0, 300.0)  # seconds before each retry: a PACS restart takes about a minute
+# The node's limits (docs/RELIABILITY.md, "The DICOM node"; each has a --dicom-* flag):
+MAX_DATASET_BYTES = MAX_INFLATED_BYTES  # one C-STORE data set: more than any image the reader would decode needs
+MAX_PENDING = 500  # received images and unsent results kept on disk; beyond it C-STOREs get 0xA700
+MAX_PENDING_BYTES = 4 * 2**30  # the same, in bytes on disk
+MAX_ASSOCIATIONS = 10  # connections at once; silent ones are evicted so that one slot stays free for a newcomer
+MAX_PER_PEER = 4  # connections at once from one address
+CONNECT_TIMEOUT = 5.0  # seconds a new connection may take to ask for an association (and to negotiate or release)
+DEFAULT_SPOOL = Path(__file__).resolve().parent / "instance" / "dicom-spool"
+MAX_PDU_BYTES = 2**20  # one PDU; we advertise 16 kB, and association requests are a few kB
 
 
 @dataclass(frozen=True)
@@ -129,91 +154,357 @@ class Destination:
         return f"{self.aet}@{self.host}:{self.port}"
 
 
+class SpoolFull(Exception):
+    """The spool holds as many images and unsent results as its limits allow (count or bytes)."""
+
+
+class Spool:
+    """Received images and unsent results on disk, so that nothing acknowledged is lost to a crash or a restart.
+
+    root/incoming/NAME.dcm: a received image not yet analysed; root/outbox/NAME/: a result's Secondary Capture and SR
+    (sc.dcm, sr.dcm, sent in that order) and entry.json (its worklist entry, no patient data). Every file is written
+    to a temporary name, fsync'ed and renamed, so a crash leaves a whole item or none. Bounded: at most `max_items`
+    items and `max_bytes` bytes together; `reserve` raises SpoolFull beyond either. The folder is made 0700: it holds
+    patient data until the results are delivered.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_items: int = MAX_PENDING,
+                 max_bytes: int = MAX_PENDING_BYTES) -> None:
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError(f"the spool needs room for at least one item; got {max_items} items, {max_bytes} bytes")
+        self.root = Path(root)
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.incoming, self.outbox, self.tmp = self.root / "incoming", self.root / "outbox", self.root / "tmp"
+        for folder in (self.root, self.incoming, self.outbox, self.tmp):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # halves of items a crash interrupted
+        self.tmp.mkdir(mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._sizes: dict[str, int] = {}  # item name -> bytes on disk
+        self._reserved = 0  # bytes promised to writes in progress (their items are counted in _sizes as 0)
+        for path in self.images():
+            self._sizes[path.stem] = path.stat().st_size
+        for path in self.results():
+            self._sizes[path.name] = sum(f.stat().st_size for f in path.iterdir())
+
+    def images(self) -> list[Path]:
+        """Received images still to analyse, oldest first."""
+        return sorted(self.incoming.glob("*.dcm"))
+
+    def results(self) -> list[Path]:
+        """Unsent results (folders), oldest first."""
+        return sorted(p for p in self.outbox.iterdir() if (p / "entry.json").is_file())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sizes)
+
+    def used(self) -> tuple[int, int]:
+        """(items, bytes) held or reserved."""
+        with self._lock:
+            return len(self._sizes), sum(self._sizes.values()) + self._reserved
+
+    def reserve(self, name: str, size: int) -> None:
+        """Count a new item of `size` bytes against the limits. Raises SpoolFull (nothing counted)."""
+        with self._lock:
+            used = sum(self._sizes.values()) + self._reserved
+            if len(self._sizes) >= self.max_items or used + size > self.max_bytes:
+                raise SpoolFull(f"{len(self._sizes)} items, {used / 2**20:.0f} MiB held (limits {self.max_items} "
+                                f"items, {self.max_bytes / 2**20:.0f} MiB)")
+            self._sizes[name] = 0
+            self._reserved += size
+
+    def _settle(self, name: str, reserved: int, size: int | None) -> None:
+        with self._lock:
+            self._reserved -= reserved
+            if size is None:
+                self._sizes.pop(name, None)
+            else:
+                self._sizes[name] = size
+
+    def put_image(self, name: str, data: bytes) -> Path:
+        """Store a received image durably under incoming/. Raises SpoolFull, or OSError (a full or read-only disk)."""
+        self.reserve(name, len(data))
+        path = self.incoming / f"{name}.dcm"
+        try:
+            _write_durably(path, data, self.tmp)
+        except BaseException:
+            self._settle(name, len(data), None)
+            raise
+        self._settle(name, len(data), len(data))
+        return path
+
+    def put_result(self, name: str, image: Path, datasets: Sequence[Dataset], entry: dict) -> Path:
+        """Replace the received image `image` by its result (outbox/NAME/: sc.dcm, sr.dcm, entry.json), durably.
+
+        The result takes the image's place in the count, so a full spool never refuses a finished analysis.
+        Raises OSError (the image stays).
+        """
+        folder = self.tmp / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o700)
+        try:
+            for filename, dataset in zip(("sc.dcm", "sr.dcm"), datasets, strict=True):
+                buffer = io.BytesIO()
+                dataset.save_as(buffer, enforce_file_format=True)
+                _write_durably(folder / filename, buffer.getvalue(), None)
+            _write_durably(folder / "entry.json", json.dumps(entry).encode(), None)
+            target = self.outbox / name
+            os.replace(folder, target)
+            _fsync_folder(self.outbox)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        image.unlink(missing_ok=True)
+        _fsync_folder(self.incoming)
+        self._settle(name, 0, sum(f.stat().st_size for f in target.iterdir()))
+        return target
+
+    def remove(self, path: Path) -> None:
+        """Forget an item: a received image (analysed, nothing to send) or a result folder (sent or given up)."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        self._settle(path.stem if path.suffix == ".dcm" else path.name, 0, None)
+
+
+def _write_durably(path: Path, data: bytes, tmp: Path | None) -> None:
+    """Write, fsync, rename into place (and fsync the folder when `tmp` is given): whole or absent after a crash."""
+    part = (tmp or path.parent) / f".{path.name}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if tmp is not None:
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _StateLog:
+    """One log line when a condition starts and one when it ends (with how often it occurred meanwhile).
+
+    A dead destination or a full spool would otherwise log one line per attempt or per refused image.
+    """
+
+    def __init__(self, start: str, end: str) -> None:
+        self.start, self.end = start, end
+        self.count = 0
+        self.since = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.count > 0
+
+    def hit(self, *args) -> None:
+        with self._lock:
+            if not self.count:
+                self.since = time.monotonic()
+                log.warning(self.start, *args)
+            self.count += 1
+
+    def clear(self, *args) -> None:
+        with self._lock:
+            if self.count:
+                log.warning(self.end, self.count, time.monotonic() - self.since, *args)
+            self.count = 0
+
+
+class _CappedBuffer(io.BytesIO):
+    """A C-STORE data set buffer that keeps at most `limit` bytes: beyond it, it drops what it holds and counts.
+
+    pynetdicom appends each received fragment to the message's buffer and decodes nothing until the message is
+    complete, so the handler can refuse an oversized data set without having held or decoded more than the limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+
+    @property
+    def overflowed(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data) -> int:
+        self.received += len(data)
+        if self.received > self.limit:
+            if self.tell():
+                self.seek(0)
+                self.truncate()
+            return len(data)
+        return super().write(data)
+
+
 @dataclass
-class _Received:
-    number: int
-    received: str
-    modality: str
-    data: bytes
+class _Connection:
+    """A TCP connection the node accepted: its socket, peer address, when; its association once pynetdicom made it."""
+
+    sock: object
+    address: str
+    since: float
+    assoc: object = None
+    evicted: bool = False
+
+    def alive(self) -> bool:
+        if self.evicted:
+            return False
+        if self.assoc is None:  # accepted, pynetdicom's thread not yet made (a moment)
+            return time.monotonic() - self.since < 10
+        return self.assoc.ident is None or self.assoc.is_alive()
+
+    def silent(self) -> bool:
+        """No A-ASSOCIATE-RQ received yet."""
+        return self.assoc is None or self.assoc.requestor.primitive is None
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's server with the node's connection limits applied when a TCP connection is accepted."""
+
+    node: DicomNode  # set on a subclass made per node, so it is there before the first connection
+
+    def verify_request(self, request, client_address) -> bool:
+        return self.node._admit(request, client_address)
 
 
 @dataclass
 class _SendJob:
     number: int
-    datasets: list[Dataset]  # still to send; the first one failed last time
+    folder: Path
+    files: list[Path]  # still to send; the first one failed last time
     attempt: int = 1
+    due: float = 0.0
 
 
 class DicomNode:
-    """C-ECHO/C-STORE SCP + analysis worker + result sender. start() returns at once; stop() joins everything."""
+    """C-ECHO/C-STORE SCP + analysis worker + result sender. start() returns at once; stop() joins everything.
+
+    Every limit is a named setting (docs/RELIABILITY.md, "The DICOM node"): max_dataset_bytes per C-STORE;
+    max_pending images and unsent results (and max_pending_bytes of them) in the spool; max_associations at once,
+    max_per_peer from one address; connect_timeout for a new connection to ask for an association. spool: the folder
+    keeping received images and unsent results across restarts (None: a temporary folder, removed by stop()).
+    """
 
     def __init__(self, analyse: Callable[[bytes], Analysis], *, aet: str = DEFAULT_AET, host: str = "127.0.0.1",
                  port: int = 11112, allow: Iterable[str] | None = None, send_to: Destination | None = None,
-                 queue_size: int = 16, retry_delays: Sequence[float] = RETRY_DELAYS, worklist_size: int = 1000,
-                 timeout: float = 30.0) -> None:
+                 spool: str | os.PathLike | None = None, max_pending: int = MAX_PENDING,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, max_dataset_bytes: int = MAX_DATASET_BYTES,
+                 max_associations: int = MAX_ASSOCIATIONS, max_per_peer: int = MAX_PER_PEER,
+                 connect_timeout: float = CONNECT_TIMEOUT, retry_delays: Sequence[float] = RETRY_DELAYS,
+                 worklist_size: int = 1000, timeout: float = 30.0) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"a DICOM AE title has 1 to 16 characters; got {aet!r}")
+        if max_dataset_bytes < 1 or max_associations < 2 or not 1 <= max_per_peer or connect_timeout <= 0:
+            raise ValueError("the DICOM node needs max_dataset_bytes >= 1, max_associations >= 2 (one is kept for a "
+                             "newcomer), max_per_peer >= 1 and connect_timeout > 0")
+        if not retry_delays or min(retry_delays) <= 0:
+            raise ValueError(f"retry delays must be positive seconds; got {tuple(retry_delays)}")
         self.analyse = analyse
         self.aet = aet
         self.host = host
         self.port = port
         self.allow = tuple(allow or ())
         self.send_to = send_to
+        self.max_dataset_bytes = max_dataset_bytes
+        self.max_associations, self.max_per_peer = max_associations, max_per_peer
+        self.connect_timeout = connect_timeout
         self.retry_delays = tuple(retry_delays)
         self.timeout = timeout
-        # Bounded in images: 16 large uncompressed DX files are ~300 MB; a full queue pushes back on the sender.
-        self._queue: queue.Queue[_Received | None] = queue.Queue(maxsize=queue_size)
+        self._own_spool = spool is None
+        self.spool = Spool(tempfile.mkdtemp(prefix="cxr-dicom-spool-") if spool is None else spool,
+                           max_pending, max_pending_bytes)
+        self._incoming: queue.Queue[Path | None] = queue.Queue()  # bounded by the spool
         self._entries: deque[WorklistEntry] = deque(maxlen=worklist_size)  # bounded: oldest entries drop off
         self._by_number: dict[int, WorklistEntry] = {}
-        self._numbers = itertools.count(1)
         self._lock = threading.Condition()
-        self._busy = 0  # images received and not yet analysed, plus results not yet finally sent or failed
-        self._sends: list[tuple[float, int, _SendJob]] = []  # heap by due time
+        self._jobs: list[_SendJob] = []  # unsent results, oldest first
+        self._next_try = 0.0  # while the destination is down, no send before this (monotonic seconds)
+        self._failures = 0  # consecutive connection-level failures
+        self._store_failing = False  # the results store could not save the last result: refuse until it can
+        self._down = _StateLog("destination %s is unreachable (%s): results are kept and retried with back-off",
+                               "destination reachable again after %d failed attempt(s) over %.0f s; sending %d "
+                               "held result(s)")
+        self._full = _StateLog("refusing C-STOREs with 0xA700 (out of resources): %s",
+                               "accepting C-STOREs again after refusing %d over %.0f s")
+        self._connections: list[_Connection] = []
+        self._refused_connections = 0
         self._stopping = threading.Event()
         self._server = None
         self._threads: list[threading.Thread] = []
-        # pynetdicom's debug and info records carry UIDs and, in its debug handlers, whole datasets: keep them out.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        self._numbers = itertools.count(1 + max((_number(p) for p in (*self.spool.images(),
+                                                                         *self.spool.results())), default=0))
+        _quiet_pynetdicom()
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
     def start(self) -> DicomNode:
-        """Bind and serve in background threads. Raises OSError when the port is taken (pick another --dicom-port)."""
+        """Bind and serve in background threads; resume what the spool holds from a previous run.
+
+        Raises OSError when the port is taken (pick another --dicom-port).
+        """
+        for path in self.spool.images():
+            self._incoming.put(path)
+        for folder in self.spool.results():
+            self._resume(folder)
         ae = AE(ae_title=self.aet)
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         if self.allow:
             ae.require_calling_aet = list(self.allow)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        self._server = ae.start_server((self.host, self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._handle_store)])
+        ae.require_called_aet = True  # a C-STORE meant for another AE is refused, not analysed
+        ae.acse_timeout = self.connect_timeout  # also the wait for a new connection's A-ASSOCIATE-RQ
+        ae.dimse_timeout = ae.network_timeout = self.timeout
+        # The node's own admission (_admit) enforces max_associations; pynetdicom's limit is set above it so that
+        # evicted silent connections, whose threads linger up to connect_timeout, never turn a peer away.
+        ae.maximum_associations = 2 * self.max_associations
+        server_class = type("NodeServer", (_GatedServer,), {"node": self})
+        # ae.start_server without blocking, but with our server class (pynetdicom's make_server takes one).
+        self._server = ae.make_server((self.host, self.port), server_class=server_class,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._handle_store),
+                                                    (evt.EVT_CONN_OPEN, self._on_connection)])
+        ae._servers.append(self._server)  # as start_server does: shutdown() removes it
+        threading.Thread(target=self._server.serve_forever, name="dicom-accept", daemon=True).start()
         self.port = self._server.server_address[1]  # the real port when 0 asked for a free one
         self._threads = [threading.Thread(target=self._analyse_loop, name="dicom-analyse", daemon=True),
                          threading.Thread(target=self._send_loop, name="dicom-send", daemon=True)]
         for thread in self._threads:
             thread.start()
-        log.info("DICOM node %s listening on %s:%d%s", self.aet, self.host, self.port,
-                 f", sending results to {self.send_to}" if self.send_to else "")
+        log.info("DICOM node %s listening on %s:%d%s; %d image(s) and %d result(s) resumed from %s", self.aet,
+                 self.host, self.port, f", sending results to {self.send_to}" if self.send_to else "",
+                 self._incoming.qsize(), len(self._jobs), self.spool.root)
         return self
 
     def stop(self) -> None:
-        """Stop accepting, finish nothing more, join the threads (images still queued are dropped with a log line)."""
+        """Stop accepting and join the threads; what is unanalysed or unsent stays in the spool for the next start."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self._stopping.set()
         with self._lock:
             self._lock.notify_all()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._incoming.put(None)
         for thread in self._threads:
             thread.join(timeout=self.timeout)
-        if self._queue.qsize() or self._sends:
-            log.warning("DICOM node stopped with %d image(s) unanalysed and %d result(s) unsent",
-                        self._queue.qsize(), len(self._sends))
+        images, results = len(self.spool.images()), len(self._jobs)
+        if self._own_spool:
+            shutil.rmtree(self.spool.root, ignore_errors=True)
+        if images or results:
+            log.warning("DICOM node stopped with %d image(s) unanalysed and %d result(s) unsent%s", images, results,
+                        "" if self._own_spool else f", kept in {self.spool.root} for the next start")
 
     def __enter__(self) -> DicomNode:
         return self.start()
@@ -224,12 +515,10 @@ class DicomNode:
     def wait_idle(self, timeout: float) -> bool:
         """Block until every received image is analysed and every result sent or finally failed; False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(left)
+        while len(self.spool):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
         return True
 
     def worklist(self) -> list[WorklistEntry]:
@@ -237,10 +526,82 @@ class DicomNode:
         with self._lock:
             return list(reversed(self._entries))
 
+    # -- admission (pynetdicom's server thread and association threads) --------------------------------------------
+
+    def _admit(self, sock, client_address) -> bool:
+        """Accept a TCP connection unless its address holds max_per_peer already or every slot is taken.
+
+        Connections that have not asked for an association are evicted oldest first when a newcomer needs the slot:
+        a peer that talks DICOM asks at once, so silent connections can never take every slot.
+        """
+        address = str(client_address[0])
+        with self._lock:
+            self._connections = [c for c in self._connections if c.alive()]
+            if sum(c.address == address for c in self._connections) >= self.max_per_peer:
+                self._refused_connections += 1
+                return False
+            if len(self._connections) >= self.max_associations - 1:
+                silent = [c for c in self._connections if c.silent()]
+                if len(self._connections) >= self.max_associations and not silent:
+                    self._refused_connections += 1
+                    return False
+                if silent:
+                    oldest = min(silent, key=lambda c: c.since)
+                    oldest.evicted = True
+                    with contextlib.suppress(OSError):
+                        oldest.sock.shutdown(socket.SHUT_RDWR)
+            self._connections.append(_Connection(sock, address, time.monotonic()))
+        return True
+
+    def _on_connection(self, event) -> None:
+        """EVT_CONN_OPEN: bound what the new association may hold (one PDU, one capped data set)."""
+        assoc = event.assoc
+        with self._lock:
+            for connection in self._connections:
+                if connection.sock is assoc.dul.socket.socket:
+                    connection.assoc = assoc
+        transport = assoc.dul.socket
+        recv = transport.recv
+
+        def bounded_recv(size: int):
+            # A PDU's length comes from the peer: refuse one larger than anything a conforming peer sends (we
+            # advertise a maximum PDU of ae.maximum_pdu_size) before allocating it.
+            if size > MAX_PDU_BYTES:
+                raise OSError(f"a PDU of {size} bytes, over the {MAX_PDU_BYTES} byte limit")
+            return recv(size)
+
+        transport.recv = bounded_recv
+        dimse = assoc.dimse
+        receive = dimse.receive_primitive
+
+        def bounded_receive(primitive) -> None:
+            if dimse.message is None:
+                dimse.message = DIMSEMessage()
+                dimse.message.data_set = _CappedBuffer(self.max_dataset_bytes)
+            receive(primitive)
+
+        dimse.receive_primitive = bounded_receive
+
     # -- reception (pynetdicom's association threads) --------------------------------------------------------------
 
     def _handle_store(self, event) -> int:
-        """C-STORE: check the image is readable, queue it, answer at once. Never raises (pynetdicom would abort)."""
+        """C-STORE: refuse what is too large or cannot be kept; store the image durably; then answer success.
+
+        Never raises (pynetdicom would abort the association).
+        """
+        buffer = getattr(event.request, "DataSet", None)
+        if isinstance(buffer, _CappedBuffer) and buffer.overflowed:
+            log.warning("refused an image from %s: its data set is %.0f MiB, over the %.0f MiB limit (nothing "
+                        "decoded)", _caller(event), buffer.received / 2**20, self.max_dataset_bytes / 2**20)
+            return OUT_OF_RESOURCES
+        if self._store_failing:
+            self._full.hit("the results store cannot save results (see the error above)")
+            return OUT_OF_RESOURCES
+        items, held = self.spool.used()
+        if items >= self.spool.max_items or held >= self.spool.max_bytes:
+            self._full.hit(f"{items} image(s) and unsent result(s) held, the limit is {self.spool.max_items} "
+                           f"({self.spool.max_bytes / 2**20:.0f} MiB)")
+            return OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
             dataset = event.dataset
@@ -263,67 +624,87 @@ class DicomNode:
             log.warning("refused a %s image from %s: %s while reading", modality or "DICOM", _caller(event),
                         type(exc).__name__)
             return CANNOT_UNDERSTAND
-        item = _Received(next(self._numbers), _now(), modality, data)
-        with self._lock:
-            self._busy += 1
+        name = f"{next(self._numbers):012d}-{modality if modality != '?' else ''}-{uuid.uuid4().hex[:8]}"
         try:
-            # Back-pressure: wait a while for room, then answer "out of resources" so the sender keeps the image.
-            self._queue.put(item, timeout=self.timeout)
-        except queue.Full:
-            with self._lock:
-                self._busy -= 1
-                self._lock.notify_all()
-            log.warning("refused an image from %s: the analysis queue is full", _caller(event))
+            path = self.spool.put_image(name, data)
+        except SpoolFull as exc:
+            self._full.hit(str(exc))
             return OUT_OF_RESOURCES
+        except OSError as exc:
+            # A full or read-only disk: the sender keeps the image and retries; nothing is acknowledged unsaved.
+            log.error("refused an image from %s: it cannot be stored in %s (%s)", _caller(event), self.spool.root,
+                      exc.strerror or type(exc).__name__)
+            return OUT_OF_RESOURCES
+        self._full.clear()
+        self._incoming.put(path)
         return SUCCESS
 
     # -- analysis (one worker thread) ------------------------------------------------------------------------------
 
     def _analyse_loop(self) -> None:
         while not self._stopping.is_set():
-            item = self._queue.get()
-            if item is None:
+            path = self._incoming.get()
+            if path is None:
                 break
-            try:
-                self._analyse_one(item)
-            finally:
-                item.data = b""
-                with self._lock:
-                    self._busy -= 1
-                    self._lock.notify_all()
+            delays = iter(self.retry_delays)
+            delay = next(delays)
+            while not self._stopping.is_set() and not self._analyse_one(path):
+                # The results store cannot save: keep the image, refuse new ones, try again with back-off.
+                self._stopping.wait(delay)
+                delay = next(delays, delay)
 
-    def _analyse_one(self, item: _Received) -> None:
+    def _analyse_one(self, path: Path) -> bool:
+        """Analyse a spooled image and queue its result; False when the result could not be saved (retry later)."""
+        number, received, modality = _number(path), _received_time(path), _modality(path)
         try:
-            analysis = self.analyse(item.data)
+            data = path.read_bytes()
+            analysis = self.analyse(data)
+        except OSError as exc:
+            if not self._store_failing:
+                log.error("received image #%d: its result cannot be saved (%s); the image is kept and new ones are "
+                          "refused until saving works", number, exc.strerror or type(exc).__name__)
+            self._store_failing = True
+            return False
         except Exception as exc:  # one bad image must not stop the node; the type is logged, never the data
-            log.error("analysis of received image #%d failed: %s", item.number, type(exc).__name__)
-            self._add(item.number, WorklistEntry(None, item.received, item.modality, None, (), None,
-                                                 f"not sent: analysis failed ({type(exc).__name__})"))
-            return
+            log.error("analysis of received image #%d failed: %s", number, type(exc).__name__)
+            self._add(number, WorklistEntry(None, received, modality, None, (), None,
+                                            f"not sent: analysis failed ({type(exc).__name__})"))
+            self.spool.remove(path)
+            return True
+        if self._store_failing:
+            log.warning("results can be saved again; accepting C-STOREs")
+            self._store_failing = False
         content = analysis.content
         top = max(content.probabilities.values(), default=None)
         entry = WorklistEntry(
-            result_id=analysis.result_id, received=item.received, modality=item.modality,
-            in_scope=analysis.in_scope, calls=content.calls if analysis.in_scope else (),
+            result_id=analysis.result_id, received=received, modality=modality,
+            in_scope=analysis.in_scope, calls=content.positive if analysis.in_scope else (),
             top_probability=top, send_status="not sent: no destination configured")
         if not analysis.in_scope:
             entry = replace(entry, send_status="not sent: out of scope")
         elif self.send_to is not None:
             try:
-                source = pydicom.dcmread(io.BytesIO(item.data), stop_before_pixels=True)
+                source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
                 datasets = [build_secondary_capture(source, content), build_structured_report(source, content)]
             except Exception as exc:
                 log.error("result %s: building the DICOM result failed: %s", analysis.result_id, type(exc).__name__)
-                self._add(item.number, replace(entry, send_status=f"failed: cannot build ({type(exc).__name__})"))
-                return
+                self._add(number, replace(entry, send_status=f"failed: cannot build ({type(exc).__name__})"))
+                self.spool.remove(path)
+                return True
             entry = replace(entry, send_status="queued")
-            self._add(item.number, entry)
-            with self._lock:
-                self._busy += 1  # released when the send succeeds or finally fails
-                heapq.heappush(self._sends, (time.monotonic(), item.number, _SendJob(item.number, datasets)))
-                self._lock.notify_all()
-            return
-        self._add(item.number, entry)
+            try:
+                folder = self.spool.put_result(path.stem, path, datasets, asdict(entry))
+            except OSError as exc:
+                log.error("result %s cannot be kept for sending (%s); the image is kept and analysed again later",
+                          analysis.result_id, exc.strerror or type(exc).__name__)
+                self._store_failing = True
+                return False
+            self._add(number, entry)
+            self._queue_send(folder)
+            return True
+        self._add(number, entry)
+        self.spool.remove(path)
+        return True
 
     def _add(self, number: int, entry: WorklistEntry) -> None:
         with self._lock:
@@ -346,39 +727,87 @@ class DicomNode:
 
     # -- sending (one sender thread) -------------------------------------------------------------------------------
 
+    def _resume(self, folder: Path) -> None:
+        """Queue a result left unsent by a previous run (its worklist entry comes back from entry.json)."""
+        try:
+            fields = json.loads((folder / "entry.json").read_text())
+            entry = WorklistEntry(**{**fields, "calls": tuple(fields["calls"]), "send_status": "queued (resumed)"})
+        except (OSError, ValueError, TypeError, KeyError):
+            log.error("unsent result %s in the spool is unreadable; it is left there", folder.name)
+            return
+        self._add(_number(folder), entry)
+        self._queue_send(folder)
+
+    def _queue_send(self, folder: Path) -> None:
+        files = [folder / name for name in ("sc.dcm", "sr.dcm") if (folder / name).exists()]
+        with self._lock:
+            self._jobs.append(_SendJob(_number(folder), folder, files))
+            self._lock.notify_all()
+
+    def _next_job(self) -> _SendJob | None:
+        """The oldest job that is due, waiting for it; None when stopping. Call with the lock held."""
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            due = [job for job in self._jobs if job.due <= now]
+            if due and now >= self._next_try:
+                return due[0]
+            waits = [job.due for job in self._jobs]
+            wake = max(self._next_try, min(waits)) if waits else None
+            self._lock.wait(None if wake is None else max(0.01, wake - now))
+        return None
+
     def _send_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping.is_set() and (not self._sends or self._sends[0][0] > time.monotonic()):
-                    self._lock.wait(self._sends[0][0] - time.monotonic() if self._sends else None)
-                if self._stopping.is_set():
-                    return
-                _, _, job = heapq.heappop(self._sends)
+                job = self._next_job()
+            if job is None:
+                return
             self._set_status(job.number, "sending" if job.attempt == 1 else f"sending (attempt {job.attempt})")
-            error = self._send(job)
+            error, connected = self._send(job)
             if error is None:
-                self._set_status(job.number, "sent")
-            elif job.attempt <= len(self.retry_delays) and not self._stopping.is_set():
+                self._sent(job)
+            elif not connected:
+                # The destination is down: one line when it goes down, none per attempt; every job waits behind
+                # this one, which probes with back-off.
+                self._failures += 1
+                delay = self.retry_delays[min(self._failures, len(self.retry_delays)) - 1]
+                self._down.hit(self.send_to, error)
+                self._next_try = time.monotonic() + delay
+                self._set_status(job.number, f"retrying in {delay:g} s (attempt {job.attempt} failed: {error})")
+                job.attempt += 1
+            elif job.attempt <= len(self.retry_delays):
+                # The destination answered but refused this result: retry it on its own schedule, others go on.
                 delay = self.retry_delays[job.attempt - 1]
                 log.warning("sending result #%d to %s failed (%s); retry %d in %g s", job.number, self.send_to,
                             error, job.attempt, delay)
                 self._set_status(job.number, f"retrying in {delay:g} s (attempt {job.attempt} failed: {error})")
                 job.attempt += 1
-                with self._lock:
-                    heapq.heappush(self._sends, (time.monotonic() + delay, job.number, job))
-                    self._lock.notify_all()
-                continue
+                job.due = time.monotonic() + delay
             else:
                 log.error("sending result #%d to %s failed after %d attempts: %s", job.number, self.send_to,
                           job.attempt, error)
                 self._set_status(job.number, f"failed after {job.attempt} attempts: {error}")
-            job.datasets = []  # the patient module goes with them
-            with self._lock:
-                self._busy -= 1
-                self._lock.notify_all()
+                self._finish(job)
 
-    def _send(self, job: _SendJob) -> str | None:
-        """C-STORE the job's remaining datasets in one association; None on success, else a short reason."""
+    def _sent(self, job: _SendJob) -> None:
+        self._set_status(job.number, "sent")
+        self._finish(job)
+        if self._failures:
+            self._down.clear(len(self._jobs))
+            self._failures = 0
+            self._next_try = 0.0
+
+    def _finish(self, job: _SendJob) -> None:
+        with self._lock:
+            self._jobs.remove(job)
+        self.spool.remove(job.folder)  # the patient module goes with it
+
+    def _send(self, job: _SendJob) -> tuple[str | None, bool]:
+        """C-STORE the job's remaining files in one association.
+
+        Returns (None, True) on success, else (a short reason, whether an association was made: False means the
+        destination is unreachable, True that it answered and refused).
+        """
         assert self.send_to is not None
         ae = AE(ae_title=self.aet)
         for sop_class in (SecondaryCaptureImageStorage, ComprehensiveSRStorage):
@@ -387,26 +816,70 @@ class DicomNode:
         try:
             assoc = ae.associate(self.send_to.host, self.send_to.port, ae_title=self.send_to.aet)
         except Exception as exc:
-            return f"cannot connect ({type(exc).__name__})"
+            return f"cannot connect ({type(exc).__name__})", False
         if not assoc.is_established:
-            return "association rejected" if assoc.is_rejected else "no association (is the PACS running?)"
+            return ("association rejected" if assoc.is_rejected else "no association (is the PACS running?)"), False
         try:
-            while job.datasets:
-                status = assoc.send_c_store(job.datasets[0])
+            while job.files:
+                status = assoc.send_c_store(pydicom.dcmread(job.files[0]))
                 code = int(status.Status) if "Status" in status else None
+                if code is None:
+                    return "no response", False
                 if code not in SUCCESSFUL_STORE:
-                    return "no response" if code is None else f"store status 0x{code:04X}"
-                job.datasets.pop(0)
+                    return f"store status 0x{code:04X}", True
+                job.files.pop(0)
         except Exception as exc:
-            return f"connection lost ({type(exc).__name__})"
+            return f"connection lost ({type(exc).__name__})", False
         finally:
             if assoc.is_established:
                 assoc.release()
-        return None
+        return None, True
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _number(path: Path) -> int:
+    """The receipt number at the start of a spool item's name (000000000042-DX-1a2b3c4d -> 42)."""
+    return int(path.name.split("-", 1)[0])
+
+
+def _modality(path: Path) -> str:
+    parts = path.stem.split("-")
+    return parts[1] if len(parts) == 3 and parts[1] else "?"
+
+
+def _received_time(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
+class _EscapeControl(logging.Filter):
+    """Escape control characters (CR, LF, ESC...) in a record's message and drop its traceback.
+
+    pynetdicom puts peer-chosen text (AE titles, UIDs) into its messages; a newline there forges a log line. A
+    traceback from its reader threads carries nothing an operator needs and may carry received bytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f" ({type(record.exc_info[1]).__name__})"
+        record.msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_ESCAPE = _EscapeControl()
+
+
+def _quiet_pynetdicom() -> None:
+    # pynetdicom's debug and info records carry UIDs and, in its debug handlers, whole datasets: keep them out.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Filters act on the logger a record is made by, not on its parents: add ours to each pynetdicom logger.
+    names = [name for name in logging.root.manager.loggerDict if name == "pynetdicom" or
+             name.startswith("pynetdicom.")]
+    for name in (*names, log.name):
+        logger = logging.getLogger(name)
+        if _ESCAPE not in logger.filters:
+            logger.addFilter(_ESCAPE)
 
 
 def _code_string(value) -> str:
@@ -434,6 +907,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated calling AE titles allowed to connect (default: any)")
     group.add_argument("--dicom-send", default=None, metavar="AET@HOST:PORT",
                        help="send each result as Secondary Capture + SR to this PACS (default: send nothing)")
+    group.add_argument("--dicom-spool", default=str(DEFAULT_SPOOL),
+                       help="folder keeping received images and unsent results until they are delivered, so a "
+                            "restart loses none; made 0700, it holds patient data (default: %(default)s)")
+    group.add_argument("--dicom-max-pending", type=int, default=MAX_PENDING,
+                       help="images and unsent results the spool may hold; beyond it C-STOREs are refused with "
+                            "0xA700 (out of resources) and the sender keeps them (default: %(default)s)")
+    group.add_argument("--dicom-max-pending-mb", type=float, default=MAX_PENDING_BYTES / 2**20,
+                       help="the same limit in MiB on disk (default: %(default)s)")
+    group.add_argument("--dicom-max-dataset-mb", type=float, default=MAX_DATASET_BYTES / 2**20,
+                       help="largest C-STORE data set accepted, checked before decoding; larger ones get 0xA700 "
+                            "(default: %(default).0f)")
+    group.add_argument("--dicom-max-associations", type=int, default=MAX_ASSOCIATIONS,
+                       help="connections at once; connections that have not asked for an association are evicted, "
+                            "oldest first, so one slot stays free (default: %(default)s)")
+    group.add_argument("--dicom-max-per-peer", type=int, default=MAX_PER_PEER,
+                       help="connections at once from one IP address (default: %(default)s)")
+    group.add_argument("--dicom-connect-timeout", type=float, default=CONNECT_TIMEOUT,
+                       help="seconds a new connection may take to ask for an association (default: %(default)s)")
 
 
 def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis]) -> DicomNode | None:
@@ -445,7 +936,11 @@ def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis
     allow = [aet.strip() for aet in args.dicom_allow.split(",") if aet.strip()]
     send_to = Destination.parse(args.dicom_send) if args.dicom_send else None
     return DicomNode(analyse, aet=args.dicom_aet, host=args.dicom_host, port=args.dicom_port, allow=allow,
-                     send_to=send_to)
+                     send_to=send_to, spool=args.dicom_spool, max_pending=args.dicom_max_pending,
+                     max_pending_bytes=int(args.dicom_max_pending_mb * 2**20),
+                     max_dataset_bytes=int(args.dicom_max_dataset_mb * 2**20),
+                     max_associations=args.dicom_max_associations, max_per_peer=args.dicom_max_per_peer,
+                     connect_timeout=args.dicom_connect_timeout)
 
 
 def model_name(predictor) -> str:

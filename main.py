@@ -18,10 +18,12 @@ from flask import Flask
 from flask_wtf.csrf import CSRFProtect
 
 import dicom_node
+import monitoring
 import views
 import webhttp
 import worklist
 from chestxray.results import ResultStore
+from chestxray.store import StoreError
 from predictions import TRAIN_COMMAND
 from views import no_model_message
 from webconfig import secret_key
@@ -33,9 +35,9 @@ csrf = CSRFProtect()
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), RESULTS_DIR, RETENTION, RESULT_MIN_AGE,
-    MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY, INSTANCE_PATH (the folder keeping
-    secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset; default ./instance).
+    """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), ALLOW_UNTRUSTED, RESULTS_DIR, RETENTION,
+    RESULT_MIN_AGE, MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY, INSTANCE_PATH (the folder
+    keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset; default ./instance).
 
     Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES, or an unusable secret key
     (webconfig.secret_key).
@@ -47,6 +49,7 @@ def create_app(config: dict | None = None) -> Flask:
         CHECKPOINT=None,
         DEVICE="auto",
         BACKEND="torch",
+        ALLOW_UNTRUSTED=False,  # call labels without evidence or scope statistics (every answer then warns)
         RESULTS_DIR=str(ROOT / "static" / "results"),
         RETENTION=200,
         RESULT_MIN_AGE=600,  # seconds: a younger result is never pruned, so no one can flush another's new results
@@ -70,7 +73,8 @@ def create_app(config: dict | None = None) -> Flask:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
 
-    state = load_model(str(app.config["CHECKPOINT"]), app.config["DEVICE"], app.config["BACKEND"])
+    state = load_model(str(app.config["CHECKPOINT"]), app.config["DEVICE"], app.config["BACKEND"],
+                       bool(app.config["ALLOW_UNTRUSTED"]))
     if state.error:
         log.warning(no_model_message(state.error))
     app.extensions["chestxray"] = state
@@ -83,6 +87,7 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.exempt(views.api_delete_result)  # a cross-site DELETE needs CORS approval, which the app never gives
     app.register_blueprint(views.bp)  # the pages, the API, and the templates' filters and model context
     app.register_blueprint(worklist.bp)  # /worklist: images from the DICOM node, when main() starts one
+    monitoring.install(app)  # the results database (DATABASE), feedback, /monitor, /metrics, /api/results
     webhttp.install(app)
     return app
 
@@ -99,6 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the .onnx "
                         "beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--allow-untrusted", action="store_true",
+                        help="call findings even when the checkpoint lacks validation evidence or scope statistics; "
+                        "every answer then carries a visible warning (default: off: such labels say 'not "
+                        "validated - no call')")
     parser.add_argument("--results-dir", default=str(ROOT / "static" / "results"),
                         help="folder for saved results (default: %(default)s)")
     parser.add_argument("--retention", type=int, default=200, help="keep the newest N results (default: %(default)s)")
@@ -112,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instance-dir", default=str(ROOT / "instance"),
                         help="folder keeping the secret key across restarts, made 0600 on first start, unless "
                              "$CXR_SECRET_KEY is set (default: %(default)s)")
+    parser.add_argument("--database", default=None,
+                        help="results database URL, e.g. postgresql://USER:PASSWORD@HOST/DB to share one between app "
+                        "servers (default: DATABASE in <instance-dir>/config.toml, else an SQLite file "
+                        "<instance-dir>/results.sqlite3)")
     webhttp.add_server_arguments(parser)
     dicom_node.add_arguments(parser)
     return parser
@@ -121,10 +134,11 @@ def main(args: argparse.Namespace) -> int:
     """Build the app once and serve it with waitress until interrupted; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.checkpoint = choose_checkpoint(args)
-    app = create_app({
+    config = {
         "CHECKPOINT": args.checkpoint,
         "DEVICE": args.device,
         "BACKEND": args.backend,
+        "ALLOW_UNTRUSTED": args.allow_untrusted,
         "RESULTS_DIR": args.results_dir,
         "RETENTION": args.retention,
         "RESULT_MIN_AGE": args.min_age,
@@ -132,7 +146,13 @@ def main(args: argparse.Namespace) -> int:
         "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
         "INSTANCE_PATH": args.instance_dir,
-    })
+        "DATABASE": args.database,
+    }
+    try:
+        app = create_app(config)
+    except StoreError as exc:  # a database URL that is wrong or unreachable: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     predictor = app.extensions["chestxray"].predictor
     server = webhttp.make_server(app, args)
     model = (f"{predictor.meta.arch} at {predictor.meta.image_size} px from {args.checkpoint}"

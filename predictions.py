@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the "
                         ".onnx beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
+    parser.add_argument("--allow-untrusted", action="store_true",
+                        help="call findings even when the checkpoint lacks validation evidence or scope statistics; "
+                        "every JSON line then carries a \"warning\" (default: off: such labels are 'not validated')")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes decoding the files; 0 = in the main process (default: %(default)s)")
@@ -109,16 +112,17 @@ def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> di
 
 
 def csv_header(labels) -> list[str]:
-    """The --csv columns: path, in_scope, one probability per label (model order), positive calls, error."""
-    return ["path", "in_scope", *labels, "positive", "error"]
+    """The --csv columns: path, in_scope, one probability per label (model order), one call per label ("LABEL
+    call": positive, negative, not validated or out of scope), the positive calls, the warning, the error."""
+    return ["path", "in_scope", *labels, *(f"{name} call" for name in labels), "positive", "warning", "error"]
 
 
 def csv_row(record: dict, labels) -> list:
     if "error" in record:
-        return [record["image"], "", *([""] * len(labels)), "", record["error"]]
-    probs = {item["label"]: item["probability"] for item in record["labels"]}
-    return [record["image"], record["in_scope"], *(f"{probs[name]:.6f}" for name in labels),
-            "|".join(record["positive"]), ""]
+        return [record["image"], "", *([""] * 2 * len(labels)), "", "", record["error"]]
+    rows = {item["label"]: item for item in record["labels"]}
+    return [record["image"], record["in_scope"], *(f"{rows[name]['probability']:.6f}" for name in labels),
+            *(rows[name]["call"] for name in labels), "|".join(record["positive"]), record.get("warning") or "", ""]
 
 
 def _usage(args: argparse.Namespace, world_size: int) -> str | None:
@@ -204,10 +208,13 @@ def main(args: argparse.Namespace) -> int:
     if world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank on each machine
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, backend=args.backend)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, backend=args.backend,
+                                              allow_untrusted=args.allow_untrusted)
     except (CheckpointError, RuntimeError) as exc:
         print(f"error: {exc}\nTrain a model with: {TRAIN_COMMAND}\nor point at one with --checkpoint", file=sys.stderr)
         return 2
+    if predictor.untrusted and rank == 0:
+        print(predictor.model_card()["warning"], file=sys.stderr, flush=True)
     images = find_images(args.paths)
     if not images:
         print("error: no PNG, JPEG or DICOM files found in the given paths", file=sys.stderr)

@@ -37,6 +37,7 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
+from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
@@ -142,6 +143,7 @@ bp.add_app_template_filter(lambda label: label.replace("_", " "), "label_name")
 bp.add_app_template_filter(lambda p: f"{100 * p:.1f}%", "percent")
 bp.add_app_template_global(format_call, "format_call")  # probability/threshold texts that agree with the call
 bp.add_app_template_global(format_scope, "format_scope")
+bp.add_app_template_global(statements, "statements")  # the scope, warning, demo and evidence sentences
 
 
 def result_store() -> ResultStore:
@@ -325,23 +327,25 @@ SUMMARY_COLUMNS = ("number", "file", "result", "in_scope", "called_findings", "t
 
 
 def summary_csv(items: list[BatchItem]) -> str:
-    """The batch summary as CSV text: one row per file with each label's probability; failed files keep their error."""
+    """The batch summary as CSV text: one row per file with each label's probability and call (the core's words);
+    failed files keep their error."""
     labels = next(label_names(item.record) for item in items if item.record)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*SUMMARY_COLUMNS, *labels, "error"])
+    writer.writerow([*SUMMARY_COLUMNS, *labels, *(f"{label} call" for label in labels), "error"])
     for item in items:
         if item.record is None:
-            writer.writerow([item.number, item.name, "", "", "", "", "", *[""] * len(labels), item.error])
+            writer.writerow([item.number, item.name, "", "", "", "", "", *[""] * 2 * len(labels), item.error])
             continue
         record, top = item.record, ranked(item.record)[0]
         in_scope = record.get("in_scope")
-        probabilities = {row["label"]: row["probability"] for row in record["labels"]}
+        by_label = {row["label"]: row for row in record["labels"]}
         writer.writerow([
             item.number, item.name, url_for("views.result", rid=record["id"], _external=True),
             "" if in_scope is None else ("yes" if in_scope else "no"), "|".join(record["positive"]),
-            top["label"], f"{top['probability']:.6f}", *(f"{probabilities.get(label, float('nan')):.6f}"
-                                                         for label in labels), "",
+            top["label"], f"{top['probability']:.6f}",
+            *(f"{by_label[label]['probability']:.6f}" if label in by_label else "nan" for label in labels),
+            *(by_label[label]["call"] if label in by_label else "" for label in labels), "",
         ])
     return buffer.getvalue()
 

@@ -33,10 +33,12 @@ def default_checkpoint() -> str:
     return os.environ.get("CXR_CHECKPOINT") or str(ROOT / DEFAULT_CHECKPOINT)
 
 
-def load_model(checkpoint: str, device: str = "auto", backend: str = "torch") -> ModelState:
+def load_model(checkpoint: str, device: str = "auto", backend: str = "torch",
+               allow_untrusted: bool = False) -> ModelState:
     """Build the Predictor once; a missing or broken checkpoint gives a state with no predictor and its error."""
     try:
-        return ModelState(Predictor.from_checkpoint(checkpoint, device=device, backend=backend), checkpoint)
+        return ModelState(Predictor.from_checkpoint(checkpoint, device=device, backend=backend,
+                                                    allow_untrusted=allow_untrusted), checkpoint)
     except (CheckpointError, RuntimeError) as exc:
         return ModelState(None, checkpoint, str(exc))
 

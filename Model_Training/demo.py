@@ -16,7 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from chestxray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chestxray.checkpoint import (
+    CheckpointError,
+    checkpoint_from_obj,
+    load_checkpoint,
+    safe_torch_load,
+    write_checkpoint,
+)
 from chestxray.meta import Meta
 from Model_Training import train
 
@@ -62,9 +68,11 @@ def build_demo_model(path: str | Path = DEMO_CHECKPOINT, data_dir: str | Path = 
         minutes = (time.monotonic() - start) / 60
         if rc != 0:
             raise DemoError(f"training the demo model on {data_dir} failed (exit code {rc}; see the messages above)")
-        model, meta, summary = load_checkpoint(Path(tmp) / "demo.pth")
+        obj = safe_torch_load(Path(tmp) / "demo.pth")  # kept whole: the trust data fitted by train.py stay
+        meta = checkpoint_from_obj(obj, Path(tmp) / "demo.pth")[1]
         demo = {"images": int(meta.training.get("n_train", 0)), "minutes": round(minutes, 1)}
-        save_checkpoint(path, model, meta.replace(training={**meta.training, "demo": demo}), summary)
+        obj["meta"] = meta.replace(training={**meta.training, "demo": demo}).to_dict()
+        write_checkpoint(path, obj)
     return path
 
 

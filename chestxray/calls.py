@@ -8,8 +8,29 @@ once in the core by `Prediction.call` and never re-derived.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 POSITIVE = "positive"
 NEGATIVE = "negative"
 NOT_VALIDATED = "not validated"
 OUT_OF_SCOPE = "out of scope"
 CALLS = (POSITIVE, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE)
+
+
+def statements(answer: Mapping) -> dict[str, str | None]:
+    """The sentences every rendering of one answer carries (page, PDF, SR text): {"scope", "warning", "demo",
+    "evidence"}, each a sentence or None. `answer` is Prediction.to_dict() (or a stored result holding it)."""
+    card = answer.get("model") or {}
+    demo = (card.get("training") or {}).get("demo") if card.get("demo") else None
+    rule = card.get("call_rule")
+    return {
+        "scope": _sentence(answer.get("scope")),
+        "warning": answer.get("warning") or None,
+        "demo": (f"Demo model: trained on {demo.get('images', '?')} images for {demo.get('minutes', '?')} minutes; "
+                 "its answers are meaningless." if isinstance(demo, Mapping) else None),
+        "evidence": f"Calls: {rule}." if rule else None,
+    }
+
+
+def _sentence(text: str | None) -> str | None:
+    return (text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")) if text else None

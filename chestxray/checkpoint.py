@@ -25,11 +25,12 @@ from .meta import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, Meta, SplitSpec
 from .model import ChestXrayNet, build_model
 
 # Meta, SplitSpec and CheckpointError live in chestxray.meta (no torch import); re-exported for existing imports.
-__all__ = ["DEFAULT_CHECKPOINT", "FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "CheckpointError", "Meta", "SplitSpec",
-           "atomic_torch_save", "load_checkpoint", "model_from_meta", "remove_stale_temporaries", "safe_torch_load",
-           "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHECKPOINT", "FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "CheckpointError",
+           "Meta", "SplitSpec", "atomic_torch_save", "load_checkpoint", "model_from_meta", "remove_stale_temporaries",
+           "safe_torch_load", "save_checkpoint", "write_checkpoint"]
 
 FORMAT = 1
+CHECKPOINT_KEYS = ("format", "model", "meta", "train", "trust")  # every field a checkpoint may hold
 DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"  # where training writes and the web app looks
 
 
@@ -47,10 +48,25 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, backup: str | os.PathLi
     atomic_write(path, lambda f: torch.save(obj, f), backup=backup, fsync=True)
 
 
-def save_checkpoint(path: str | os.PathLike, model: ChestXrayNet, meta: Meta, train: dict | None = None) -> None:
-    """Write {"format", "model", "meta", "train"} atomically. `train` must be plain data."""
+def save_checkpoint(path: str | os.PathLike, model: ChestXrayNet, meta: Meta, train: dict | None = None,
+                    trust: dict | None = None) -> None:
+    """Write {"format", "model", "meta", "train"[, "trust"]} atomically. `train` and `trust` must be plain data."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"format": FORMAT, "model": state, "meta": meta.to_dict(), "train": dict(train or {})}, path)
+    obj = {"format": FORMAT, "model": state, "meta": meta.to_dict(), "train": dict(train or {})}
+    if trust is not None:
+        obj["trust"] = trust
+    write_checkpoint(path, obj)
+
+
+def write_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    """The one writer of checkpoint files: a loaded checkpoint dict, changed or not, saved atomically with every
+    field it holds. Raises CheckpointError for a field outside CHECKPOINT_KEYS or a missing model/meta/format, so a
+    re-save can neither drop nor invent a field."""
+    unknown = sorted(set(obj) - set(CHECKPOINT_KEYS))
+    missing = [key for key in ("format", "model", "meta") if key not in obj]
+    if unknown or missing:
+        raise CheckpointError(f"not a checkpoint to write: unknown fields {unknown}, missing fields {missing}")
+    atomic_torch_save(obj, path)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

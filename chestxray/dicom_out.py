@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from chestxray.calls import CALLS, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, statements
 from chestxray.cam import overlay
 
 DISCLAIMER = "AI result — not for clinical use"
@@ -44,54 +45,75 @@ def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
 REPORT_TITLE = hd.sr.CodedConcept(value="18748-4", scheme_designator="LN", meaning="Diagnostic imaging report")
 PROBABILITY = _local("PROB", "Probability")
 THRESHOLD = _local("THRESH", "Decision threshold")
-CALLED = _local("CALL", "Called")
+STATEMENT = _local("STMT", "Statement")  # the page's scope, warning, demo and evidence sentences
+CALL = _local("CALL", "Call")  # the core's call word: positive, negative, not validated or out of scope
 MODEL = _local("MODEL", "Algorithm name")
 NO_UNITS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
 
 @dataclass(frozen=True)
 class ReportContent:
-    """What one analysis puts into DICOM. image: (H, W) float32 in [0, 1]; heatmap: (h, w) raw map of calls[0].
+    """What one analysis puts into DICOM. image: (H, W) float32 in [0, 1]; heatmap: (h, w) raw map of positive[0].
 
-    calls are the called labels, highest probability first; heatmap is None when nothing is called.
+    calls: every label's call word as the core decided it (chestxray.calls); positive: the labels called positive,
+    highest probability first; heatmap is None when nothing is called. statements: the answer's sentences (scope,
+    warning, demo, evidence; chestxray.calls.statements), written as they are on the page and in the PDF.
     """
 
     model_name: str
     labels: tuple[str, ...]
     probabilities: dict[str, float]
-    calls: tuple[str, ...]
+    calls: dict[str, str]
     thresholds: dict[str, float]
     image: np.ndarray
     heatmap: np.ndarray | None = None
+    statements: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        missing = [name for name in self.labels if name not in self.probabilities or name not in self.thresholds]
+        missing = [name for name in self.labels if name not in self.probabilities or name not in self.thresholds
+                   or name not in self.calls]
         if missing:
-            raise ValueError(f"probabilities and thresholds are needed for every label; missing for {missing}")
+            raise ValueError(f"probabilities, thresholds and calls are needed for every label; missing for {missing}")
         unknown = [name for name in self.calls if name not in self.labels]
         if unknown:
             raise ValueError(f"called labels {unknown} are not among this model's labels {list(self.labels)}")
+        words = {word for word in self.calls.values() if word not in CALLS}
+        if words:
+            raise ValueError(f"unknown call words {sorted(words)}; a call is one of {list(CALLS)}")
         if self.image.ndim != 2:
             raise ValueError(f"the image must be one (H, W) grayscale array, got shape {self.image.shape}")
 
+    @property
+    def positive(self) -> tuple[str, ...]:
+        """The labels called positive, highest probability first."""
+        return tuple(sorted((name for name in self.labels if self.calls[name] == POSITIVE),
+                            key=lambda name: -self.probabilities[name]))
+
     @classmethod
     def from_prediction(cls, prediction, model_name: str) -> ReportContent:
-        """From a predictor's Prediction (labels, probabilities, positive, thresholds, image, heatmaps)."""
-        calls = tuple(sorted(prediction.positive, key=lambda name: -prediction.probabilities[name]))
+        """From a predictor's Prediction (labels, probabilities, calls, thresholds, image, heatmaps)."""
+        positive = sorted(prediction.positive, key=lambda name: -prediction.probabilities[name])
         heatmap = None
-        if calls and prediction.heatmaps is not None:
-            heatmap = prediction.heatmaps[list(prediction.labels).index(calls[0])]
+        if positive and prediction.heatmaps is not None:
+            heatmap = prediction.heatmaps[list(prediction.labels).index(positive[0])]
+        said = statements(prediction.to_dict())
         return cls(model_name=model_name, labels=tuple(prediction.labels),
-                   probabilities=dict(prediction.probabilities), calls=calls,
-                   thresholds=dict(prediction.thresholds), image=prediction.image, heatmap=heatmap)
+                   probabilities=dict(prediction.probabilities), calls=dict(prediction.calls),
+                   thresholds=dict(prediction.thresholds), image=prediction.image, heatmap=heatmap,
+                   statements=tuple(text for text in said.values() if text))
 
 
 def summary_lines(content: ReportContent) -> list[str]:
     """The text panel's lines: the disclaimer, the model, then each called finding with its probability."""
     lines = [DISCLAIMER, f"Model: {content.model_name}", ""]
-    if content.calls:
-        lines.append(f"Called findings (heatmap: {content.calls[0]}):")
-        lines += [f"  {name}: {content.probabilities[name]:.0%}" for name in content.calls]
+    positive = content.positive
+    if positive:
+        lines.append(f"Called findings (heatmap: {positive[0]}):")
+        lines += [f"  {name}: {content.probabilities[name]:.0%}" for name in positive]
+    elif set(content.calls.values()) == {OUT_OF_SCOPE}:
+        lines.append("Out of scope: no finding is called.")
+    elif set(content.calls.values()) == {NOT_VALIDATED}:
+        lines.append("No finding is called: none is validated.")
     else:
         lines.append("No finding called above its threshold.")
     return lines
@@ -183,6 +205,8 @@ def build_structured_report(source: Dataset, content: ReportContent) -> Dataset:
     items: list[hd.sr.ContentItem] = [
         hd.sr.TextContentItem(name=codes.DCM.Comment, value=DISCLAIMER, relationship_type="CONTAINS"),
         hd.sr.TextContentItem(name=MODEL, value=content.model_name, relationship_type="CONTAINS"),
+        *(hd.sr.TextContentItem(name=STATEMENT, value=text, relationship_type="CONTAINS")
+          for text in content.statements),
         hd.sr.ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=source.SOPClassUID,
                                referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS"),
     ]
@@ -193,8 +217,7 @@ def build_structured_report(source: Dataset, content: ReportContent) -> Dataset:
                                  relationship_type="CONTAINS"),
             hd.sr.NumContentItem(name=THRESHOLD, value=round(float(content.thresholds[name]), 6), unit=NO_UNITS,
                                  relationship_type="CONTAINS"),
-            hd.sr.CodeContentItem(name=CALLED, value=codes.SCT.Yes if name in content.calls else codes.SCT.No,
-                                  relationship_type="CONTAINS"),
+            hd.sr.TextContentItem(name=CALL, value=content.calls[name], relationship_type="CONTAINS"),
         ])
         items.append(finding)
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
 from .cam import class_activation_maps, has_support, overlay
 from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
@@ -31,14 +32,20 @@ from .trust import Trust, TrustError
 BACKENDS = ("torch", "onnx")
 
 SCOPE_NOT_AVAILABLE = "in-scope check: not available (this checkpoint has no scope statistics; add them with " \
-    "Model_Training/fit_trust.py)"
-NOT_VALIDATED = "not validated \u2014 no call"
+    "Model_Training/fit_trust.py); no finding is called"
+SCOPE_NOT_AVAILABLE_UNTRUSTED = "in-scope check: not available (this checkpoint has no scope statistics); findings " \
+    "are called anyway because the operator allowed untrusted answers"
+NO_CALL = "not validated \u2014 no call"  # how a "not validated" call reads in sentences and tables
+UNTRUSTED_WARNING = ("Warning: untrusted answers allowed by the operator (--allow-untrusted): labels without "
+                     "validation evidence, or images without an in-scope check, are called at their raw thresholds. "
+                     "These calls have no validation behind them.")
+NO_EVIDENCE_REASON = "this checkpoint records no validation evidence; add it with Model_Training/fit_trust.py"
 
 
-def scope_message(in_scope: bool | None, score: float | None, limit: float | None) -> str:
-    """One sentence on the in-scope check for pages, the API and the CLI."""
+def scope_message(in_scope: bool | None, score: float | None, limit: float | None, untrusted: bool = False) -> str:
+    """One sentence on the in-scope check for pages, the API, the CLI and the PDF."""
     if in_scope is None:
-        return SCOPE_NOT_AVAILABLE
+        return SCOPE_NOT_AVAILABLE_UNTRUSTED if untrusted else SCOPE_NOT_AVAILABLE
     s, lim = format_scope(score, limit)
     if in_scope:
         return (f"in scope: looks like the frontal chest radiographs the model learned from (score {s} \u2264 limit "
@@ -52,14 +59,17 @@ class Prediction:
     """One image's result. heatmaps: raw class activation maps (L, h, w), in `labels` order.
 
     probabilities are calibrated when the checkpoint holds a calibration (`calibrated`), sigmoid(logit) otherwise;
-    `logits` are the raw model outputs. A label is in `positive` only when its probability reaches its threshold,
-    the label is validated (evidence.py; None = no evidence recorded) and the image is not out of scope.
-    in_scope is None when the checkpoint has no scope statistics.
+    `logits` are the raw model outputs. `calls` holds each label's one call word (chestxray.calls), decided once by
+    the Predictor: "out of scope" for every label of an out-of-scope image; "not validated" for a label without
+    validation evidence, and for every label when the checkpoint has no scope statistics; otherwise "positive" when
+    the probability reaches the threshold, else "negative". `untrusted` is True when the operator allowed calls
+    without that evidence (the answer then carries UNTRUSTED_WARNING). in_scope is None when the checkpoint has no
+    scope statistics.
     """
 
     labels: tuple[str, ...]
     probabilities: dict[str, float]
-    positive: list[str]
+    calls: dict[str, str]
     thresholds: dict[str, float]
     image: np.ndarray = field(repr=False)  # (H, W) float32 in [0, 1], as read
     heatmaps: np.ndarray | None = field(default=None, repr=False)
@@ -73,6 +83,17 @@ class Prediction:
     scope_score: float | None = None
     scope_limit: float | None = None
     support: dict[str, bool] = field(default_factory=dict)  # some positive value in the label's map
+    untrusted: bool = False
+
+    @property
+    def positive(self) -> list[str]:
+        """The labels called positive, in model order."""
+        return [name for name in self.labels if self.calls[name] == POSITIVE]
+
+    @property
+    def warning(self) -> str | None:
+        """UNTRUSTED_WARNING when the operator allowed calls without evidence, else None."""
+        return UNTRUSTED_WARNING if self.untrusted else None
 
     def ranked(self) -> list[str]:
         """Called (positive) labels first, then the rest; each group by probability, highest first."""
@@ -88,20 +109,16 @@ class Prediction:
         return overlay(self.image, self.heatmaps[self.labels.index(label)], alpha=alpha)
 
     def call(self, label: str) -> str:
-        """"positive", "negative", "not validated" or "out of scope" (the image; only where p >= threshold)."""
-        if self.validated.get(label) is False:
-            return "not validated"
-        if self.probabilities[label] >= self.thresholds[label]:
-            return "positive" if label in self.positive else "out of scope"
-        return "negative"
+        """"positive", "negative", "not validated" or "out of scope" (chestxray.calls), as decided by the Predictor."""
+        return self.calls[label]
 
     def to_dict(self) -> dict:
         """The one JSON shape (plain data, NaN -> None): every label in model order, the calls, the scope, the model.
 
         {"labels": [{"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
          "auroc_ci", "has_support"}, ...], "positive": [label, ...], "in_scope": bool|None, "scope_score",
-         "scope_limit", "scope": sentence, "calibrated": bool, "format": "PNG"|"JPEG"|"DICOM"|None,
-         "original_size": [width, height], "model": {model card}}
+         "scope_limit", "scope": sentence, "warning": sentence|None, "calibrated": bool,
+         "format": "PNG"|"JPEG"|"DICOM"|None, "original_size": [width, height], "model": {model card}}
         """
         positive = set(self.positive)
         rows = []
@@ -119,7 +136,8 @@ class Prediction:
             "in_scope": self.in_scope,
             "scope_score": self.scope_score,
             "scope_limit": self.scope_limit,
-            "scope": scope_message(self.in_scope, self.scope_score, self.scope_limit),
+            "scope": scope_message(self.in_scope, self.scope_score, self.scope_limit, self.untrusted),
+            "warning": self.warning,
             "calibrated": self.calibrated,
             "format": self.format,
             "original_size": [int(self.image.shape[1]), int(self.image.shape[0])],
@@ -135,7 +153,7 @@ class Predictor:
     """
 
     def __init__(self, model: ChestXrayNet | OnnxModel, meta: Meta, device: torch.device | str = "cpu",
-                 trust: Trust | None = None) -> None:
+                 trust: Trust | None = None, allow_untrusted: bool = False) -> None:
         self.meta = meta
         self.labels = meta.labels
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float64)
@@ -152,14 +170,19 @@ class Predictor:
             self.device = torch.device(device)
             self.model = model.to(self.device).eval()
         self.trust = trust or Trust()
+        self.allow_untrusted = bool(allow_untrusted)
         ev = self.trust.evidence
-        # None: the checkpoint records no evidence (older checkpoints); such labels keep their calls.
-        self.validated = {name: (is_validated(ev[name]) if ev is not None else None) for name in self.labels}
+        # Safe by default: a label without evidence (or a checkpoint without any) is not called. None means "no
+        # evidence recorded, called anyway": only when the operator explicitly allowed untrusted answers.
+        self.validated = {name: (is_validated(ev[name]) if ev is not None else (None if allow_untrusted else False))
+                          for name in self.labels}
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "torch") -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "torch",
+                        allow_untrusted: bool = False) -> Predictor:
         """Load once (CUDA when available for 'auto'). Raises CheckpointError for a bad file, RuntimeError for a
-        device that is not there.
+        device that is not there. allow_untrusted: call labels even without evidence or scope statistics (every
+        answer then carries a warning); off by default.
 
         backend "onnx": `path` is an exported .onnx file, or a checkpoint with its export beside it (same name,
         .onnx), which must have been exported from that checkpoint (its metadata is compared).
@@ -170,7 +193,7 @@ class Predictor:
         if backend == "onnx" and path.suffix.lower() == ".onnx":
             onnx_model = OnnxModel(path, device=device)
             return cls(onnx_model, onnx_model.meta, trust=_trust(_tensors(onnx_model.info.extra), onnx_model.meta,
-                                                                 path))
+                                                                 path), allow_untrusted=allow_untrusted)
         obj = safe_torch_load(path, map_location="cpu")
         if backend == "onnx":
             beside = path.with_suffix(".onnx")
@@ -180,10 +203,11 @@ class Predictor:
                                       f"{path} --out {beside}")
             expected = Meta.from_dict(obj.get("meta") if isinstance(obj, dict) else None)
             onnx_model = OnnxModel(beside, device=device, expected_meta=expected)
-            return cls(onnx_model, onnx_model.meta, trust=_trust(obj, onnx_model.meta, path))
+            return cls(onnx_model, onnx_model.meta, trust=_trust(obj, onnx_model.meta, path),
+                       allow_untrusted=allow_untrusted)
         dev = resolve_device(device)
         model, meta, _ = checkpoint_from_obj(obj, path)
-        return cls(model, meta, dev, _trust(obj, meta, path))
+        return cls(model, meta, dev, _trust(obj, meta, path), allow_untrusted=allow_untrusted)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
@@ -262,13 +286,10 @@ class Predictor:
         if score is not None:
             limit = trust.scope.limit
             in_scope = bool(trust.scope.in_scope(score))
-        calls = binarize(probs, self.thresholds)
-        positive = [name for name, call in zip(self.labels, calls)
-                    if call and self.validated[name] is not False and in_scope is not False]
         return Prediction(
             labels=self.labels,
             probabilities={name: float(p) for name, p in zip(self.labels, probs)},
-            positive=positive,
+            calls=self.decide(probs, in_scope),
             thresholds={name: float(t) for name, t in zip(self.labels, self.thresholds)},
             image=image,
             heatmaps=maps,
@@ -282,7 +303,23 @@ class Predictor:
             scope_score=score,
             scope_limit=limit,
             support={name: has_support(m) for name, m in zip(self.labels, maps)},
+            untrusted=self.untrusted,
         )
+
+    @property
+    def untrusted(self) -> bool:
+        """True when some call is made without evidence: allowed by the operator and evidence or scope missing."""
+        return self.allow_untrusted and (self.trust.scope is None or self.trust.evidence is None)
+
+    def decide(self, probabilities: np.ndarray, in_scope: bool | None) -> dict[str, str]:
+        """(L,) calibrated probabilities and the image's scope verdict -> {label: call word}; the one place calls
+        are decided. Without scope statistics nothing is called unless the operator allowed untrusted answers."""
+        if in_scope is False:
+            return dict.fromkeys(self.labels, OUT_OF_SCOPE)
+        unchecked = in_scope is None and not self.allow_untrusted
+        over = binarize(np.asarray(probabilities), self.thresholds)
+        return {name: NOT_VALIDATED if unchecked or self.validated[name] is False else (POSITIVE if hit else NEGATIVE)
+                for name, hit in zip(self.labels, over)}
 
     def model_card(self) -> dict:
         """Plain-data description of the loaded model (arch, input, labels, thresholds, training summary)."""
@@ -299,8 +336,12 @@ class Predictor:
             "scope": self.trust.scope.summary() if self.trust.scope is not None else None,
             "calibration": self.trust.calibration.to_dict() if self.trust.calibration is not None else None,
             "evidence": self.trust.evidence,
-            "call_rule": RULE if self.trust.evidence is not None else "no validation evidence recorded: every "
-            "label is called at its threshold",
+            "call_rule": RULE if self.trust.evidence is not None else (
+                "no validation evidence recorded: every label is called at its threshold (untrusted answers allowed "
+                "by the operator)" if self.allow_untrusted else f"no validation evidence recorded: no label is "
+                f"called ({NO_EVIDENCE_REASON})"),
+            "untrusted": self.untrusted,
+            "warning": UNTRUSTED_WARNING if self.untrusted else None,
             "calibration_report": self.trust.report or None,
         }
 

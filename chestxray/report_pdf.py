@@ -25,6 +25,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from .calls import statements
 from .cam import upsample_map
 
 # matplotlib's PDF backend is imported in report_bytes only: it costs ~0.5 s at every start of the app.
@@ -91,7 +92,8 @@ class ReportPage:
         """From a saved result's record (result.json: id, created, and Prediction.to_dict()'s labels rows, format,
         original_size, model), its display image and its raw maps; label None draws the plain image.
 
-        A row's "call" is printed when the record has one, else "positive"/"negative" from its "positive" flag.
+        A row's "call" is printed when the record has one, else "positive"/"negative" from its "positive" flag. The
+        notes are the answer's statements (chestxray.calls.statements: scope, warning, demo, evidence), as on the page.
         Raises ValueError when the pieces do not fit together (unknown label or scale, wrong shapes).
         """
         rows = record["labels"]
@@ -105,7 +107,7 @@ class ReportPage:
             thresholds={row["label"]: row["threshold"] for row in rows},
             calls={row["label"]: row.get("call") or ("positive" if row["positive"] else "negative") for row in rows},
             model=record.get("model") or {}, image=np.asarray(image), heatmaps=heatmaps, label=label,
-            scale=scale, source=source,
+            scale=scale, source=source, notes=tuple(text for text in statements(record).values() if text),
         )
 
 

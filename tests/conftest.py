@@ -153,11 +153,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_app(tiny_checkpoint, tmp_path):
-    """make_app(**config) -> the web app on the tiny checkpoint, results in tmp_path, CSRF off; config overrides."""
+    """make_app(**config) -> the web app on the tiny checkpoint, results in tmp_path, CSRF off; config overrides.
+
+    The tiny checkpoint has no trust data, so the app is started as an operator who opted out would start it
+    (ALLOW_UNTRUSTED: calls at the thresholds, with the warning); tests of the safe default pass ALLOW_UNTRUSTED=False.
+    """
     from main import create_app
 
     def make(**config):
         base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
+                "ALLOW_UNTRUSTED": True,
                 "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
         return create_app({**base, **config})
 
@@ -166,9 +171,11 @@ def make_app(tiny_checkpoint, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_checkpoint):
+    """The tiny checkpoint's predictor with untrusted answers allowed (it has no trust data: by default it would call
+    nothing), so renderers are tested on positive and negative calls."""
     from predictions import Predictor
 
-    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu", allow_untrusted=True)
 
 
 def run_once(tmp_path_factory, name: str, make) -> Path:

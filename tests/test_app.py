@@ -661,13 +661,13 @@ def test_uploads_stay_in_memory(client, monkeypatch):
 def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny_checkpoint, capsys):
     """The CLI's JSON line, the API's answer and result.json all hold Prediction.to_dict() for the same image."""
     args = predictions.get_args_parser().parse_args([str(DICOM_MONO2), "--checkpoint", str(tiny_checkpoint),
-                                                     "--device", "cpu"])
+                                                     "--device", "cpu", "--allow-untrusted"])
     assert predictions.main(args) == 0
     line = json.loads(capsys.readouterr().out)
     doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
     shared = ["labels", "positive", "format", "original_size", "model", "in_scope", "scope_score", "scope_limit",
-              "scope", "calibrated"]
+              "scope", "warning", "calibrated"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
     assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
     assert set(doc) == {*record, "image", "heatmaps", "heatmaps_npy", "report", "result"} - {"source"}  # + URLs

@@ -27,7 +27,7 @@ def source() -> pydicom.Dataset:
 @pytest.fixture(scope="module")
 def content(tiny_predictor) -> ReportContent:
     content = ReportContent.from_prediction(tiny_predictor.predict(DICOM_MONO2), model_name="resnet18 test model")
-    assert len(content.calls) >= 2, "the biased tiny model calls several labels; the tests need at least two"
+    assert len(content.positive) >= 2, "the biased tiny model calls several labels; the tests need at least two"
     return content
 
 
@@ -41,16 +41,17 @@ def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
 def test_content_from_a_prediction_orders_calls_and_takes_the_top_calls_heatmap(tiny_predictor):
     prediction = tiny_predictor.predict(DICOM_MONO2)
     content = ReportContent.from_prediction(prediction, model_name="m")
-    assert set(content.calls) == set(prediction.positive)
-    probs = [content.probabilities[name] for name in content.calls]
+    assert content.calls == prediction.calls and set(content.positive) == set(prediction.positive)
+    probs = [content.probabilities[name] for name in content.positive]
     assert probs == sorted(probs, reverse=True)
-    np.testing.assert_array_equal(content.heatmap, prediction.heatmaps[LABELS.index(content.calls[0])])
+    np.testing.assert_array_equal(content.heatmap, prediction.heatmaps[LABELS.index(content.positive[0])])
     assert content.thresholds == prediction.thresholds
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(probabilities={"Atelectasis": 0.1}), "missing"),
-    (dict(calls=("Not a label",)), "not among"),
+    (dict(calls={"Not a label": "positive"}), "not among|missing"),
+    (dict(calls={name: "maybe" for name in LABELS}), "unknown call words"),
     (dict(image=np.zeros((4, 4, 3), np.float32)), "grayscale"),
 ])
 def test_content_refuses_inconsistent_input(content, change, message):
@@ -90,14 +91,18 @@ def test_secondary_capture_pixels_are_the_heatmap_overlay_plus_a_text_panel(sour
 
 def test_the_panel_lists_what_is_called(source, content):
     none_called = ReportContent(model_name=content.model_name, labels=content.labels,
-                                probabilities=content.probabilities, calls=(), thresholds=content.thresholds,
-                                image=content.image)
+                                probabilities=content.probabilities, calls=dict.fromkeys(content.labels, "negative"),
+                                thresholds=content.thresholds, image=content.image)
     assert any("No finding called" in line for line in dicom_out.summary_lines(none_called))
+    for word, said in (("out of scope", "Out of scope"), ("not validated", "none is validated")):
+        lines = dicom_out.summary_lines(ReportContent(**{**vars(none_called),
+                                                         "calls": dict.fromkeys(content.labels, word)}))
+        assert any(said in line for line in lines) and not any("No finding called above" in line for line in lines)
     lines = dicom_out.summary_lines(content)
     assert lines[0] == "AI result — not for clinical use"
-    for name in content.calls:
+    for name in content.positive:
         assert f"  {name}: {content.probabilities[name]:.0%}" in lines
-    uncalled = [name for name in content.labels if name not in content.calls]
+    uncalled = [name for name in content.labels if name not in content.positive]
     assert not any(name in line for name in uncalled for line in lines)
     # Without a call the radiograph is shown as it is, without a heatmap.
     plain = build_secondary_capture(source, none_called).pixel_array[:, :content.image.shape[1]]
@@ -142,11 +147,11 @@ def test_structured_report_lists_every_label_and_references_the_source(source, c
         finding = _items_by_name(items[name].ContentSequence)
         probability = float(finding["Probability"].MeasuredValueSequence[0].NumericValue)
         threshold = float(finding["Decision threshold"].MeasuredValueSequence[0].NumericValue)
-        called = finding["Called"].ConceptCodeSequence[0].CodeMeaning
+        call = finding["Call"].TextValue
         assert probability == pytest.approx(content.probabilities[name], abs=1e-6)
         assert threshold == pytest.approx(content.thresholds[name], abs=1e-6)
-        assert called == ("Yes" if name in content.calls else "No")
-        assert (called == "Yes") == (probability >= threshold)
+        assert call == content.calls[name]
+        assert (call == "positive") == (probability >= threshold)
 
 
 def test_building_warns_nothing_with_patient_data_and_leaves_the_source_as_it_is(source, content):

@@ -35,7 +35,7 @@ def test_keys_follow_the_checkpoint_label_order_and_thresholds(tmp_path):
     labels = tuple(reversed(CHESTXRAY8_LABELS))
     thresholds = [0.05, 0.95, 0.5, 0.5, 0.5, 0.5, 0.5, 0.99]
     path = make_checkpoint(tmp_path / "c8.pth", labels=labels, thresholds=thresholds, bias_spread=0.0)
-    predictor = Predictor.from_checkpoint(path, device="cpu")
+    predictor = Predictor.from_checkpoint(path, device="cpu", allow_untrusted=True)
     pred = predictor.predict(NIH_PNG)
     assert list(pred.probabilities) == list(labels) == list(pred.thresholds)
     assert pred.thresholds[labels[1]] == 0.95
@@ -86,9 +86,15 @@ def test_to_dict_is_plain_json_in_model_order(tmp_path):
     pred = predictor.predict(DICOM_MONO2)
     doc = pred.to_dict()
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # plain, strict JSON
-    assert list(doc) == ["labels", "positive", "in_scope", "scope_score", "scope_limit", "scope", "calibrated",
-                         "format", "original_size", "model"]
+    assert list(doc) == ["labels", "positive", "in_scope", "scope_score", "scope_limit", "scope", "warning",
+                         "calibrated", "format", "original_size", "model"]
     assert doc["in_scope"] is None and doc["scope"].startswith("in-scope check: not available")
+    assert doc["positive"] == [] and doc["warning"] is None  # no trust data, no opt-out: nothing is called
+    assert {row["call"] for row in doc["labels"]} == {"not validated"}
+    predictor = Predictor(predictor.model, predictor.meta, allow_untrusted=True)
+    pred = predictor.predict(DICOM_MONO2)
+    doc = pred.to_dict()
+    assert doc["warning"] and "untrusted" in doc["warning"] and "not available" in doc["scope"]
     assert [row["label"] for row in doc["labels"]] == list(labels)
     for row, t in zip(doc["labels"], thresholds):
         assert set(row) == {"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
@@ -194,7 +200,7 @@ def test_cli_on_a_mixed_folder(tiny_checkpoint, mixed_folder, tmp_path, capsys):
 def test_cli_heatmaps_positive_and_none(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "t.pth", thresholds=[0.99] * 13 + [0.0])
     code, (record,), _ = _run_cli(capsys, NIH_PNG, "--checkpoint", path, "--out", tmp_path / "o",
-                                  "--heatmaps", "positive")
+                                  "--heatmaps", "positive", "--allow-untrusted")
     assert code == 0 and record["positive"] == ["Hernia"] and list(record["heatmaps"]) == ["Hernia"]
     code, (record,), _ = _run_cli(capsys, NIH_PNG, "--checkpoint", path, "--heatmaps", "none")
     assert code == 0 and "heatmaps" not in record

@@ -96,7 +96,7 @@ def test_predictions_cli_never_prints_or_writes_patient_data(tiny_checkpoint, tm
         (inputs / f"case-{i:02d}.dcm").write_bytes(CORPUS[kind].make())
     result = forked.run(
         [sys.executable, "-W", "always", "predictions.py", str(inputs), "--checkpoint", str(tiny_checkpoint),
-         "--out", str(out), "--heatmaps", "positive", "--device", "cpu"],
+         "--out", str(out), "--heatmaps", "positive", "--device", "cpu", "--allow-untrusted"],
         cwd=ROOT, timeout=300,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
