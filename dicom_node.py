@@ -104,6 +104,11 @@ MAX_ASSOCIATIONS = 10  # connections at once; silent ones are evicted so that on
 MAX_PER_PEER = 4  # connections at once from one address
 CONNECT_TIMEOUT = 5.0  # seconds a new connection may take to ask for an association (and to negotiate or release)
 DEFAULT_SPOOL = Path(__file__).resolve().parent / "instance" / "dicom-spool"
+SENDER_THREAD = "dicom-send"
+# pynetdicom's messages when an association it requested fails (transport.py, acse.py), logged once per attempt.
+REQUESTOR_FAILURES = ("Association request failed", "TCP Initialisation Error", "Association Rejected", "Result: ",
+                      "Reason: ", "Association Aborted", "Aborting Association",
+                      "Received an invalid A-ASSOCIATE response")
 MAX_PDU_BYTES = 2**20  # one PDU; we advertise 16 kB, and association requests are a few kB
 
 
@@ -364,7 +369,12 @@ class _Connection:
             return False
         if self.assoc is None:  # accepted, pynetdicom's thread not yet made (a moment)
             return time.monotonic() - self.since < 10
-        return self.assoc.ident is None or self.assoc.is_alive()
+        if self.assoc.ident is not None and not self.assoc.is_alive():
+            return False
+        # pynetdicom's thread outlives a connection the peer closed while it waits (up to connect_timeout) for an
+        # A-ASSOCIATE-RQ; its transport drops the socket at once.
+        transport = self.assoc.dul.socket
+        return transport is not None and transport.socket is not None
 
     def silent(self) -> bool:
         """No A-ASSOCIATE-RQ received yet."""
@@ -480,7 +490,7 @@ class DicomNode:
         threading.Thread(target=self._server.serve_forever, name="dicom-accept", daemon=True).start()
         self.port = self._server.server_address[1]  # the real port when 0 asked for a free one
         self._threads = [threading.Thread(target=self._analyse_loop, name="dicom-analyse", daemon=True),
-                         threading.Thread(target=self._send_loop, name="dicom-send", daemon=True)]
+                         threading.Thread(target=self._send_loop, name=SENDER_THREAD, daemon=True)]
         for thread in self._threads:
             thread.start()
         log.info("DICOM node %s listening on %s:%d%s; %d image(s) and %d result(s) resumed from %s", self.aet,
@@ -635,7 +645,8 @@ class DicomNode:
             log.error("refused an image from %s: it cannot be stored in %s (%s)", _caller(event), self.spool.root,
                       exc.strerror or type(exc).__name__)
             return OUT_OF_RESOURCES
-        self._full.clear()
+        if len(self.spool) < self.spool.max_items:
+            self._full.clear()
         self._incoming.put(path)
         return SUCCESS
 
@@ -791,9 +802,10 @@ class DicomNode:
 
     def _sent(self, job: _SendJob) -> None:
         self._set_status(job.number, "sent")
+        held = len(self._jobs)
         self._finish(job)
         if self._failures:
-            self._down.clear(len(self._jobs))
+            self._down.clear(held)
             self._failures = 0
             self._next_try = 0.0
 
@@ -854,10 +866,14 @@ class _EscapeControl(logging.Filter):
     """Escape control characters (CR, LF, ESC...) in a record's message and drop its traceback.
 
     pynetdicom puts peer-chosen text (AE titles, UIDs) into its messages; a newline there forges a log line. A
-    traceback from its reader threads carries nothing an operator needs and may carry received bytes.
+    traceback from its reader threads carries nothing an operator needs and may carry received bytes. pynetdicom's
+    records of a failed outgoing association are dropped: it logs two or three lines per failed attempt, and the
+    node's sender (the process's only requestor) logs the destination's state changes itself.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom") and str(record.msg).startswith(REQUESTOR_FAILURES):
+            return False
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             message += f" ({type(record.exc_info[1]).__name__})"
@@ -948,21 +964,30 @@ def model_name(predictor) -> str:
     return f"ChestX-ray14 {predictor.meta.arch} {predictor.meta.image_size}px"
 
 
-def analyser(predictor, store) -> Callable[[bytes], Analysis]:
+def analyser(predictor, store, monitor=None) -> Callable[[bytes], Analysis]:
     """The web app's analyse callback: predict like an upload, save the result in `store` (no patient data).
 
     predictor: a chestxray Predictor; store: a chestxray.results.ResultStore (save returns the record with its "id").
     In scope: a radiograph SOP class (CR, DX, SC) and, where the prediction has it, the in-scope check's verdict.
     The check refuses only when it says False: in_scope None (a checkpoint without scope statistics) is no verdict.
+    monitor: a monitoring.Monitor recording each analysis in the results database (None: not recorded).
     """
     name = model_name(predictor)
 
     def analyse(data: bytes) -> Analysis:
+        started = time.perf_counter()
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        prediction = predictor.predict(data)
+        try:
+            prediction = predictor.predict(data)
+        except Exception as exc:
+            if monitor is not None:
+                monitor.refused("dicom", started, exc)
+            raise
         # One retention source for everything the node receives: a flood from a modality loses its own oldest
         # results first, never the web uploads' (chestxray.results counts retention per source).
         record = store.save(prediction, source=RESULT_SOURCE)
+        if monitor is not None:  # technical facts only: the header's patient data never reaches the database
+            monitor.answered(prediction, "dicom", started, data, record["id"], predictor)
         in_scope = str(header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
             getattr(prediction, "in_scope", None) is not False
         return Analysis(result_id=record["id"], in_scope=in_scope,

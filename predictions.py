@@ -20,6 +20,7 @@ import argparse
 import csv
 import os
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from chestxray.cam import with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
+from chestxray.monitor import input_statistics
 from chestxray.predictor import BACKENDS, Prediction, Predictor
 from chestxray.results import PNG_COMPRESS_LEVEL
 from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
+from chestxray.store import AnalysisStore, StoreError, answered_entry, model_version, refused_entry
 
 __all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
 
@@ -80,6 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(required under torchrun, with or instead of --csv) (default: stdout)")
     parser.add_argument("--csv", default=None, help="also write one CSV row per image to this file "
                         "(default: none)")
+    parser.add_argument("--database", default=None,
+                        help="also record every image in this results database, as the web app does (e.g. "
+                        "sqlite:///instance/results.sqlite3 or postgresql://USER:PASSWORD@HOST/DB), so /monitor "
+                        "sees batch runs (default: not recorded)")
     return parser
 
 
@@ -154,21 +161,31 @@ def _sinks(stack: ExitStack, args: argparse.Namespace, rank: int, world_size: in
 
 
 def _score(predictor: Predictor, images: list[Path], folders: list, args: argparse.Namespace, jsonl, writer,
-           progress) -> int:
-    """Decode (workers), predict (batches) and write every image's record in input order; returns the failures."""
+           progress, store=None) -> int:
+    """Decode (workers), predict (batches) and write every image's record in input order; returns the failures.
+
+    store: a chestxray.store.AnalysisStore that gets one row per image (--database), or None."""
     want_maps = args.out is not None and args.heatmaps != "none"
     failed = 0
+    version = model_version(args.checkpoint, predictor) if store is not None else None
     decoded = decode_in_order(images, predictor.transform, args.workers, max_bytes=int(args.max_file_mb * 2**20))
     for batch in batched(decoded, args.batch_size):
         good = [d for d in batch if d.error is None]
+        started = time.perf_counter()
         preds = iter(predictor.predict_batch([d.image for d in good], want_maps, [d.format for d in good],
                                              torch.stack([d.inputs for d in good])) if good else [])
+        seconds, entries = (time.perf_counter() - started) / max(1, len(good)), []  # each image's share of the batch
         for d in batch:
             if d.error is not None:
                 failed += 1
                 record = {"image": str(d.path), "error": d.error}
+                entries.append(refused_entry(source="cli", reason="unreadable image", latency_s=None, model=version)
+                               if store is not None else None)
             else:
-                record = _record(next(preds), d.path, folders[d.index], args.heatmaps)
+                prediction = next(preds)
+                record = _record(prediction, d.path, folders[d.index], args.heatmaps)
+                entries.append(answered_entry(prediction, source="cli", latency_s=seconds, model=version, data=d.path,
+                                              input_stats=input_statistics(d.inputs)) if store is not None else None)
                 if record.get("in_scope") is False:  # said where a person watching the run sees it
                     print(f"{d.path}: {record['scope']}", file=sys.stderr, flush=True)
             if jsonl is not None:
@@ -176,6 +193,8 @@ def _score(predictor: Predictor, images: list[Path], folders: list, args: argpar
                 jsonl.flush()
             if writer is not None:
                 writer.writerow(csv_row(record, predictor.labels))
+        if store is not None:
+            store.record_many(entries)  # technical facts only: never the path or the DICOM header's patient data
         if progress is not None:
             progress.update(len(batch))
     return failed
@@ -215,6 +234,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if predictor.untrusted and rank == 0:
         print(predictor.model_card()["warning"], file=sys.stderr, flush=True)
+    store = None
+    if args.database:
+        try:
+            store = AnalysisStore(args.database)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     images = find_images(args.paths)
     if not images:
         print("error: no PNG, JPEG or DICOM files found in the given paths", file=sys.stderr)
@@ -235,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
         progress = tqdm(total=stop - start, unit="img", file=sys.stderr)
     with ExitStack() as stack:
         jsonl, writer = _sinks(stack, args, rank, world_size, predictor.labels)
-        failed = _score(predictor, images[start:stop], folders[start:stop], args, jsonl, writer, progress)
+        failed = _score(predictor, images[start:stop], folders[start:stop], args, jsonl, writer, progress, store)
     if progress is not None:
         progress.close()
     if world_size > 1:

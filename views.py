@@ -14,6 +14,7 @@ import hmac
 import io
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
+import monitoring
 from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
@@ -169,12 +171,18 @@ def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
 
     Aborts 415/400 for bad input, 507 when the results disk is full. Pruning spares `batch` (this request's results).
     """
+    started, data = time.perf_counter(), upload.read()
     try:
-        prediction = predictor.predict(upload.read(), filename=upload.filename or "")
+        prediction = predictor.predict(data, filename=upload.filename or "")
     except UnsupportedFormat as exc:
+        monitoring.record_refusal(started, exc)
         abort(415, str(exc))
     except InvalidImage as exc:
+        monitoring.record_refusal(started, exc)
         abort(400, str(exc))
+    except Exception as exc:
+        monitoring.record_refusal(started, exc)  # counted as failed, then the caller's error handling
+        raise
     try:
         record = result_store().save(prediction, source=request_source(), protect=batch)
     except OSError as exc:
@@ -183,6 +191,7 @@ def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
         log.error("cannot save a result: the results folder's disk is full")  # one line, no traceback
         raise DiskFull() from None
     batch.add(record["id"])
+    monitoring.record_answer(prediction, record["id"], started, data)  # one row in the results database
     return record
 
 

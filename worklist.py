@@ -46,6 +46,7 @@ def start_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | N
     state = app.extensions["chestxray"]
     if state.predictor is None:
         raise ValueError("the DICOM node needs a loaded model: " + no_model_message(state.error))
-    node = dicom_node.node_from_args(args, dicom_node.analyser(state.predictor, app.extensions["chestxray.results"]))
+    node = dicom_node.node_from_args(args, dicom_node.analyser(state.predictor, app.extensions["chestxray.results"],
+                                                                 app.extensions.get("chestxray.monitor")))
     app.extensions["dicom_node"] = node.start()  # logs "DICOM node <AET> listening on <host>:<port>"
     return node

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,6 +83,9 @@ class ResultStore:
         self.folder = Path(folder)
         self.retention = int(retention)
         self.min_age = float(min_age)  # seconds a result is kept whatever the retention
+        # Called with the id before a delete() removes the folder (the results database deletes its row), so a
+        # failure there leaves the result whole. Retention's pruning does not call it: rows outlive their files.
+        self.on_delete: Callable[[str], object] | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, prediction: Prediction, source: str = "", protect: Collection[str] = ()) -> dict:
@@ -143,6 +146,10 @@ class ResultStore:
     def delete(self, rid: str) -> None:
         """Remove a result now (image, maps, record). Raises ResultNotFound for an unknown or already deleted id."""
         folder = self._folder(rid)
+        if not folder.is_dir():
+            raise self._expired()
+        if self.on_delete is not None:
+            self.on_delete(rid)
         doomed = self.folder / f"{TMP_PREFIX}deleted-{rid}"
         try:
             os.rename(folder, doomed)  # gone for readers at once; two deletes cannot both succeed

@@ -163,7 +163,8 @@ def make_app(tiny_checkpoint, tmp_path):
     def make(**config):
         base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",
                 "ALLOW_UNTRUSTED": True,
-                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False}
+                "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False,
+                "INSTANCE_PATH": str(tmp_path / "instance")}  # its own results database, not the project's
         return create_app({**base, **config})
 
     return make

@@ -1,0 +1,335 @@
+"""Drift monitoring: the reference distributions a checkpoint carries, and the figures the monitor shows.
+
+The reference is fitted on the split the trust parts are fitted on (fit_trust: the calibration/validation split):
+each label's calibrated probability, the in-scope score and two input statistics (brightness and contrast of the
+model's input), kept as sorted samples, plus the split's prevalence, called-positive and out-of-scope rates. The
+monitor compares the newest `window` answered analyses with it (CheXstray, Soin et al. 2022: inputs and outputs,
+no ground truth needed):
+
+- the population stability index (PSI) over the reference's deciles, an effect size (written by hand: a few lines,
+  no library ships it; a test compares it with the formula computed independently);
+- the two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp), whose p-value accounts for the window's size;
+- a one-sided binomial test of the out-of-scope count against the reference's out-of-scope rate (scipy).
+
+A quantity alerts when its PSI exceeds `AlertLimits.psi` or its p-value is below `AlertLimits.alpha` divided by the
+number of quantities (Bonferroni: one false alert per 1/alpha evaluations at most, whatever the label count).
+Feedback agreement (PPV, sensitivity) comes with Wilson intervals (scipy.stats.binomtest). No Flask, no database.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import torch
+
+REFERENCE_FORMAT = 1
+REFERENCE_POINTS = 2000  # a larger split is kept as this many quantiles (KS and PSI need no more)
+PSI_BINS = 10
+SCOPE = "scope_score"
+BRIGHTNESS = "brightness"
+CONTRAST = "contrast"
+OUT_OF_SCOPE = "out_of_scope_rate"
+INPUTS = (SCOPE, BRIGHTNESS, CONTRAST)
+
+
+def probability_key(label: str) -> str:
+    return f"probability:{label}"
+
+
+@dataclass(frozen=True)
+class AlertLimits:
+    """When the monitor alerts. window: the newest answered analyses compared with the reference (no alert before
+    it is full); psi: the PSI above which a shift counts as major (0.25, the usual rule of thumb: < 0.1 stable,
+    0.1-0.25 moderate); alpha: the family-wise false-alert probability per evaluation (Bonferroni over quantities).
+    The defaults were chosen with benchmarks/bench_drift.py (BENCHMARKS.md); docs/MONITORING.md says how to choose."""
+
+    window: int = 200
+    psi: float = 0.25
+    alpha: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.window < 20:
+            raise ValueError(f"the drift window must hold at least 20 analyses, got {self.window}")
+        if not (self.psi > 0 and 0 < self.alpha < 1):
+            raise ValueError(f"alert limits need psi > 0 and 0 < alpha < 1, got psi={self.psi}, alpha={self.alpha}")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference distributions from the split the model was calibrated on; plain data in the checkpoint."""
+
+    split: str
+    n_images: int
+    samples: dict[str, np.ndarray]  # quantity -> sorted values (at most REFERENCE_POINTS)
+    prevalence: dict[str, float] = field(default_factory=dict)  # label -> fraction positive on the split
+    positive_rate: dict[str, float] = field(default_factory=dict)  # label -> fraction with p >= threshold
+    out_of_scope_rate: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"format": REFERENCE_FORMAT, "split": self.split, "n_images": int(self.n_images),
+                "samples": {key: [float(v) for v in values] for key, values in self.samples.items()},
+                "prevalence": dict(self.prevalence), "positive_rate": dict(self.positive_rate),
+                "out_of_scope_rate": self.out_of_scope_rate}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Reference:
+        """Raises ValueError for a malformed entry."""
+        if not isinstance(d, Mapping) or d.get("format") != REFERENCE_FORMAT:
+            raise ValueError(f"the monitoring reference is not format {REFERENCE_FORMAT}")
+        try:
+            samples = {str(key): np.sort(np.asarray(values, dtype=float)) for key, values in d["samples"].items()}
+            return cls(str(d["split"]), int(d["n_images"]), samples,
+                       {str(k): float(v) for k, v in (d.get("prevalence") or {}).items()},
+                       {str(k): float(v) for k, v in (d.get("positive_rate") or {}).items()},
+                       None if d.get("out_of_scope_rate") is None else float(d["out_of_scope_rate"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"the monitoring reference is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _kept(values: np.ndarray) -> np.ndarray:
+    values = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])
+    if len(values) <= REFERENCE_POINTS:
+        return values
+    return np.quantile(values, (np.arange(REFERENCE_POINTS) + 0.5) / REFERENCE_POINTS)
+
+
+def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.ndarray | None = None,
+                  thresholds: Sequence[float] | None = None, scope_scores: np.ndarray | None = None,
+                  scope_limit: float | None = None, image_stats: np.ndarray | None = None,
+                  mean: float = 0.0, std: float = 1.0, split: str = "validation") -> Reference:
+    """The reference from one split: calibrated (N, L) probabilities, targets (N, L) 0/1, thresholds (L,), scope
+    scores (N,) and their limit, image_stats (N, scope.IMAGE_STATS) from scope.image_statistics with the
+    normalisation (mean, std) of channel 0 it was computed with."""
+    calibrated = np.asarray(calibrated, dtype=float)
+    samples = {probability_key(label): _kept(calibrated[:, j]) for j, label in enumerate(labels)}
+    prevalence = positive_rate = {}
+    if targets is not None:
+        prevalence = {label: float(np.mean(np.asarray(targets)[:, j])) for j, label in enumerate(labels)}
+    if thresholds is not None:
+        positive_rate = {label: float(np.mean(calibrated[:, j] >= thresholds[j])) for j, label in enumerate(labels)}
+    out_of_scope = None
+    if scope_scores is not None:
+        samples[SCOPE] = _kept(scope_scores)
+        if scope_limit is not None:
+            out_of_scope = float(np.mean(np.asarray(scope_scores) > scope_limit))
+    if image_stats is not None:
+        from .scope import THUMBNAIL
+
+        stats = np.asarray(image_stats, dtype=float)
+        # The thumbnail averages the normalised input over equal cells, so its mean is the input's mean.
+        samples[BRIGHTNESS] = _kept(stats[:, : THUMBNAIL**2].mean(axis=1) * std + mean)
+        samples[CONTRAST] = _kept(stats[:, -1])
+    return Reference(split, len(calibrated), samples, prevalence, positive_rate, out_of_scope)
+
+
+def input_statistics(inputs: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """(brightness, contrast) of a model input after the per-image transform ((1, S, S) uint8, or floats in
+    [0, 1]): its mean and standard deviation in [0, 1], as fit_reference reads them from scope.image_statistics."""
+    v = torch.as_tensor(inputs)
+    v = v.float() / 255.0 if v.dtype == torch.uint8 else v.float()
+    v = v.flatten()
+    return float(v.mean()), float(v.std())
+
+
+def psi(reference: np.ndarray, sample: np.ndarray, bins: int = PSI_BINS) -> float:
+    """Population stability index of `sample` against `reference` over the reference's quantile bins:
+    sum (q - p) ln(q / p), with half a count added to every bin (no infinite terms for an empty bin)."""
+    reference, sample = np.asarray(reference, dtype=float), np.asarray(sample, dtype=float)
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    k = len(edges) + 1
+    p = (np.bincount(np.searchsorted(edges, reference, side="right"), minlength=k) + 0.5) / (len(reference) + 0.5 * k)
+    q = (np.bincount(np.searchsorted(edges, sample, side="right"), minlength=k) + 0.5) / (len(sample) + 0.5 * k)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def wilson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion (scipy.stats.binomtest); None without trials."""
+    if trials <= 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class DriftRow:
+    """One quantity's drift over a window: PSI and KS statistic (None where not defined) and the test's p-value."""
+
+    quantity: str
+    n: int
+    psi: float | None
+    ks: float | None
+    p_value: float | None
+    alert: bool
+    observed: float | None = None  # for the out-of-scope rate: the window's rate
+    expected: float | None = None  # and the reference's
+
+
+def quantities(reference: Reference) -> list[str]:
+    """The quantities the monitor tests for this reference (its samples, and the out-of-scope rate if known)."""
+    return [*reference.samples, *([OUT_OF_SCOPE] if reference.out_of_scope_rate is not None else [])]
+
+
+def window_values(columns: Mapping, reference: Reference) -> dict[str, np.ndarray]:
+    """The store's columns (AnalysisStore.columns) as quantity -> values, for the quantities the reference has."""
+    values: dict[str, np.ndarray] = {}
+    answered = np.asarray(columns["outcome"]) == "answered"
+    for j, label in enumerate(columns["labels"]):
+        values[probability_key(label)] = np.asarray(columns["probability"])[answered, j]
+    for name in INPUTS:
+        values[name] = np.asarray(columns[name], dtype=float)[answered]
+    in_scope = np.asarray(columns["in_scope"], dtype=object)[answered]
+    values[OUT_OF_SCOPE] = np.array([float(v is False) for v in in_scope if v is not None])
+    return {key: v[np.isfinite(v)] for key, v in values.items() if key in quantities(reference)}
+
+
+def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertLimits = AlertLimits(),
+          min_n: int | None = None) -> list[DriftRow]:
+    """Each reference quantity of `values` (window_values) against the reference; a quantity alerts only with at
+    least `min_n` values (default: the full window)."""
+    from scipy.stats import binomtest, ks_2samp
+
+    names = quantities(reference)
+    alpha = limits.alpha / max(1, len(names))
+    min_n = limits.window if min_n is None else min_n
+    rows = []
+    for name in names:
+        v = np.asarray(values.get(name, ()), dtype=float)
+        if name == OUT_OF_SCOPE:
+            k, n = int(v.sum()), len(v)
+            p = binomtest(k, n, reference.out_of_scope_rate, alternative="greater").pvalue if n else None
+            rows.append(DriftRow(name, n, None, None, p, n >= min_n and p is not None and p < alpha,
+                                 observed=k / n if n else None, expected=reference.out_of_scope_rate))
+            continue
+        if len(v) == 0:
+            rows.append(DriftRow(name, 0, None, None, None, False))
+            continue
+        ref = reference.samples[name]
+        result = ks_2samp(v, ref)
+        index = psi(ref, v)
+        rows.append(DriftRow(name, len(v), index, float(result.statistic), float(result.pvalue),
+                             len(v) >= min_n and (index > limits.psi or result.pvalue < alpha)))
+    return rows
+
+
+def effective_truth(call: str, agree: bool | None, truth: str | None) -> bool | None:
+    """Whether the finding is present according to a review: the true label if given, else what agreeing or
+    disagreeing with a positive/negative call implies; None when the review says nothing about it."""
+    if truth is not None:
+        return truth == "present"
+    if agree is None or call not in ("positive", "negative"):
+        return None
+    return (call == "positive") == agree
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One label's feedback: reviews, agreement with the calls, PPV and sensitivity with Wilson 95 % intervals."""
+
+    label: str
+    reviews: int
+    agree: int
+    disagree: int
+    ppv: float | None
+    ppv_ci: tuple[float, float] | None
+    ppv_n: int
+    sensitivity: float | None
+    sensitivity_ci: tuple[float, float] | None
+    sensitivity_n: int
+
+
+def agreement(reviews: Sequence[tuple[str, str, bool | None, str | None]], labels: Sequence[str]) -> list[Agreement]:
+    """Per label, from (label, call, agree, truth) reviews: PPV = true among called positive, sensitivity = called
+    positive among true; only positive/negative calls count (no call, nothing to agree with)."""
+    out = []
+    for label in labels:
+        mine = [r for r in reviews if r[0] == label]
+        tp = fp = fn = 0
+        for _, call, agree, truth in mine:
+            present = effective_truth(call, agree, truth)
+            if present is None or call not in ("positive", "negative"):
+                continue
+            tp += call == "positive" and present
+            fp += call == "positive" and not present
+            fn += call == "negative" and present
+        out.append(Agreement(label, len(mine), sum(r[2] is True for r in mine), sum(r[2] is False for r in mine),
+                             tp / (tp + fp) if tp + fp else None, wilson(tp, tp + fp), tp + fp,
+                             tp / (tp + fn) if tp + fn else None, wilson(tp, tp + fn), tp + fn))
+    return out
+
+
+def period_start(when: datetime, unit: str) -> datetime:
+    """The start of the day or ISO week (Monday) holding `when`, in its time zone."""
+    day = when.replace(hour=0, minute=0, second=0, microsecond=0)
+    if unit == "day":
+        return day
+    if unit == "week":
+        return day - timedelta(days=day.weekday())
+    raise ValueError(f"the period is 'day' or 'week', got {unit!r}")
+
+
+def percentile(values: np.ndarray, q: float) -> float | None:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.percentile(v, q)) if len(v) else None
+
+
+@dataclass
+class Period:
+    """One day's or week's figures."""
+
+    start: datetime
+    volume: dict[str, int]  # source -> analyses
+    total: int
+    refused: int
+    failed: int
+    answered: int
+    out_of_scope: int
+    positive_rate: dict[str, float | None]  # label -> called positive among answered in-scope analyses
+    latency_p50: float | None
+    latency_p95: float | None
+    drift: list[DriftRow]
+
+    @property
+    def refused_rate(self) -> float | None:
+        return self.refused / self.total if self.total else None
+
+    @property
+    def out_of_scope_rate(self) -> float | None:
+        return self.out_of_scope / self.answered if self.answered else None
+
+
+def periods(columns: Mapping, unit: str, reference: Reference | None, limits: AlertLimits = AlertLimits(),
+            min_n: int = 30) -> list[Period]:
+    """The store's columns (AnalysisStore.columns) grouped by day or week, oldest first; drift per period against
+    the reference (rows with fewer than min_n values are shown but never alert)."""
+    created = columns["created"]
+    keys = np.array([period_start(t, unit) for t in created], dtype=object)
+    out = []
+    for start in sorted(set(keys)):
+        sel = keys == start
+        part = {key: (np.asarray(value)[sel] if key != "labels" else value) for key, value in columns.items()}
+        outcome = part["outcome"]
+        answered = outcome == "answered"
+        in_scope = np.array([v is not False for v in part["in_scope"]]) & answered
+        calls = part["call"][in_scope] if len(part["labels"]) else np.empty((0, 0))
+        out.append(Period(
+            start=start,
+            volume={s: int(np.sum(part["source"] == s)) for s in sorted(set(part["source"]))},
+            total=int(sel.sum()), refused=int(np.sum(outcome == "refused")), failed=int(np.sum(outcome == "failed")),
+            answered=int(answered.sum()), out_of_scope=int(sum(v is False for v in part["in_scope"][answered])),
+            positive_rate={label: (float(np.mean(calls[:, j] == "positive")) if len(calls) else None)
+                           for j, label in enumerate(part["labels"])},
+            latency_p50=percentile(part["latency_ms"][answered], 50),
+            latency_p95=percentile(part["latency_ms"][answered], 95),
+            drift=drift(reference, window_values(part, reference), limits, min_n=min_n) if reference else [],
+        ))
+    return out
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
