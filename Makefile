@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-dev browser pacs run test bench
+.PHONY: setup setup-dev browser pacs postgres run test bench
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ pacs:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc dcmtk && \
 		{ service orthanc stop; update-rc.d orthanc disable; true; } >/dev/null 2>&1; }
 
+# Debian's PostgreSQL server programs for the results-database tests: the tests run initdb and pg_ctl in a temporary
+# folder of their own (as the postgres user when run as root), so the packaged cluster's service is stopped and disabled.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql && \
+		{ service postgresql stop; update-rc.d postgresql disable; true; } >/dev/null 2>&1; }
+
 $(AXE):
 	@command -v npm >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q npm)
 	npm install --prefix .cache/axe --no-save --no-package-lock --no-audit --no-fund axe-core@$(AXE_VERSION)
@@ -47,7 +54,7 @@ run: setup
 # (2 cores: 3 workers 222 s, 2 workers 238-248 s, 4 workers 257 s). PYTEST_ARGS adds options, e.g.
 # PYTEST_ARGS="-n 0 -k train" to run a few tests serially.
 WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
-test: setup-dev browser pacs
+test: setup-dev browser pacs postgres
 	$(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: setup-dev
