@@ -1,0 +1,128 @@
+"""The monitor's figures (chestxray.monitor) against independent computations: PSI from its formula, the KS statistic
+from the two empirical CDFs, Wilson intervals from their closed form; the reference fitted at training reads an
+image's brightness and contrast exactly as the app measures them; alerts fire on a shift and not on the reference's
+own distribution."""
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import torch
+
+from chestxray.monitor import (
+    OUT_OF_SCOPE,
+    AlertLimits,
+    Reference,
+    agreement,
+    drift,
+    effective_truth,
+    fit_reference,
+    input_statistics,
+    period_start,
+    psi,
+    wilson,
+)
+from chestxray.scope import image_statistics
+from chestxray.transforms import build_normalize
+
+LABELS = ("A", "B")
+
+
+def test_psi_matches_its_formula_over_the_reference_deciles():
+    rng = np.random.default_rng(0)
+    ref, sample = rng.normal(size=5000), rng.normal(0.5, 1.2, size=300)
+    edges = np.quantile(ref, np.arange(1, 10) / 10)
+    p = np.array([np.sum(np.digitize(ref, edges) == k) for k in range(10)]) + 0.5
+    q = np.array([np.sum(np.digitize(sample, edges) == k) for k in range(10)]) + 0.5
+    p, q = p / p.sum(), q / q.sum()
+    assert psi(ref, sample) == pytest.approx(float(np.sum((q - p) * np.log(q / p))), rel=1e-9)
+    assert psi(ref, ref) < 1e-3 < psi(ref, sample)
+
+
+def test_drift_ks_is_the_largest_gap_between_the_empirical_cdfs():
+    rng = np.random.default_rng(1)
+    ref = Reference("validation", 2000, {"scope_score": np.sort(rng.normal(size=2000))})
+    window = rng.normal(0.3, 1, size=250)
+    row = drift(ref, {"scope_score": window})[0]
+    grid = np.concatenate([ref.samples["scope_score"], window])
+    gap = np.max(np.abs(np.searchsorted(np.sort(window), grid, side="right") / len(window)
+                        - np.searchsorted(ref.samples["scope_score"], grid, side="right") / 2000))
+    assert row.ks == pytest.approx(gap)
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (7, 9), (30, 100), (1, 1)])
+def test_wilson_interval_matches_its_closed_form(k, n):
+    z = 1.959963984540054
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert wilson(k, n) == pytest.approx((max(0.0, centre - half), min(1.0, centre + half)), abs=1e-9)
+    assert wilson(0, 0) is None
+
+
+def test_the_reference_reads_inputs_as_the_app_does():
+    """fit_reference takes brightness/contrast from scope.image_statistics of the normalised batch; the app takes
+    them from the transformed image (input_statistics): the same numbers."""
+    from chestxray.meta import Meta
+
+    meta = Meta.new(arch="resnet18", labels=("Effusion", "Mass"), image_size=64)
+    normalize = build_normalize(meta)
+    inputs = torch.randint(0, 256, (5, 1, 64, 64), dtype=torch.uint8)
+    stats = image_statistics(normalize(inputs), normalize.mean[0], normalize.std[0]).numpy()
+    ref = fit_reference(np.full((5, 2), 0.5), LABELS, image_stats=stats, mean=normalize.mean[0],
+                        std=normalize.std[0])
+    mine = np.array([input_statistics(x) for x in inputs])
+    assert np.allclose(ref.samples["brightness"], np.sort(mine[:, 0]), atol=1e-5)
+    assert np.allclose(ref.samples["contrast"], np.sort(mine[:, 1]), atol=1e-5)
+
+
+def test_the_reference_round_trips_and_keeps_its_rates():
+    rng = np.random.default_rng(2)
+    probs = rng.uniform(size=(3000, 2))
+    y = (rng.uniform(size=(3000, 2)) < [0.1, 0.3]).astype(float)
+    scores = rng.normal(size=3000)
+    ref = fit_reference(probs, LABELS, y, [0.5, 0.9], scores, 1.0)
+    assert len(ref.samples["probability:A"]) == 2000  # a large split is kept as quantiles
+    assert ref.prevalence["A"] == pytest.approx(y[:, 0].mean()) and ref.positive_rate["B"] == pytest.approx(
+        np.mean(probs[:, 1] >= 0.9))
+    assert ref.out_of_scope_rate == pytest.approx(np.mean(scores > 1.0))
+    back = Reference.from_dict(ref.to_dict())
+    assert back.prevalence == ref.prevalence and np.array_equal(back.samples["scope_score"], ref.samples["scope_score"])
+    with pytest.raises(ValueError):
+        Reference.from_dict({"format": 1, "split": "x"})
+
+
+def test_alerts_fire_on_a_shift_only_once_the_window_is_full():
+    rng = np.random.default_rng(3)
+    ref = Reference("validation", 5000, {"scope_score": np.sort(rng.normal(size=5000))}, out_of_scope_rate=0.01)
+    limits = AlertLimits(window=200)
+    same = {"scope_score": rng.normal(size=200), OUT_OF_SCOPE: (rng.uniform(size=200) < 0.01).astype(float)}
+    assert not any(row.alert for row in drift(ref, same, limits))
+    shifted = {"scope_score": rng.normal(1.0, 1, size=200), OUT_OF_SCOPE: np.zeros(200)}
+    assert [row.quantity for row in drift(ref, shifted, limits) if row.alert] == ["scope_score"]
+    assert not any(row.alert for row in drift(ref, {k: v[:150] for k, v in shifted.items()}, limits))
+    many_out = {"scope_score": rng.normal(size=200), OUT_OF_SCOPE: (np.arange(200) < 12).astype(float)}
+    assert [row.quantity for row in drift(ref, many_out, limits) if row.alert] == [OUT_OF_SCOPE]
+    with pytest.raises(ValueError):
+        AlertLimits(window=5)
+
+
+def test_agreement_turns_reviews_into_ppv_and_sensitivity():
+    reviews = [("A", "positive", True, None), ("A", "positive", False, None), ("A", "positive", None, "present"),
+               ("A", "negative", False, None), ("A", "negative", True, None), ("A", "not validated", True, None),
+               ("B", "negative", None, None)]
+    a, b = agreement(reviews, LABELS)
+    # TP: agree-positive, truth-present-positive; FP: disagree-positive; FN: disagree-negative
+    assert (a.reviews, a.agree, a.disagree) == (6, 3, 2)
+    assert (a.ppv, a.ppv_n) == (pytest.approx(2 / 3), 3) and (a.sensitivity, a.sensitivity_n) == (
+        pytest.approx(2 / 3), 3)
+    assert a.ppv_ci == wilson(2, 3) and b.ppv is None and b.ppv_ci is None
+    assert effective_truth("negative", True, None) is False and effective_truth("positive", None, "absent") is False
+
+
+def test_periods_start_on_the_day_and_on_monday():
+    when = datetime(2026, 12, 5, 17, 3, tzinfo=UTC)  # a Saturday
+    assert period_start(when, "day") == datetime(2026, 12, 5, tzinfo=UTC)
+    assert period_start(when, "week") == datetime(2026, 11, 30, tzinfo=UTC)
