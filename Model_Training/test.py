@@ -1,30 +1,42 @@
-"""Evaluate a checkpoint on NIH ChestX-ray14: honest metrics with confidence intervals, plots, subgroups, and
-heatmap localization against NIH's boxes.
+"""Evaluate a checkpoint on NIH ChestX-ray14 or another labelled folder, as the user gets it: the product's calls
+(positive / negative / not validated / out of scope, from the same Predictor the app uses) scored against the labels,
+the in-scope acceptance rate, calibration, trivial baselines, and AUROCs with confidence intervals, plots, subgroups
+and heatmap localization against NIH's boxes.
 
-    python Model_Training/test.py --checkpoint CKPT --data-dir DIR [--split test|val|train|all] [--out DIR]
-        [--limit N] [--bbox-csv BBox_List_2017.csv] [--bootstrap 1000] [--device auto|cpu|cuda]
+    python Model_Training/test.py --checkpoint CKPT --data-dir DIR [--split test|calibration|val|train|all]
+        [--external] [--in-sample] [--train-data-dir DIR] [--out DIR] [--limit N] [--bbox-csv BBox_List_2017.csv]
+        [--bootstrap 1000] [--device auto|cpu|cuda] [--backend torch|onnx]
 
-The split is rebuilt exactly as training made it (official lists when present; the checkpoint's validation
-fraction, seed and image limit). --out receives predictions.csv (so metrics can be recomputed without the model),
-metrics.json, per_label.csv, roc.png, pr.png, confusion.png, reliability.png, report.md, args.json and, with
---bbox-csv, localization.csv. The per-label table is printed. Exit code 0 done, 2 bad input or data.
+The split is rebuilt exactly as training made it (official lists when present; the checkpoint's fractions, seed and
+image limit). Splits that fitted the model or its trust statistics (train, val, calibration, or --split all over
+them) are in-sample: they are refused unless --in-sample is given, and then the report says so in its title.
+--external evaluates every labelled image of a folder from another source (a Data_Entry-style labels CSV) under the
+heading "external validation", scope acceptance first. --out receives predictions.csv (probabilities, calls and
+the in-scope verdict per image, so metrics can be recomputed without the model), metrics.json, per_label.csv,
+roc.png, pr.png, confusion.png, reliability.png, report.md, args.json and, with --bbox-csv, localization.csv.
+Exit code 0 done, 2 bad input or data.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import hashlib
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from chestxray.baselines import metadata_baseline, prevalence_baseline
 from chestxray.calibration import Calibration, calibration_report
-from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta
 from chestxray.data import (
     DataError,
     MissingImages,
@@ -35,10 +47,11 @@ from chestxray.data import (
     load_index,
     rebuild_splits,
     subsample,
+    targets,
     trained_images,
 )
-from chestxray.device import DeviceUnavailable, resolve_device
-from chestxray.engine import predict_logits
+from chestxray.decisions import calibration_errors, decision_report, not_validated, scope_report
+from chestxray.device import DeviceUnavailable
 from chestxray.fileio import write_json
 from chestxray.localization import (
     BBoxError,
@@ -47,22 +60,25 @@ from chestxray.localization import (
     read_bbox_csv,
 )
 from chestxray.meta import SplitSpec
-from chestxray.metrics import calibration, evaluate_predictions
-from chestxray.onnx_backend import OnnxLogits
+from chestxray.metrics import auroc_summary, calibration, evaluate_predictions
 from chestxray.predictor import Predictor
 from chestxray.report import (
+    baseline_lines,
+    decision_rows,
     per_label_frame,
     per_label_rows,
     plot_reliability,
+    scope_lines,
     text_table,
     write_plots,
     write_report,
 )
-from chestxray.transforms import build_normalize, build_transform
-from chestxray.trust import Trust, TrustError
 from Model_Training.cli import UsageError
 
-SPLIT_CHOICES = ("test", "val", "train", "all")
+SPLIT_CHOICES = ("test", "calibration", "val", "train", "all")
+# The splits whose images chose something about the checkpoint: its weights, its epoch, its calibration, thresholds,
+# evidence or scope limit. Scores on them are in-sample.
+FITTING_SPLITS = ("train", "val", "calibration")
 SUBGROUPS = (("view", "PA"), ("view", "AP"), ("sex", "F"), ("sex", "M"))
 PREDICTION_COLUMNS = ("image", "patient", "view", "sex", "age")
 
@@ -77,9 +93,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="checkpoint to evaluate (default: $CXR_CHECKPOINT, else %(default)s)")
     add("--data-dir", required=True, help="NIH data folder: Data_Entry CSV (or labels.csv), images below it, "
         "optionally train_val_list.txt / test_list.txt (required)")
-    add("--split", default="test", choices=SPLIT_CHOICES, help="test = the official test list (else the seeded "
-        "patient-wise test split); val / train = the checkpoint's own validation / training split; all = every "
-        "labelled image (default: %(default)s)")
+    add("--split", default=None, choices=SPLIT_CHOICES, help="test = the official test list (else the seeded "
+        "patient-wise test split); calibration / val / train = the checkpoint's own calibration, validation or "
+        "training split (in-sample: needs --in-sample); all = every labelled image (default: test, or all with "
+        "--external)")
+    add("--external", action="store_true", help="the data folder is from another source than the training data "
+        "(another NIH subset, or any folder with a Data_Entry-style labels.csv): evaluate all its labelled images as "
+        "an external validation; refused when it is the checkpoint's training data (default: off)")
+    add("--in-sample", action="store_true", help="allow evaluating images that fitted the checkpoint (its train, "
+        "val or calibration split); the report is then titled in-sample, not an independent estimate "
+        "(default: refused)")
+    add("--train-data-dir", default=None, help="the data folder the checkpoint was trained on, for the metadata "
+        "baseline (fitted on its training split) and the overlap check of --external / --split all (default: "
+        "--data-dir, except with --external: none, and the baseline is reported as not available)")
     add("--out", default=None, help="output folder (default: eval/<checkpoint name>-<split>)")
     add("--limit", type=int, default=None, help="evaluate at most N images of the split, a seeded sample "
         "(smoke runs; default: all)")
@@ -112,67 +138,207 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.workers >= 0, f"--workers must be non-negative, got {args.workers}"),
         (args.bbox_csv is None or Path(args.bbox_csv).is_file(), f"--bbox-csv: no such file {args.bbox_csv}"),
+        (not args.external or args.split in (None, "all"), f"--external evaluates every labelled image of the "
+         f"folder (--split all); drop --split {args.split}"),
+        (args.train_data_dir is None or Path(args.train_data_dir).is_dir(),
+         f"--train-data-dir: no such folder {args.train_data_dir}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if args.split is None:
+        args.split = "all" if args.external else "test"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Split
 
 
-def select_split(index: pd.DataFrame, data_dir: Path, split: str, meta: Meta) -> tuple[pd.DataFrame, str, list]:
-    """The rows to evaluate, a one-line description of them, and notes. Raises DataError when the split is empty."""
-    if split == "all":
-        return index, "every labelled image under the data folder (mixes training and held-out images)", []
+@dataclass
+class Selection:
+    """The images to evaluate and how to word them. in_sample: why the scores are not an independent estimate
+    (None when they are); overlap: the images and patients they share with the splits that fitted the checkpoint."""
+
+    rows: pd.DataFrame
+    description: str
+    notes: list[str]
+    in_sample: str | None
+    overlap: dict
+
+
+def training_label_file(meta: Meta, index: pd.DataFrame) -> bool | None:
+    """True when `index` was read from the label file the checkpoint was trained on (same SHA-256), False when from
+    another, None when the checkpoint records none."""
+    spec, entry = meta.split, index.attrs.get("data_entry")
+    if spec is None or spec.data_entry_sha256 is None or not entry:
+        return None
+    return hashlib.sha256(Path(entry).read_bytes()).hexdigest() == spec.data_entry_sha256
+
+
+def _rebuild(meta: Meta, index: pd.DataFrame, data_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        df = rebuild_splits(meta, index, data_dir)[split]
-    notes = [str(w.message) for w in caught]
+        splits = rebuild_splits(meta, index, data_dir)
+    return splits, [str(w.message) for w in caught]
+
+
+def fitting_splits(splits: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The splits that fitted the checkpoint, each once: a legacy checkpoint's calibration split is its validation
+    split (attrs["same_as"]) and is not counted twice."""
+    return {name: splits[name] for name in FITTING_SPLITS if name in splits and not splits[name].attrs.get("same_as")}
+
+
+def training_overlap(meta: Meta, index: pd.DataFrame, data_dir: Path, train_dir: Path | None) -> dict:
+    """How many of index's images and patients are in the checkpoint's fitting splits -> {"checked", "images",
+    "patients", "by_split": {split: images}, "how": sentence}; images/patients None when it cannot be checked.
+
+    The fitting splits are rebuilt from the folder whose label file is the one training read (this one, else
+    train_dir). Raises DataError when train_dir is not that folder."""
+    same = training_label_file(meta, index)
+    source = None
+    if same:
+        source, src_index, src_dir = "this folder's own split, as the checkpoint records it", index, data_dir
+    elif train_dir is not None and Path(train_dir).resolve() != Path(data_dir).resolve():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            src_index = load_index(train_dir, allow_missing=True)
+        if training_label_file(meta, src_index) is False:
+            raise DataError(f"--train-data-dir {train_dir} is not the data this checkpoint was trained on (its label "
+                            "file differs from the one recorded in the checkpoint)")
+        source, src_dir = f"the checkpoint's split of {train_dir}", Path(train_dir)
+    if source is None:
+        how = ("the checkpoint does not record its training data, so overlap with it cannot be checked" if same is None
+               else "its label file is not the one the checkpoint was trained on; images or patients shared with the "
+                    "training data are not checked without --train-data-dir")
+        return {"checked": False, "images": None, "patients": None, "by_split": None, "how": how}
+    fitting = fitting_splits(_rebuild(meta, src_index, src_dir)[0])
+    names, patients = set(index["image"]), set(index["patient"].tolist())
+    fit_names = set().union(*(set(df["image"]) for df in fitting.values()))
+    fit_patients = set().union(*(set(df["patient"].tolist()) for df in fitting.values()))
+    return {"checked": True, "images": len(names & fit_names), "patients": len(patients & fit_patients),
+            "by_split": {name: int(df["image"].isin(names).sum()) for name, df in fitting.items()},
+            "how": f"checked against {source}"}
+
+
+def _role(meta: Meta, split: str, legacy: bool) -> str:
+    recorded = ((meta.training.get("split") or {}).get("roles") or {}).get(split) or {}
+    if recorded.get("role"):
+        return recorded["role"]
+    if split == "train":
+        return "fit weights"
+    if split == "val" and legacy:
+        return "epoch selection, calibration, thresholds, evidence, scope limit"
+    return "epoch selection" if split == "val" else "calibration, thresholds, evidence, scope limit"
+
+
+def select_split(index: pd.DataFrame, data_dir: Path, args: argparse.Namespace, meta: Meta) -> Selection:
+    """The rows to evaluate, their description, notes and whether they are in-sample. Raises UsageError for
+    in-sample images without --in-sample and for an --external folder that is (or holds) the training data, and
+    DataError when the split is empty."""
+    split = args.split
+    train_dir = Path(args.train_data_dir) if args.train_data_dir else None
+    if split == "all":
+        if args.external and training_label_file(meta, index):
+            raise UsageError(f"--external: {data_dir} is the data this checkpoint was trained on (its label file is "
+                             "the recorded one); evaluate its --split test instead")
+        return _select_all(index, data_dir, args, training_overlap(meta, index, data_dir, train_dir))
+    splits, notes = _rebuild(meta, index, data_dir)
     official = has_official_lists(data_dir, index)
     spec = meta.split or SplitSpec(official=official)
+    legacy = "calibration" not in splits or splits["calibration"].attrs.get("same_as") == "val"
+    df = splits["val" if split == "calibration" and "calibration" not in splits else split]
+    in_sample = None
     if split == "test":
         description = ("the official NIH test list (test_list.txt), patient-disjoint from training" if official
                        else "a seeded patient-wise test split (no official lists in the data folder; "
                             "not comparable with the official split)")
-    elif split == "val":
-        description = (f"the checkpoint's validation split ({spec.val_fraction:.0%} of the training "
-                       f"patients, seed {spec.seed}"
-                       + (f", limited to {spec.limit} images" if spec.limit else "")
-                       + "); its thresholds were chosen on it, so thresholded metrics are optimistic")
+        overlap = {"checked": True, "images": 0, "patients": 0, "by_split": None,
+                   "how": "patient-disjoint from the fitting splits by construction"}
     else:
-        description = "the checkpoint's training split: the model has seen these images; scores are optimistic"
+        role = _role(meta, split, legacy)
+        limit = f", limited to {spec.limit} images" if spec.limit else ""
+        description = f"the checkpoint's {'validation' if split == 'val' else split} split{limit} (its role: {role})"
+        if split == "calibration" and legacy:
+            description = ("the checkpoint's validation split: this checkpoint has no calibration split of its own, "
+                           f"its validation split served as one{limit} (its role: {role})")
+        in_sample = (f"these images are the checkpoint's {split} split, used for: {role}; figures on them are "
+                     "in-sample and optimistic, not an independent estimate")
+        overlap = {"checked": True, "images": len(df), "patients": int(df["patient"].nunique()),
+                   "by_split": {split: len(df)}, "how": "the split itself"}
+    if in_sample and not args.in_sample:
+        raise UsageError(f"refusing to report --split {split} as an evaluation: {in_sample}. Evaluate --split test "
+                         "or an --external folder for independent figures, or pass --in-sample to report these "
+                         "figures titled as in-sample")
     if len(df) == 0:
         if split == "test" and official:
             raise DataError(
                 f"the test split is empty: none of the {len(index)} labelled images under {data_dir} is in "
-                "test_list.txt (they are all train_val images); evaluate another split with --split val, or point "
-                "--data-dir at data that includes the official test images")
+                "test_list.txt (they are all train_val images); point --data-dir at data that includes the official "
+                "test images, evaluate another folder with --external, or (in-sample) --split val --in-sample")
         raise DataError(f"the {split} split is empty ({len(index)} labelled images under {data_dir}); "
                         "choose another --split")
-    return df.reset_index(drop=True), description, notes
+    return Selection(df.reset_index(drop=True), description, notes, in_sample, overlap)
+
+
+def _select_all(index: pd.DataFrame, data_dir: Path, args: argparse.Namespace, overlap: dict) -> Selection:
+    what = "every labelled image of an external folder" if args.external else \
+        "every labelled image under the data folder"
+    in_sample = None
+    if not overlap["checked"]:
+        description = f"{what}; {overlap['how']}"
+    elif overlap["images"]:
+        parts = ", ".join(f"{n} in {name}" for name, n in overlap["by_split"].items() if n)
+        if args.external:
+            raise UsageError(f"--external: {overlap['images']} of the images under {data_dir} fitted this "
+                             f"checkpoint ({parts}; {overlap['how']}); an external validation needs data the "
+                             "model never saw")
+        description = f"{what}, including {overlap['images']} images that fitted the checkpoint ({parts})"
+        in_sample = (f"{overlap['images']} of these {len(index)} images fitted the checkpoint ({parts}); figures "
+                     "on them are in-sample and optimistic, not an independent estimate")
+    else:
+        description = f"{what}; none of them fitted the checkpoint ({overlap['how']})"
+        if overlap["patients"]:
+            description += (f"; {overlap['patients']} of its patients also have images in the fitting splits, so "
+                            "those images are not independent of training")
+    if in_sample and not args.in_sample:
+        raise UsageError(f"refusing to report --split all as an evaluation: {in_sample}. Evaluate --split test for "
+                         "independent figures, or pass --in-sample to report these figures titled as in-sample")
+    return Selection(index.reset_index(drop=True), description, [], in_sample, overlap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions
 
 
-def predictions_frame(rows: pd.DataFrame, labels, y_true: np.ndarray, y_prob: np.ndarray) -> pd.DataFrame:
-    """predictions.csv content: image, patient, view, sex, age, then <label>_prob and <label>_true per label."""
+def predictions_frame(rows: pd.DataFrame, labels, y_true: np.ndarray, y_prob: np.ndarray,
+                      calls: np.ndarray | None = None) -> pd.DataFrame:
+    """predictions.csv content: image, patient, view, sex, age, then <label>_prob and <label>_true per label, and
+    <label>_call (the product's call word) when calls (N, L) are given."""
     out = rows[[c for c in PREDICTION_COLUMNS if c in rows.columns]].reset_index(drop=True).copy()
     for j, name in enumerate(labels):
         out[f"{name}_prob"] = y_prob[:, j].astype(np.float64)  # written at full precision; metrics read these
         out[f"{name}_true"] = y_true[:, j].astype(int)
+        if calls is not None:
+            out[f"{name}_call"] = calls[:, j]
     return out
 
 
 def read_predictions(path: str | os.PathLike, labels) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Read predictions.csv back -> (frame, y_true (N, L), y_prob (N, L)) for recomputing metrics without a model."""
-    df = pd.read_csv(path, dtype={"image": str, "view": str, "sex": str})
+    df = pd.read_csv(path, dtype={"image": str, "view": str, "sex": str, "in_scope": "boolean",
+                                  **{f"{name}_call": str for name in labels}})
     y_true = df[[f"{name}_true" for name in labels]].to_numpy(dtype=np.float64)
     y_prob = df[[f"{name}_prob" for name in labels]].to_numpy(dtype=np.float64)
     return df, y_true, y_prob
+
+
+def frame_arrays(df: pd.DataFrame, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """A predictions frame -> (y_true (N, L), y_prob (N, L), calls (N, L) call words, in_scope (N,) True/False/None)."""
+    y_true = df[[f"{name}_true" for name in labels]].to_numpy(dtype=np.float64)
+    y_prob = df[[f"{name}_prob" for name in labels]].to_numpy(dtype=np.float64)
+    calls = df[[f"{name}_call" for name in labels]].to_numpy(dtype=object)
+    in_scope = [None if pd.isna(v) else bool(v) for v in df["in_scope"]]
+    return y_true, y_prob, calls, in_scope
 
 
 def subgroup_masks(df: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -210,58 +376,57 @@ def _log(*parts) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _check_args(args)
-    if args.backend == "onnx":
-        if args.bbox_csv:
-            raise UsageError("--bbox-csv (heatmap localization) runs on --backend torch; drop one of them")
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend="onnx")
-        model, meta, device = OnnxLogits(predictor.onnx), predictor.meta, torch.device("cpu")  # ORT takes host arrays
-        cal = predictor.trust.calibration
-    else:
-        device = resolve_device(args.device)
-        obj = safe_torch_load(args.checkpoint, map_location="cpu")
-        model, meta, _ = checkpoint_from_obj(obj, args.checkpoint)
-        try:
-            cal = Trust.from_checkpoint(obj, meta.labels).calibration
-        except TrustError as exc:
-            raise CheckpointError(f"{args.checkpoint}: {exc}") from None
-        model = model.to(device)
+    if args.backend == "onnx" and args.bbox_csv:
+        raise UsageError("--bbox-csv (heatmap localization) runs on --backend torch; drop one of them")
+    # The product's own inference path: the calls scored here are the ones the app would show for these images.
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    meta = predictor.meta
     data_dir = Path(args.data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = load_index(data_dir, allow_missing=args.allow_missing)
-    rows, description, notes = select_split(index, data_dir, args.split, meta)
-    notes = [str(w.message) for w in caught] + notes
+    selection = select_split(index, data_dir, args, meta)
+    rows = selection.rows
+    notes = [str(w.message) for w in caught] + selection.notes
     if args.limit:
         rows = subsample(rows, args.limit, args.seed)
-    out = Path(args.out or Path("eval") / f"{Path(args.checkpoint).stem}-{args.split}")
+    out = Path(args.out or Path("eval") / f"{Path(args.checkpoint).stem}-{'external' if args.external else args.split}")
     out.mkdir(parents=True, exist_ok=True)
-    args.bbox_csv = args.bbox_csv or find_bbox_csv(index, data_dir)
+    args.bbox_csv = args.bbox_csv or (find_bbox_csv(index, data_dir) if args.backend == "torch" else None)
     write_json(out / "args.json", vars(args))
     for note in notes:  # e.g. the bundled official metadata standing in for the data folder's own
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    _log(f"evaluating {args.checkpoint} ({meta.arch}, {meta.image_size} px, {len(meta.labels)} labels) on "
-         f"{len(rows)} images of {rows['patient'].nunique()} patients: {args.split} split, {description}")
+    heading = "external validation" if args.external else ("in-sample evaluation" if selection.in_sample else "")
+    _log(f"{heading + ' of ' if heading else 'evaluating '}{args.checkpoint} ({meta.arch}, {meta.image_size} px, "
+         f"{len(meta.labels)} labels) on {len(rows)} images of {rows['patient'].nunique()} patients: {args.split} "
+         f"split, {selection.description}")
 
-    frame, unreadable = predict_frame(args, model, meta, rows, device, cal)
+    frame, unreadable = predict_frame(args, predictor, rows)
+    metrics = evaluate_frame(frame, meta.labels, meta.thresholds, args.bootstrap, args.seed)
+    metrics.update(user_metrics(frame, predictor, args.bootstrap, args.seed))
+    # Beside the pooled reliability (metrics.calibration): each label's ECE and Brier with their intervals.
+    metrics["calibration"]["per_label"] = metrics.pop("calibration_errors")
+    metrics["baselines"] = baseline_metrics(args, meta, index, data_dir, frame)
     # Full float precision (pandas writes the shortest repr that reads back exactly): metrics recomputed from
     # predictions.csv equal metrics.json's; %.6g created ties that moved AUROCs by up to 3e-5.
     frame.to_csv(out / "predictions.csv", index=False)
-    metrics = evaluate_frame(frame, meta.labels, meta.thresholds, args.bootstrap, args.seed)
     rule = meta.training.get("threshold_rule")
     context = {
         "checkpoint": str(args.checkpoint), "arch": meta.arch, "image_size": meta.image_size,
-        "data_dir": str(data_dir), "split": args.split, "split_description": description, "limit": args.limit,
-        "threshold_source": (f"max {'F1' if rule == 'f1' else rule} on the validation split" if rule
+        "data_dir": str(data_dir), "split": args.split, "split_description": selection.description,
+        "limit": args.limit, "external": bool(args.external), "in_sample": selection.in_sample,
+        "training_overlap": selection.overlap,
+        "threshold_source": (f"max {'F1' if rule == 'f1' else rule} on the checkpoint's fitting split" if rule
                              else "as stored in the checkpoint"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": str(device) if args.backend == "torch" else f"onnxruntime {predictor.onnx.providers[0]}",
+        "device": str(predictor.device) if args.backend == "torch" else f"onnxruntime {predictor.onnx.providers[0]}",
         "backend": args.backend, "unreadable": unreadable, "notes": notes,
         "training": {k: meta.training.get(k) for k in ("data", "epochs", "val_mean_auroc", "date", "commit")},
     }
     metrics["run"] = context
-    metrics["calibration_per_label"] = calibration_before_after(frame, meta.labels, cal)
+    metrics["calibration_per_label"] = calibration_before_after(frame, meta.labels, predictor.trust.calibration)
     if args.bbox_csv:
-        metrics["localization"] = localize(args, model, meta, index, data_dir, device, out)
+        metrics["localization"] = localize(args, predictor.model, meta, index, data_dir, predictor.device, out)
     plots = write_outputs(out, frame, metrics, meta, context)
     plots.append(plot_uncalibrated(out, frame, meta.labels))
     _print_summary(metrics, out, args, plots)
@@ -269,30 +434,115 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_frame(args: argparse.Namespace, model, meta: Meta, rows: pd.DataFrame, device,
-                  cal: Calibration | None = None):
-    """The checkpoint's preprocessing and the shared evaluation loop -> (predictions frame, unreadable names).
+def predict_frame(args: argparse.Namespace, predictor: Predictor, rows: pd.DataFrame) -> tuple[pd.DataFrame, list]:
+    """Every readable image through Predictor.predict_batch (the app's path: calibration, scope, evidence, calls)
+    -> (predictions frame, unreadable names).
 
-    <label>_prob is the calibrated probability when the checkpoint holds a calibration (its thresholds are on that
-    scale), sigmoid(logit) otherwise; <label>_logit keeps the raw output."""
-    dataset = XrayDataset(rows, meta.labels, build_transform(meta, train=False), args.cache_dir,
-                          skip_unreadable=True)
+    <label>_prob is the probability the app shows (calibrated when the checkpoint holds a calibration; its
+    thresholds are on that scale), <label>_logit the raw output, <label>_call the app's call; in_scope and
+    scope_score the in-scope check (empty without scope statistics)."""
+    labels = predictor.labels
+    dataset = XrayDataset(rows, labels, predictor.transform, args.cache_dir, skip_unreadable=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=collate_batch, pin_memory=device.type == "cuda")
-    logits, y_true, indices, _ = predict_logits(model, loader, device, build_normalize(meta),
-                                                amp=args.amp and device.type == "cuda", progress=not args.no_progress)
-    y_prob = (cal or Calibration.identity(meta.labels)).apply(logits)
+                        collate_fn=collate_batch, pin_memory=predictor.device.type == "cuda")
+    amp = args.amp and predictor.device.type == "cuda"
+    predictions, y_true, indices = [], [], []
+    for images, batch_targets, batch_indices, _ in tqdm(loader, desc="predict", unit="batch", leave=False,
+                                                         disable=args.no_progress, dynamic_ncols=True):
+        if images.numel() == 0:
+            continue
+        # The loader's resized input stands in for the decoded image: an evaluation draws no overlay.
+        shown = list(images[:, 0].float().div(255).numpy())
+        with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():
+            predictions += predictor.predict_batch(shown, heatmaps=False, inputs=images)
+        y_true.append(batch_targets.numpy())
+        indices.append(batch_indices.numpy())
+    if not predictions:
+        raise DataError(f"none of the {len(rows)} images of the {args.split} split could be read")
+    indices = np.concatenate(indices)
     unreadable = sorted(set(rows["image"]) - set(rows["image"].iloc[indices]))
     if unreadable:
         _log(f"warning: {len(unreadable)} unreadable image(s) left out: {', '.join(unreadable[:10])}"
              + (" ..." if len(unreadable) > 10 else ""))
-    if len(indices) == 0:
-        raise DataError(f"none of the {len(rows)} images of the {args.split} split could be read")
-    evaluated = rows.iloc[indices].reset_index(drop=True)
-    frame = predictions_frame(evaluated, meta.labels, y_true, y_prob)
-    for j, name in enumerate(meta.labels):
-        frame[f"{name}_logit"] = logits[:, j].astype(np.float64)
+    y_prob = np.array([[p.probabilities[name] for name in labels] for p in predictions], dtype=np.float64)
+    calls = np.array([[p.call(name) for name in labels] for p in predictions], dtype=object)
+    frame = predictions_frame(rows.iloc[indices].reset_index(drop=True), labels, np.concatenate(y_true), y_prob,
+                              calls)
+    for name in labels:
+        frame[f"{name}_logit"] = np.array([p.logits[name] for p in predictions], dtype=np.float64)
+    frame["in_scope"] = pd.array([p.in_scope for p in predictions], dtype="boolean")
+    frame["scope_score"] = np.array([np.nan if p.scope_score is None else p.scope_score for p in predictions])
     return frame, unreadable
+
+
+def user_metrics(frame: pd.DataFrame, predictor: Predictor, n_boot: int, seed: int) -> dict:
+    """What the user gets, from a predictions frame: {"decision": per label (decisions.decision_report),
+    "not_validated": [labels], "scope": acceptance (decisions.scope_report) with "accepted_metrics" (AUROCs on the
+    accepted images), "calibration_errors": per label ECE and Brier with patient-bootstrap intervals}."""
+    labels = predictor.labels
+    y_true, y_prob, calls, in_scope = frame_arrays(frame, labels)
+    patients = frame["patient"].to_numpy()
+    scope = scope_report(in_scope, calls)
+    accepted = np.array([bool(v) for v in in_scope]) if scope["available"] else None
+    scope["accepted_metrics"] = (auroc_summary(y_true[accepted], y_prob[accepted], labels, patients[accepted], n_boot,
+                                               seed) if accepted is not None and accepted.any() else None)
+    evidence = predictor.trust.evidence or {}
+    reasons = {name: (evidence.get(name) or {}).get("reason") for name in labels}
+    unvalidated = set(not_validated(calls, labels)) | {n for n in labels if predictor.validated.get(n) is False}
+    return {
+        "decision": decision_report(y_true, calls, labels, accepted, dict(predictor.validated), reasons),
+        "not_validated": [name for name in labels if name in unvalidated],
+        "scope": scope,
+        "calibration_errors": calibration_errors(y_true, y_prob, labels, patients, n_boot, seed),
+    }
+
+
+def training_rows(args: argparse.Namespace, meta: Meta, index: pd.DataFrame, data_dir: Path
+                  ) -> tuple[pd.DataFrame | None, str]:
+    """The checkpoint's training split (for the metadata baseline) and a sentence on where it came from; None and
+    the reason when it is not at hand (an --external folder without --train-data-dir, another data set)."""
+    if meta.split is None:
+        return None, "the checkpoint does not record its training split"
+    train_dir = Path(args.train_data_dir) if args.train_data_dir else (None if args.external else data_dir)
+    if train_dir is None:
+        return None, ("an external folder holds no training data; pass --train-data-dir (the folder the checkpoint "
+                      "was trained on) to fit it on the checkpoint's training split")
+    if train_dir.resolve() == data_dir.resolve():
+        source = index
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = load_index(train_dir, allow_missing=True)
+    same = training_label_file(meta, source)
+    if same is False:
+        return None, (f"{train_dir} is not the data this checkpoint was trained on (its label file differs from the "
+                      "recorded one); pass --train-data-dir with the folder it was trained on")
+    rows = _rebuild(meta, source, train_dir)[0]["train"]
+    if not len(rows):
+        return None, f"the checkpoint's training split of {train_dir} holds no image"
+    return rows, (f"fitted on the checkpoint's training split of {train_dir} ({len(rows)} images)"
+                  + ("" if same else "; the checkpoint does not record its label file, so the split is rebuilt from "
+                                     "that folder as its recorded fractions and seed say"))
+
+
+def baseline_metrics(args: argparse.Namespace, meta: Meta, index: pd.DataFrame, data_dir: Path,
+                     frame: pd.DataFrame) -> dict:
+    """{"prevalence": baselines.prevalence_baseline, "metadata": baselines.metadata_baseline plus "available" and
+    "source" (or {"available": False, "reason"})}; adds <label>_metadata_prob columns to frame."""
+    labels = meta.labels
+    y_true, y_prob, _, _ = frame_arrays(frame, labels)
+    patients = frame["patient"].to_numpy()
+    train, source = training_rows(args, meta, index, data_dir)
+    y_train = targets(train, labels) if train is not None else None
+    prevalence = prevalence_baseline(y_true, labels, patients, y_train.mean(axis=0) if y_train is not None else None,
+                                     args.bootstrap, args.seed)
+    if train is None:
+        return {"prevalence": prevalence, "metadata": {"available": False, "reason": source}}
+    metadata, prob = metadata_baseline(train, y_train, frame, y_true, labels, patients, y_prob, args.bootstrap,
+                                       args.seed)
+    for j, name in enumerate(labels):
+        frame[f"{name}_metadata_prob"] = prob[:, j]
+    return {"prevalence": prevalence, "metadata": {"available": True, "source": source, **metadata}}
 
 
 def calibration_before_after(frame: pd.DataFrame, labels, cal: Calibration | None) -> dict:
@@ -374,6 +624,11 @@ def write_outputs(out: Path, frame: pd.DataFrame, metrics: dict, meta: Meta, con
 def _print_summary(metrics: dict, out: Path, args: argparse.Namespace, plots: list[str]) -> None:
     _log("")
     _log(text_table(*per_label_rows(metrics)))
+    _log("\nthe product's calls (" + " ".join(scope_lines(metrics)) + ")")
+    _log(text_table(*decision_rows(metrics, "all")))
+    if metrics["not_validated"]:
+        _log(f"not validated (never called): {', '.join(metrics['not_validated'])}")
+    _log(" ".join(baseline_lines(metrics)).replace("**", ""))
     acc = metrics["accuracy"]
     _log(f"\naccuracy per (image, label) {_pct(acc['per_label_mean'])} (all-negative baseline "
          f"{_pct(acc['all_negative_baseline'])}); exact match of whole label sets {_pct(acc['exact_match'])} "

@@ -51,6 +51,104 @@ def per_label_frame(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+# --- what the user gets: calls, scope, baselines, calibration ---------------------------------------------------
+
+
+def fmt_share(share: dict | None) -> str:
+    """A decisions.wilson() proportion as '0.150 [0.101, 0.214]'; 'n/a' when undefined."""
+    return "n/a" if not share else fmt_ci(share["value"], share["ci"])
+
+
+def decision_rows(metrics: dict, part: str = "all") -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the calls table (metrics["decision"]; part "all" images or "accepted" ones)."""
+    header = ["label", "validated", "images", "pos", "called +", "no call", "called + rate [95% CI]", "prevalence",
+              "sensitivity", "specificity", "PPV", "NPV"]
+    rows = []
+    for name, d in metrics["decision"].items():
+        m = d[part]
+        if m is None:
+            continue
+        validated = {True: "yes", False: "no", None: "no evidence"}[d["validated"]]
+        rows.append([name, validated, str(m["n_images"]), str(m["positives"]), str(m["tp"] + m["fp"]),
+                     str(m["calls"]["not validated"] + m["calls"]["out of scope"]),
+                     fmt_share(m["called_positive_rate"]), fmt(m["prevalence"]["value"]),
+                     fmt_share(m["sensitivity"]), fmt_share(m["specificity"]), fmt_share(m["ppv"]),
+                     fmt_share(m["npv"])])
+    return header, rows
+
+
+def scope_lines(metrics: dict) -> list[str]:
+    """Sentences on the in-scope check: acceptance with its interval, and AUROC on accepted vs all images."""
+    scope = metrics["scope"]
+    if not scope["available"]:
+        return ["In-scope check: not available (the checkpoint has no scope statistics), so no image was checked "
+                "and the product makes no call."]
+    lines = [f"In-scope check: {scope['accepted']} of {scope['total']} images accepted "
+             f"({fmt_share(scope['acceptance'])}); {scope['rejected']} judged out of scope, whose labels all read "
+             "\"out of scope\" (no call)."]
+    acc = scope.get("accepted_metrics")
+    if acc:
+        lines.append(f"Mean AUROC on the accepted images {fmt_ci(acc['mean_auroc'], acc['mean_auroc_ci'])} "
+                     f"({acc['mean_auroc_labels']} labels); on all images "
+                     f"{fmt_ci(metrics['mean_auroc'], metrics['mean_auroc_ci'])}.")
+    return lines
+
+
+def baseline_lines(metrics: dict) -> list[str]:
+    """The verdict against the metadata baseline, one sentence (said plainly when the model does not beat it)."""
+    meta = metrics["baselines"]["metadata"]
+    if not meta.get("available"):
+        return [f"Metadata baseline: not available ({meta['reason']})."]
+    diff = meta["model_minus_metadata"]
+    verdict = {True: "The model beats the metadata baseline",
+               False: "**The model does not beat the metadata baseline**",
+               None: "**Whether the model beats the metadata baseline cannot be told** (no interval)",
+               }[meta["model_beats"]]
+    worse = [name for name, m in meta["per_label"].items() if m["model_better"] is False]
+    return [f"{verdict}: mean AUROC {fmt(meta['model_mean_auroc'])} against "
+            f"{fmt_ci(meta['mean_auroc'], meta['mean_auroc_ci'])} from age, sex and view position alone; difference "
+            f"{fmt_ci(diff['difference'], diff['ci'])} (paired patient bootstrap; the model beats it when the "
+            "interval lies above 0)."
+            + (f" Labels where the metadata alone ranks better: {', '.join(worse)}." if worse else "")]
+
+
+def baseline_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Per label: the model's AUROC and Brier beside the metadata and prevalence baselines."""
+    base = metrics["baselines"]
+    meta, prev = base["metadata"], base["prevalence"]
+    cal = metrics["calibration"]["per_label"]
+    header = ["label", "pos", "model AUROC [95% CI]", "metadata AUROC [95% CI]", "prevalence AUROC", "model Brier",
+              "prevalence Brier [95% CI]", "all-negative accuracy"]
+    rows = []
+    for name, m in metrics["per_label"].items():
+        md = meta["per_label"][name] if meta.get("available") else None
+        p = prev["per_label"][name]
+        rows.append([name, str(m["positives"]), fmt_ci(m["auroc"], m["auroc_ci"]),
+                     fmt_ci(md["auroc"], md["auroc_ci"]) if md else "n/a", fmt(p["auroc"]),
+                     fmt(cal[name]["brier"], 4), fmt_ci4(p["brier"], p["brier_ci"]),
+                     fmt_share(p["all_negative_accuracy"])])
+    rows.append([f"mean ({metrics['mean_auroc_labels']} labels)", "",
+                 fmt_ci(metrics["mean_auroc"], metrics["mean_auroc_ci"]),
+                 fmt_ci(meta["mean_auroc"], meta["mean_auroc_ci"]) if meta.get("available") else "n/a",
+                 fmt(prev["mean_auroc"]), "", "", ""])
+    return header, rows
+
+
+def calibration_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """Per label ECE and Brier with their patient-bootstrap intervals (metrics["calibration"]["per_label"])."""
+    header = ["label", "pos", "ECE [95% CI]", "Brier [95% CI]"]
+    rows = [[name, str(c["positives"]), fmt_ci(c["ece"], c["ece_ci"]), fmt_ci4(c["brier"], c["brier_ci"])]
+            for name, c in metrics["calibration"]["per_label"].items()]
+    return header, rows
+
+
+def fmt_ci4(value, ci) -> str:
+    """fmt_ci with 4 decimals (Brier scores of rare labels are small)."""
+    if value is None:
+        return "n/a"
+    return f"{fmt(value, 4)} [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else fmt(value, 4)
+
+
 # --- text tables -----------------------------------------------------------------------------------------------
 
 
@@ -278,14 +376,51 @@ def _localization_section(loc: dict) -> list[str]:
     return lines + [markdown_table(header, rows), ""]
 
 
+def _decision_section(metrics: dict, context: dict) -> list[str]:
+    """What the user gets: the product's calls scored, the scope (unless already first), and the baselines."""
+    if "decision" not in metrics:
+        return []
+    lines = ["## What the user gets: the product's calls", "",
+             "Each label of each image gets the call the app shows (the same Predictor): positive, negative, or no "
+             "call (\"not validated\": the label lacks validation evidence; \"out of scope\": the image does not "
+             "look like the radiographs the model was validated on). A no-call counts as not flagged: sensitivity = "
+             "positive calls among the positive images; specificity = images not called positive among the "
+             "negative ones; PPV among the positive calls; NPV among the negative calls. 95% Wilson intervals.", ""]
+    if not context.get("external"):
+        lines += [*scope_lines(metrics), ""]
+    if metrics.get("not_validated"):
+        lines += [f"Not validated (never called): {', '.join(metrics['not_validated'])}.", ""]
+    lines += ["### All images", "", markdown_table(*decision_rows(metrics, "all")), ""]
+    if metrics["scope"]["available"] and metrics["scope"]["accepted"]:
+        lines += ["### Accepted (in-scope) images", "", markdown_table(*decision_rows(metrics, "accepted")), ""]
+    if "baselines" in metrics:
+        base = metrics["baselines"]
+        lines += ["## Baselines", "", *baseline_lines(metrics), "",
+                  "Metadata: one logistic regression per label on patient age, sex and view position "
+                  + (f"({base['metadata']['source']})" if base["metadata"].get("available") else "")
+                  + f". Prevalence: every image gets the prevalence of the {base['prevalence']['prevalence_from']} "
+                  "and every call is negative (AUROC 0.5 by construction).", "",
+                  markdown_table(*baseline_rows(metrics)), ""]
+    return lines
+
+
 def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: dict[str, Path]) -> Path:
     """Write report.md: setup, comparison with published results, per-label table, accuracies (defined),
     subgroups, localization and the plots (linked by relative path)."""
     path = Path(path)
     acc = metrics["accuracy"]
-    lines = [
-        "# Evaluation report", "",
-        "Not for clinical use: a research tool evaluated on NLP-mined labels (NIH estimates >90% label accuracy).", "",
+    external, in_sample = context.get("external"), context.get("in_sample")
+    title = ("# External validation report" if external
+             else "# In-sample evaluation report (not an independent estimate)" if in_sample
+             else "# Evaluation report")
+    lines = [title, "", "Not for clinical use: a research tool evaluated on NLP-mined labels (NIH estimates >90% label "
+             "accuracy).", ""]
+    if in_sample:
+        lines += [f"**In-sample:** {in_sample}.", ""]
+    if external:
+        # An external folder is first of all a question of scope: how much of it would the product answer at all.
+        lines += ["## In-scope acceptance", "", *scope_lines(metrics), ""]
+    lines += [
         f"- checkpoint: `{context.get('checkpoint', '?')}` ({context.get('arch', '?')}, "
         f"{context.get('image_size', '?')} px, {len(metrics['labels'])} labels)",
         f"- data: `{context.get('data_dir', '?')}`, split **{context.get('split', '?')}**: "
@@ -296,6 +431,7 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         f"- 95% confidence intervals: percentile bootstrap over patients ({metrics['bootstrap']['n_boot']} "
         f"replicates, seed {metrics['bootstrap']['seed']}); all images of a patient are resampled together",
         f"- date: {context.get('date', '')}", "",
+        *_decision_section(metrics, context),
         "## Comparison with published results", "",
         markdown_table(["model", "split", "mean AUROC [95% CI]"], _published_rows(metrics, context), left=2), "",
         "The published numbers are means over the 14 labels on other splits of the full dataset; they are context, "
@@ -304,9 +440,11 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         f"This model's mean is over the {metrics['mean_auroc_labels']} labels with both positives and negatives "
         "here.", "",
         "## Per-label metrics", "",
-        "At the checkpoint's thresholds. AUROC and AP need no threshold; n/a marks a value that is undefined here "
-        "(e.g. no positives). pos = positive images. An interval only uses the bootstrap replicates in which the "
-        "label has both classes, so with few positives (under ~10) it is unreliable.", "",
+        "At the checkpoint's raw thresholds, for every image and label, before the in-scope check and the evidence "
+        "rule withhold calls (the product's calls are scored above). AUROC and AP need no threshold; n/a marks a "
+        "value that is undefined here (e.g. no positives). pos = positive images. An interval only uses the "
+        "bootstrap replicates in which the label has both classes, so with few positives (under ~10) it is "
+        "unreliable.", "",
         markdown_table(*per_label_rows(metrics)), "",
     ]
     notes = [f"- {name}: {m['note']}" for name, m in metrics["per_label"].items() if m.get("note")]
@@ -332,6 +470,11 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         ]), "",
         f"Calibration (all labels pooled): expected calibration error {fmt(metrics['calibration']['ece'])}.", "",
     ]
+    if metrics["calibration"].get("per_label"):
+        lines += ["## Calibration per label", "",
+                  "Of the probabilities the product shows (calibrated when the checkpoint holds a calibration). ECE: "
+                  "10 equal-width bins; Brier: mean squared error of the probability. 95% intervals from the patient "
+                  "bootstrap.", "", markdown_table(*calibration_rows(metrics)), ""]
     if metrics.get("subgroups"):
         lines += ["## Subgroups", "", "AUROC [95% CI] (positives) per view position and sex.", "",
                   markdown_table(*_subgroup_table(metrics)), ""]

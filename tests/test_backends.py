@@ -214,9 +214,9 @@ def test_evaluation_on_the_onnx_backend_matches_torch(exported, tmp_path):
     frames = {}
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
-        argv = ["--checkpoint", str(exported), "--data-dir", str(NIH_DIR), "--split", "val", "--limit", "12",
-                "--bootstrap", "10", "--device", "cpu", "--workers", "0", "--no-progress", "--backend", backend,
-                "--out", str(out)]
+        argv = ["--checkpoint", str(exported), "--data-dir", str(NIH_DIR), "--split", "val", "--in-sample",
+                "--limit", "12", "--bootstrap", "10", "--device", "cpu", "--workers", "0", "--no-progress",
+                "--backend", backend, "--out", str(out)]
         assert evaluation.main(evaluation.get_args_parser().parse_args(argv)) == 0
         frames[backend] = pd.read_csv(out / "predictions.csv")
         assert json.loads((out / "metrics.json").read_text())["run"]["backend"] == backend
@@ -225,3 +225,7 @@ def test_evaluation_on_the_onnx_backend_matches_torch(exported, tmp_path):
     prob_cols = [c for c in torch_f.columns if c.endswith("_prob")]
     assert prob_cols
     assert np.abs(torch_f[prob_cols].to_numpy() - onnx_f[prob_cols].to_numpy()).max() <= 1e-4
+    # Both backends go through the app's Predictor: the same calls and in-scope verdicts.
+    call_cols = [c for c in torch_f.columns if c.endswith("_call")] + ["in_scope"]
+    assert len(call_cols) == len(prob_cols) + 1
+    assert torch_f[call_cols].equals(onnx_f[call_cols])
