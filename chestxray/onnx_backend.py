@@ -304,22 +304,6 @@ class OnnxModel:
         return logits, maps, pooled
 
 
-class OnnxLogits(nn.Module):
-    """An OnnxModel behind the PyTorch model's call, logits only: x (B, 3, S, S) -> logits (B, L) on x's device.
-
-    Lets code written for the model (engine.predict_logits, used by Model_Training/test.py) score on ONNX Runtime.
-    """
-
-    def __init__(self, onnx_model: OnnxModel) -> None:
-        super().__init__()
-        self.onnx = onnx_model
-        self.classifier = nn.Identity()
-        self.classifier.out_features = len(onnx_model.meta.labels)  # read when a loader yields nothing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.onnx.run(x.float())[0]).to(x.device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # int8
 
