@@ -394,6 +394,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.bbox_csv = args.bbox_csv or (find_bbox_csv(index, data_dir) if args.backend == "torch" else None)
     write_json(out / "args.json", vars(args))
+    if args.external and not selection.overlap["checked"]:
+        notes.append(f"--external: overlap with the training data not checked: {selection.overlap['how']}")
     for note in notes:  # e.g. the bundled official metadata standing in for the data folder's own
         print(f"warning: {note}", file=sys.stderr, flush=True)
     heading = "external validation" if args.external else ("in-sample evaluation" if selection.in_sample else "")

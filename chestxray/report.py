@@ -420,6 +420,10 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
     if external:
         # An external folder is first of all a question of scope: how much of it would the product answer at all.
         lines += ["## In-scope acceptance", "", *scope_lines(metrics), ""]
+        overlap = context.get("training_overlap") or {}
+        if not overlap.get("checked", True):
+            lines += [f"**Overlap with the training data not checked:** {overlap.get('how')}. If this folder shares "
+                      "images or patients with the training data, these figures are optimistic.", ""]
     lines += [
         f"- checkpoint: `{context.get('checkpoint', '?')}` ({context.get('arch', '?')}, "
         f"{context.get('image_size', '?')} px, {len(metrics['labels'])} labels)",

@@ -346,6 +346,8 @@ def test_external_validation_report(trained_checkpoint, tmp_path):
     assert f"Metadata baseline: not available ({metadata['reason']})" in (tmp_path / "out2" / "report.md").read_text()
     assert metrics["run"]["training_overlap"]["checked"] is False
     assert "not checked without --train-data-dir" in metrics["run"]["split_description"]
+    assert "**Overlap with the training data not checked:**" in (tmp_path / "out2" / "report.md").read_text()
+    assert "**Overlap" not in report
 
 
 def test_external_refuses_the_training_data(trained_checkpoint, tmp_path, capsys):
