@@ -388,7 +388,7 @@ def test_calls_are_the_apps_for_every_image(tiny_checkpoint, tmp_path):
         prediction = predictor.predict(data / row["image"])
         assert row["in_scope"] == prediction.in_scope, row["image"]
         assert [row[f"{n}_call"] for n in LABELS] == [prediction.call(n) for n in LABELS], row["image"]
-    assert frame.loc[frame["image"] == names[0], "in_scope"].item() is False
+    assert not frame.loc[frame["image"] == names[0], "in_scope"].item()  # the noise image
     metrics = _strict_json(out / "metrics.json")
     accepted = int(frame["in_scope"].sum())
     assert 0 < accepted < len(frame) and metrics["scope"]["accepted"] == accepted
