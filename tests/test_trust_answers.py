@@ -89,10 +89,17 @@ def test_real_nih_image_is_in_scope_and_only_validated_labels_are_called(predict
     np.testing.assert_allclose([r["probability"] for r in doc["labels"]], cal.apply(z), rtol=1e-9)
 
 
-def test_checkpoint_without_statistics_still_answers(tiny_checkpoint, held_out):
+def test_checkpoint_without_statistics_answers_but_calls_nothing(tiny_checkpoint, held_out):
     doc = Predictor.from_checkpoint(tiny_checkpoint, device="cpu").predict(held_out).to_dict()
     assert doc["in_scope"] is None and doc["scope"].startswith("in-scope check: not available")
-    assert doc["calibrated"] is False and doc["positive"]  # its calls stay as before (no evidence recorded)
+    assert "no finding is called" in doc["scope"] and doc["warning"] is None
+    assert doc["calibrated"] is False and doc["positive"] == []
+    assert {row["call"] for row in doc["labels"]} == {NOT_VALIDATED}
+    assert "no label is called" in doc["model"]["call_rule"]
+    # The operator's explicit opt-out calls at the thresholds, and says so on every answer.
+    doc = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", allow_untrusted=True).predict(held_out).to_dict()
+    assert doc["positive"] and "untrusted" in doc["warning"] and doc["model"]["untrusted"] is True
+    assert {row["call"] for row in doc["labels"]} == {"positive", "negative"}
 
 
 # ------------------------------------------------------------------ the other entry points: API, page, CLI
@@ -117,7 +124,7 @@ def test_api_and_page_refuse_out_of_scope(client, photo, which):
     assert 'id="show-anyway"' in page and "findings-table" not in page
     shown = client.get(doc["result"] + "?show=1").data.decode()
     assert "findings-table" in shown and "greyed" in shown and 'class="finding positive' not in shown
-    assert shown.count('<td class="call">no call (out of scope)</td>') == 1  # the validated label
+    assert shown.count('<td class="call">out of scope</td>') == 14  # every label, validated or not
 
 
 def test_page_says_not_validated(client, held_out):

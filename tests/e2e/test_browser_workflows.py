@@ -50,7 +50,7 @@ def site(chromium, tiny_checkpoint, tmp_path_factory):
     """(base URL, results folder, instance folder, port) of a live server with a 3 MB upload limit."""
     root = tmp_path_factory.mktemp("workflows")
     results, instance, port = root / "results", root / "instance", free_port()
-    args = ["--max-upload-mb", str(MAX_UPLOAD_MB), "--instance-dir", str(instance)]
+    args = ["--max-upload-mb", str(MAX_UPLOAD_MB), "--instance-dir", str(instance), "--allow-untrusted"]
     with run_server(tiny_checkpoint, results, port=port, extra_args=args, launch=forked.popen) as base:
         yield base, results, instance, port, args
 
