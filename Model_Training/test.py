@@ -256,7 +256,7 @@ def select_split(index: pd.DataFrame, data_dir: Path, args: argparse.Namespace, 
                    "how": "patient-disjoint from the fitting splits by construction"}
     else:
         role = _role(meta, split, legacy)
-        limit = f", limited to {spec.limit} images" if spec.limit else ""
+        limit = f", each split limited to {spec.limit} images" if spec.limit else ""
         description = f"the checkpoint's {'validation' if split == 'val' else split} split{limit} (its role: {role})"
         if split == "calibration" and legacy:
             description = ("the checkpoint's validation split: this checkpoint has no calibration split of its own, "

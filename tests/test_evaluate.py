@@ -193,8 +193,13 @@ def test_localization_on_boxed_images(trained_checkpoint, boxed_data_dir, metada
                "--bbox-csv", str(BBOX_CSV)])
     console = capsys.readouterr()
     assert rc == 0, console.err
-    loc = _strict_json(out / "metrics.json")["localization"]
+    metrics = _strict_json(out / "metrics.json")
+    loc = metrics["localization"]
     assert (loc["boxes_in_file"], loc["boxes_evaluated"], loc["images_evaluated"]) == (984, 2, 2)
+    # A folder that is not the training data is not worded as if it held training images.
+    description = metrics["run"]["split_description"]
+    assert "including" not in description and "mixes training" not in description
+    assert "not the one the checkpoint was trained on" in description and metrics["run"]["in_sample"] is None
     assert loc["per_label"]["Atelectasis"]["boxes"] == 1 and loc["per_label"]["Infiltration"]["boxes"] == 1
     assert loc["per_label"]["Mass"]["boxes"] == 0 and loc["per_label"]["Mass"]["pointing_game"] is None
     # The checkpoint was trained on the sample folder (its label file's hash is in the SplitSpec): this folder's
