@@ -149,7 +149,7 @@ def metadata_baseline(train_rows: pd.DataFrame, y_train: np.ndarray, rows: pd.Da
 def prevalence_baseline(y_true: np.ndarray, labels: Sequence[str], patients: Sequence,
                         train_prevalence: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
     """The constant predictor: probability = the training prevalence (the evaluated folder's when None), every call
-    negative -> {"per_label": {label: {"probability", "auroc" (0.5 where defined), "brier", "brier_ci",
+    negative -> {"per_label": {label: {"probability", "auroc" and "auroc_ci" (0.5 where defined), "brier", "brier_ci",
     "all_negative_accuracy": wilson()}}, "mean_auroc", "prevalence_from": "training split" | "evaluated images"}."""
     y_true = np.asarray(y_true, dtype=np.float64)
     n = len(y_true)
@@ -163,6 +163,7 @@ def prevalence_baseline(y_true: np.ndarray, labels: Sequence[str], patients: Seq
         positives = int(y_true[:, j].sum())
         per_label[name] = {"probability": float(prevalence[j]),
                            "auroc": 0.5 if has_both_classes(y_true[:, j]) else None,
+                           "auroc_ci": [0.5, 0.5] if has_both_classes(y_true[:, j]) else None,
                            "brier": errors[name]["brier"], "brier_ci": errors[name]["brier_ci"],
                            "all_negative_accuracy": wilson(n - positives, n)}
     defined = [m["auroc"] for m in per_label.values() if m["auroc"] is not None]
