@@ -256,7 +256,7 @@ def draw_page(page: ReportPage, paper: str = "a4", colormap: str = "jet", opacit
 
     top = min(below_image, 0.52)
     if page.notes:
-        notes = "\n".join(textwrap.fill(note, 110) for note in page.notes)
+        notes = "\n".join(textwrap.fill(note, 110, break_on_hyphens=False) for note in page.notes)
         fig.text(0.06, top, notes, fontsize=8.5, color=POSITIVE_INK, va="top", fontweight="bold")
         top -= 0.014 * (notes.count("\n") + 2)
     _draw_findings(fig, page, top)

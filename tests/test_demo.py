@@ -5,12 +5,10 @@ import os
 import re
 
 import pytest
+from trainutil import QUICK_DEMO as QUICK
 
 from chestxray.checkpoint import load_checkpoint, save_checkpoint
 from Model_Training import demo, train
-
-# The demo's own recipe (ResNet-18, 128 px, 2 epochs) shrunk to seconds; the last value of a flag wins.
-QUICK = ("--image-size", "32", "--epochs", "1", "--limit", "16", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,10 @@ from Model_Training import train
 TRAIN_PY = Path(__file__).resolve().parents[1] / "Model_Training" / "train.py"
 
 
+# The demo model's own recipe (ResNet-18, 128 px, 2 epochs) shrunk to seconds; the last value of a flag wins.
+QUICK_DEMO = ("--image-size", "32", "--epochs", "1", "--limit", "16", "--device", "cpu")
+
+
 def small_run(data_dir: Path, *extra: str, limit: int = 48, epochs: int = 2) -> list[str]:
     """train.py arguments for a short CPU run: ResNet-18 at 64 px, no ImageNet weights, no workers."""
     return ["--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "64", "--epochs", str(epochs),
