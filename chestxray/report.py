@@ -446,9 +446,9 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         "## Per-label metrics", "",
         "At the checkpoint's raw thresholds, for every image and label, before the in-scope check and the evidence "
         "rule withhold calls (the product's calls are scored above). AUROC and AP need no threshold; n/a marks a "
-        "value that is undefined here (e.g. no positives). pos = positive images. An interval only uses the "
-        "bootstrap replicates in which the label has both classes, so with few positives (under ~10) it is "
-        "unreliable.", "",
+        "value that is undefined here (e.g. no positives). pos = positive images. With few positives (under ~10) "
+        "an interval is wide or, when too many bootstrap replicates lack a positive, not estimable (shown without "
+        "one).", "",
         markdown_table(*per_label_rows(metrics)), "",
     ]
     notes = [f"- {name}: {m['note']}" for name, m in metrics["per_label"].items() if m.get("note")]
