@@ -374,7 +374,7 @@ class _Connection:
         # pynetdicom's thread outlives a connection the peer closed while it waits (up to connect_timeout) for an
         # A-ASSOCIATE-RQ; its transport drops the socket at once.
         transport = self.assoc.dul.socket
-        return transport is not None and transport.socket is not None
+        return transport is not None and transport.socket is not None and transport.socket.fileno() != -1
 
     def silent(self) -> bool:
         """No A-ASSOCIATE-RQ received yet."""
@@ -478,9 +478,9 @@ class DicomNode:
         ae.require_called_aet = True  # a C-STORE meant for another AE is refused, not analysed
         ae.acse_timeout = self.connect_timeout  # also the wait for a new connection's A-ASSOCIATE-RQ
         ae.dimse_timeout = ae.network_timeout = self.timeout
-        # The node's own admission (_admit) enforces max_associations; pynetdicom's limit is set above it so that
-        # evicted silent connections, whose threads linger up to connect_timeout, never turn a peer away.
-        ae.maximum_associations = 2 * self.max_associations
+        # The node's own admission (_admit) enforces max_associations; pynetdicom's limit is set far above it so
+        # that evicted silent connections, whose threads linger up to connect_timeout, never turn a peer away.
+        ae.maximum_associations = 100 * self.max_associations
         server_class = type("NodeServer", (_GatedServer,), {"node": self})
         # ae.start_server without blocking, but with our server class (pynetdicom's make_server takes one).
         self._server = ae.make_server((self.host, self.port), server_class=server_class,

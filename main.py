@@ -32,6 +32,7 @@ from webmodel import choose_checkpoint, default_checkpoint, load_model
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("chestxray.web")
 csrf = CSRFProtect()
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -57,6 +58,12 @@ def create_app(config: dict | None = None) -> Flask:
         MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
         ANALYSIS_QUEUE=1,  # requests that may wait for a slot; more get 503 + Retry-After
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
+        MAX_REPORT_PAGES=20,  # results in one PDF report (each page costs about half a second of CPU)
+        # Host names the app answers to (Flask refuses any other Host header with 400): a page on another site
+        # whose name resolves to this machine (DNS rebinding) cannot drive the app. IPv6 literals cannot be listed
+        # (Werkzeug 3.1 drops them); use a name.
+        TRUSTED_HOSTS=list(LOOPBACK_HOSTS),
+        PUBLIC_URL=None,  # e.g. https://cxr.hospital.example: the base of absolute URLs (else the request's host)
         SECRET_KEY=None,
         WTF_CSRF_ENABLED=True,
         SESSION_COOKIE_SAMESITE="Lax",
@@ -68,7 +75,7 @@ def create_app(config: dict | None = None) -> Flask:
         # Kept across restarts, so forms opened before a restart still submit after it (sessions only carry
         # flash messages and the CSRF token).
         app.config["SECRET_KEY"] = secret_key(app.instance_path)
-    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES"):
+    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES", "MAX_REPORT_PAGES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
@@ -125,9 +132,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="results database URL, e.g. postgresql://USER:PASSWORD@HOST/DB to share one between app "
                         "servers (default: DATABASE in <instance-dir>/config.toml, else an SQLite file "
                         "<instance-dir>/results.sqlite3)")
+    parser.add_argument("--trusted-hosts", default=None,
+                        help="comma-separated host names the app answers to, as clients type them (e.g. "
+                        "cxr.hospital.example); any other Host header gets 400 (default: localhost, 127.0.0.1 and "
+                        "--host when it names one address)")
+    parser.add_argument("--public-url", default=None,
+                        help="the app's address as clients reach it, e.g. https://cxr.hospital.example; absolute "
+                        "URLs in the API and the CSV are built from it (default: the request's trusted host)")
     webhttp.add_server_arguments(parser)
     dicom_node.add_arguments(parser)
     return parser
+
+
+def trusted_hosts(args: argparse.Namespace) -> list[str]:
+    """--trusted-hosts as a list, else the loopback names plus --host when it names one address (not 0.0.0.0)."""
+    if args.trusted_hosts:
+        return [name.strip() for name in args.trusted_hosts.split(",") if name.strip()]
+    bound = [] if args.host in ("0.0.0.0", "::", "") or ":" in args.host else [args.host]
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, *bound]))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -146,6 +168,8 @@ def main(args: argparse.Namespace) -> int:
         "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
         "INSTANCE_PATH": args.instance_dir,
+        "TRUSTED_HOSTS": trusted_hosts(args),
+        "PUBLIC_URL": args.public_url,
         "DATABASE": args.database,
     }
     try:

@@ -84,6 +84,14 @@ class DiskFull(HTTPException):
                    "administrator.")
 
 
+class ReadOnlyResults(ServiceUnavailable):
+    """503: the results folder cannot be written (read-only file system, or no permission)."""
+
+    description = ("The results folder cannot be written at the moment (it is read-only or the server may not write "
+                   "there): nothing new can be analysed or deleted, but saved results can still be viewed. Tell the "
+                   "server's administrator.")
+
+
 class AnalysisGate:
     """At most `slots` analyses run at once and `queue` more wait (up to `wait` seconds); beyond that, Busy at once.
 
@@ -145,6 +153,7 @@ bp.add_app_template_filter(lambda label: label.replace("_", " "), "label_name")
 bp.add_app_template_filter(lambda p: f"{100 * p:.1f}%", "percent")
 bp.add_app_template_global(format_call, "format_call")  # probability/threshold texts that agree with the call
 bp.add_app_template_global(format_scope, "format_scope")
+bp.add_app_template_global(lambda endpoint, **values: external_url(endpoint, **values), "external_url")
 bp.add_app_template_global(statements, "statements")  # the scope, warning, demo and evidence sentences
 
 
@@ -186,13 +195,37 @@ def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
     try:
         record = result_store().save(prediction, source=request_source(), protect=batch)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        log.error("cannot save a result: the results folder's disk is full")  # one line, no traceback
-        raise DiskFull() from None
+        raise storage_error(exc, "save a result") from None
     batch.add(record["id"])
     monitoring.record_answer(prediction, record["id"], started, data)  # one row in the results database
     return record
+
+
+def storage_error(exc: OSError, action: str) -> HTTPException:
+    """The answer to a results folder that cannot be written: 507 when its disk is full, 503 when it is read-only
+    or not ours to write (the app goes on showing saved results). One log line, no traceback."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("cannot %s: the results folder's disk is full", action)
+        return DiskFull()
+    log.error("cannot %s: the results folder cannot be written (%s)", action, exc.strerror or type(exc).__name__)
+    return ReadOnlyResults(retry_after=RETRY_AFTER_SECONDS * 12)
+
+
+def delete_saved(rid: str) -> None:
+    """Delete a saved result; 404 for an unknown one, 503/507 when the results folder cannot be written."""
+    try:
+        result_store().delete(rid)
+    except OSError as exc:
+        raise storage_error(exc, "delete a result") from None
+
+
+def external_url(endpoint: str, **values) -> str:
+    """An absolute URL: PUBLIC_URL (configuration) + the path, else the request's host, which TRUSTED_HOSTS has
+    already checked; never an address a client made up."""
+    base = current_app.config.get("PUBLIC_URL")
+    if base:
+        return base.rstrip("/") + url_for(endpoint, **values)
+    return url_for(endpoint, _external=True, **values)
 
 
 def request_source() -> str:
@@ -226,12 +259,12 @@ def api_document(record: dict) -> dict:
     rid = record["id"]
     return {
         **{key: value for key, value in record.items() if key != "source"},  # the keyed client hash stays inside
-        "image": url_for("views.result_image", rid=rid, _external=True),
-        "heatmaps": {label: url_for("views.heatmap", rid=rid, label=label, _external=True)
+        "image": external_url("views.result_image", rid=rid),
+        "heatmaps": {label: external_url("views.heatmap", rid=rid, label=label)
                      for label in label_names(record)},
-        "heatmaps_npy": url_for("views.heatmaps_npy", rid=rid, _external=True),
-        "report": url_for("views.report_pdf", rid=rid, _external=True),
-        "result": url_for("views.result", rid=rid, _external=True),
+        "heatmaps_npy": external_url("views.heatmaps_npy", rid=rid),
+        "report": external_url("views.report_pdf", rid=rid),
+        "result": external_url("views.result", rid=rid),
     }
 
 
@@ -350,7 +383,7 @@ def summary_csv(items: list[BatchItem]) -> str:
         in_scope = record.get("in_scope")
         by_label = {row["label"]: row for row in record["labels"]}
         writer.writerow([
-            item.number, item.name, url_for("views.result", rid=record["id"], _external=True),
+            item.number, item.name, external_url("views.result", rid=record["id"]),
             "" if in_scope is None else ("yes" if in_scope else "no"), "|".join(record["positive"]),
             top["label"], f"{top['probability']:.6f}",
             *(f"{by_label[label]['probability']:.6f}" if label in by_label else "nan" for label in labels),
@@ -454,7 +487,7 @@ def result(rid: str):
 
 @bp.post("/results/<rid>/delete")
 def delete_result(rid: str):
-    result_store().delete(rid)
+    delete_saved(rid)
     flash("The result was deleted: its image, heatmaps and findings are gone from this server.", "info")
     return redirect(url_for("views.index"), 303)
 
@@ -486,7 +519,11 @@ def report_page(rid: str, view: View | None = None) -> ReportPage:
 
 
 def pdf_response(pages: list[ReportPage], name: str, opacity: int = 60) -> Response:
-    return Response(report_bytes(pages, opacity=opacity / 100), mimetype="application/pdf",
+    # Rendering costs about as much CPU per page as an analysis: it waits for the same slots (or gets 503), so a
+    # report of many results never takes the threads /healthz and the other pages need.
+    with current_app.extensions["analyses"].enter():
+        pdf = report_bytes(pages, opacity=opacity / 100)
+    return Response(pdf, mimetype="application/pdf",
                     headers={"Content-Disposition": f"inline; filename={name}"})
 
 
@@ -498,9 +535,12 @@ def report_pdf(rid: str):
 
 @bp.get("/results/report.pdf")
 def batch_report_pdf():
-    ids = [rid for rid in request.args.get("ids", "").split(",") if rid][: current_app.config["MAX_FILES"]]
+    ids = list(dict.fromkeys(rid for rid in request.args.get("ids", "").split(",") if rid))
     if not ids:
         abort(404, "No results were named.")
+    limit = current_app.config["MAX_REPORT_PAGES"]
+    if len(ids) > limit:
+        abort(400, f"A PDF report holds at most {limit} results; {len(ids)} were named. Ask for fewer at a time.")
     return pdf_response([report_page(rid) for rid in ids], "chestxray-report.pdf")
 
 
@@ -515,7 +555,7 @@ def api_index():
     return jsonify(
         endpoints=[{"method": method, "path": rule, "description": text} for method, rule, text in API_ENDPOINTS],
         model_loaded=model_state().predictor is not None,
-        example=f"curl -F file=@xray.png {url_for('views.api_predict', _external=True)}",
+        example=f"curl -F file=@xray.png {external_url('views.api_predict')}",
     )
 
 
@@ -526,7 +566,7 @@ def api_result(rid: str):
 
 @bp.delete("/api/results/<rid>")
 def api_delete_result(rid: str):
-    result_store().delete(rid)
+    delete_saved(rid)
     return jsonify(deleted=rid)
 
 

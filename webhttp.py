@@ -13,7 +13,7 @@ import re
 from flask import Flask, flash, jsonify, redirect, render_template, request, url_for
 from flask.wrappers import Request
 from flask_wtf.csrf import CSRFError
-from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
+from werkzeug.exceptions import HTTPException, InternalServerError, NotFound, SecurityError
 
 from chestxray.results import ResultNotFound
 from views import shown_name
@@ -93,6 +93,16 @@ def _too_large_message(app: Flask) -> str:
 
 
 def _register_errors(app: Flask) -> None:
+    @app.errorhandler(SecurityError)
+    def untrusted_host(exc: SecurityError):
+        # Raised before routing (Flask's TRUSTED_HOSTS), so no page can be rendered: url_for has no adapter. The
+        # message names neither the host asked for nor the trusted ones.
+        message = ("This server does not answer to that host name (DNS rebinding protection): use the address its "
+                   "administrator configured (--trusted-hosts).")
+        if _wants_json():
+            return jsonify(error=message), 400
+        return app.response_class(message + "\n", 400, mimetype="text/plain")
+
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
         message = ("The form could not be verified (its security token is missing or has expired, e.g. the page was "
@@ -135,8 +145,9 @@ def _register_errors(app: Flask) -> None:
 
 
 def _no_store_for_results(response):
-    # Result pages, images and JSON describe one patient's radiograph: no browser or proxy cache keeps them.
-    if request.path.startswith(("/results", "/api/", "/predict", "/static/results/")):
+    # Result pages, images and JSON describe one patient's radiograph, and the worklist lists them: no browser or
+    # proxy cache keeps them.
+    if request.path.startswith(("/results", "/api/", "/predict", "/static/results/", "/worklist")):
         response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -216,16 +216,52 @@ def check_graph(proto, meta: Meta, source: str = "the ONNX model") -> None:
                              + f". Export it again with: {EXPORT_COMMAND}")
 
 
+def external_data_refs(graph) -> list[str]:
+    """Where a graph's tensors point outside the file: '<tensor name> -> <location>' for every initializer, sparse
+    initializer and tensor attribute (Constant nodes, subgraphs of If/Loop/Scan included) stored as external data."""
+    from onnx import TensorProto
+
+    refs: list[str] = []
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        tensors = [*g.initializer, *(x for st in g.sparse_initializer for x in (st.values, st.indices))]
+        for attr in (attr for node in g.node for attr in node.attribute):
+            # Every tensor and graph field, whatever the attribute's declared type (a crafted file may lie).
+            sparse = [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []), *attr.sparse_tensors]
+            tensors += [*([attr.t] if attr.HasField("t") else []), *attr.tensors,
+                        *(x for st in sparse for x in (st.values, st.indices))]
+            graphs += [*([attr.g] if attr.HasField("g") else []), *attr.graphs]
+        for t in tensors:
+            if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+                location = next((e.value for e in t.external_data if e.key == "location"), "?")
+                refs.append(f"{t.name or '(unnamed)'} -> {location!r}")
+    return refs
+
+
 def _load_proto(path: Path):
+    """The file's ModelProto, refusing external data before anything (ONNX Runtime included) could read it.
+
+    Our exports are one self-contained file. An external-data reference names a file to read (relative to the model
+    or the working directory): README.md, the secret key... whose bytes would flow into the weights and out through
+    the logits. Raises OnnxModelError.
+    """
     import onnx
     from google.protobuf.message import DecodeError
 
     if not path.is_file():
         raise OnnxModelError(f"ONNX model not found: {path}. Export one with: {EXPORT_COMMAND}")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError, RuntimeError) as exc:
         raise OnnxModelError(f"{path} is truncated or corrupt, or not an ONNX model ({type(exc).__name__})") from None
+    refs = external_data_refs(proto.graph)
+    if refs:
+        shown = "; ".join(refs[:3]) + (f" and {len(refs) - 3} more" if len(refs) > 3 else "")
+        raise OnnxModelError(f"{path} refers to external data files ({shown}); this tool only loads self-contained "
+                             f"models, as it exports them, so it is not loaded. Export it again with: "
+                             f"{EXPORT_COMMAND}")
+    return proto
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> OnnxMetadata:
@@ -281,8 +317,17 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=onnx_providers(device))
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=onnx_providers(device))
+        except (RuntimeError, ValueError) as exc:  # onnxruntime's own errors are RuntimeError subclasses
+            raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load the graph ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}). Export it again with: {EXPORT_COMMAND}") from None
         self.providers = self.session.get_providers()
+        # The declared output shapes (check_graph) are not enforced by ONNX Runtime: a graph may declare 14 logits
+        # and compute 3. One pass on a blank batch checks what it really returns, so a bad file fails here with a
+        # clear error instead of in the middle of a prediction.
+        size = int(self.meta.image_size)
+        self.run(np.zeros((1, 3, size, size), dtype=np.float32))
 
     @property
     def device(self) -> str:
@@ -301,6 +346,13 @@ class OnnxModel:
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size) or batch.shape[0] < 1:
             raise ValueError(f"expected a normalised (B, 3, {size}, {size}) batch, got shape {batch.shape}")
         logits, maps, pooled = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        n, labels = batch.shape[0], len(self.meta.labels)
+        if (logits.shape != (n, labels) or maps.ndim != 4 or maps.shape[:2] != (n, labels)
+                or pooled.shape != (n, TRANSITION_CHANNELS)):
+            raise OnnxModelError(
+                f"{self.path}: the graph returned logits {logits.shape}, maps {maps.shape}, pooled {pooled.shape} for "
+                f"a batch of {n}; its metadata needs ({n}, {labels}), ({n}, {labels}, h, w), ({n}, "
+                f"{TRANSITION_CHANNELS}). Export it again with: {EXPORT_COMMAND}")
         return logits, maps, pooled
 
 

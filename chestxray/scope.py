@@ -42,6 +42,7 @@ METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
 THUMBNAIL = 8
 HISTOGRAM_BINS = 16
 IMAGE_STATS = THUMBNAIL**2 + HISTOGRAM_BINS + 1
+MAX_LIMIT_RATIO = 10.0  # a loaded limit above 10x a typical in-distribution score is refused (measured: 1.2x)
 DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
 
 
@@ -91,6 +92,16 @@ def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, t
     return torch.from_numpy(lw.location_ * sd).float(), torch.from_numpy(precision).float()
 
 
+def _check_precision(precision: torch.Tensor, what: str) -> None:
+    """Raise ScopeError unless `precision` is symmetric positive definite: otherwise distances can be 0 (or the
+    root of a negative number clamped to 0) far from the mean, and every image would look in scope."""
+    p = precision.double()
+    if not torch.allclose(p, p.T, rtol=1e-4, atol=1e-6 * float(p.abs().max().clamp_min(1e-30))):
+        raise ScopeError(f"{what} is not symmetric; {REFIT}")
+    if torch.linalg.cholesky_ex(p).info.item() != 0:
+        raise ScopeError(f"{what} is not positive definite; {REFIT}")
+
+
 def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> np.ndarray:
     d = (x.cpu().float() - mean).double()
     return ((d @ precision.double()) * d).sum(dim=1).clamp_min(0.0).sqrt().numpy()
@@ -135,6 +146,7 @@ class ScopeStats:
                              "and (C, C)")
         if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
             raise ScopeError("scope statistics hold NaN or infinite values; fit them again")
+        _check_precision(precision, "scope precision")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "precision", precision)
         object.__setattr__(self, "limit", float(self.limit))
@@ -146,8 +158,13 @@ class ScopeStats:
             if self.image_mean.shape != (IMAGE_STATS,) or self.image_precision.shape != (IMAGE_STATS, IMAGE_STATS):
                 raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
                                  f"computes {IMAGE_STATS}: {REFIT}")
-            if not (self.feature_scale > 0 and self.image_scale > 0):
-                raise ScopeError("scope part scales must be positive")
+            if not (torch.isfinite(self.image_mean).all() and torch.isfinite(self.image_precision).all()):
+                raise ScopeError(f"scope image statistics hold NaN or infinite values; {REFIT}")
+            _check_precision(self.image_precision, "scope image precision")
+            # An infinite scale divides its part's distance to 0: every image would look in scope.
+            if not all(math.isfinite(v) and v > 0 for v in (self.feature_scale, self.image_scale)):
+                raise ScopeError(f"scope part scales must be positive finite numbers, got {self.feature_scale} and "
+                                 f"{self.image_scale}; {REFIT}")
 
     @property
     def channels(self) -> int:
@@ -208,17 +225,34 @@ class ScopeStats:
         return {"method": self.method, "limit": limit, "percentile": self.percentile, "n_fit": self.n_fit,
                 "n_limit": self.n_limit, "channels": self.channels}
 
+    def max_limit(self) -> float:
+        """The largest believable limit: MAX_LIMIT_RATIO times a typical in-distribution score (about sqrt(C) for a
+        Mahalanobis distance over C channels; about 1 for mahalanobis+image, whose parts are scaled to 1)."""
+        return MAX_LIMIT_RATIO * (1.0 if self.needs_images else math.sqrt(self.channels))
+
     @classmethod
-    def from_dict(cls, d: Mapping) -> ScopeStats:
-        """Rebuild from to_dict() output. Raises ScopeError naming a missing key or a bad value."""
+    def from_dict(cls, d: Mapping, channels: int | None = None) -> ScopeStats:
+        """Rebuild from to_dict() output, checked: shapes (C = `channels` when given), finite values, positive
+        definite precisions, a limit in (0, max_limit()]. Raises ScopeError naming the bad value."""
         check_record(d, "scope statistics", SCOPE_FORMAT, ("method", "mean", "precision", "limit"), ScopeError,
                      REFIT)
         if not isinstance(d["mean"], torch.Tensor) or not isinstance(d["precision"], torch.Tensor):
             raise ScopeError("scope mean and precision must be tensors")
-        return cls(str(d["method"]), d["mean"], d["precision"], float(d["limit"]),
-                   float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)), int(d.get("n_limit", 0)),
-                   d.get("image_mean"), d.get("image_precision"), float(d.get("feature_scale", 1.0)),
-                   float(d.get("image_scale", 1.0)))
+        try:
+            numbers = (float(d["limit"]), float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)),
+                       int(d.get("n_limit", 0)), float(d.get("feature_scale", 1.0)), float(d.get("image_scale", 1.0)))
+        except (TypeError, ValueError, OverflowError):
+            raise ScopeError(f"scope statistics hold a value that is not a number; {REFIT}") from None
+        limit, percentile, n_fit, n_limit, feature_scale, image_scale = numbers
+        stats = cls(str(d["method"]), d["mean"], d["precision"], limit, percentile, n_fit, n_limit,
+                    d.get("image_mean"), d.get("image_precision"), feature_scale, image_scale)
+        if channels is not None and stats.channels != channels:
+            raise ScopeError(f"scope statistics have {stats.channels} channels; this model's features have "
+                             f"{channels}: {REFIT}")
+        if not 0.0 < limit <= stats.max_limit():
+            raise ScopeError(f"the scope limit {limit:g} is outside (0, {stats.max_limit():g}] (a limit that large "
+                             f"would call every image in scope); {REFIT}")
+        return stats
 
 
 Array = torch.Tensor | np.ndarray

@@ -20,6 +20,7 @@ import torch
 from .calibration import Calibration, calibration_report, fit_calibration
 from .evidence import label_evidence
 from .metrics import choose_thresholds
+from .model import TRANSITION_CHANNELS
 from .scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
 
 TRUST_KEY = "trust"
@@ -56,7 +57,8 @@ class Trust:
             raise TrustError(f"the checkpoint's '{TRUST_KEY}' entry is not format {TRUST_FORMAT}; refit it with "
                              "Model_Training/fit_trust.py")
         try:
-            scope = ScopeStats.from_dict(d["scope"]) if d.get("scope") is not None else None
+            # The channel count is the model's: a scope of another shape would fail at the first prediction.
+            scope = ScopeStats.from_dict(d["scope"], TRANSITION_CHANNELS) if d.get("scope") is not None else None
             calibration = Calibration.from_dict(d["calibration"]) if d.get("calibration") is not None else None
         except ValueError as exc:
             raise TrustError(f"{exc}") from None

@@ -296,12 +296,23 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
-def health(server: LiveServer) -> float:
-    """Seconds /healthz took to answer ok (fails if it does not within TIMEOUT)."""
-    start = time.monotonic()
+def health(server: LiveServer) -> None:
+    """/healthz answers ok (fails if it does not within TIMEOUT); how fast is for benchmarks/bench_load.py."""
     with urllib.request.urlopen(server.url("/healthz"), timeout=TIMEOUT) as response:
         assert json.load(response) == {"status": "ok", "model_loaded": True}
-    return time.monotonic() - start
+
+
+def still_open(sock: socket.socket) -> bool:
+    """The server has neither answered nor closed this connection (nothing to read yet)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # an answer, or b"" for a closed connection
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+    return False
 
 
 def check_server_clean(server: LiveServer) -> None:
@@ -339,7 +350,8 @@ def test_live_stalled_uploads_do_not_block_other_requests(live):
             sock = open_post(live, len(body))
             sock.sendall(body[: len(body) // 2])
             stalled.append(sock)
-        assert health(live) < 2.0
+        health(live)  # answers while every stalled upload is still being waited for
+        assert all(still_open(sock) for sock in stalled)
         status, doc = post(live, body)
         assert status == 200 and set(entries(live.results)) == before | {doc["id"]}
     finally:
@@ -360,7 +372,8 @@ def test_live_slow_trickle(live):
         sock.sendall(chunk)
         time.sleep(0.05)
         if i == len(chunks) // 2:
-            assert health(live) < 2.0
+            health(live)  # answers while this upload is half sent
+            assert still_open(sock)
     status, data = read_response(sock)
     sock.close()
     assert status == 200
@@ -382,10 +395,9 @@ def test_live_body_over_the_limit(live):
     before = entries(live.results)
     # Far over the limit: refused from the headers alone, before any of the body is sent or spooled.
     sock = open_post(live, 200 * live.limit)
-    start = time.monotonic()
-    status, data = read_response(sock)
+    status, data = read_response(sock)  # answered though not one byte of the body was sent
     sock.close()
-    assert status == 413 and time.monotonic() - start < 5.0
+    assert status == 413
     check_clean(data)
     # Just over the limit, and ten times it: the app's own 413 saying what the limit is.
     for size in (live.limit + 1, 10 * live.limit):

@@ -6,28 +6,33 @@ the modality is CR or DX) until the in-scope check of the web app lands.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import shutil
-import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections import Counter
 from pathlib import Path
 
 import forked
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, NIH_PNG
+from conftest import DICOM_MONO1, DICOM_MONO2
 from hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME, identified_dicom
+from pacsutil import (
+    MODEL_NAME,
+    NODE_AET,
+    PACS_AET,
+    WAIT,
+    Analyser,
+    Orthanc,
+    free_port,
+    radiograph,
+    storescu,
+)
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
     DeflatedExplicitVRLittleEndian,
@@ -43,132 +48,12 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from chestxray.dicom_out import ReportContent
 from chestxray.labels import LABELS
 from dicom_node import Analysis, Destination, DicomNode
 
-ORTHANC = shutil.which("Orthanc")
-STORESCU = shutil.which("storescu")
-if not (ORTHANC and STORESCU and shutil.which("echoscu")):
-    raise RuntimeError("the PACS tests need Debian's orthanc and dcmtk: run `make pacs` "
-                       "(apt-get install orthanc dcmtk)")
-
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 MR_SMALL = Path(get_testdata_file("MR_small.dcm"))
-NODE_AET, PACS_AET, MODEL_NAME = "CXR_AI", "ORTHANC", "resnet18 tiny test model"
 SECRETS = (SECRET_NAME, SECRET_ID, SECRET_INSTITUTION)
-WAIT = 180  # seconds: generous, the machine is shared; no test asserts a duration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Analyser:
-    """The node's analyse callback: today's Predictor; counts how often each SOP instance is analysed."""
-
-    def __init__(self, predictor) -> None:
-        self.predictor = predictor
-        self.count: Counter[str] = Counter()
-        self.syntax: dict[str, str] = {}  # the transfer syntax each instance arrived in
-        self.lock = threading.Lock()
-
-    def __call__(self, data: bytes) -> Analysis:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        prediction = self.predictor.predict(data)
-        with self.lock:
-            self.count[str(ds.SOPInstanceUID)] += 1
-            self.syntax[str(ds.SOPInstanceUID)] = ds.file_meta.TransferSyntaxUID
-        return Analysis(result_id=uuid.uuid4().hex[:12], in_scope=ds.get("Modality") in ("CR", "DX"),
-                        content=ReportContent.from_prediction(prediction, model_name=MODEL_NAME))
-
-
-def radiograph(path: Path, size: int = 64, study: str | None = None) -> pydicom.Dataset:
-    """A real NIH radiograph as a small uncompressed DX file with patient data filled in (new UIDs); written to path."""
-    pixels = np.asarray(Image.open(NIH_PNG).convert("L").resize((size, size), Image.Resampling.BILINEAR))
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.InstitutionName = SECRET_NAME, SECRET_ID, SECRET_INSTITUTION
-    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "19010203", "F", "20260101", "120000"
-    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "ACC1", "1", ""
-    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
-    ds.SeriesNumber, ds.InstanceNumber, ds.PatientOrientation = 1, 1, ["L", "F"]
-    ds.ImageType, ds.PresentationIntentType = ["ORIGINAL", "PRIMARY"], "FOR PRESENTATION"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return ds
-
-
-def storescu(port: int, *files: Path, aet: str = "XRAY_ROOM_1", propose: str = "-xy",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """dcmtk's storescu, as an X-ray machine would send; -xy proposes JPEG baseline (the compressed sample) too."""
-    return subprocess.run([STORESCU, propose, "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=WAIT)
-
-
-class Orthanc:
-    """Debian's Orthanc on loopback with a generated configuration; REST helpers for the checks."""
-
-    def __init__(self, folder: Path, node_port: int, dicom_port: int, extra: dict | None = None) -> None:
-        self.http_port, self.dicom_port = free_port(), dicom_port
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        config = {
-            "Name": "test-pacs", "DicomAet": PACS_AET, "DicomPort": dicom_port, "HttpPort": self.http_port,
-            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-            "DicomModalities": {"cxrai": [NODE_AET, "127.0.0.1", node_port]},
-            "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "StableAge": 1, "LogExportedResources": False,
-        } | (extra or {})
-        path = folder / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self.log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen([ORTHANC, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                self.get("/system")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start; see {folder / 'orthanc.log'}") from None
-                time.sleep(0.2)
-
-    def request(self, path: str, data: bytes | None = None, method: str | None = None) -> bytes:
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=WAIT) as response:
-            return response.read()
-
-    def get(self, path: str):
-        return json.loads(self.request(path))
-
-    def post(self, path: str, data: bytes | str):
-        return json.loads(self.request(path, data if isinstance(data, bytes) else data.encode(), "POST"))
-
-    def study_instances(self, study_uid: str) -> list[dict]:
-        """The instances Orthanc holds in the study with this Study Instance UID (empty when none)."""
-        found = [item for item in self.post("/tools/lookup", study_uid) if item["Type"] == "Study"]
-        if not found:
-            return []
-        return [self.get(f"/instances/{item['ID']}/simplified-tags") | {"ID": item["ID"]}
-                for item in self.get(f"/studies/{found[0]['ID']}/instances")]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -398,14 +283,27 @@ def test_a_failed_send_is_retried_in_the_background_and_then_succeeds(tiny_predi
     assert len(received) == 4 and first.StudyInstanceUID in {ds.StudyInstanceUID for ds in received}
 
 
-def test_a_send_that_keeps_failing_ends_as_failed_on_the_worklist(tiny_predictor, tmp_path):
-    with DicomNode(Analyser(tiny_predictor), port=0, send_to=Destination("NOBODY", "127.0.0.1", free_port()),
-                   retry_delays=(0.1, 0.1)) as node:
-        radiograph(tmp_path / "a.dcm")
-        assert storescu(node.port, tmp_path / "a.dcm").returncode == 0
-        assert node.wait_idle(WAIT)
-        status = node.worklist()[0].send_status
-    assert status.startswith("failed after 3 attempts") and "no association" in status
+def test_a_result_the_destination_keeps_refusing_ends_as_failed_on_the_worklist(tiny_predictor, tmp_path):
+    """The destination answers, but refuses the result (a failure status): retried on its schedule, then given up.
+
+    (A destination that cannot be reached is different: its results wait, see test_hostile_node.py.)"""
+    port = free_port()
+    scp = AE(ae_title="PICKY_PACS")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    scp.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA900)])
+    try:
+        with DicomNode(Analyser(tiny_predictor), port=0, send_to=Destination("PICKY_PACS", "127.0.0.1", port),
+                       retry_delays=(0.1, 0.1)) as node:
+            radiograph(tmp_path / "a.dcm")
+            assert storescu(node.port, tmp_path / "a.dcm").returncode == 0
+            assert node.wait_idle(WAIT)
+            status = node.worklist()[0].send_status
+            assert not list(node.spool.outbox.iterdir()), "a result given up is not kept"
+    finally:
+        server.shutdown()
+    assert status.startswith("failed after 3 attempts") and "store status 0xA900" in status
 
 
 def rss_bytes() -> int:
@@ -428,7 +326,7 @@ def test_four_machines_sending_25_images_each_at_once_lose_nothing(tiny_predicto
         folders.append(folder)
     sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for f in folders for p in f.iterdir()}
     assert len(sent) == 100
-    with DicomNode(analyser, port=0, queue_size=16) as node:
+    with DicomNode(analyser, port=0) as node:
         # Warm up (first-call allocations), then measure the growth over the 100 images.
         warm = tmp_path / "warm.dcm"
         radiograph(warm)
@@ -490,7 +388,7 @@ def test_a_bad_destination_says_the_expected_form(text):
         Destination.parse(text)
 
 
-def test_a_full_queue_answers_out_of_resources_so_the_sender_keeps_the_image(tiny_predictor, tmp_path):
+def test_a_full_spool_answers_out_of_resources_so_the_sender_keeps_the_image(tiny_predictor, tmp_path):
     gate = threading.Event()
     inner = Analyser(tiny_predictor)
 
@@ -499,13 +397,13 @@ def test_a_full_queue_answers_out_of_resources_so_the_sender_keeps_the_image(tin
         return inner(data)
 
     images = [radiograph(tmp_path / f"{i}.dcm") for i in range(3)]
-    with DicomNode(slow, port=0, queue_size=1, timeout=2.0) as node:
+    with DicomNode(slow, port=0, max_pending=2, timeout=2.0) as node:
         ae = AE(ae_title="XRAY_ROOM_3")
         ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
         assert assoc.is_established
         try:
-            # The worker takes the first, the queue holds the second, the third finds no room.
+            # The worker holds the first, the spool the second, the third finds no room.
             statuses = [assoc.send_c_store(ds).Status for ds in images]
         finally:
             assoc.release()
