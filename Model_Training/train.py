@@ -4,11 +4,13 @@
     torchrun --nproc_per_node N Model_Training/train.py --data-dir /path/to/nih      (several GPUs, DDP)
 
 --data-dir holds Data_Entry_2017_v2020.csv, Data_Entry_2017.csv or labels.csv, the images anywhere below it, and
-optionally the official train_val_list.txt / test_list.txt (validation is carved from train_val by patient; the
-test split is never used here). After every epoch the run folder (--run-dir) gets a resumable state (last.pth;
-continue with --resume), history.csv, training_curves.png; args.json, the run configuration (its one copy: the
-state and the checkpoint refer to it), at start. The epoch with the best validation mean AUROC is written to
---output with per-label thresholds chosen on the validation set and the split it used (meta.training["split"]).
+optionally the official train_val_list.txt / test_list.txt. The non-test patients are split three ways: train (fits
+the weights), validation (chooses the epoch) and calibration (calibration, thresholds, evidence and the in-scope
+limit, fitted after the last epoch on images that chose nothing else); the test split is never used here. After
+every epoch the run folder (--run-dir) gets a resumable state (last.pth; continue with --resume), history.csv,
+training_curves.png; args.json, the run configuration (its one copy: the state and the checkpoint refer to it), at
+start. The epoch with the best validation mean AUROC is written to --output with the split it used and which split
+served which role (meta.training["split"], its "roles").
 
 The loop reads top to bottom: prepare_run -> build_meta_and_model -> load_data -> build_optimisation -> restore ->
 for each epoch run_epoch, save_epoch (torchvision's references/classification layout).
@@ -44,13 +46,14 @@ from chestxray.data import (
     rebuild_splits,
     split_spec,
     targets,
+    with_roles,
 )
 from chestxray.device import DeviceUnavailable, resolve_device
 from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
 from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
-from chestxray.meta import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
+from chestxray.meta import DEFAULT_CALIBRATION_FRACTION, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
 from chestxray.scope import ScopeError
@@ -105,10 +108,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "split (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed for the validation split, sampling and initialisation "
         "(default: %(default)s)")
-    add("--val-fraction", type=float, default=0.1, help="fraction of train_val patients held out for validation "
-        "(default: %(default)s)")
+    add("--val-fraction", type=float, default=0.1, help="fraction of the non-test patients held out for validation: "
+        "epoch selection (default: %(default)s)")
+    add("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION, help="fraction of the non-test "
+        "patients held out for calibration, thresholds, evidence and the in-scope limit, never used to fit weights "
+        "or choose the epoch (default: %(default)s)")
     add("--threshold-rule", default="f1", choices=THRESHOLD_RULES, help="per-label threshold chosen on the "
-        "validation set: max F1 or Youden's J (default: %(default)s)")
+        "calibration split (the validation split until the trust fit): max F1 or Youden's J (default: %(default)s)")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per training "
         "process (default: %(default)s)")
     add("--cache-dir", default=None, help="resized-image cache folder (uint8 .npy per image and size), built "
@@ -162,6 +168,8 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}"),
         (args.clip_grad >= 0, f"--clip-grad must be non-negative (0 = off), got {args.clip_grad}"),
         (0 < args.val_fraction < 1, f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}"),
+        (0 < args.calibration_fraction < 1 - args.val_fraction, "--calibration-fraction must lie strictly between 0 "
+         f"and 1 - --val-fraction ({1 - args.val_fraction:g}), got {args.calibration_fraction}"),
         (args.workers >= 0, f"--workers must be non-negative, got {args.workers}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
     ]
@@ -414,8 +422,9 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
 
 
 def fit_trust_into(args: argparse.Namespace) -> None:
-    """Fit scope statistics, calibration, calibrated thresholds and evidence into the best checkpoint (one eval pass
-    over the training and validation splits, without augmentation), exactly as Model_Training/fit_trust.py does."""
+    """Fit scope statistics (training split), their limit, calibration, calibrated thresholds, evidence (calibration
+    split) and the orientation check into the best checkpoint, without augmentation, exactly as
+    Model_Training/fit_trust.py does."""
     fit_args = fit_trust.get_args_parser().parse_args(
         ["--checkpoint", str(args.output), "--data-dir", str(args.data_dir), "--threshold-rule", args.threshold_rule,
          "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device]
@@ -502,7 +511,7 @@ def load_data(run: Run, meta: Meta) -> Data:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = load_index(data_dir, allow_missing=args.allow_missing)
-        spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit)
+        spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit, args.calibration_fraction)
         splits = rebuild_splits(meta.replace(training={"split": spec.to_dict()}), index, data_dir)
     for w in caught:  # e.g. the bundled official metadata standing in for the data folder's own: say so on stderr
         ddp.log(f"warning: {w.message}", file=sys.stderr)
@@ -513,9 +522,12 @@ def load_data(run: Run, meta: Meta) -> Data:
         raise DataError(f"the training split is empty ({len(index)} images indexed under {data_dir})")
     if len(splits["val"]) == 0:
         raise DataError("the validation split is empty; use a larger --val-fraction or more images")
+    if len(splits["calibration"]) == 0:
+        raise DataError("the calibration split is empty; use a larger --calibration-fraction or more images")
     ddp.log(f"data: {len(index)} images of {index['patient'].nunique()} patients in {data_dir}; "
             f"{'official' if spec.official else 'seeded patient-wise'} split: {len(splits['train'])} train / "
-            f"{len(splits['val'])} val / {len(splits['test'])} test (patient-disjoint; test not used here)")
+            f"{len(splits['val'])} val / {len(splits['calibration'])} calibration / {len(splits['test'])} test "
+            "(patient-disjoint; test not used here)")
     if len(splits["test"]) == 0:
         ddp.log("notice: the test split is empty (every indexed image is in the train_val list); training "
                 "goes ahead, but evaluate the model on data that includes test_list.txt images")
@@ -534,14 +546,16 @@ def _datasets(run: Run, meta: Meta, splits: dict) -> tuple[XrayDataset, XrayData
 
 
 def _leave_out_unreadable(run: Run, meta: Meta, splits: dict, unreadable: dict[str, str]) -> dict:
-    """--check-data: read every train/val image once (sharded over the ranks) and drop the unreadable ones."""
+    """--check-data: read every train/val/calibration image once (sharded over the ranks); drop the unreadable ones."""
     args, ddp = run.args, run.ddp
     bad = []
-    for name, ds in zip(("train", "val"), _datasets(run, meta, splits), strict=True):
+    calibration = XrayDataset(splits["calibration"], run.labels, build_transform(meta, train=False), args.cache_dir,
+                              skip_unreadable=True)
+    for name, ds in zip(("train", "val", "calibration"), (*_datasets(run, meta, splits), calibration), strict=True):
         shard = range(ddp.rank, len(ds), ddp.world_size)
         found = find_unreadable(ds, shard, workers=args.workers, progress=ddp.main and not args.no_progress)
         bad += [(name, u) for part in ddp.gather(found) for u in part]
-    ddp.log(f"checked {sum(len(splits[k]) for k in ('train', 'val'))} images: {len(bad)} unreadable")
+    ddp.log(f"checked {sum(len(splits[k]) for k in ('train', 'val', 'calibration'))} images: {len(bad)} unreadable")
     for name, u in bad:
         ddp.log(f"  unreadable ({name}): {u.reason}")
         unreadable[u.name] = u.reason
@@ -549,8 +563,8 @@ def _leave_out_unreadable(run: Run, meta: Meta, splits: dict, unreadable: dict[s
         return splits
     splits = {k: df[~df["image"].isin(set(unreadable))].reset_index(drop=True) for k, df in splits.items()}
     ddp.log(f"left out {len(unreadable)} unreadable image(s); list in {run.dir / 'unreadable.txt'}")
-    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-        raise DataError("no readable training or validation images are left")
+    if any(len(splits[k]) == 0 for k in ("train", "val", "calibration")):
+        raise DataError("no readable training, validation or calibration images are left")
     return splits
 
 
@@ -697,11 +711,12 @@ def _training_summary(run: Run, data: Data, result, epoch: int) -> dict:
         "val_loss": _finite_or_none(result.loss),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "split": data.spec.to_dict(),
+        "split": with_roles(data.spec, data.splits),
         "loss": args.loss,
         "threshold_rule": args.threshold_rule,
         "n_train": len(data.train_ds),
         "n_val": int(len(result.indices)),
+        "n_calibration": len(data.splits["calibration"]),
         "world_size": run.ddp.world_size,
     }
 

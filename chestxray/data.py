@@ -24,13 +24,23 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from .fileio import atomic_write
 from .imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
 from .labels import LABELS, LabelError, parse_findings
-from .meta import DEFAULT_TEST_FRACTION, Meta, SplitSpec
+from .meta import DEFAULT_CALIBRATION_FRACTION, DEFAULT_TEST_FRACTION, SPLIT_ROLES_KEY, Meta, SplitSpec
 from .transforms import to_uint8_square
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "labels.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calibration", "test")
+# What each split is used for; recorded in the checkpoint (meta.training["split"]["roles"], split_roles) so that a
+# report can tell which images the model, its epoch and its trust statistics were chosen on.
+ROLES = {
+    "train": "fit weights",
+    "val": "epoch selection",
+    "calibration": "calibration, thresholds, evidence, scope limit",
+    "test": "evaluation only (Model_Training/test.py); never used in training",
+}
+# Checkpoints trained before the calibration split (SplitSpec.calibration_fraction 0): validation served both.
+LEGACY_VAL_ROLE = "epoch selection, calibration, thresholds, evidence, scope limit"
 # The official NIH metadata bundled with the repository, gzipped: used (with a warning) when a data folder lacks its
 # own Data_Entry CSV or split lists, so that the official split is reproducible from the repository alone.
 BUNDLED_METADATA = Path(__file__).resolve().parents[1] / "samples" / "nih-metadata"
@@ -295,16 +305,23 @@ def make_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
 ) -> dict[str, pd.DataFrame]:
-    """{'train', 'val', 'test'} DataFrames; deterministic given (index, data_dir, val_fraction, seed).
+    """{'train', 'val', 'calibration', 'test'} DataFrames, patient-disjoint; deterministic given the arguments.
 
     With official lists (official_lists: data_dir's, else the bundled ones for NIH images, with a warning),
-    test = test_list and val = a seeded `val_fraction` of train_val's patients. Without, a seeded patient-wise
-    split (val_fraction, test_fraction of patients) with a warning. Index rows in neither official list are dropped
-    with a warning. Raises DataError if a patient is in two splits.
+    test = test_list, and val and calibration are seeded `val_fraction` / `calibration_fraction` of train_val's
+    patients. Without, a seeded patient-wise split (test_fraction, val_fraction, calibration_fraction of patients)
+    with a warning. A patient's split depends only on its own draw, and val takes the lowest draws, so val is the same
+    whatever calibration_fraction is (0 gives an empty calibration split: the two-way split of older checkpoints).
+    Index rows in neither official list are dropped with a warning. Raises DataError if a patient is in two splits.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"the validation fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if not 0.0 <= calibration_fraction < 1.0 - val_fraction:
+        raise DataError(f"the calibration fraction must lie in [0, 1 - validation fraction {val_fraction}), got "
+                        f"{calibration_fraction}")
+    cuts = {"val": val_fraction, "calibration": calibration_fraction, "train": 1.0}
     data_dir = Path(data_dir)
     lists = official_lists(data_dir, index)
     if lists is not None:
@@ -325,50 +342,82 @@ def make_splits(
                 f"{_examples(neither)}",
                 stacklevel=2,
             )
-        parts = _assign_by_patient(index[in_train_val], {"val": val_fraction, "train": 1.0}, seed)
-        splits = {"train": parts["train"], "val": parts["val"], "test": index[in_test].reset_index(drop=True)}
+        parts = _assign_by_patient(index[in_train_val], cuts, seed)
+        splits = {**{name: parts[name] for name in ("train", "val", "calibration")},
+                  "test": index[in_test].reset_index(drop=True)}
     else:
-        if not 0.0 < test_fraction < 1.0 - val_fraction:
-            raise DataError(f"test fraction {test_fraction} and val fraction {val_fraction} leave no training data")
+        if not 0.0 < test_fraction < 1.0 - val_fraction - calibration_fraction:
+            raise DataError(f"test fraction {test_fraction}, val fraction {val_fraction} and calibration fraction "
+                            f"{calibration_fraction} leave no training data")
         warnings.warn(
             f"no {TRAIN_VAL_LIST} / {TEST_LIST} in {data_dir}: using a seeded patient-wise split "
-            f"({test_fraction:.0%} test, {val_fraction:.0%} val of patients, seed {seed}); its scores are not "
-            "comparable with the official split's",
+            f"({test_fraction:.0%} test, {val_fraction:.0%} val, {calibration_fraction:.0%} calibration of patients, "
+            f"seed {seed}); its scores are not comparable with the official split's",
             stacklevel=2,
         )
-        parts = _assign_by_patient(index, {"test": test_fraction, "val": val_fraction, "train": 1.0}, seed)
+        parts = _assign_by_patient(index, {"test": test_fraction, **cuts}, seed)
         splits = {name: parts[name] for name in SPLITS}
     check_patient_disjoint(splits)
     return splits
 
 
 def split_spec(index: pd.DataFrame, data_dir: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
-               limit: int | None = None) -> SplitSpec:
-    """The SplitSpec that make_splits(index, data_dir, val_fraction, seed) + a per-split `limit` follow."""
+               limit: int | None = None, calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION) -> SplitSpec:
+    """The SplitSpec that make_splits(index, data_dir, val_fraction, seed, calibration_fraction=...) + a per-split
+    `limit` follow."""
     entry = index.attrs.get("data_entry")
     digest = hashlib.sha256(Path(entry).read_bytes()).hexdigest() if entry else None
     return SplitSpec(official=has_official_lists(data_dir, index), val_fraction=float(val_fraction), seed=int(seed),
-                     limit=limit, data_entry_sha256=digest)
+                     limit=limit, data_entry_sha256=digest, calibration_fraction=float(calibration_fraction))
+
+
+def split_roles(splits: dict[str, pd.DataFrame], spec: SplitSpec) -> dict[str, dict]:
+    """{split: {"role", "images", "patients"}} for meta.training["split"]["roles"]: which split served which role.
+
+    For a checkpoint without a calibration split (spec.calibration_fraction 0) validation is listed with both roles
+    and calibration is absent.
+    """
+    legacy = spec.calibration_fraction == 0.0
+    roles = {}
+    for name in SPLITS:
+        if name not in splits or (legacy and name == "calibration"):
+            continue
+        df = splits[name]
+        roles[name] = {"role": LEGACY_VAL_ROLE if legacy and name == "val" else ROLES[name],
+                       "images": int(len(df)), "patients": int(df["patient"].nunique())}
+    return roles
+
+
+def with_roles(spec: SplitSpec, splits: dict[str, pd.DataFrame]) -> dict:
+    """spec.to_dict() plus its "roles" entry (split_roles): what meta.training["split"] records."""
+    return {**spec.to_dict(), SPLIT_ROLES_KEY: split_roles(splits, spec)}
 
 
 def rebuild_splits(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
-    """The checkpoint's {'train', 'val', 'test'} splits of `index`, rebuilt from the SplitSpec it recorded.
+    """The checkpoint's {'train', 'val', 'calibration', 'test'} splits of `index`, rebuilt from its SplitSpec.
 
-    train and val are limited as training limited them; test is whole. Warns (warnings.warn) when the checkpoint
-    records no split (defaults are used) or when data_dir's official lists differ from training's. Raises DataError
-    as make_splits does.
+    train, val and calibration are limited as training limited them; test is whole. A checkpoint trained before the
+    calibration split (calibration_fraction 0) fitted its trust statistics on validation: its "calibration" is that
+    same validation frame (attrs["same_as"] = "val"), so that no report treats it as independent of the epoch
+    choice. Warns (warnings.warn) when the checkpoint records no split (defaults are used) or when data_dir's
+    official lists differ from training's. Raises DataError as make_splits does.
     """
     spec = meta.split
     if spec is None:
         warnings.warn("the checkpoint does not record its split; the default validation fraction 0.1 and seed 0 "
-                      "are used, which may not be the split it was trained with", stacklevel=2)
+                      "are used (no calibration split), which may not be the split it was trained with",
+                      stacklevel=2)
         spec = SplitSpec(official=has_official_lists(data_dir, index))
     official = has_official_lists(data_dir, index)
     if spec.official != official:
         warnings.warn(f"the checkpoint was trained {'with' if spec.official else 'without'} the official split "
                       f"lists but {data_dir} has {'them' if official else 'none'}: the split differs", stacklevel=2)
-    splits = make_splits(index, data_dir, spec.val_fraction, spec.seed, spec.test_fraction)
-    return {name: subsample(df, spec.limit, spec.seed) if name != "test" else df for name, df in splits.items()}
+    splits = make_splits(index, data_dir, spec.val_fraction, spec.seed, spec.test_fraction, spec.calibration_fraction)
+    splits = {name: subsample(df, spec.limit, spec.seed) if name != "test" else df for name, df in splits.items()}
+    if spec.calibration_fraction == 0.0:
+        splits["calibration"] = splits["val"].copy()
+        splits["calibration"].attrs["same_as"] = "val"
+    return splits
 
 
 def trained_images(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike) -> set[str] | None:
@@ -389,8 +438,10 @@ def trained_images(meta: Meta, index: pd.DataFrame, data_dir: str | os.PathLike)
 
 
 def check_patient_disjoint(splits: dict[str, pd.DataFrame]) -> None:
-    """Raise DataError naming the patients (and splits) shared by any two splits; return None if disjoint."""
-    names = list(splits)
+    """Raise DataError naming the patients (and splits) shared by any two splits; return None if disjoint.
+
+    A frame marked attrs["same_as"] (a legacy checkpoint's calibration, which is its validation) is not compared."""
+    names = [name for name, df in splits.items() if not df.attrs.get("same_as")]
     problems = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:

@@ -19,10 +19,14 @@ ARCH_NAMES: tuple[str, ...] = ("densenet121", "efficientnet_b1", "resnet18", "re
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+SPLIT_ROLES_KEY = "roles"  # meta.training["split"]["roles"]: which split served which role (data.split_roles)
 DEFAULT_TEST_FRACTION = 0.2  # seeded patient-wise split when the official lists are absent (official: ~23%)
+# Fraction of the non-test patients held out for calibration, thresholds, evidence and the scope limit (training's
+# default; SplitSpec's own default 0 describes checkpoints that predate the calibration split).
+DEFAULT_CALIBRATION_FRACTION = 0.15
 # Summary fields that must be numbers (or None) when present: the web app formats them as numbers.
-NUMERIC_TRAINING_FIELDS = ("val_mean_auroc", "val_loss", "epochs", "epochs_planned", "n_train", "n_val", "lr",
-                           "image_size", "batch_size", "world_size")
+NUMERIC_TRAINING_FIELDS = ("val_mean_auroc", "val_loss", "epochs", "epochs_planned", "n_train", "n_val",
+                           "n_calibration", "lr", "image_size", "batch_size", "world_size")
 
 
 class CheckpointError(ValueError):
@@ -96,10 +100,13 @@ def _check_training(training: Any) -> dict:
 class SplitSpec:
     """How training split its data folder by patient; stored as plain data in meta.training["split"].
 
-    official: the folder had train_val_list.txt / test_list.txt (test = test_list, val carved from train_val);
-    otherwise a seeded patient-wise split of test_fraction / val_fraction of patients. limit: at most that many
-    images per split, a seeded sample (smoke runs). data_entry_sha256: the label file's SHA-256, which tells whether
-    an evaluated folder is the very data the model was trained on.
+    official: the folder had train_val_list.txt / test_list.txt (test = test_list, val and calibration carved from
+    train_val by patient); otherwise a seeded patient-wise split of test_fraction / val_fraction /
+    calibration_fraction of patients. calibration_fraction 0 marks a checkpoint trained before the calibration split
+    existed: its validation split served both epoch selection and calibration. limit: at most that many images per
+    split, a seeded sample (smoke runs). data_entry_sha256: the label file's SHA-256, which tells whether an
+    evaluated folder is the very data the model was trained on. The recorded dict may also hold "roles" (which split
+    served which role, with image and patient counts), a description that from_dict does not need.
     """
 
     official: bool
@@ -108,6 +115,7 @@ class SplitSpec:
     limit: int | None = None
     test_fraction: float = DEFAULT_TEST_FRACTION
     data_entry_sha256: str | None = None
+    calibration_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         name = "training.split"
@@ -118,6 +126,10 @@ class SplitSpec:
             if not 0.0 < value < 1.0:
                 raise _fail(f"{name}.{key}", f"must lie strictly between 0 and 1, got {value}")
             object.__setattr__(self, key, value)
+        calibration = _finite(self.calibration_fraction, f"{name}.calibration_fraction")
+        if not 0.0 <= calibration < 1.0 - self.val_fraction:
+            raise _fail(f"{name}.calibration_fraction", f"must lie in [0, 1 - val_fraction), got {calibration}")
+        object.__setattr__(self, "calibration_fraction", calibration)
         _integer(self.seed, f"{name}.seed", -(2**63))
         if self.limit is not None:
             _integer(self.limit, f"{name}.limit", 1)
@@ -130,6 +142,7 @@ class SplitSpec:
         if not isinstance(d, dict):
             raise _fail("training.split", f"must be a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != SPLIT_ROLES_KEY}  # descriptive only: nothing to rebuild from it
         unknown = sorted(set(d) - names)
         if unknown or "official" not in d:
             raise _fail("training.split", f"unknown key(s) {unknown}" if unknown else "lacks 'official'")

@@ -19,6 +19,11 @@ from .fileio import to_json_data
 
 THRESHOLD_RULES = ("f1", "youden")
 CI_LEVEL = 0.95
+# A bootstrap interval needs the AUROC to exist (both classes drawn) in at least this fraction of the replicates:
+# 1 - (1 - CI_LEVEL) / 2. A replicate without both classes is counted as the worst case on either side, so with more
+# than 2.5 % of them undefined a tail of the interval lies wholly in replicates where there is no AUROC; the interval
+# is then reported as not estimable (None, with the count), never computed from the lucky replicates alone.
+MIN_DEFINED_FRACTION = 0.975
 
 
 def has_both_classes(y_true: np.ndarray) -> bool:
@@ -212,6 +217,24 @@ def percentile_interval(values: np.ndarray, level: float = CI_LEVEL) -> tuple[fl
     return (float(low), float(high))
 
 
+def bootstrap_interval(values: np.ndarray, level: float = CI_LEVEL, floor: float = 0.0, ceiling: float = 1.0,
+                       min_defined: float = MIN_DEFINED_FRACTION) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates where NaN marks a replicate in which the statistic was undefined.
+
+    Undefined replicates are not dropped: each enters the lower percentile at `floor` and the upper at `ceiling`
+    (the statistic's range), so the interval is never narrower than the defined replicates alone allow. When fewer than
+    `min_defined` of the replicates are defined -> (NaN, NaN): not estimable.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    defined = np.isfinite(v)
+    if not v.size or defined.mean() < min_defined:
+        return (math.nan, math.nan)
+    tail = (1.0 - level) / 2 * 100
+    low = float(np.percentile(np.where(defined, v, floor), tail))
+    high = float(np.percentile(np.where(defined, v, ceiling), 100 - tail))
+    return (low, high)
+
+
 def bootstrap_auroc(
     y_true: np.ndarray,
     y_prob: np.ndarray,
@@ -224,8 +247,10 @@ def bootstrap_auroc(
     """Patient-level bootstrap of each label's AUROC and of the mean AUROC (seeded, percentile intervals).
 
     The mean in a replicate is over the labels defined in the full data that stay defined in that replicate.
+    Intervals come from bootstrap_interval: a replicate without both classes counts as the worst case, and a label
+    whose AUROC is defined in fewer than MIN_DEFINED_FRACTION of the replicates gets (NaN, NaN), not estimable.
     Returns {"per_label": (L, 2) array of (low, high), "mean": (low, high), "n_boot", "level", "seed",
-    "valid": (L,) number of replicates in which each label's AUROC was defined}; NaN where never defined.
+    "valid": (L,) number of replicates in which each label's AUROC was defined, "estimable": (L,) bool}.
     """
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
     n, n_labels = y_true.shape
@@ -243,14 +268,15 @@ def bootstrap_auroc(
             sub = replicates[:, defined]
             ok = np.isfinite(sub).any(axis=1)
             means[ok] = np.nanmean(sub[ok], axis=1)
-    per_label = np.array([percentile_interval(replicates[:, j], level) for j in range(n_labels)]).reshape(-1, 2)
+    per_label = np.array([bootstrap_interval(replicates[:, j], level) for j in range(n_labels)]).reshape(-1, 2)
     return {
         "per_label": per_label,
-        "mean": percentile_interval(means, level),
+        "mean": bootstrap_interval(means, level),
         "n_boot": int(n_boot),
         "level": float(level),
         "seed": int(seed),
         "valid": np.isfinite(replicates).sum(axis=0),
+        "estimable": np.isfinite(per_label).all(axis=1),
     }
 
 
@@ -277,7 +303,8 @@ def auroc_summary(
     """AUROC per label and mean with patient-bootstrap CIs, as plain data (None where undefined).
 
     Returns {"n_images", "n_patients", "mean_auroc", "mean_auroc_ci", "per_label": {label: {"auroc", "auroc_ci",
-    "positives"}}}; CIs are None when n_boot is 0.
+    "auroc_ci_replicates", "auroc_ci_note", "positives"}}}; CIs are None when n_boot is 0, and when not estimable
+    (bootstrap_auroc), with a note giving the count of replicates in which the AUROC was defined.
     """
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
     aurocs = per_label_auroc(y_true, y_prob) if len(y_true) else np.full(len(labels), np.nan)
@@ -287,8 +314,9 @@ def auroc_summary(
         per_label[name] = {
             "auroc": _nan_to_none(aurocs[j]),
             "auroc_ci": _interval(boot["per_label"][j]) if boot else None,
-            # Replicates in which the label had both classes: the interval is computed from these only.
+            # Replicates in which the label had both classes; the others count as the worst case (bootstrap_interval).
             "auroc_ci_replicates": int(boot["valid"][j]) if boot else 0,
+            "auroc_ci_note": _ci_note(boot, j, aurocs[j]),
             "positives": int(y_true[:, j].sum()) if len(y_true) else 0,
         }
     finite = np.isfinite(aurocs)
@@ -300,6 +328,14 @@ def auroc_summary(
         "mean_auroc_ci": _interval(boot["mean"]) if boot else None,
         "per_label": per_label,
     }
+
+
+def _ci_note(boot: dict | None, j: int, auroc: float) -> str | None:
+    """Why a label's AUROC interval is missing (None when it is there, or when the AUROC itself is undefined)."""
+    if boot is None or bool(boot["estimable"][j]) or not math.isfinite(auroc):
+        return None
+    return (f"not estimable: the AUROC is defined in {int(boot['valid'][j])} of {boot['n_boot']} bootstrap replicates, "
+            f"fewer than {MIN_DEFINED_FRACTION:.1%}")
 
 
 def evaluate_predictions(
@@ -340,6 +376,7 @@ def evaluate_predictions(
             "auroc": summary["per_label"][name]["auroc"],
             "auroc_ci": summary["per_label"][name]["auroc_ci"],
             "auroc_ci_replicates": summary["per_label"][name]["auroc_ci_replicates"],
+            "auroc_ci_note": summary["per_label"][name]["auroc_ci_note"],
             "average_precision": _nan_to_none(ap[j]),
             **{k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in at_threshold.items()},
             "positives": positives,

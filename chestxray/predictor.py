@@ -25,6 +25,7 @@ from .meta import CheckpointError, Meta
 from .metrics import binarize
 from .model import ChestXrayNet
 from .onnx_backend import OnnxModel
+from .orientation import orientation_features
 from .scope import image_statistics, pooled_features
 from .transforms import build_normalize, build_transform, preprocess
 from .trust import Trust, TrustError
@@ -64,7 +65,8 @@ class Prediction:
     validation evidence, and for every label when the checkpoint has no scope statistics; otherwise "positive" when
     the probability reaches the threshold, else "negative". `untrusted` is True when the operator allowed calls
     without that evidence (the answer then carries UNTRUSTED_WARNING). in_scope is None when the checkpoint has no
-    scope statistics.
+    scope statistics. orientation is "upright", "appears mirrored" or "appears rotated" (chestxray.orientation: a
+    remark, never a refusal), None when the checkpoint has no orientation check.
     """
 
     labels: tuple[str, ...]
@@ -84,6 +86,7 @@ class Prediction:
     scope_limit: float | None = None
     support: dict[str, bool] = field(default_factory=dict)  # some positive value in the label's map
     untrusted: bool = False
+    orientation: str | None = None
 
     @property
     def positive(self) -> list[str]:
@@ -118,7 +121,8 @@ class Prediction:
         {"labels": [{"label", "probability", "logit", "threshold", "positive", "call", "validated", "auroc",
          "auroc_ci", "has_support"}, ...], "positive": [label, ...], "in_scope": bool|None, "scope_score",
          "scope_limit", "scope": sentence, "warning": sentence|None, "calibrated": bool,
-         "format": "PNG"|"JPEG"|"DICOM"|None, "original_size": [width, height], "model": {model card}}
+         "format": "PNG"|"JPEG"|"DICOM"|None, "original_size": [width, height], "orientation": str|None,
+         "model": {model card}}
         """
         positive = set(self.positive)
         rows = []
@@ -141,6 +145,7 @@ class Prediction:
             "calibrated": self.calibrated,
             "format": self.format,
             "original_size": [int(self.image.shape[1]), int(self.image.shape[0])],
+            "orientation": self.orientation,
             "model": self.model,
         })
 
@@ -265,6 +270,9 @@ class Predictor:
         if scope is not None:  # the in-scope check scores the whole batch at once
             stats = image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu() if scope.needs_images else None
             scores = scope.score(pooled, stats)
+        # The orientation check reads the same pooled features and the input's thumbnail: no second pass.
+        orientation = self.trust.orientation
+        judged = orientation.judge(orientation_features(pooled, x)) if orientation is not None else None
         card = self.model_card()  # the same for every image: built once per batch
         predictions = []
         for i, image in enumerate(images):
@@ -272,6 +280,7 @@ class Predictor:
                                           float(scores[i]) if scores is not None else None, formats[i], card)
             if not heatmaps:
                 prediction.heatmaps = None
+            prediction.orientation = judged[i] if judged is not None else None
             predictions.append(prediction)
         return predictions
 
@@ -343,6 +352,7 @@ class Predictor:
             "untrusted": self.untrusted,
             "warning": UNTRUSTED_WARNING if self.untrusted else None,
             "calibration_report": self.trust.report or None,
+            "orientation": self.trust.orientation.summary() if self.trust.orientation is not None else None,
         }
 
 

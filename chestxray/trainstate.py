@@ -25,7 +25,7 @@ PREVIOUS_STATE_FILE = "last.prev.pth"  # the state before last.pth: a resume fal
 STATE_FORMAT = 1
 # Settings that define the run: a resume takes them from the saved configuration; another value is an error.
 LOCKED = ("arch", "labels", "image_size", "batch_size", "lr", "weight_decay", "scheduler", "loss", "seed",
-          "val_fraction", "limit", "hflip", "no_pretrained", "clip_grad")
+          "val_fraction", "calibration_fraction", "limit", "hflip", "no_pretrained", "clip_grad")
 
 
 class NoTrainingState(CheckpointError):

@@ -51,7 +51,8 @@ def test_nih_images_without_lists_get_the_official_split_from_the_bundle(tmp_pat
         reference = make_splits(load_index(own), own, val_fraction=0.1, seed=0)
     for name in data.SPLITS:
         assert list(bundled[name]["image"]) == list(reference[name]["image"])
-    assert len(bundled["test"]) == 0 and len(bundled["train"]) + len(bundled["val"]) == len(index)
+    assert len(bundled["test"]) == 0
+    assert len(bundled["train"]) + len(bundled["val"]) + len(bundled["calibration"]) == len(index)
 
 
 def test_other_images_keep_the_seeded_patient_wise_split(tmp_path):

@@ -200,15 +200,14 @@ def full_index() -> pd.DataFrame:
 
 
 def test_official_split_of_the_full_metadata(full_index, official_lists_dir):
-    splits = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=0)
-    assert len(splits["train"]) + len(splits["val"]) == 86_524
+    splits = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=0, calibration_fraction=0.15)
+    assert len(splits["train"]) + len(splits["val"]) + len(splits["calibration"]) == 86_524
     assert len(splits["test"]) == 25_596
+    check_patient_disjoint(splits)
     patients = {name: set(df["patient"]) for name, df in splits.items()}
-    assert not patients["train"] & patients["val"]
-    assert not patients["train"] & patients["test"]
-    assert not patients["val"] & patients["test"]
-    n_patients = len(patients["train"] | patients["val"])
+    n_patients = len(patients["train"] | patients["val"] | patients["calibration"])
     assert abs(len(patients["val"]) / n_patients - 0.1) < 0.01
+    assert abs(len(patients["calibration"]) / n_patients - 0.15) < 0.01
     # deterministic given (index, data_dir, val_fraction, seed); another seed gives another validation set
     again = make_splits(full_index, official_lists_dir, val_fraction=0.1, seed=0)
     assert again["val"]["image"].tolist() == splits["val"]["image"].tolist()
@@ -231,6 +230,7 @@ def test_patient_wise_split_without_lists_warns(full_index, tmp_path, monkeypatc
     n_patients = full_index["patient"].nunique()
     assert abs(splits["test"]["patient"].nunique() / n_patients - 0.2) < 0.01
     assert abs(splits["val"]["patient"].nunique() / n_patients - 0.1) < 0.01
+    assert abs(splits["calibration"]["patient"].nunique() / n_patients - 0.15) < 0.01
     check_patient_disjoint(splits)
 
 
@@ -271,7 +271,7 @@ def test_sample_split_has_empty_test(nih_dir):
     with pytest.warns(UserWarning, match="official NIH split lists bundled in"):  # samples/nih has no lists
         splits = make_splits(index, nih_dir)
     assert len(splits["test"]) == 0
-    assert len(splits["train"]) + len(splits["val"]) == 283
+    assert len(splits["train"]) + len(splits["val"]) + len(splits["calibration"]) == 283
 
 
 def test_subsample_is_seeded_and_bounded(nih_dir):

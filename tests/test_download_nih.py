@@ -172,7 +172,7 @@ def test_download_resumes_refuses_a_cut_archive_and_finishes_on_rerun(archives, 
     assert len(index) == 283 and index["path"].notna().all()
     assert has_official_lists(out)
     splits = make_splits(index, out)
-    assert len(splits["train"]) + len(splits["val"]) == 283 and len(splits["test"]) == 0
+    assert sum(len(splits[k]) for k in ("train", "val", "calibration")) == 283 and len(splits["test"]) == 0
     assert data_find_unreadable(XrayDataset(index, LABELS, lambda x: x)) == []
     args = train.get_args_parser().parse_args([
         "--data-dir", str(out), "--check-data", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",

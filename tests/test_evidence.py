@@ -1,13 +1,23 @@
-"""Validation evidence: the call rule, agreement with sklearn / metrics' bootstrap, display that never contradicts."""
+"""Evidence on the calibration split: the call rule (positive patients, AUROC CI, Wilson bounds at the threshold),
+agreement with sklearn, the patient bootstrap and a closed-form Wilson interval; display that never contradicts."""
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chestxray.evidence import MIN_VAL_POSITIVES, format_call, is_validated, label_evidence
+from chestxray.evidence import (
+    MIN_POSITIVE_PATIENTS,
+    MIN_SENSITIVITY_LOW,
+    MIN_SPECIFICITY_LOW,
+    RULE,
+    format_call,
+    is_validated,
+    label_evidence,
+)
 from chestxray.metrics import bootstrap_auroc
 
 
@@ -18,19 +28,62 @@ def _label(n_pos: int, n_neg: int, separation: float, seed: int = 0):
     return y, p
 
 
-def test_rule_needs_enough_positives_and_a_ci_above_chance():
-    cases = {"enough, separated": _label(30, 200, 0.6), "too few, perfect": _label(MIN_VAL_POSITIVES - 1, 221, 2.0),
-             "below chance": _label(30, 200, -0.6), "chance": _label(30, 200, 0.0, seed=4)}
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval in closed form (Wilson 1927), independent of scipy."""
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_rule_needs_enough_positive_patients_a_ci_above_chance_and_an_informative_threshold():
+    cases = {"enough, separated": _label(30, 200, 0.6), "too few, perfect": _label(MIN_POSITIVE_PATIENTS - 1, 221, 2.0),
+             "below chance": _label(30, 200, -0.6), "chance": _label(30, 200, 0.0, seed=4),
+             "separated, calls everyone": _label(30, 200, 0.6)}
     y = np.stack([c[0] for c in cases.values()], 1)
     p = np.stack([c[1] for c in cases.values()], 1)
     patients = np.arange(len(y))
-    ev = label_evidence(y, p, list(cases), patients, [0.5] * 4, "f1", n_boot=300)
-    assert [ev[k]["validated"] for k in cases] == [True, False, False, False]
-    assert [is_validated(ev[k]) for k in cases] == [True, False, False, False]
-    assert "fewer than 10" in ev["too few, perfect"]["reason"]
-    assert ev["too few, perfect"]["positives"] == MIN_VAL_POSITIVES - 1
+    ev = label_evidence(y, p, list(cases), patients, [0.5, 0.5, 0.5, 0.5, 0.0], "f1", n_boot=300)
+    assert [ev[k]["validated"] for k in cases] == [True, False, False, False, False]
+    assert [is_validated(ev[k]) for k in cases] == [True, False, False, False, False]
+    assert f"fewer than {MIN_POSITIVE_PATIENTS}" in ev["too few, perfect"]["reason"]
+    assert ev["too few, perfect"]["positive_patients"] == MIN_POSITIVE_PATIENTS - 1
     assert ev["enough, separated"]["negatives"] == 200 and ev["too few, perfect"]["negatives"] == 221
-    assert ev["enough, separated"]["threshold_rule"] == "f1"
+    assert ev["enough, separated"]["threshold_rule"] == "f1" and ev["enough, separated"]["split"] == "calibration"
+    # Threshold 0 calls every image positive: the AUROC is as good as the first label's, the operating point is not.
+    everyone = ev["separated, calls everyone"]
+    assert everyone["auroc_ci"][0] > 0.5 and everyone["specificity"] == 0.0
+    assert "specificity" in everyone["reason"] and str(MIN_SPECIFICITY_LOW) in everyone["reason"]
+    assert ev["enough, separated"]["reason"] == RULE
+
+
+def test_positives_are_counted_in_patients_not_images():
+    # 40 positive images, but from 4 patients (10 images each): too few patients, however many images.
+    y, p = _label(40, 200, 0.8, seed=2)
+    patients = np.r_[np.repeat(np.arange(4), 10), np.arange(100, 300)]
+    ev = label_evidence(y[:, None], p[:, None], ["Effusion"], patients, [0.5], "f1", n_boot=200)["Effusion"]
+    assert ev["positives"] == 40 and ev["positive_patients"] == 4 and ev["negative_patients"] == 200
+    assert not ev["validated"] and "4 positive patient(s)" in ev["reason"]
+    # The same images, one patient each: validated.
+    one_each = label_evidence(y[:, None], p[:, None], ["Effusion"], np.arange(240), [0.5], "f1", n_boot=200)
+    assert one_each["Effusion"]["positive_patients"] == 40 and one_each["Effusion"]["validated"]
+
+
+def test_sensitivity_and_specificity_carry_wilson_intervals_over_patients():
+    y, p = _label(30, 200, 0.6, seed=3)
+    threshold = 0.55
+    ev = label_evidence(y[:, None], p[:, None], ["Effusion"], np.arange(230), [threshold], "f1", n_boot=100)
+    ev = ev["Effusion"]
+    tp = int(((p >= threshold) & (y == 1)).sum())
+    tn = int(((p < threshold) & (y == 0)).sum())
+    assert ev["sensitivity"] == pytest.approx(tp / 30) and ev["specificity"] == pytest.approx(tn / 200)
+    assert ev["sensitivity_ci"] == pytest.approx(_wilson(tp, 30), abs=1e-9)
+    assert ev["specificity_ci"] == pytest.approx(_wilson(tn, 200), abs=1e-9)
+    # Two images per patient: the same proportions, but the interval's sample size is the number of patients.
+    doubled = label_evidence(np.r_[y, y][:, None], np.r_[p, p][:, None], ["Effusion"],
+                             np.r_[np.arange(230), np.arange(230)], [threshold], "f1", n_boot=0)["Effusion"]
+    assert doubled["sensitivity"] == pytest.approx(ev["sensitivity"])
+    assert doubled["sensitivity_ci"] == pytest.approx(_wilson(tp, 30), abs=1e-9)
 
 
 def test_auroc_and_ci_agree_with_sklearn_and_the_patient_bootstrap():
@@ -42,12 +95,24 @@ def test_auroc_and_ci_agree_with_sklearn_and_the_patient_bootstrap():
     assert ev["Effusion"]["auroc_ci"] == pytest.approx(list(ci))
 
 
-def test_is_validated_recomputes_instead_of_trusting_the_flag():
-    assert not is_validated({"positives": 3, "auroc_ci": [0.9, 1.0], "validated": True})
-    assert not is_validated({"positives": 50, "auroc_ci": [0.45, 0.7], "validated": True})
-    assert not is_validated({"positives": 50, "auroc_ci": None})
-    assert not is_validated(None)
-    assert is_validated({"positives": 10, "auroc_ci": [0.51, 0.8]})
+GOOD = {"positive_patients": MIN_POSITIVE_PATIENTS, "auroc_ci": [0.51, 0.8],
+        "sensitivity": 0.6, "sensitivity_ci": [MIN_SENSITIVITY_LOW + 0.01, 0.8],
+        "specificity": 0.9, "specificity_ci": [MIN_SPECIFICITY_LOW + 0.01, 0.95]}
+
+
+@pytest.mark.parametrize("change", [
+    {"positive_patients": MIN_POSITIVE_PATIENTS - 1}, {"auroc_ci": [0.5, 0.9]}, {"auroc_ci": None},
+    {"sensitivity_ci": [MIN_SENSITIVITY_LOW, 0.9]}, {"specificity_ci": [MIN_SPECIFICITY_LOW, 0.9]},
+    {"specificity_ci": None}, {"positive_patients": None},
+])
+def test_is_validated_recomputes_instead_of_trusting_the_flag(change):
+    assert is_validated(GOOD)
+    assert not is_validated({**GOOD, **change, "validated": True})
+
+
+def test_evidence_of_the_older_image_count_rule_is_not_validated():
+    assert not is_validated({"positives": 50, "auroc_ci": [0.7, 0.9], "validated": True})
+    assert not is_validated(None) and not is_validated({})
 
 
 def _percent(text: str) -> float:

@@ -236,3 +236,40 @@ def test_thresholds_unchanged_contract():
     assert metrics.choose_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5
     with pytest.raises(ValueError, match="unknown threshold rule"):
         metrics.choose_threshold(y[:, 0], p[:, 0], rule="max")
+
+
+def _two_positives():
+    """2 positive images (two patients) among 58 negatives, one image per patient; the positives score high."""
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(2), np.zeros(58)]
+    p = np.r_[0.9, 0.55, rng.uniform(0.0, 0.8, 58)]
+    return y[:, None], p[:, None], np.arange(60)
+
+
+def test_bootstrap_with_two_positives_is_not_estimable_with_its_count():
+    y, p, patients = _two_positives()
+    boot = metrics.bootstrap_auroc(y, p, patients, n_boot=500, seed=0)
+    # With 2 positive patients of 60, about (58/60)^60 = 13 % of the replicates draw no positive: the AUROC exists
+    # in fewer than 97.5 % of them, so no interval is given (the defined replicates alone would look narrow).
+    defined = int(boot["valid"][0])
+    assert 0.80 * 500 < defined < metrics.MIN_DEFINED_FRACTION * 500
+    assert np.isnan(boot["per_label"][0]).all() and not boot["estimable"][0]
+    summary = metrics.auroc_summary(y, p, ["Hernia"], patients, n_boot=500, seed=0)["per_label"]["Hernia"]
+    assert summary["auroc"] == pytest.approx(roc_auc_score(y[:, 0], p[:, 0]))  # the point AUROC is sklearn's
+    assert summary["auroc_ci"] is None and summary["auroc_ci_replicates"] == defined
+    assert f"defined in {defined} of 500" in summary["auroc_ci_note"]
+
+
+def test_undefined_replicates_widen_the_interval_instead_of_being_dropped():
+    # 1.5 % undefined: estimable, and both bounds are at least as wide as the defined replicates' own interval
+    # (an undefined replicate counts at the floor for the low bound and at the ceiling for the high one).
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.6, 0.9, 1000)
+    values[:15] = np.nan
+    low, high = metrics.bootstrap_interval(values)
+    dropped = metrics.percentile_interval(values)
+    assert low < dropped[0] and high > dropped[1]
+    assert low == pytest.approx(np.percentile(np.where(np.isnan(values), 0.0, values), 2.5))
+    values[:30] = np.nan  # 3 % undefined: more than the 2.5 % tail, not estimable
+    assert all(math.isnan(b) for b in metrics.bootstrap_interval(values))
+    assert metrics.bootstrap_interval(np.full(10, 0.7)) == (0.7, 0.7)

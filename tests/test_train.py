@@ -37,10 +37,10 @@ TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commi
                  "threshold_rule", "n_train", "n_val"}
 
 
-def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None):
-    """Re-create the checkpoint's validation set from its metadata alone and predict it in one process."""
+def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None, split: str = "val"):
+    """Re-create one of the checkpoint's splits (validation by default) from its metadata alone and predict it."""
     model, meta, _ = load_checkpoint(checkpoint)
-    val = rebuild_splits(meta, load_index(data_dir), data_dir)["val"]
+    val = rebuild_splits(meta, load_index(data_dir), data_dir)[split]
     dataset = XrayDataset(val, meta.labels, build_transform(meta), cache_dir=cache_dir)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate_batch)
     probs, y, indices = predict_probabilities(model, loader, torch.device("cpu"), build_normalize(meta),
@@ -62,7 +62,8 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     assert trained_run["rc"] == 0, trained_run["err"]
     out, run = trained_run["out"], trained_run["run"]
     assert "notice: the test split is empty" in out
-    assert "official split: 48 train / 21 val / 0 test" in out  # the bundled lists: samples/nih has none
+    # the bundled lists (samples/nih has none); the 41 calibration images are 37 patients that train and val lack
+    assert "official split: 48 train / 21 val / 41 calibration / 0 test" in out
     assert "using the official NIH split lists bundled in" in trained_run["err"]
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
@@ -79,15 +80,21 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
     state = torch.load(run / "last.pth", weights_only=True)
     assert state["epoch"] == 2 and state["config"] == "args.json" and "args" not in state
     assert {"model", "optimizer", "scaler", "rng", "best_score", "best_epoch"} <= set(state)
-    # every train and validation image decoded and resized once into the cache
-    assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 48 + 21
+    # every train, validation and calibration image decoded and resized once into the cache
+    assert len(list((trained_run["cache"] / "64px").glob("*.npy"))) == 48 + 21 + 41
 
     model, meta, train_info = load_checkpoint(trained_run["best"])
     assert (meta.arch, meta.image_size, meta.labels) == ("resnet18", 64, LABELS)
     assert TRAINING_KEYS <= set(meta.training)
     assert train_info["run_config"] == str(run / "args.json") and "args" not in train_info
     digest = hashlib.sha256((nih_dir / "labels.csv").read_bytes()).hexdigest()
-    assert meta.split == SplitSpec(official=True, val_fraction=0.1, seed=0, limit=48, data_entry_sha256=digest)
+    assert meta.split == SplitSpec(official=True, val_fraction=0.1, seed=0, limit=48, data_entry_sha256=digest,
+                                   calibration_fraction=0.15)
+    roles = meta.training["split"]["roles"]
+    assert {k: (v["role"], v["images"]) for k, v in roles.items() if k != "test"} == {
+        "train": ("fit weights", 48), "val": ("epoch selection", 21),
+        "calibration": ("calibration, thresholds, evidence, scope limit", 41)}
+    assert roles["calibration"]["patients"] == 37 and roles["val"]["patients"] == 21
     assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 21, "wbce")
     assert meta.training["epochs"] == state["best_epoch"]
     assert meta.training["data_dir"] == "nih"
@@ -100,9 +107,14 @@ def test_checkpoint_metrics_and_thresholds_reproduce_from_its_metadata(trained_r
     meta, probs, y = validation_predictions(nih_dir, trained_run["best"], trained_run["cache"])
     assert len(probs) == meta.training["n_val"]
     assert_auroc_matches(meta, probs, y, abs_tol=1e-9)
-    # Training ends by fitting the trust entry: thresholds are chosen on the calibrated scale.
+    # Training ends by fitting the trust entry on the calibration split (not the validation split that chose the
+    # epoch): thresholds are chosen there, on the calibrated scale.
     trust = Trust.from_checkpoint(torch.load(trained_run["best"], weights_only=True), meta.labels)
     assert trust.scope is not None and trust.calibration is not None and set(trust.evidence) == set(LABELS)
+    assert trust.report["split"] == "calibration" and trust.report["n_images"] == 41
+    assert all(ev["split"] == "calibration" for ev in trust.evidence.values())
+    assert trust.orientation is not None and trust.orientation.n_fit == 48
+    _, probs, y = validation_predictions(nih_dir, trained_run["best"], trained_run["cache"], "calibration")
     p64 = probs.astype(np.float64)
     calibrated = trust.calibration.apply(np.log(p64 / (1 - p64)))
     np.testing.assert_allclose(meta.thresholds, choose_thresholds(y, calibrated, "f1"), atol=1e-5)
@@ -306,6 +318,7 @@ def test_parser_flags_have_help_and_defaults():
     args = parser.parse_args([])
     assert (args.arch, args.image_size, args.batch_size, args.lr, args.loss, args.val_fraction, args.output) == (
         "resnet50", 512, 16, 1e-4, "wbce", 0.1, "chestxray_model_resnet50.pth")
+    assert args.calibration_fraction == 0.15
     assert pd.isna(args.limit) and args.threshold_rule == "f1" and not args.hflip
 
 

@@ -8,7 +8,7 @@ import torch
 from chestxray.calibration import fit_calibration
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch, load_index
-from chestxray.evidence import MIN_VAL_POSITIVES
+from chestxray.evidence import MIN_POSITIVE_PATIENTS
 from chestxray.scope import collect_outputs, fit_scope
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust
@@ -36,8 +36,11 @@ def make_trusted_checkpoint(path: Path, tiny_checkpoint: Path, nih_dir: Path) ->
     scope = scope.with_limit(scope.score(pooled[80:], thumbs[80:]), 100.0)
     evidence = {name: {"positives": 3, "negatives": 37, "auroc": 0.4, "auroc_ci": [0.2, 0.6], "threshold": 0.0,
                        "threshold_rule": "f1", "validated": False} for name in meta.labels}
-    evidence[VALIDATED] = {"positives": MIN_VAL_POSITIVES + 20, "negatives": 90, "auroc": 0.8,
-                           "auroc_ci": [0.7, 0.9], "threshold": 0.0, "threshold_rule": "f1", "validated": True}
+    evidence[VALIDATED] = {"positives": MIN_POSITIVE_PATIENTS + 20, "negatives": 90,
+                           "positive_patients": MIN_POSITIVE_PATIENTS + 20, "negative_patients": 90, "auroc": 0.8,
+                           "auroc_ci": [0.7, 0.9], "sensitivity": 0.8, "sensitivity_ci": [0.6, 0.9],
+                           "specificity": 0.85, "specificity_ci": [0.77, 0.91], "threshold": 0.0,
+                           "threshold_rule": "f1", "validated": True}
     trust = Trust(scope, fit_calibration(logits, y, meta.labels), evidence, {})
     obj = safe_torch_load(tiny_checkpoint)
     obj["meta"]["thresholds"] = [0.0] * len(meta.labels)
