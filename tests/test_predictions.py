@@ -87,7 +87,7 @@ def test_to_dict_is_plain_json_in_model_order(tmp_path):
     doc = pred.to_dict()
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # plain, strict JSON
     assert list(doc) == ["labels", "positive", "in_scope", "scope_score", "scope_limit", "scope", "warning",
-                         "calibrated", "format", "original_size", "model"]
+                         "calibrated", "format", "original_size", "orientation", "model"]
     assert doc["in_scope"] is None and doc["scope"].startswith("in-scope check: not available")
     assert doc["positive"] == [] and doc["warning"] is None  # no trust data, no opt-out: nothing is called
     assert {row["call"] for row in doc["labels"]} == {"not validated"}
