@@ -106,8 +106,10 @@ def calibration_paths(folder: Path, meta: Meta, limit: int, seed: int) -> tuple[
     split = dict(meta.training.get("split") or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # split notices (no test list...) are training's business
+        # calibration_fraction 0: a checkpoint from before the calibration split, whose train split was all the rest
         splits = make_splits(index, folder, val_fraction=float(split.get("val_fraction", 0.1)),
-                             seed=int(split.get("seed", 0)))
+                             seed=int(split.get("seed", 0)),
+                             calibration_fraction=float(split.get("calibration_fraction", 0.0)))
     train = subsample(splits["train"], limit, seed)
     if len(train) == 0:
         raise UsageError(f"the training split of {folder} is empty: nothing to calibrate on")
