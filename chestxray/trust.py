@@ -28,7 +28,7 @@ from .evidence import label_evidence
 from .metrics import choose_thresholds
 from .model import TRANSITION_CHANNELS
 from .monitor import Reference, fit_reference
-from .orientation import Orientation, OrientationError, collect_orientation, fit_orientation
+from .orientation import THUMBNAIL, Orientation, OrientationError, collect_orientation, fit_orientation
 from .scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
 
 TRUST_KEY = "trust"
@@ -79,6 +79,9 @@ class Trust:
         if calibration is not None and calibration.labels != tuple(labels):
             raise TrustError(f"the calibration's labels {list(calibration.labels)} differ from the model's "
                              f"{list(labels)}; refit it with Model_Training/fit_trust.py")
+        if orientation is not None and orientation.dims != TRANSITION_CHANNELS + THUMBNAIL**2:
+            raise TrustError(f"the orientation check reads {orientation.dims} features per image; this model gives "
+                             f"{TRANSITION_CHANNELS + THUMBNAIL**2}; refit it with Model_Training/fit_trust.py")
         evidence = d.get("evidence")
         if evidence is not None and (not isinstance(evidence, Mapping) or set(evidence) != set(labels)):
             raise TrustError("the checkpoint's evidence does not cover exactly the model's labels; refit it with "

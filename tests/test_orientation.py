@@ -114,6 +114,19 @@ def test_the_onnx_export_carries_the_orientation_check(oriented_checkpoint, tmp_
         [p.orientation for p in eager.predict_batch(images, heatmaps=False)]
 
 
+def test_an_orientation_head_of_the_wrong_width_is_refused_at_load(oriented_checkpoint, tmp_path):
+    from chestxray.meta import CheckpointError
+
+    obj = safe_torch_load(oriented_checkpoint[0])
+    entry = obj[TRUST_KEY]["orientation"]
+    for key in ("mean", "scale"):
+        entry[key] = entry[key][:-1]
+    entry["coef"] = entry["coef"][:, :-1]
+    torch.save(obj, tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match="orientation check reads"):
+        Predictor.from_checkpoint(tmp_path / "narrow.pth", device="cpu")
+
+
 def test_head_is_a_softmax_over_the_classes_sklearn_fitted():
     from sklearn.linear_model import LogisticRegression
 
