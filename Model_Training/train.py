@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from chestxray import orientation
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, model_from_meta, save_checkpoint
 from chestxray.data import (
     DataError,
@@ -136,6 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--check-data", action="store_true", help="read every train/val image once before training, list the "
         "unreadable ones and leave them out (fills --cache-dir) (default: off)")
     add("--no-progress", action="store_true", help="no progress bars (default: bars on the first process)")
+    add("--orientation-images", type=int, default=orientation.DEFAULT_IMAGES, help="training images whose upright, "
+        "mirrored and rotated copies fit the orientation check after training; 0 = none (default: %(default)s)")
     add("--no-trust", action="store_true", help="skip the final fit of the in-scope check, calibration and "
         "validation evidence (default: fitted into --output after the last epoch; Model_Training/fit_trust.py "
         "does it later)")
@@ -172,6 +175,7 @@ def _check_args(args: argparse.Namespace) -> None:
          f"and 1 - --val-fraction ({1 - args.val_fraction:g}), got {args.calibration_fraction}"),
         (args.workers >= 0, f"--workers must be non-negative, got {args.workers}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
+        (args.orientation_images >= 0, f"--orientation-images must be non-negative, got {args.orientation_images}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -427,7 +431,8 @@ def fit_trust_into(args: argparse.Namespace) -> None:
     Model_Training/fit_trust.py does."""
     fit_args = fit_trust.get_args_parser().parse_args(
         ["--checkpoint", str(args.output), "--data-dir", str(args.data_dir), "--threshold-rule", args.threshold_rule,
-         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device]
+         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
+         "--orientation-images", str(args.orientation_images)]
         + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
         + ([] if args.no_progress else ["--progress"]))
     try:
