@@ -485,6 +485,11 @@ def _resume(args: argparse.Namespace, ddp: _Dist) -> dict:
     for note in notes:
         ddp.log(note)
     saved = read_config(args.run_dir, state)
+    if "calibration_fraction" not in saved:
+        # Its split had no calibration part: the default one would now take patients it has trained on.
+        raise UsageError(f"{args.run_dir} was started before training held out a calibration split; resuming it "
+                         "would fit the calibration and evidence on patients it trained on. Start a new run with "
+                         "another --run-dir")
     defaults = {k: v for k, v in vars(get_args_parser().parse_args([])).items() if k not in ("resume", "run_dir")}
     try:
         merged, changed = merge_config(vars(args), saved, defaults)

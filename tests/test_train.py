@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,16 @@ def test_resume_refuses_a_changed_setting(trained_run, nih_dir, capsys):
     argv = small_run(nih_dir, "--run-dir", str(trained_run["run"]), "--resume", "--lr", "0.01")
     rc, _, err = run_main(argv, capsys)
     assert rc == 2 and "--lr cannot change on --resume" in err
+
+
+def test_resume_of_a_run_from_before_the_calibration_split_is_refused(trained_run, tmp_path, capsys):
+    run = tmp_path / "old-run"
+    shutil.copytree(trained_run["run"], run)
+    config = json.loads((run / "args.json").read_text())
+    del config["calibration_fraction"]  # as runs started before the three-way split recorded it
+    (run / "args.json").write_text(json.dumps(config))
+    rc, _, err = run_main(["--run-dir", str(run), "--resume"], capsys)
+    assert rc == 2 and "started before training held out a calibration split" in err
 
 
 def test_resume_of_a_finished_run_trains_no_more(trained_run, nih_dir, capsys):
