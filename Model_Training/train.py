@@ -139,9 +139,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--no-progress", action="store_true", help="no progress bars (default: bars on the first process)")
     add("--orientation-images", type=int, default=orientation.DEFAULT_IMAGES, help="training images whose upright, "
         "mirrored and rotated copies fit the orientation check after training; 0 = none (default: %(default)s)")
-    add("--no-trust", action="store_true", help="skip the final fit of the in-scope check, calibration and "
-        "validation evidence (default: fitted into --output after the last epoch; Model_Training/fit_trust.py "
-        "does it later)")
+    add("--no-trust", action="store_true", help="skip the final fit of the in-scope check, calibration, evidence "
+        "(on the calibration split) and orientation check (default: fitted into --output after the last epoch; "
+        "Model_Training/fit_trust.py does it later)")
     return parser
 
 
