@@ -41,6 +41,7 @@ from werkzeug.exceptions import HTTPException, ServiceUnavailable
 import monitoring
 from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
+from chestxray.formatting import auroc_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
 from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
@@ -149,8 +150,10 @@ def model_context() -> dict:
     }
 
 
-bp.add_app_template_filter(lambda label: label.replace("_", " "), "label_name")
-bp.add_app_template_filter(lambda p: f"{100 * p:.1f}%", "percent")
+# Names and numbers are written by chestxray.formatting only, so page, tab title and PDF print the same strings.
+bp.add_app_template_filter(label_name, "label_name")
+bp.add_app_template_filter(percent, "percent")
+bp.add_app_template_global(auroc_text, "auroc_text")
 bp.add_app_template_global(format_call, "format_call")  # probability/threshold texts that agree with the call
 bp.add_app_template_global(format_scope, "format_scope")
 bp.add_app_template_global(lambda endpoint, **values: external_url(endpoint, **values), "external_url")
@@ -292,22 +295,28 @@ class View:
 
 
 def view_from_args(record: dict) -> View:
-    """The View the query string asks for; unknown labels and scales fall back to the defaults."""
+    """The View the query string asks for; no label gives the default one, an unknown label 404 (showing another
+    label's heatmap under the asked-for name would mislead); unknown scales fall back to the default."""
     label = request.args.get("label")
-    if label not in label_names(record):
+    if label is None:
         label = default_label(record)
+    elif label not in label_names(record):
+        abort(404, f"This result has no label {shown_name(label, 40)!r}. Its labels are: "
+                   f"{', '.join(label_names(record))}.")
     scale = request.args.get("scale", DEFAULT_SCALE)
     return View(label=label, opacity=round(_int_arg("opacity", 60, 0, 100), -1),
                 plain=request.args.get("plain") == "1", scale=scale if scale in SCALES else DEFAULT_SCALE)
 
 
 def heat_descriptions(record: dict, maps: np.ndarray) -> dict[str, str]:
-    """Per label, the heatmap in words for screen readers: "Heatmap of Effusion: strongest in the lower zone, …"."""
+    """Per label, the heatmap in words for screen readers: "Heatmap of Effusion: strongest in the lower zone, …"
+    (an out-of-scope image's in the picture's words, not anatomy's)."""
     descriptions = {}
+    in_scope = record.get("in_scope") is not False
     for label, cam in zip(label_names(record), maps):
-        zone = strongest_zone(cam)
+        zone = strongest_zone(cam, in_scope)
         where = f"strongest in {zone}" if zone else "no region supports this finding"
-        descriptions[label] = f"Heatmap of {label.replace('_', ' ')}: {where}."
+        descriptions[label] = f"Heatmap of {label_name(label)}: {where}."
     return descriptions
 
 
@@ -385,8 +394,11 @@ def summary_csv(items: list[BatchItem]) -> str:
         writer.writerow([
             item.number, item.name, external_url("views.result", rid=record["id"]),
             "" if in_scope is None else ("yes" if in_scope else "no"), "|".join(record["positive"]),
-            top["label"], f"{top['probability']:.6f}",
-            *(f"{by_label[label]['probability']:.6f}" if label in by_label else "nan" for label in labels),
+            # Shortest round-trip text of each probability: the page's rounding of the CSV's number gives the page's
+            # string (six decimals did not: 0.17499996 -> 0.175000 reads 17.5 %, the page 17.4 %).
+            top["label"], repr(float(top["probability"])),
+            *(repr(float(by_label[label]["probability"])) if label in by_label else "nan" for label in labels),
+
             *(by_label[label]["call"] if label in by_label else "" for label in labels), "",
         ])
     return buffer.getvalue()
@@ -479,6 +491,7 @@ def result(rid: str):
     maps = np.load(result_store().heatmaps_path(rid))
     return render_template(
         "result.html", r=record, rows=rows, label=view.label, view=view, descriptions=heat_descriptions(record, maps),
+        texts=finding_texts(record),
         top_call=next((row for row in rows if row["positive"]), None),
         selected=next(r for r in rows if r["label"] == view.label), opacity=view.opacity, plain=view.plain,
         scale=view.scale, scales=SCALES, show_anyway=request.args.get("show") == "1",

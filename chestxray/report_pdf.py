@@ -26,7 +26,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from .calls import statements
-from .cam import upsample_map
+from .cam import COLORMAP, upsample_map
+from .formatting import auroc_text, finding_text, label_name
 
 # matplotlib's PDF backend is imported in report_bytes only: it costs ~0.5 s at every start of the app.
 
@@ -52,7 +53,8 @@ class ReportPage:
     image: (H, W) display image, float in [0, 1] or uint8. heatmaps: raw class activation maps (L, h, w) in
     `labels` order, or None. label: the heatmap drawn (None: the plain image). calls: the call shown per label
     ("positive", "negative", or another word such as "not validated — no call"). notes: lines printed above the
-    findings (e.g. an out-of-scope warning).
+    findings (e.g. an out-of-scope warning). auroc / auroc_ci: the validation evidence per label, as the page shows
+    it (missing: "–"). in_scope: the in-scope check's verdict (False: the heatmap is described in the picture's words).
     """
 
     result_id: str
@@ -68,6 +70,9 @@ class ReportPage:
     scale: str = "own"
     source: str = ""
     notes: tuple[str, ...] = ()
+    auroc: Mapping[str, float | None] = field(default_factory=dict)
+    auroc_ci: Mapping[str, Sequence[float] | None] = field(default_factory=dict)
+    in_scope: bool | None = None
 
     def __post_init__(self) -> None:
         if np.ndim(self.image) != 2:
@@ -108,6 +113,8 @@ class ReportPage:
             calls={row["label"]: row.get("call") or ("positive" if row["positive"] else "negative") for row in rows},
             model=record.get("model") or {}, image=np.asarray(image), heatmaps=heatmaps, label=label,
             scale=scale, source=source, notes=tuple(text for text in statements(record).values() if text),
+            auroc={row["label"]: row.get("auroc") for row in rows},
+            auroc_ci={row["label"]: row.get("auroc_ci") for row in rows}, in_scope=record.get("in_scope"),
         )
 
 
@@ -122,26 +129,23 @@ def scaled_map(heatmaps: np.ndarray, index: int, scale: str = "own") -> tuple[np
     return (positive[index] / peak if peak > 0 else np.zeros_like(positive[index])), peak
 
 
-def strongest_zone(cam: np.ndarray) -> str:
+def strongest_zone(cam: np.ndarray, in_scope: bool = True) -> str:
     """Where a raw (h, w) map peaks, in words: "the lower zone, on the image's right"; "" for a map with no evidence.
 
     Zones are thirds of the image; sides are the image's (on a PA view the image's right is the patient's left).
+    For an image out of scope (in_scope False) the words are the picture's, not a chest's: "the lower third of the
+    image, towards its right".
     """
     cam = np.asarray(cam, dtype=np.float32)
     if cam.size == 0 or float(cam.max()) <= 0:
         return ""
     row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    zone = ("upper", "middle", "lower")[min(2, 3 * int(row) // cam.shape[0])]
-    side = ("on the image's left", "centrally", "on the image's right")[min(2, 3 * int(col) // cam.shape[1])]
-    return f"the {zone} zone, {side}"
-
-
-def _percent(p: float) -> str:
-    return f"{100 * p:.1f}%"
-
-
-def _name(label: str) -> str:
-    return label.replace("_", " ")
+    third, across = min(2, 3 * int(row) // cam.shape[0]), min(2, 3 * int(col) // cam.shape[1])
+    if not in_scope:
+        return (f"the {('upper', 'middle', 'lower')[third]} third of the image, "
+                f"{('towards its left', 'in its middle', 'towards its right')[across]}")
+    side = ("on the image's left", "centrally", "on the image's right")[across]
+    return f"the {('upper', 'middle', 'lower')[third]} zone, {side}"
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -159,9 +163,10 @@ def _model_lines(card: Mapping) -> list[str]:
         lines.append(f"Images: {training['n_train']} training, {training['n_val']} validation")
     lines.append(f"Trained: {str(training.get('date') or 'date not recorded').replace('T', ' ')}")
     if training.get("epochs") is not None:
-        lines.append(f"Epochs: {training['epochs']}")
+        passes = "pass" if training["epochs"] == 1 else "passes"
+        lines.append(f"Epochs: {training['epochs']} {passes} over the training images")
     if isinstance(training.get("val_mean_auroc"), (int, float)):
-        lines.append(f"Mean validation AUROC: {training['val_mean_auroc']:.3f}")
+        lines.append(f"Mean validation AUROC: {auroc_text(training['val_mean_auroc'])} (at the end of training)")
     if training.get("threshold_rule"):
         lines.append(f"Threshold rule: {training['threshold_rule']}")
     if training.get("commit"):
@@ -185,7 +190,7 @@ def _draw_image(fig: Figure, page: ReportPage, colormap: str, opacity: float) ->
         return ["Plain image (no heatmap)."], bottom
     index = page.labels.index(page.label)
     heat, peak = scaled_map(page.heatmaps, index, page.scale)
-    title = f"Heatmap of {_name(page.label)} ({_percent(page.probabilities[page.label])})"
+    title = f"Heatmap of {label_name(page.label)} ({_texts(page, page.label).probability})"
     if peak <= 0 or not heat.any():
         return [title + ":", "no region supports this finding (its map has no positive values)."], bottom
     factor = min(1.0, HEAT_MAX_SIDE / max(height, width))
@@ -195,29 +200,31 @@ def _draw_image(fig: Figure, page: ReportPage, colormap: str, opacity: float) ->
     ax.imshow(rgba, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
     cax = fig.add_axes((left + 0.02, bottom - 0.022, box_width - 0.04, 0.009))
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, peak), colormaps[colormap]), cax=cax, orientation="horizontal")
-    bar.set_ticks([0.0, peak], labels=["0: no evidence", f"{peak:.3g}: strongest"])
+    # The page's legend: the same colour map, the same words at its two ends.
+    bar.set_ticks([0.0, peak], labels=["0: no evidence", "peak over all labels" if page.scale == "shared"
+                                       else "this map's peak"])
     bar.ax.tick_params(labelsize=6.5, length=2, pad=1)
     for tick, align in zip(bar.ax.get_xticklabels(), ("left", "right")):
         tick.set_horizontalalignment(align)
     bar.set_label(f"Class activation, {SCALES[page.scale]}", fontsize=6.5, color=MUTED, labelpad=1)
-    zone = strongest_zone(page.heatmaps[index])
+    zone = strongest_zone(page.heatmaps[index], page.in_scope is not False)
     caption = [title + ":", f"strongest in {zone}." if zone else "",
                "Where the evidence for this finding lies; a class activation map, not an outline of the finding."]
     return caption, bottom - 0.055
 
 
 def _draw_findings(fig: Figure, page: ReportPage, top: float) -> None:
-    training = page.model.get("training") or {}
-    auroc = training.get("val_auroc") or {}
+    # The page's order (chestxray.results.ranked) and its texts (chestxray.formatting).
     ranked = sorted(page.labels, key=lambda name: (page.calls[name] != "positive", -page.probabilities[name]))
-    cells = [[_name(name), _percent(page.probabilities[name]), _percent(page.thresholds[name]), page.calls[name],
-              f"{auroc[name]:.3f}" if isinstance(auroc.get(name), (int, float)) else "–"] for name in ranked]
+    texts = [_texts(page, name) for name in ranked]
+    cells = [[t.name, t.probability, t.threshold, t.call, t.auroc] for t in texts]
     ax = fig.add_axes((0.06, 0.08, 0.88, top - 0.08))
     ax.set_axis_off()
     ax.set_title("Findings: called findings first, then by probability", loc="left", fontsize=10,
                  fontweight="bold", color=INK)
-    table = ax.table(cellText=cells, colLabels=["Label", "Probability", "Threshold", "Call", "Validation AUROC"],
-                     colWidths=[0.30, 0.15, 0.15, 0.22, 0.18], cellLoc="left", loc="upper left")
+    table = ax.table(cellText=cells, colLabels=["Label", "Probability", "Threshold", "Call",
+                                                "Validation AUROC (95% CI)"],
+                     colWidths=[0.27, 0.14, 0.14, 0.18, 0.27], cellLoc="left", loc="upper left")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1.0, 1.35)
@@ -230,7 +237,12 @@ def _draw_findings(fig: Figure, page: ReportPage, top: float) -> None:
             cell.get_text().set_color(POSITIVE_INK)
 
 
-def draw_page(page: ReportPage, paper: str = "a4", colormap: str = "jet", opacity: float = 0.6,
+def _texts(page: ReportPage, name: str):
+    return finding_text({"label": name, "probability": page.probabilities[name], "threshold": page.thresholds[name],
+                         "call": page.calls[name], "auroc": page.auroc.get(name), "auroc_ci": page.auroc_ci.get(name)})
+
+
+def draw_page(page: ReportPage, paper: str = "a4", colormap: str = COLORMAP, opacity: float = 0.6,
               made: datetime | None = None) -> Figure:
     """A matplotlib Figure of one report page (paper 'a4' or 'letter'); raises ValueError for other papers."""
     if paper not in PAPER_SIZES:
@@ -270,7 +282,7 @@ def draw_page(page: ReportPage, paper: str = "a4", colormap: str = "jet", opacit
 
 
 def write_report(target: str | os.PathLike | IO[bytes], pages: Sequence[ReportPage], paper: str = "a4",
-                 colormap: str = "jet", opacity: float = 0.6, made: datetime | None = None) -> None:
+                 colormap: str = COLORMAP, opacity: float = 0.6, made: datetime | None = None) -> None:
     """Write a PDF with one page per ReportPage to a path or a binary file; raises ValueError for no pages."""
     from matplotlib.backends.backend_pdf import PdfPages
     if not pages:

@@ -14,6 +14,7 @@ from conftest import NIH_PNG
 from pypdf import PdfReader
 
 from chestxray.cam import normalize_map
+from chestxray.evidence import format_call
 from chestxray.report_pdf import PAPER_SIZES, ReportPage, report_bytes, scaled_map, strongest_zone, write_report
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"
@@ -66,7 +67,8 @@ def test_one_a4_page_with_labels_calls_id_model_and_notice(record, prediction):
     for name in names(record):
         shown = name.replace("_", " ")
         call = "positive" if name in record["positive"] else "negative"
-        assert f"{shown} {100 * probability(record, name):.1f}% {100 * threshold(record, name):.1f}% {call}" in text
+        p_text, t_text = format_call(probability(record, name), threshold(record, name))  # the page's rounding
+        assert f"{shown} {p_text} {t_text} {call}" in text
     assert f"Heatmap of {label.replace('_', ' ')}" in text and "each map scaled to its own peak" in text
     assert f"Architecture: {record['model']['arch']}" in text
     assert f"Training data: {record['model']['training']['data']}" in text
@@ -76,7 +78,8 @@ def test_one_a4_page_with_labels_calls_id_model_and_notice(record, prediction):
 def test_called_findings_are_listed_first(record, prediction):
     text = page_text(read_pdf(report_bytes([ReportPage.from_record(record, prediction.image, None)])))
     order = sorted(names(record), key=lambda n: (n not in record["positive"], -probability(record, n)))
-    positions = [text.index(f"{n.replace('_', ' ')} {100 * probability(record, n):.1f}%") for n in order]
+    positions = [text.index(f"{n.replace('_', ' ')} {format_call(probability(record, n), threshold(record, n))[0]}")
+                 for n in order]
     assert positions == sorted(positions)
 
 

@@ -1,0 +1,67 @@
+"""How a result's names and numbers are written, in one place: the result page, its tab title, the PDF report, the
+worklist and the batch page all print a label, a probability, a threshold or an AUROC through these functions, so
+the same quantity reads as the same string everywhere.
+
+The rounding rule: percentages are rounded *down* (chestxray.evidence.format_call), because rounding down is monotone
+and a positive call then never reads "p < threshold"; digits are added only when a negative call would read equal.
+AUROCs are given to two decimals with their 95% interval.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .evidence import format_call
+
+NO_VALUE = "–"  # shown where a number was not recorded
+
+
+def label_name(label: str) -> str:
+    """A label as people write it: "Pleural_Thickening" -> "Pleural Thickening"."""
+    return label.replace("_", " ")
+
+
+def percent(value: float) -> str:
+    """A probability or threshold alone, as a percentage rounded down to one decimal: 0.7529 -> "75.2 %"."""
+    return format_call(value, value)[0]
+
+
+def auroc_text(auroc: float | None, ci: list | tuple | None = None) -> str:
+    """"0.81 (0.74–0.88)": the AUROC and its 95% interval to two decimals; "0.81" without an interval; "–" without an
+    AUROC (not recorded, or not estimable)."""
+    if not _finite(auroc):
+        return NO_VALUE
+    if ci and len(ci) == 2 and all(_finite(end) for end in ci):
+        return f"{auroc:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+    return f"{auroc:.2f}"
+
+
+@dataclass(frozen=True)
+class FindingText:
+    """One label row of a result as every renderer prints it."""
+
+    label: str  # the identifier, e.g. Pleural_Thickening (URLs, CSV headers)
+    name: str  # the display name, e.g. Pleural Thickening
+    call: str  # the core's word (chestxray.calls), never re-derived here
+    probability: str
+    threshold: str
+    auroc: str  # validation AUROC with its 95% interval, or "–"
+
+
+def finding_text(row: Mapping) -> FindingText:
+    """The texts of one row of Prediction.to_dict()["labels"] (label, probability, threshold, call, auroc, auroc_ci);
+    the probability and threshold texts never contradict the call (see format_call)."""
+    probability, threshold = format_call(row["probability"], row["threshold"])
+    call = row.get("call") or ("positive" if row.get("positive") else "negative")
+    return FindingText(label=row["label"], name=label_name(row["label"]), call=call, probability=probability,
+                       threshold=threshold, auroc=auroc_text(row.get("auroc"), row.get("auroc_ci")))
+
+
+def finding_texts(record: Mapping) -> dict[str, FindingText]:
+    """{label: FindingText} for every row of a result (Prediction.to_dict() or a stored record)."""
+    return {row["label"]: finding_text(row) for row in record["labels"]}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
