@@ -22,6 +22,7 @@ import monitoring
 import views
 import webhttp
 import worklist
+from chestxray.checkpoint import CheckpointError
 from chestxray.results import ResultStore
 from chestxray.store import StoreError
 from predictions import TRAIN_COMMAND
@@ -38,10 +39,12 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 def create_app(config: dict | None = None) -> Flask:
     """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), ALLOW_UNTRUSTED, RESULTS_DIR, RETENTION,
     RESULT_MIN_AGE, MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY, INSTANCE_PATH (the folder
-    keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset; default ./instance).
+    keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset, and the SQLite results database; default
+    ./instance), DATABASE (the results database's URL; monitoring.database_url), ALERT_LIMITS (monitor.AlertLimits),
+    MAX_REPORT_PAGES, TRUSTED_HOSTS (Flask's; default: localhost, 127.0.0.1), PUBLIC_URL (base of absolute URLs).
 
     Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES, or an unusable secret key
-    (webconfig.secret_key).
+    (webconfig.secret_key); chestxray.store.StoreError for a results database that cannot be opened.
     """
     config = config or {}
     app = Flask(__name__, instance_path=str(Path(config["INSTANCE_PATH"]).resolve()) if config.get("INSTANCE_PATH")
@@ -104,6 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None,
                         help=f"checkpoint file (default: $CXR_CHECKPOINT, else {default_checkpoint()}; when neither "
                         "is there, a demo model trained on the bundled sample)")
+    parser.add_argument("--models-dir", default=None,
+                        help="folder of checkpoints (*.pth) listed on /api/models, e.g. base and adapted models "
+                        "(Model_Training/adapt.py) (default: none)")
+    parser.add_argument("--model", default=None,
+                        help="serve this checkpoint of --models-dir, by file name; switching models is a restart "
+                        "with another --model (default: --checkpoint's rules)")
     parser.add_argument("--no-demo", action="store_true",
                         help="with no checkpoint given or found, start without a model instead of serving the demo "
                         "model (default: build it once into .cache/demo_model.pth and serve it)")
@@ -155,8 +164,13 @@ def trusted_hosts(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Build the app once and serve it with waitress until interrupted; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args.checkpoint = choose_checkpoint(args)
+    try:
+        args.checkpoint = choose_checkpoint(args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = {
+        "MODELS_DIR": args.models_dir,
         "CHECKPOINT": args.checkpoint,
         "DEVICE": args.device,
         "BACKEND": args.backend,

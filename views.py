@@ -7,7 +7,6 @@ unknown, expired or deleted result id), which any view may let through: webhttp 
 """
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
 import hmac
@@ -41,6 +40,7 @@ from werkzeug.exceptions import HTTPException, ServiceUnavailable
 import monitoring
 from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
+from chestxray.fileio import SpreadsheetWriter
 from chestxray.formatting import auroc_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
@@ -62,6 +62,7 @@ API_ENDPOINTS = (  # the /api index: (method, rule, what it does)
     ("GET", "/api/results/<id>", "a saved result's document (probabilities, calls, thresholds, model, URLs)"),
     ("DELETE", "/api/results/<id>", "delete a saved result now (image, heatmaps and record)"),
     ("GET", "/api/model", "the loaded model's card (architecture, labels, thresholds, training summary)"),
+    ("GET", "/api/models", "the checkpoints of the models folder (--models-dir) and which one is served"),
     ("GET", "/results/<id>/heatmaps.npy", "the raw class activation maps, float32 (labels, h, w) in label order"),
     ("GET", "/results/<id>/report.pdf", "a one-page PDF report (query: label, scale, plain)"),
     ("GET", "/healthz", "liveness and whether a model is loaded"),
@@ -382,7 +383,7 @@ def summary_csv(items: list[BatchItem]) -> str:
     failed files keep their error."""
     labels = next(label_names(item.record) for item in items if item.record)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = SpreadsheetWriter(buffer, lineterminator="\n")
     writer.writerow([*SUMMARY_COLUMNS, *labels, *(f"{label} call" for label in labels), "error"])
     for item in items:
         if item.record is None:
@@ -398,7 +399,6 @@ def summary_csv(items: list[BatchItem]) -> str:
             # string (six decimals did not: 0.17499996 -> 0.175000 reads 17.5 %, the page 17.4 %).
             top["label"], repr(float(top["probability"])),
             *(repr(float(by_label[label]["probability"])) if label in by_label else "nan" for label in labels),
-
             *(by_label[label]["call"] if label in by_label else "" for label in labels), "",
         ])
     return buffer.getvalue()
@@ -611,6 +611,15 @@ def api_predict():
 @bp.get("/api/model")
 def api_model():
     return jsonify(require_predictor().model_card())
+
+
+@bp.get("/api/models")
+def api_models():
+    """The checkpoints of the models folder (MODELS_DIR), which one is served, and each one's adaptation record."""
+    from webmodel import list_models  # webmodel is otherwise imported only for type checking here
+
+    served = model_state().checkpoint
+    return jsonify(served=served, models=list_models(current_app.config.get("MODELS_DIR"), served))
 
 
 @bp.get("/favicon.ico")

@@ -43,6 +43,40 @@ def load_model(checkpoint: str, device: str = "auto", backend: str = "torch",
         return ModelState(None, checkpoint, str(exc))
 
 
+def list_models(models_dir: str | os.PathLike | None, served: str | None = None) -> list[dict]:
+    """The *.pth files of a models folder, by name: {"name", "path", "served", "arch", "image_size", "adapted"
+    (meta.training["adapted"]: mode, base SHA-256, date...) or None, "error" (why it does not load) or None}.
+    Each file is read with the safe loader; none is served from here (choose one with --model and restart)."""
+    if not models_dir or not Path(models_dir).is_dir():
+        return []
+    from chestxray.checkpoint import safe_torch_load
+    from chestxray.meta import Meta
+
+    served_path = Path(served).resolve() if served else None
+    out = []
+    for path in sorted(Path(models_dir).glob("*.pth")):
+        entry = {"name": path.name, "path": str(path), "served": path.resolve() == served_path, "arch": None,
+                 "image_size": None, "adapted": None, "error": None}
+        try:
+            meta = Meta.from_dict(safe_torch_load(path)["meta"])
+            entry.update(arch=meta.arch, image_size=meta.image_size, adapted=meta.training.get("adapted"))
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+            entry["error"] = str(exc)[:300]
+        out.append(entry)
+    return out
+
+
+def model_in_folder(models_dir: str | os.PathLike | None, name: str) -> str:
+    """--model NAME -> the path of NAME (with or without .pth) in --models-dir. Raises CheckpointError when absent."""
+    if not models_dir:
+        raise CheckpointError("--model needs --models-dir (the folder of checkpoints to choose from)")
+    path = Path(models_dir) / (name if name.endswith(".pth") else f"{name}.pth")
+    if Path(name).name != name or not path.is_file():
+        names = [m["name"] for m in list_models(models_dir)]
+        raise CheckpointError(f"no model {name!r} in {models_dir}; available: {', '.join(names) or 'none'}")
+    return str(path)
+
+
 def choose_checkpoint(args: argparse.Namespace) -> str:
     """--checkpoint, else $CXR_CHECKPOINT, else the default file if it exists; else the demo model (built once).
 
@@ -50,6 +84,8 @@ def choose_checkpoint(args: argparse.Namespace) -> str:
     model is used only when nothing is named or found and --no-demo is not given; if it cannot be built, the app
     starts without a model.
     """
+    if getattr(args, "model", None):
+        return model_in_folder(getattr(args, "models_dir", None), args.model)
     if args.checkpoint:
         return args.checkpoint
     default = default_checkpoint()

@@ -300,3 +300,36 @@ def test_recalibration_repairs_logits_scaled_by_three(tmp_path, nih_index):
                           for n in MAPPED]) for side, f in frames.items()}
     assert ece["after"] < 0.8 * ece["before"], ece
     assert summary["promotion"]["mean_ece"]["after"] < summary["promotion"]["mean_ece"]["before"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A models folder in the web app
+
+
+def test_models_folder_lists_and_chooses_adapted_models(adapted, make_app, tmp_path):
+    import argparse
+    import shutil
+
+    from chestxray.checkpoint import CheckpointError
+    from webmodel import choose_checkpoint, list_models
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(adapted["base"], folder / "base.pth")
+    shutil.copy(adapted["root"] / "recalibrate.pth", folder / "clinic.pth")
+    (folder / "broken.pth").write_bytes(b"not a checkpoint")
+    models = {m["name"]: m for m in list_models(folder, str(folder / "clinic.pth"))}
+    assert set(models) == {"base.pth", "clinic.pth", "broken.pth"}
+    assert models["clinic.pth"]["served"] and not models["base.pth"]["served"]
+    assert models["clinic.pth"]["adapted"]["base_sha256"] == adapted["digest"]
+    assert models["base.pth"]["adapted"] is None and models["broken.pth"]["error"]
+    args = argparse.Namespace(model="clinic", models_dir=str(folder), checkpoint=None, no_demo=True)
+    assert choose_checkpoint(args) == str(folder / "clinic.pth")
+    args.model = "../base"
+    with pytest.raises(CheckpointError, match="available: base.pth, broken.pth, clinic.pth"):
+        choose_checkpoint(args)
+    app = make_app(CHECKPOINT=str(folder / "clinic.pth"), MODELS_DIR=str(folder))
+    listing = app.test_client().get("/api/models").get_json()
+    assert [m["name"] for m in listing["models"] if m["served"]] == ["clinic.pth"]
+    card = app.test_client().get("/api/model").get_json()
+    assert card["training"]["adapted"]["mode"] == "recalibrate"
