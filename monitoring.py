@@ -12,7 +12,6 @@ reader the answer: the error is logged, counted (/metrics, /monitor) and the res
 """
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import threading
@@ -40,6 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from chestxray.calls import NEGATIVE, POSITIVE
+from chestxray.fileio import SpreadsheetWriter
 from chestxray.imaging import InvalidImage, UnsupportedFormat
 from chestxray.monitor import (
     INPUTS,
@@ -306,7 +306,7 @@ def export_csv(rows: list[dict]) -> str:
     """Analyses as CSV: one row each, with every label's probability, call, agreement and true label."""
     labels = list(dict.fromkeys(a["label"] for row in rows for a in row["labels"]))
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = SpreadsheetWriter(buffer, lineterminator="\n")
     writer.writerow(["created", "result_id", "source", "model_name", "model_hash", "backend", "outcome", "reason",
                      "in_scope", "scope_score", "image_format", "width", "height", "bit_depth", "photometric",
                      "latency_ms", "reader",

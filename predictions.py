@@ -17,7 +17,6 @@ The inference itself lives in chestxray.predictor (Predictor is re-exported here
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 from chestxray.cam import with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from chestxray.fileio import atomic_write, dumps_json
+from chestxray.fileio import SpreadsheetWriter, atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
 from chestxray.monitor import input_statistics
 from chestxray.predictor import BACKENDS, Prediction, Predictor
@@ -154,7 +153,7 @@ def _sinks(stack: ExitStack, args: argparse.Namespace, rank: int, world_size: in
 
     jsonl = open_file(args.jsonl) or (sys.stdout if world_size == 1 else None)
     csv_file = open_file(args.csv)
-    writer = csv.writer(csv_file) if csv_file is not None else None
+    writer = SpreadsheetWriter(csv_file) if csv_file is not None else None
     if writer is not None:
         writer.writerow(csv_header(labels))
     return jsonl, writer

@@ -36,6 +36,10 @@ PERSON_NAMES = ("PatientName", "ReferringPhysicianName")  # the PN attributes hi
 # Type 2 attributes (present, maybe empty) of the patient and general study modules that highdicom copies.
 TYPE2_COPIED = PERSON_NAMES + ("PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                                "AccessionNumber", "StudyID")
+# The one list of what both results take from the source: what a PACS needs to file them in the patient's study,
+# nothing more (no comments, study description, admission or other IDs). Plus the UIDs that reference the source.
+COPIED = TYPE2_COPIED + ("StudyInstanceUID",)
+REFERENCE = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
 
 
 def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
@@ -179,11 +183,12 @@ def build_secondary_capture(source: Dataset, content: ReportContent) -> Dataset:
         content_qualification=hd.ContentQualificationValues.RESEARCH,
         specific_character_set=UTF8,
     )
-    # The panel names findings, never the patient: nothing burned in identifies anyone.
     _copy_names(source, sc)
     if not known:
         sc.PatientOrientation = ""
-    sc.BurnedInAnnotation = "NO"
+    # The panel's text (findings, disclaimer) is drawn into the pixels. It names no patient, but de-identification
+    # pipelines decide from this flag whether pixels need scrubbing or review: text on pixels says YES.
+    sc.BurnedInAnnotation = "YES"
     sc.ImageComments = "AI result - not for clinical use"
     _reference_source(sc, source)
     return sc
@@ -249,7 +254,8 @@ def _with_placeholder_names(source: Dataset) -> Dataset:
     # the source untouched, and the elements themselves, pixel data included, are shared, not copied.
     ref = Dataset()
     for element in source:
-        ref.add(element)
+        if element.keyword in COPIED or element.keyword in REFERENCE:
+            ref.add(element)
     for keyword in TYPE2_COPIED:
         if keyword not in ref:
             setattr(ref, keyword, "")
@@ -259,9 +265,13 @@ def _with_placeholder_names(source: Dataset) -> Dataset:
 
 
 def _copy_names(source: Dataset, target: Dataset) -> None:
-    for keyword in PERSON_NAMES:
-        value = source[keyword].value if keyword in source else ""
-        target[keyword] = DataElement(tag_for_keyword(keyword), "PN", value)
+    """The source's COPIED attributes into `target` as they are (names unchanged, Type 2 ones empty when missing),
+    so the SC and the SR carry exactly the same patient and study attributes."""
+    for keyword in COPIED:
+        if keyword in source:
+            target[keyword] = DataElement(tag_for_keyword(keyword), source[keyword].VR, source[keyword].value)
+        elif keyword in TYPE2_COPIED:
+            setattr(target, keyword, "")
 
 
 def _label_code(name: str) -> str:

@@ -6,6 +6,7 @@ written (checkpoints, training state, history, the image cache, saved results) g
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -111,3 +112,30 @@ def check_record(record: Any, what: str, version: int, keys: Iterable[str], erro
     missing = [key for key in keys if key not in record]
     if missing:
         raise error(f"the {what} record lacks {missing}" + (f"; {refit}" if refit else ""))
+
+
+# What a spreadsheet (Excel, LibreOffice, Google Sheets) reads as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text and never evaluates: a string starting with = + - @ TAB or CR gets a
+    leading ' (OWASP's rule), unless it is a plain number ("-0.5"). Other values pass unchanged."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+class SpreadsheetWriter:
+    """csv.writer(file, **kwargs) whose rows go through spreadsheet_cell: file names, error messages and reader
+    names come from users, and a file named =HYPERLINK(...) must not become a live link in the exported table."""
+
+    def __init__(self, file: IO[str], **kwargs: Any) -> None:
+        self._writer = csv.writer(file, **kwargs)
+
+    def writerow(self, row: Iterable[Any]) -> Any:
+        return self._writer.writerow([spreadsheet_cell(value) for value in row])

@@ -71,7 +71,7 @@ def test_secondary_capture_is_in_the_source_study_with_new_series_and_instance(s
     assert sc.SeriesInstanceUID.is_valid and sc.SOPInstanceUID.is_valid
     assert "resnet18 test model" in sc.SeriesDescription and "not for clinical use" in sc.SeriesDescription
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert sc.BurnedInAnnotation == "NO"
+    assert sc.BurnedInAnnotation == "YES"  # the panel's text is drawn on the pixels
     # Two results of the same image are two new instances, never an overwrite of the first.
     again = build_secondary_capture(source, content)
     assert again.SOPInstanceUID != sc.SOPInstanceUID and again.SeriesInstanceUID != sc.SeriesInstanceUID

