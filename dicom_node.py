@@ -889,6 +889,7 @@ _ESCAPE = _EscapeControl()
 def _quiet_pynetdicom() -> None:
     # pynetdicom's debug and info records carry UIDs and, in its debug handlers, whole datasets: keep them out.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its info records name the study's UIDs
     # Filters act on the logger a record is made by, not on its parents: add ours to each pynetdicom logger.
     names = [name for name in logging.root.manager.loggerDict if name == "pynetdicom" or
              name.startswith("pynetdicom.")]
