@@ -51,7 +51,8 @@ def page_findings(page: str) -> dict[str, dict[str, str]]:
     for row in re.findall(r'<tr class="finding.*?</tr>', page, flags=re.S):
         label = re.search(r'data-label="([^"]+)"', row).group(1)
         name = re.search(r'class="label-link"[^>]*>([^<]*)</a>', row, flags=re.S).group(1).strip()
-        out[label] = {"name": name, **{key: _cell(row, key) for key in ("probability", "threshold", "call", "auroc")}}
+        out[label] = {"name": name, "probability": _cell(row, "probability"), "threshold": _cell(row, "threshold"),
+                      "call": _cell(row, "call"), "auroc": _cell(row, "validation-auroc")}
     return out
 
 
