@@ -15,6 +15,8 @@ $PY benchmarks/bench_web.py --backend onnx --out benchmarks/results/web-onnx.md
 # int8 gate needs a trained checkpoint: $PY benchmarks/int8_gate.py --checkpoint CKPT --data-dir DIR
 $PY benchmarks/bench_scope_time.py
 $PY benchmarks/bench_startup.py
+$PY benchmarks/bench_drift.py
+$PY benchmarks/bench_drift.py --alpha 0.001 --out benchmarks/results/drift-alpha1e-3.md
 # The in-scope and calibration figures need a model trained on the sample (the README's smoke command) and fitted.
 SMOKE=${SMOKE:-/tmp/chestxray-smoke.pth}
 TRAIN="Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained --device cpu"

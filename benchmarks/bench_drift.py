@@ -1,0 +1,250 @@
+"""Does the monitor catch drift? Streams replayed through the results store (SQLite) and the monitor's alert rule.
+
+    python benchmarks/bench_drift.py [--checkpoint CKPT] [--window 200] [--out benchmarks/results/drift.md]
+
+The reference is fitted (chestxray.monitor.fit_reference) on half of the shared NIH sample's patients; the other half,
+in random order (reshuffled to make a long stream), is the in-distribution stream: every alert onset there is a
+false alert. Each shifted stream starts with one full window of in-distribution images, then switches to: other-cxr
+images (repeated: the folder holds few), contrast-reduced, gamma-shifted, inverted and lower-resolution copies of the
+held-out images, and a different prevalence (only images with a finding). Detection delay = shifted images recorded
+until the alert first fires (the monitor is evaluated after every analysis, as the result pages do).
+Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/storeutil.py),
+one transaction per analysis as the app does, beside the model's own rate on the same machine in the same run.
+Without --checkpoint a random-initialised ResNet-18 at 128 px is used (no trained model ships with the repository):
+its outputs still depend on the input, so input shifts move them, but a prevalence shift cannot.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.make_checkpoint, storeutil.postgres_server
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="model to replay (default: random ResNet-18, 128 px)")
+    parser.add_argument("--window", type=int, default=200, help="drift window (default: %(default)s)")
+    parser.add_argument("--psi", type=float, default=0.25, help="PSI alert limit (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.0001,
+                        help="family-wise false-alert probability per evaluation (default: %(default)s)")
+    parser.add_argument("--in-distribution", type=int, default=2000,
+                        help="length of the in-distribution stream (default: %(default)s)")
+    parser.add_argument("--max-delay", type=int, default=400,
+                        help="shifted images replayed before giving up (default: %(default)s)")
+    parser.add_argument("--writes", type=int, default=500, help="analyses per throughput run (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "drift.md"),
+                        help="markdown file for the figures (default: %(default)s)")
+    return parser
+
+
+def load_gray(path: Path) -> np.ndarray:
+    from chestxray.imaging import read_xray
+
+    return read_xray(path.read_bytes())
+
+
+def shifts(images: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    def lowres(x: np.ndarray) -> np.ndarray:
+        h, w = x.shape
+        small = Image.fromarray((x * 255).astype(np.uint8)).resize((max(8, w // 8), max(8, h // 8)),
+                                                                   Image.Resampling.BILINEAR)
+        return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+
+    return {"contrast x0.6": [0.5 + 0.6 * (x - 0.5) for x in images],
+            "gamma 0.6": [np.power(x, 0.6) for x in images],
+            "inverted": [1.0 - x for x in images],
+            "lower resolution (1/8, upsampled)": [lowres(x) for x in images]}
+
+
+def record_now(store, entry: dict) -> None:
+    """Record a replayed entry as analysed now: the window is the newest analyses by time."""
+    from datetime import UTC, datetime
+
+    store.record({**entry, "created": datetime.now(UTC)})
+
+
+def replay(store, monitor_fn, entries: list[dict]) -> list[bool]:
+    """Record each entry, then evaluate the alert over the newest window; the alert state after each one."""
+    states = []
+    for entry in entries:
+        record_now(store, entry)
+        states.append(monitor_fn())
+    return states
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from conftest import make_checkpoint
+
+    from chestxray.monitor import AlertLimits, drift, fit_reference, input_statistics, window_values
+    from chestxray.predictor import Predictor
+    from chestxray.store import AnalysisStore, ModelVersion, answered_entry
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+    checkpoint = args.checkpoint or make_checkpoint(tmp / "random128.pth", image_size=128)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    import pandas as pd
+
+    labels = pd.read_csv(SHARED / "nih" / "labels.csv")
+    files = sorted([*(SHARED / "nih" / "images_64").glob("*.png"), *(SHARED / "nih" / "images_256").glob("*.png")])
+    patient = dict(zip(labels["Image Index"], labels["Patient ID"]))
+    finding = dict(zip(labels["Image Index"], labels["Finding Labels"] != "No Finding"))
+    patients = sorted({patient[f.name] for f in files})
+    rng.shuffle(patients)
+    ref_patients = set(patients[: len(patients) // 2])
+    ref_files = [f for f in files if patient[f.name] in ref_patients]
+    held_files = [f for f in files if patient[f.name] not in ref_patients]
+    print(f"reference {len(ref_files)} images, held out {len(held_files)}", flush=True)
+
+    def predict(images: list[np.ndarray]) -> list:
+        out = []
+        for i in range(0, len(images), 32):
+            out += predictor.predict_batch(images[i:i + 32], heatmaps=False)
+        return out
+
+    ref_images = [load_gray(f) for f in ref_files]
+    ref_preds = predict(ref_images)
+    probs = np.array([[p.probabilities[n] for n in predictor.labels] for p in ref_preds])
+    reference = fit_reference(probs, predictor.labels)
+    stats = np.array([input_statistics(predictor.transform(x)) for x in ref_images])
+    reference.samples["brightness"], reference.samples["contrast"] = np.sort(stats[:, 0]), np.sort(stats[:, 1])
+    if ref_preds[0].scope_score is not None:
+        reference.samples["scope_score"] = np.sort([p.scope_score for p in ref_preds])
+    limits = AlertLimits(window=args.window, psi=args.psi, alpha=args.alpha)
+    model = ModelVersion("bench", "bench", "torch")
+
+    def entries(images: list[np.ndarray]) -> list[dict]:
+        preds = predict(images)
+        return [answered_entry(p, source="replay", latency_s=0.0, model=model,
+                               input_stats=input_statistics(predictor.transform(x))) for p, x in zip(preds, images)]
+
+    held_images = [load_gray(f) for f in held_files]
+    held_entries = entries(held_images)
+
+    def stream(pool: list[dict], n: int) -> list[dict]:
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(n // len(pool) + 1)])[:n]
+        return [pool[i] for i in order]
+
+    def evaluate(store) -> bool:
+        values = window_values(store.columns(last=limits.window), reference)
+        return any(row.alert for row in drift(reference, values, limits))
+
+    # In-distribution: false alert onsets per 1,000 evaluated analyses (once the window is full).
+    store = AnalysisStore(f"sqlite:///{tmp / 'indist.sqlite3'}")
+    states = replay(store, lambda: evaluate(store), stream(held_entries, args.in_distribution))
+    evaluated = states[limits.window - 1:]
+    onsets = sum(1 for a, b in zip([False, *evaluated], evaluated) if b and not a)
+    alerting = float(np.mean(evaluated))
+    print(f"in-distribution: {onsets} alert onsets in {len(evaluated)} evaluations", flush=True)
+
+    other = sorted(p for p in (SHARED / "other-cxr").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    other_images = []
+    for p in other:
+        try:
+            other_images.append(load_gray(p))
+        except Exception:
+            continue
+    shifted = {"other-cxr images": entries(other_images), **{k: entries(v) for k, v in shifts(held_images).items()},
+               "prevalence (findings only)": [e for e, f in zip(held_entries, held_files) if finding[f.name]]}
+    delays = {}
+    for name, pool in shifted.items():
+        store = AnalysisStore(f"sqlite:///{tmp / (str(abs(hash(name))) + '.sqlite3')}")
+        for entry in stream(held_entries, limits.window):
+            record_now(store, entry)
+        delay = None
+        for i, entry in enumerate(stream(pool, args.max_delay), start=1):
+            record_now(store, entry)
+            if evaluate(store):
+                delay = i
+                break
+        delays[name] = (delay, len(pool))
+        print(f"{name}: delay {delay}", flush=True)
+
+    rates = write_rates(stream(held_entries, args.writes), predictor, tmp)
+
+    lines = ["# Drift detection and store throughput (benchmarks/bench_drift.py)", "",
+             f"Reference: {len(ref_files)} images of half the shared NIH sample's patients; in-distribution stream: "
+             f"{len(held_files)} held-out images of the other half, reshuffled to {args.in_distribution}. Window "
+             f"{limits.window}, PSI limit {limits.psi}, alpha {limits.alpha} (Bonferroni over "
+             f"{len(reference.samples)} quantities). Model: "
+             f"{'random-initialised ResNet-18, 128 px' if not args.checkpoint else checkpoint}.", "",
+             "| stream | images in pool | detection delay (images) |", "|---|---|---|"]
+    for name, (delay, pool) in delays.items():
+        lines.append(f"| {name} | {pool} | {delay if delay is not None else f'not within {args.max_delay}'} |")
+    lines += ["", f"In-distribution: {onsets} alert onsets in {len(evaluated)} evaluations = "
+              f"**{1000 * onsets / len(evaluated):.2f} false alerts per 1,000 images** "
+              f"(alerting {100 * alerting:.1f}% of the time).", "",
+              "| writer | analyses / s | ratio to the model |", "|---|---|---|"]
+    model_rate = list(rates.values())[-1]
+    for name, rate in rates.items():
+        lines.append(f"| {name} | {rate:.0f} | {rate / model_rate:.1f}x |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    plot(delays, args.max_delay, Path(args.out).with_suffix(".png"))
+    print("\n".join(lines))
+    return 0
+
+
+def write_rates(write: list[dict], predictor, tmp: Path) -> dict[str, float]:
+    """Analyses per second recorded by SQLite and by a PostgreSQL started here, one transaction per analysis as the
+    app records them, and the model's own rate, in the same run."""
+    from storeutil import create_database, postgres_server
+
+    from chestxray.store import AnalysisStore
+
+    rates = {}
+    sqlite_store = AnalysisStore(f"sqlite:///{tmp / 'writes.sqlite3'}")
+    start = time.perf_counter()
+    for e in write:
+        record_now(sqlite_store, e)
+    rates["SQLite (file, WAL)"] = len(write) / (time.perf_counter() - start)
+    with postgres_server() as server:
+        pg = AnalysisStore(create_database(server))
+        start = time.perf_counter()
+        for e in write:
+            record_now(pg, e)
+        rates["PostgreSQL (local, TCP)"] = len(write) / (time.perf_counter() - start)
+        pg.dispose()
+    sample = (SHARED / "nih" / "images").glob("*.png").__next__().read_bytes()
+    predictor.predict(sample)
+    n_model = 10
+    start = time.perf_counter()
+    for _ in range(n_model):
+        predictor.predict(sample)
+    rates[f"the model itself ({predictor.meta.arch} {predictor.meta.image_size} px, 1024 px PNG, 2 threads)"] = \
+        n_model / (time.perf_counter() - start)
+
+    return rates
+
+
+def plot(delays: dict, cap: int, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(delays)
+    values = [d if d is not None else cap for d, _ in delays.values()]
+    bars = ax.barh(names, values, color=["#1f5fbf" if d is not None else "#b91c1c" for d, _ in delays.values()])
+    ax.axvline(200, color="grey", ls="--", label="goal: 200 images")
+    ax.set_xlabel("shifted images until the alert (red: not detected)")
+    ax.legend(fontsize=8)
+    ax.bar_label(bars, labels=[str(d) if d is not None else "none" for d, _ in delays.values()], fontsize=8)
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
