@@ -364,7 +364,7 @@ def monitor_page():
     figures = monitor_figures(period)
     status = m.status()
     window = m.store.columns(last=m.limits.window, model_hash=m.model.hash)
-    in_scope = np.array([v is not False for v in window["in_scope"]]) & (window["outcome"] == "answered")
+    in_scope = np.array([v is not False for v in window["in_scope"]], dtype=bool) & (window["outcome"] == "answered")
     calls = window["call"][in_scope]
     labels = window["labels"] or (list(m.reference.prevalence) if m.reference else [])
     label_rows = []

@@ -318,7 +318,7 @@ def periods(columns: Mapping, unit: str, reference: Reference | None, limits: Al
         part = {key: (np.asarray(value)[sel] if key != "labels" else value) for key, value in columns.items()}
         outcome = part["outcome"]
         answered = outcome == "answered"
-        in_scope = np.array([v is not False for v in part["in_scope"]]) & answered
+        in_scope = np.array([v is not False for v in part["in_scope"]], dtype=bool) & answered
         calls = part["call"][in_scope] if len(part["labels"]) else np.empty((0, 0))
         out.append(Period(
             start=start,

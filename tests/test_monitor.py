@@ -126,3 +126,32 @@ def test_periods_start_on_the_day_and_on_monday():
     when = datetime(2026, 12, 5, 17, 3, tzinfo=UTC)  # a Saturday
     assert period_start(when, "day") == datetime(2026, 12, 5, tzinfo=UTC)
     assert period_start(when, "week") == datetime(2026, 11, 30, tzinfo=UTC)
+
+
+def test_fit_trust_stores_the_reference_of_its_calibration_split(tiny_checkpoint, nih_dir):
+    """The reference comes from the same pass as the calibration: its probabilities are the calibrated ones, its
+    brightness and contrast those the app measures; a checkpoint without one still loads."""
+    from chestxray.checkpoint import load_checkpoint
+    from chestxray.data import XrayDataset, collate_batch, load_index
+    from chestxray.transforms import build_transform
+    from chestxray.trust import Trust, fit_trust
+
+    model, meta, _ = load_checkpoint(tiny_checkpoint)
+    index = load_index(nih_dir, allow_missing=True)
+    small = index[index["path"].astype(str).str.contains(r"[/\\]images_64[/\\]")].iloc[:40].reset_index(drop=True)
+    dataset = XrayDataset(small, meta.labels, build_transform(meta))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=20, collate_fn=collate_batch)
+    trust, _ = fit_trust(model, meta.labels, loader, loader, small["patient"].to_numpy(), "cpu",
+                         build_normalize(meta), n_boot=10)
+    ref = trust.reference
+    assert ref.n_images == 40 and set(ref.samples) == {*(f"probability:{n}" for n in meta.labels), "scope_score",
+                                                       "brightness", "contrast"}
+    inputs = [dataset[i][0] for i in range(len(dataset))]
+    assert np.allclose(ref.samples["brightness"], np.sort([input_statistics(x)[0] for x in inputs]), atol=1e-5)
+    targets = np.stack([dataset[i][1].numpy() for i in range(len(dataset))])
+    assert ref.prevalence == pytest.approx(dict(zip(meta.labels, targets.mean(axis=0))))
+    assert ref.out_of_scope_rate == pytest.approx(np.mean(ref.samples["scope_score"] > trust.scope.limit))
+    stored = trust.to_dict()
+    assert Trust.from_checkpoint({"trust": stored}, meta.labels).reference.prevalence == ref.prevalence
+    del stored["reference"]  # a checkpoint fitted before the monitor existed
+    assert Trust.from_checkpoint({"trust": stored}, meta.labels).reference is None

@@ -201,3 +201,14 @@ def test_no_patient_data_reaches_the_database_from_any_entry_point(make_app, mon
              client.get("/api/results").data, client.get("/api/results.csv").data, client.get("/metrics").data]
     for blob in blobs:
         assert [s for s in secrets if s.encode() in blob] == []
+
+
+def test_a_fresh_database_shows_the_monitor_even_without_a_model(make_app, tmp_path):
+    app = make_app(CHECKPOINT=str(tmp_path / "missing.pth"))
+    client = app.test_client()
+    page = client.get("/monitor")
+    assert page.status_code == 200 and b'id="no-reference"' in page.data
+    assert b"No analyses in this span yet" in page.data
+    assert client.get("/monitor/volume.png?period=week").data.startswith(b"\x89PNG")
+    assert client.get("/api/results").get_json() == {"analyses": [], "count": 0, "next": None}
+    assert b"chestxray_store_write_errors_total 0.0" in client.get("/metrics").data
