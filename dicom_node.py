@@ -924,9 +924,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated calling AE titles allowed to connect (default: any)")
     group.add_argument("--dicom-send", default=None, metavar="AET@HOST:PORT",
                        help="send each result as Secondary Capture + SR to this PACS (default: send nothing)")
-    group.add_argument("--dicom-spool", default=str(DEFAULT_SPOOL),
+    group.add_argument("--dicom-spool", default=None,
                        help="folder keeping received images and unsent results until they are delivered, so a "
-                            "restart loses none; made 0700, it holds patient data (default: %(default)s)")
+                            "restart loses none; made 0700, it holds patient data (default: dicom-spool in "
+                            "--instance-dir, else instance/dicom-spool)")
     group.add_argument("--dicom-max-pending", type=int, default=MAX_PENDING,
                        help="images and unsent results the spool may hold; beyond it C-STOREs are refused with "
                             "0xA700 (out of resources) and the sender keeps them (default: %(default)s)")
@@ -953,11 +954,17 @@ def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis
     allow = [aet.strip() for aet in args.dicom_allow.split(",") if aet.strip()]
     send_to = Destination.parse(args.dicom_send) if args.dicom_send else None
     return DicomNode(analyse, aet=args.dicom_aet, host=args.dicom_host, port=args.dicom_port, allow=allow,
-                     send_to=send_to, spool=args.dicom_spool, max_pending=args.dicom_max_pending,
+                     send_to=send_to, spool=args.dicom_spool or spool_folder(args), max_pending=args.dicom_max_pending,
                      max_pending_bytes=int(args.dicom_max_pending_mb * 2**20),
                      max_dataset_bytes=int(args.dicom_max_dataset_mb * 2**20),
                      max_associations=args.dicom_max_associations, max_per_peer=args.dicom_max_per_peer,
                      connect_timeout=args.dicom_connect_timeout)
+
+
+def spool_folder(args: argparse.Namespace) -> Path:
+    """The default spool: dicom-spool in main.py's --instance-dir (beside the secret key), else DEFAULT_SPOOL."""
+    instance = getattr(args, "instance_dir", None)
+    return Path(instance) / "dicom-spool" if instance else DEFAULT_SPOOL
 
 
 def model_name(predictor) -> str:

@@ -438,7 +438,8 @@ def web(tiny_checkpoint, tmp_path):
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
-    args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET])
+    args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET,
+                                              "--instance-dir", str(tmp_path / "instance")])
     node = worklist.start_node(app, args)
     try:
         yield app, node
@@ -533,7 +534,7 @@ def test_a_real_server_with_a_dicom_node_never_shows_patient_data(tiny_checkpoin
     console = tmp_path / "console.log"
     cmd = [sys.executable, str(root / "main.py"), "--checkpoint", str(tiny_checkpoint), "--port", "0",
            "--results-dir", str(tmp_path / "results"), "--device", "cpu", "--dicom-port", "0",
-           "--dicom-send", f"{PACS_AET}@127.0.0.1:{free_port()}"]
+           "--dicom-send", f"{PACS_AET}@127.0.0.1:{free_port()}", "--instance-dir", str(tmp_path / "instance")]
     proc = forked.popen(cmd, cwd=root, stdout=console)
     try:
         deadline = time.monotonic() + WAIT
