@@ -205,7 +205,7 @@ def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertL
         if name == OUT_OF_SCOPE:
             k, n = int(v.sum()), len(v)
             p = binomtest(k, n, reference.out_of_scope_rate, alternative="greater").pvalue if n else None
-            rows.append(DriftRow(name, n, None, None, p, n >= min_n and p is not None and p < alpha,
+            rows.append(DriftRow(name, n, None, None, p, bool(n >= min_n and p is not None and p < alpha),
                                  observed=k / n if n else None, expected=reference.out_of_scope_rate))
             continue
         if len(v) == 0:
@@ -215,7 +215,7 @@ def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertL
         result = ks_2samp(v, ref)
         index = psi(ref, v)
         rows.append(DriftRow(name, len(v), index, float(result.statistic), float(result.pvalue),
-                             len(v) >= min_n and index > limits.psi and result.pvalue < alpha))
+                             bool(len(v) >= min_n and index > limits.psi and result.pvalue < alpha)))
     return rows
 
 

@@ -127,6 +127,7 @@ def inverted(path: Path) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow(9)
 def test_monitor_metrics_and_the_drift_notice(app):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -141,9 +142,13 @@ def test_monitor_metrics_and_the_drift_notice(app):
     assert client.get("/monitor/nothing.png").status_code == 404
     for path in SMALL[:20]:  # inverted films: darker, different texture, out of scope
         rid = upload(client, inverted(path)).get_json()["id"]
-    app.extensions["chestxray.monitor"]._status = None
-    result_page = client.get(f"/results/{rid}").data
-    assert b'id="drift-notice"' in result_page and b"input brightness" in result_page
+    import monitoring
+
+    status = app.extensions["chestxray.monitor"].status()
+    assert status.n == 20 and status.alerts  # the window is full of inverted films
+    result_page = client.get(f"/results/{rid}").data.decode()
+    assert 'id="drift-notice"' in result_page
+    assert all(monitoring.quantity_name(row.quantity) in result_page for row in status.alerts)
     monitor_page = client.get("/monitor").data
     assert b"Drift alert." in monitor_page and b"ALERT" in monitor_page
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").data.decode())}
@@ -151,7 +156,8 @@ def test_monitor_metrics_and_the_drift_notice(app):
               if s.name.endswith("_total")}
     assert totals == {(("outcome", "answered"), ("source", "api")): 21.0}
     alerts = {s.labels["quantity"]: s.value for s in families["chestxray_drift_alert"].samples}
-    assert alerts["brightness"] == 1.0 and families["chestxray_drift_window_analyses"].samples[0].value == 20
+    assert alerts == {row.quantity: float(row.alert) for row in status.rows} and 1.0 in alerts.values()
+    assert families["chestxray_drift_window_analyses"].samples[0].value == 20
     assert {s.labels["quantile"] for s in families["chestxray_latency_seconds"].samples} == {"0.5", "0.95"}
 
 
