@@ -17,6 +17,7 @@ from conftest import DICOM_MONO2, NIH_PNG
 from pypdf import PdfReader
 from webutil import results_dir, saved_ids, upload
 
+from chestxray.evidence import format_call
 from chestxray.report_pdf import strongest_zone
 from chestxray.results import label_names, ranked
 from main import create_app
@@ -156,7 +157,8 @@ def test_the_view_is_in_the_permalink_and_the_report_link(client):
     for link in (permalink, report):
         assert all(part in link for part in ("label=Mass", "opacity=30", "plain=1", "scale=shared")), link
     assert 'id="plain" value="1" checked' in page
-    fallback = client.get(f"/results/{rid}?label=Nope&scale=odd&opacity=x").data.decode()
+    assert client.get(f"/results/{rid}?label=Nope").status_code == 404  # never another label's map under its name
+    fallback = client.get(f"/results/{rid}?scale=odd&opacity=x").data.decode()
     assert "scale=" not in re.search(r'href="([^"]+)" id="permalink"', fallback).group(1)
 
 
@@ -166,8 +168,11 @@ def test_page_title_names_the_image_and_its_top_call(client):
     title = html.unescape(re.search(r"<title>(.*?)</title>", client.get(f"/results/{rid}").data.decode(), re.S)
                           .group(1))
     top = next(row for row in ranked(record) if row["positive"])
-    assert title.startswith(f"{top['label'].replace('_', ' ')} positive ({100 * top['probability']:.1f}%)")
-    assert f"PNG {record['original_size'][0]}×{record['original_size'][1]} X-ray, result {rid[:8]}" in title
+    p_text = format_call(top["probability"], top["threshold"])[0]  # the findings table's string
+    assert title.startswith(f"{top['label'].replace('_', ' ')} positive ({p_text})")
+    # "X-ray" only once the in-scope check has accepted the image; the tiny model has no scope statistics.
+    kind = "X-ray" if record.get("in_scope") is True else "image"
+    assert f"PNG {record['original_size'][0]}×{record['original_size'][1]} {kind}, result {rid[:8]}" in title
 
 
 def test_heatmap_descriptions_name_where_each_map_peaks(client):
