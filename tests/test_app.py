@@ -667,7 +667,7 @@ def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny
     doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())
     shared = ["labels", "positive", "format", "original_size", "model", "in_scope", "scope_score", "scope_limit",
-              "scope", "warning", "calibrated"]
+              "scope", "warning", "calibrated", "orientation"]
     assert set(line) == {*shared, "image"}  # the CLI adds the path (and "heatmaps" with --out)
     assert set(record) == {*shared, "id", "created", "display_size", "source"}  # source: a keyed client hash
     assert set(doc) == {*record, "image", "heatmaps", "heatmaps_npy", "report", "result"} - {"source"}  # + URLs

@@ -192,7 +192,7 @@ def trained_on_sample(tmp_path_factory):
     validation split."""
     folder = tmp_path_factory.mktemp("int8")
     args = train.get_args_parser().parse_args([
-        "--data-dir", str(GATE_DIR), "--image-size", "64", "--epochs", "1", "--no-pretrained", "--device", "cpu",
+        "--data-dir", str(GATE_DIR), "--image-size", "64", "--epochs", "2", "--no-pretrained", "--device", "cpu",
         "--arch", "resnet18", "--limit", "256", "--workers", "0", "--no-progress",
         "--output", str(folder / "sample.pth"), "--run-dir", str(folder / "run")])
     assert train.main(args) == 0
