@@ -63,7 +63,7 @@ def test_predictions_cli_on_the_corpus(tiny_checkpoint, tmp_path):
     files = [str(p) for p in sorted(inputs.iterdir())]
     result = forked.run(
         [sys.executable, "predictions.py", *files, "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-         "--device", "cpu", "--heatmaps", "positive"],  # positive only: the corpus holds 25-60 MP images
+         "--device", "cpu", "--heatmaps", "positive", "--allow-untrusted"],  # positive only: 25-60 MP images
         cwd=ROOT, timeout=300,
     )
     assert result.returncode == 1  # some images failed
