@@ -553,7 +553,7 @@ def test_a_failed_save_leaves_nothing_behind(make_app, monkeypatch):
 
     monkeypatch.setattr(results_module, "_render_heatmap", fail)
     response = app.test_client().post("/api/predict", data=upload(NIH_PNG))
-    assert response.status_code == 500 and list(results_dir(app).iterdir()) == []
+    assert response.status_code == 503 and list(results_dir(app).iterdir()) == []
 
 
 def test_csrf_protects_the_form_but_not_the_api(make_app):
