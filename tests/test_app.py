@@ -220,7 +220,7 @@ def test_predict_redirects_to_result_page_with_all_labels(client, app, tiny_pred
     assert 'id="opacity"' in body and 'id="plain"' in body
     # model panel: arch, input size, training data, validation AUROC per label, date
     assert "resnet18" in body and "64 × 64 px" in body and "random init (test fixture)" in body
-    assert "2026-11-25" in body and body.count("<td class=\"num\">0.500</td>") == len(expected.labels)
+    assert "2026-11-25" in body and body.count("<td class=\"num\">0.50</td>") == len(expected.labels)
 
 
 def test_label_opacity_and_plain_view_render_server_side(client):
