@@ -231,8 +231,9 @@ def test_label_opacity_and_plain_view_render_server_side(client):
     assert 'class="heat op-3"' in body and 'value="30"' in body and "hidden>" not in body
     plain = client.get(f"/results/{rid}?label=Mass&plain=1").data.decode()
     assert re.search(r'<img class="heat[^>]*hidden>', plain)
-    unknown = client.get(f"/results/{rid}?label=NotALabel&opacity=abc")
-    assert unknown.status_code == 200 and b'class="heat op-6"' in unknown.data
+    assert client.get(f"/results/{rid}?label=NotALabel").status_code == 404  # a typo in a link is not a silent default
+    bad_opacity = client.get(f"/results/{rid}?label=Mass&opacity=abc")
+    assert bad_opacity.status_code == 200 and b'class="heat op-6"' in bad_opacity.data
 
 
 def test_saved_result_layout_and_contents(client, app, tiny_predictor):

@@ -221,7 +221,7 @@ def test_result_prints_on_one_page_and_downloads_a_pdf_report(site, browser):
     for hidden in ("#opacity", "#delete-button", "#permalink", ".site-header nav"):
         assert page.locator(hidden).is_hidden(), hidden
     printed = PdfReader(io.BytesIO(page.pdf(format="A4", print_background=True)))
-    assert len(printed.pages) == 1
+    assert len(printed.pages) == 1, [p.extract_text() for p in printed.pages]
     # NFKC: the PDF's text layer sets "ff", "fi" and "fl" as ligatures (U+FB00...), and a random result id often holds
     # "ff"; this test failed about one run in ten before the text was normalised.
     text = unicodedata.normalize("NFKC", printed.pages[0].extract_text())
