@@ -59,7 +59,7 @@ def create_app(config: dict | None = None) -> Flask:
         RESULT_MIN_AGE=600,  # seconds: a younger result is never pruned, so no one can flush another's new results
         MAX_FILES=20,
         MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
-        ANALYSIS_QUEUE=1,  # requests that may wait for a slot; more get 503 + Retry-After
+        ANALYSIS_QUEUE=9,  # requests that may wait, in arrival order, for a slot; more get 503 + Retry-After
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
         MAX_REPORT_PAGES=20,  # results in one PDF report (each page costs about half a second of CPU)
         # Host names the app answers to (Flask refuses any other Host header with 400): a page on another site

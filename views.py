@@ -7,6 +7,7 @@ unknown, expired or deleted result id), which any view may let through: webhttp 
 """
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import hmac
@@ -95,34 +96,47 @@ class ReadOnlyResults(ServiceUnavailable):
 
 
 class AnalysisGate:
-    """At most `slots` analyses run at once and `queue` more wait (up to `wait` seconds); beyond that, Busy at once.
+    """At most `slots` analyses run at once and `queue` more wait, first come first served, up to `wait` seconds;
+    beyond that, Busy at once (503 with Retry-After).
 
     Bounding the analyses, not the worker threads, keeps threads free for /healthz and static files while images
-    are being analysed (issue 11: four requests of ten 60 MP PNGs each made /healthz wait 28 s).
+    are being analysed (four requests of ten 60 MP PNGs each once made /healthz wait 28 s). The waiting requests
+    form a line: a request that arrives while others wait never overtakes them, so a few readers sharing a server
+    each wait their turn instead of one waiting for ever.
     """
 
     def __init__(self, slots: int, queue: int, wait: float = 60.0):
-        self.slots, self.capacity, self.wait = threading.BoundedSemaphore(slots), slots + queue, wait
-        self.admitted = 0  # analysing + waiting
-        self._lock = threading.Lock()
+        self.slots, self.capacity, self.wait = slots, slots + queue, wait
+        self._running = 0
+        self._line: collections.deque = collections.deque()  # waiting requests' tickets, in arrival order
+        self._cond = threading.Condition()
+
+    @property
+    def admitted(self) -> int:
+        """Requests analysing or waiting."""
+        with self._cond:
+            return self._running + len(self._line)
 
     @contextmanager
     def enter(self) -> Iterator[None]:
-        """Hold one analysis slot for the block; raises Busy when the queue is full or the wait runs out."""
-        with self._lock:
-            if self.admitted >= self.capacity:
+        """Hold one analysis slot for the block; raises Busy when the line is full or the wait runs out."""
+        ticket = object()
+        with self._cond:
+            if self._running + len(self._line) >= self.capacity:
                 raise Busy(retry_after=RETRY_AFTER_SECONDS)
-            self.admitted += 1
+            self._line.append(ticket)
+            turn = self._cond.wait_for(lambda: self._line[0] is ticket and self._running < self.slots, self.wait)
+            self._line.remove(ticket)
+            self._cond.notify_all()  # the next in line may be first now
+            if not turn:
+                raise Busy(retry_after=RETRY_AFTER_SECONDS)
+            self._running += 1
         try:
-            if not self.slots.acquire(timeout=self.wait):
-                raise Busy(retry_after=RETRY_AFTER_SECONDS)
-            try:
-                yield
-            finally:
-                self.slots.release()
+            yield
         finally:
-            with self._lock:
-                self.admitted -= 1
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
 
 
 def no_model_message(reason: str) -> str:

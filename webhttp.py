@@ -169,7 +169,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes the app)")
     parser.add_argument("--port", type=int, default=5000, help="port (default: %(default)s; 0 picks a free one)")
-    parser.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=12,
+                        help="waitress worker threads; a request waiting for an analysis slot holds one, so the "
+                             "default (2 analysing, 9 waiting in line, 1 kept for /healthz) lets 8 or more readers "
+                             "wait their turn instead of being refused (default: %(default)s)")
     parser.add_argument("--connection-limit", type=int, default=500,
                         help="open connections waitress accepts at once (default: %(default)s; under the 1024 of "
                              "select())")

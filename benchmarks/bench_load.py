@@ -59,9 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--backend", choices=("torch", "onnx"), default="torch", help="the server's --backend; onnx exports the "
         "checkpoint beside itself first (default: %(default)s)")
     add("--retention", type=int, default=50, help="the server's --retention (default: %(default)s)")
-    add("--threads", type=int, default=10, help="the server's waitress --threads; THREADS - MAX_ANALYSES - 1 "
-        "requests may wait for an analysis slot, so keep it above --clients (default: %(default)s)")
-    add("--max-analyses", type=int, default=2, help="the server's --max-analyses (default: %(default)s)")
+    add("--threads", type=int, default=None, help="the server's waitress --threads; THREADS - MAX_ANALYSES - 1 "
+        "requests may wait for an analysis slot (default: the server's own default)")
+    add("--max-analyses", type=int, default=None, help="the server's --max-analyses (default: the server's own)")
     add("--timeout", type=float, default=120.0, help="seconds allowed per request (default: %(default)s)")
     add("--max-seconds", type=float, default=900.0, help="stop sending after this long (default: %(default)s)")
     add("--out", default=str(ROOT / "benchmarks" / "results" / "load.md"), help="Markdown report (default: "
@@ -83,6 +83,14 @@ class Outcome:
     status: int
     probabilities: dict[str, float] | None = None
     error: str | None = None
+
+
+def server_defaults() -> argparse.Namespace:
+    """`python main.py`'s own defaults (--threads, --max-analyses, ...), so the benchmark measures what users run."""
+    sys.path.insert(0, str(ROOT))
+    import main as app_main
+
+    return app_main.get_args_parser().parse_args([])
 
 
 def multipart(data: bytes, filename: str) -> bytes:
@@ -138,8 +146,9 @@ def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_
     port = free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
-           "--threads", str(args.threads), "--max-analyses", str(args.max_analyses), "--device", "cpu",
-           "--min-age", "0", "--backend", args.backend]  # --min-age 0: pruned to the retention at once
+           "--device", "cpu", "--min-age", "0", "--backend", args.backend]  # --min-age 0: pruned at once
+    cmd += ["--threads", str(args.threads)] if args.threads is not None else []
+    cmd += ["--max-analyses", str(args.max_analyses)] if args.max_analyses is not None else []
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
@@ -339,6 +348,9 @@ back at the retention as soon as they are done."""
 
 def main(args: argparse.Namespace) -> int:
     """Run the load test, print and write the report; exit code 0 when every goal is met."""
+    server = server_defaults()
+    args.threads = server.threads if args.threads is None else args.threads
+    args.max_analyses = server.max_analyses if args.max_analyses is None else args.max_analyses
     if args.healthz_run:
         return healthz_run(args)
     paths = sorted(Path(args.image_dir).glob("*.png"))[: args.images]

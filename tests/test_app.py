@@ -152,7 +152,7 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
             pass
 
     def create_server(app, host, port, threads, max_request_body_size, **options):
-        served.update(app=app, host=host, port=port, max_body=max_request_body_size, options=options)
+        served.update(app=app, host=host, port=port, threads=threads, max_body=max_request_body_size, options=options)
         return FakeServer()
 
     monkeypatch.setattr(waitress, "create_server", create_server)
@@ -171,6 +171,10 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     app = served["app"]
     assert app.config["RETENTION"] == 7 and app.config["RESULTS_DIR"] == str(tmp_path)
     assert app.extensions["chestxray"].predictor is not None
+    # With the defaults, 8 readers posting at once all get a slot or a place in line (none refused), and one
+    # worker thread is left for /healthz and the pages.
+    admitted = app.config["MAX_ANALYSES"] + app.config["ANALYSIS_QUEUE"]
+    assert admitted >= 8 and admitted == served["threads"] - 1
 
 
 def test_invalid_retention_is_refused(make_app):

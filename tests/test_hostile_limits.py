@@ -22,6 +22,7 @@ from hostile import CORPUS, blank_png, png_bytes
 from PIL import Image
 
 from chestxray.results import RESULT_ID
+import views
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]
 
@@ -139,6 +140,58 @@ def test_requests_wait_in_the_queue_before_being_refused(make_app, monkeypatch):
         for worker in workers:
             worker.join(30)
     assert [a.status_code for a in answers] == [200, 200]
+
+
+def _queue_up(gate, order: list, n: int) -> list[threading.Thread]:
+    """n threads entering `gate` one after another (each counted by the gate before the next starts)."""
+    threads = []
+    for k in range(n):
+        def enter(k=k):
+            with gate.enter():
+                order.append(k)
+        before = gate.admitted
+        thread = threading.Thread(target=enter)
+        thread.start()
+        for _ in range(300):
+            if gate.admitted == before + 1:
+                break
+            threading.Event().wait(0.01)
+        assert gate.admitted == before + 1
+        threads.append(thread)
+    return threads
+
+
+def test_waiting_requests_get_their_slot_in_arrival_order():
+    gate = views.AnalysisGate(slots=1, queue=5, wait=30)
+    order: list = []
+    with gate.enter():  # the one slot is taken: everyone else lines up
+        threads = _queue_up(gate, order, 5)
+        assert order == []
+    with gate.enter():  # arrives just as the slot frees: it must not overtake the five already waiting
+        order.append("late")
+    for thread in threads:
+        thread.join(30)
+    assert order == [0, 1, 2, 3, 4, "late"] and gate.admitted == 0
+
+
+def test_a_request_that_waits_too_long_is_refused_and_leaves_the_line():
+    gate = views.AnalysisGate(slots=1, queue=2, wait=0.2)
+    outcome: list = []
+
+    def wait_in_line():
+        try:
+            with gate.enter():
+                outcome.append("ran")
+        except views.Busy as exc:
+            outcome.append(exc.retry_after)
+
+    with gate.enter():
+        thread = threading.Thread(target=wait_in_line)
+        thread.start()
+        thread.join(30)
+        assert outcome == [views.RETRY_AFTER_SECONDS] and gate.admitted == 1  # only the holder is left
+    with gate.enter():  # the line did not jam: the next request gets the slot
+        assert gate.admitted == 1
 
 
 # ---------------------------------------------------------------- item 7: cross-origin API requests
