@@ -1,7 +1,7 @@
 """Benchmark: the in-scope check's accept rate on real chest X-rays and reject rate on other images; calibration.
 
     python Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained \
-        --device cpu --output /tmp/x.pth                                   # the README's smoke model
+        --device cpu --output /tmp/x.pth                                   # docs/TRAINING.md's smoke run
     python Model_Training/fit_trust.py --checkpoint /tmp/x.pth --data-dir ../shared/data/nih
     python benchmarks/bench_scope.py --checkpoint /tmp/x.pth --data-dir ../shared/data/nih
 

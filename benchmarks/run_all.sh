@@ -17,7 +17,7 @@ $PY benchmarks/bench_scope_time.py
 $PY benchmarks/bench_startup.py
 $PY benchmarks/bench_drift.py
 $PY benchmarks/bench_drift.py --alpha 0.001 --out benchmarks/results/drift-alpha1e-3.md
-# The in-scope and calibration figures need a model trained on the sample (the README's smoke command) and fitted.
+# The in-scope and calibration figures need a model trained on the sample (docs/TRAINING.md's smoke command) and fitted.
 SMOKE=${SMOKE:-/tmp/chestxray-smoke.pth}
 TRAIN="Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained --device cpu"
 [ -f "$SMOKE" ] || $PY $TRAIN --output "$SMOKE" --no-progress

@@ -162,10 +162,10 @@ def test_a_study_pushed_by_the_pacs_comes_back_with_results(pacs, tmp_path):
 
 
 @pytest.mark.slow(6)
-def test_the_readmes_orthanc_auto_forward_sends_new_radiographs_and_does_not_loop(tiny_predictor, tmp_path):
-    """The README's Lua script: an image stored in Orthanc goes to the node; the results stored back are not sent."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    lua = readme.split("```lua\n", 1)[1].split("```", 1)[0]
+def test_the_pacs_guides_orthanc_auto_forward_sends_new_radiographs_and_does_not_loop(tiny_predictor, tmp_path):
+    """docs/PACS.md's Lua script: an image stored in Orthanc goes to the node; the results stored back are not sent."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "PACS.md").read_text()
+    lua = guide.split("```lua\n", 1)[1].split("```", 1)[0]
     assert "SendToModality" in lua
     (tmp_path / "forward.lua").write_text(lua)
     analyser = Analyser(tiny_predictor)
