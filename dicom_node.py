@@ -11,6 +11,9 @@
   nothing of Flask). A data set over max_dataset_bytes (refused before decoding, never held whole), a spool at its
   limits (max_pending items or max_pending_bytes), a disk that cannot be written, or a results store that cannot
   save all answer 0xA700 (out of resources): the sender keeps the image and retries, nothing is lost silently.
+- Every C-STORE refused at reception is reported to `on_refusal(outcome, reason)` when given (the app records it in
+  the results database, monitoring.py): outcome "refused" when the input is at fault, "failed" when the node is (no
+  room, a disk or results store that cannot save); reason is one of REFUSALS' fixed categories, never header text.
 - With a destination, each in-scope result (Secondary Capture + Comprehensive SR, chestxray.dicom_out) is written to
   the spool's outbox and sent from a separate thread; while the destination is down one result probes with back-off,
   the others wait on disk, and the log gets one line when it goes down and one when it comes back. A restart
@@ -73,7 +76,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from chestxray.dicom_out import ReportContent, build_secondary_capture, build_structured_report
-from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, read_xray
+from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, UnsupportedFormat, read_xray
 
 log = logging.getLogger("dicom_node")
 
@@ -91,6 +94,18 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 SUCCESSFUL_STORE = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (the object was stored)
+# Why a C-STORE was refused at reception: (outcome for the results database, reason). Fixed words only: nothing of
+# the data set (a name, an ID, a UID, a file name) may reach on_refusal.
+REFUSALS = {
+    "too large": ("refused", "data set over the size limit (0xA700)"),
+    "undecodable": ("refused", "data set cannot be decoded (0xC000)"),
+    "sop class": ("refused", "SOP class does not match (0xA900)"),
+    "unsupported": ("refused", "unsupported format (0xC000)"),
+    "unreadable": ("refused", "unreadable image (0xC000)"),
+    "spool full": ("failed", "out of resources: spool full (0xA700)"),
+    "disk": ("failed", "out of resources: spool cannot be written (0xA700)"),
+    "store failing": ("failed", "out of resources: results cannot be saved (0xA700)"),
+}
 
 DEFAULT_AET = "CXR_AI"
 RESULT_SOURCE = "dicom-node"  # the results store's retention key for received images
@@ -406,6 +421,7 @@ class DicomNode:
     max_pending images and unsent results (and max_pending_bytes of them) in the spool; max_associations at once,
     max_per_peer from one address; connect_timeout for a new connection to ask for an association. spool: the folder
     keeping received images and unsent results across restarts (None: a temporary folder, removed by stop()).
+    on_refusal(outcome, reason): called once per C-STORE refused at reception, with a REFUSALS entry.
     """
 
     def __init__(self, analyse: Callable[[bytes], Analysis], *, aet: str = DEFAULT_AET, host: str = "127.0.0.1",
@@ -414,7 +430,8 @@ class DicomNode:
                  max_pending_bytes: int = MAX_PENDING_BYTES, max_dataset_bytes: int = MAX_DATASET_BYTES,
                  max_associations: int = MAX_ASSOCIATIONS, max_per_peer: int = MAX_PER_PEER,
                  connect_timeout: float = CONNECT_TIMEOUT, retry_delays: Sequence[float] = RETRY_DELAYS,
-                 worklist_size: int = 1000, timeout: float = 30.0) -> None:
+                 worklist_size: int = 1000, timeout: float = 30.0,
+                 on_refusal: Callable[[str, str], None] | None = None) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"a DICOM AE title has 1 to 16 characters; got {aet!r}")
         if max_dataset_bytes < 1 or max_associations < 2 or not 1 <= max_per_peer or connect_timeout <= 0:
@@ -423,6 +440,7 @@ class DicomNode:
         if not retry_delays or min(retry_delays) <= 0:
             raise ValueError(f"retry delays must be positive seconds; got {tuple(retry_delays)}")
         self.analyse = analyse
+        self.on_refusal = on_refusal
         self.aet = aet
         self.host = host
         self.port = port
@@ -603,15 +621,15 @@ class DicomNode:
         if isinstance(buffer, _CappedBuffer) and buffer.overflowed:
             log.warning("refused an image from %s: its data set is %.0f MiB, over the %.0f MiB limit (nothing "
                         "decoded)", _caller(event), buffer.received / 2**20, self.max_dataset_bytes / 2**20)
-            return OUT_OF_RESOURCES
+            return self._refuse(OUT_OF_RESOURCES, "too large")
         if self._store_failing:
             self._full.hit("the results store cannot save results (see the error above)")
-            return OUT_OF_RESOURCES
+            return self._refuse(OUT_OF_RESOURCES, "store failing")
         items, held = self.spool.used()
         if items >= self.spool.max_items or held >= self.spool.max_bytes:
             self._full.hit(f"{items} image(s) and unsent result(s) held, the limit is {self.spool.max_items} "
                            f"({self.spool.max_bytes / 2**20:.0f} MiB)")
-            return OUT_OF_RESOURCES
+            return self._refuse(OUT_OF_RESOURCES, "spool full")
         try:
             data = event.encoded_dataset(include_meta=True)
             dataset = event.dataset
@@ -619,36 +637,46 @@ class DicomNode:
             modality = _code_string(dataset.get("Modality", ""))
         except Exception:
             log.warning("refused an image from %s: its data set cannot be decoded", _caller(event))
-            return CANNOT_UNDERSTAND
+            return self._refuse(CANNOT_UNDERSTAND, "undecodable")
         if sop_class != str(event.context.abstract_syntax):
             log.warning("refused an image from %s: its SOP class does not match the negotiated one", _caller(event))
-            return DOES_NOT_MATCH_SOP_CLASS
+            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "sop class")
         try:
             # Decoded here, not only in the worker, so the sender learns now that the file is unreadable.
             read_xray(data)
         except InvalidImage as exc:
             # imaging's messages never hold header values (they may identify a patient): safe to log.
             log.warning("refused a %s image from %s: %s", modality or "DICOM", _caller(event), exc)
-            return CANNOT_UNDERSTAND
+            return self._refuse(CANNOT_UNDERSTAND, "unsupported" if isinstance(exc, UnsupportedFormat)
+                                else "unreadable")
         except Exception as exc:
             log.warning("refused a %s image from %s: %s while reading", modality or "DICOM", _caller(event),
                         type(exc).__name__)
-            return CANNOT_UNDERSTAND
+            return self._refuse(CANNOT_UNDERSTAND, "unreadable")
         name = f"{next(self._numbers):012d}-{modality if modality != '?' else ''}-{uuid.uuid4().hex[:8]}"
         try:
             path = self.spool.put_image(name, data)
         except SpoolFull as exc:
             self._full.hit(str(exc))
-            return OUT_OF_RESOURCES
+            return self._refuse(OUT_OF_RESOURCES, "spool full")
         except OSError as exc:
             # A full or read-only disk: the sender keeps the image and retries; nothing is acknowledged unsaved.
             log.error("refused an image from %s: it cannot be stored in %s (%s)", _caller(event), self.spool.root,
                       exc.strerror or type(exc).__name__)
-            return OUT_OF_RESOURCES
+            return self._refuse(OUT_OF_RESOURCES, "disk")
         if len(self.spool) < self.spool.max_items:
             self._full.clear()
         self._incoming.put(path)
         return SUCCESS
+
+    def _refuse(self, status: int, why: str) -> int:
+        """Report a refusal at reception to on_refusal (REFUSALS[why]) and return the status; never raises."""
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(*REFUSALS[why])
+            except Exception as exc:  # recording is bookkeeping: the sender still gets its status
+                log.error("a refused C-STORE could not be recorded: %s", type(exc).__name__)
+        return status
 
     # -- analysis (one worker thread) ------------------------------------------------------------------------------
 
@@ -945,8 +973,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds a new connection may take to ask for an association (default: %(default)s)")
 
 
-def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis]) -> DicomNode | None:
-    """A DicomNode from the --dicom-* flags (not started), or None without --dicom-port. Raises ValueError."""
+def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis],
+                   on_refusal: Callable[[str, str], None] | None = None) -> DicomNode | None:
+    """A DicomNode from the --dicom-* flags (not started), or None without --dicom-port; on_refusal as in
+    DicomNode. Raises ValueError."""
     if args.dicom_port is None:
         return None
     if not 0 <= args.dicom_port < 65536:
@@ -958,7 +988,7 @@ def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis
                      max_pending_bytes=int(args.dicom_max_pending_mb * 2**20),
                      max_dataset_bytes=int(args.dicom_max_dataset_mb * 2**20),
                      max_associations=args.dicom_max_associations, max_per_peer=args.dicom_max_per_peer,
-                     connect_timeout=args.dicom_connect_timeout)
+                     connect_timeout=args.dicom_connect_timeout, on_refusal=on_refusal)
 
 
 def spool_folder(args: argparse.Namespace) -> Path:
@@ -984,8 +1014,8 @@ def analyser(predictor, store, monitor=None) -> Callable[[bytes], Analysis]:
 
     def analyse(data: bytes) -> Analysis:
         started = time.perf_counter()
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
             prediction = predictor.predict(data)
         except Exception as exc:
             if monitor is not None:

@@ -127,6 +127,11 @@ class Monitor:
         self.record(refused_entry(source=source, reason=reason, outcome=outcome, model=self.model,
                                   latency_s=time.perf_counter() - started))
 
+    def refused_at_reception(self, source: str, outcome: str, reason: str) -> None:
+        """Record an input turned away before any analysis (the DICOM node's C-STORE refusals, dicom_node.REFUSALS):
+        outcome "refused" or "failed", reason a fixed category; no latency (nothing was analysed)."""
+        self.record(refused_entry(source=source, reason=reason, outcome=outcome, model=self.model, latency_s=None))
+
     def status(self) -> Status | None:
         """The drift alert status over the newest `limits.window` analyses of this model (cached briefly); None when
         the checkpoint has no reference."""

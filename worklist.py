@@ -7,6 +7,7 @@ The worklist holds no patient data: result id, received time, modality, scope, c
 from __future__ import annotations
 
 import argparse
+import functools
 
 from flask import Blueprint, Flask, current_app, render_template, request, url_for
 
@@ -46,7 +47,10 @@ def start_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | N
     state = app.extensions["chestxray"]
     if state.predictor is None:
         raise ValueError("the DICOM node needs a loaded model: " + no_model_message(state.error))
+    monitor = app.extensions.get("chestxray.monitor")
+    # Every outcome gets a row: analyses (answered or failed) through the analyser, refusals at reception here.
+    on_refusal = functools.partial(monitor.refused_at_reception, "dicom") if monitor is not None else None
     node = dicom_node.node_from_args(args, dicom_node.analyser(state.predictor, app.extensions["chestxray.results"],
-                                                                 app.extensions.get("chestxray.monitor")))
+                                                                 monitor), on_refusal)
     app.extensions["dicom_node"] = node.start()  # logs "DICOM node <AET> listening on <host>:<port>"
     return node

@@ -258,9 +258,11 @@ def test_a_full_disk_gets_a_failure_status_and_the_sender_retries_later(tiny_pre
         write(path, data, tmp)
 
     monkeypatch.setattr(dicom_node, "_write_durably", disk)
-    with DicomNode(analyser, port=0, spool=tmp_path / "spool") as node:
+    refusals = []  # what the app records in the results database (test_monitoring_web checks the rows)
+    with DicomNode(analyser, port=0, spool=tmp_path / "spool", on_refusal=lambda *r: refusals.append(r)) as node:
         full.set()
         assert send(node.port, sent) == [OUT_OF_RESOURCES] * 2
+        assert refusals == [("failed", "out of resources: spool cannot be written (0xA700)")] * 2
         full.clear()
         assert send(node.port, sent) == [0x0000] * 2, "the sender's retry is accepted once there is room"
         assert node.wait_idle(WAIT)
@@ -281,10 +283,12 @@ def test_a_results_store_that_cannot_save_keeps_the_image_and_refuses_new_ones_u
 
     first, second = images(tmp_path, 2)
     read_only.set()
-    with DicomNode(analyse, port=0, retry_delays=(0.05,)) as node:
+    refusals = []
+    with DicomNode(analyse, port=0, retry_delays=(0.05,), on_refusal=lambda *r: refusals.append(r)) as node:
         assert send(node.port, [first]) == [0x0000], "stored durably in the spool before the answer"
         wait_for(lambda: attempts, "an analysis that cannot save")
         assert send(node.port, [second]) == [OUT_OF_RESOURCES]
+        assert refusals == [("failed", "out of resources: results cannot be saved (0xA700)")]
         read_only.clear()
         assert node.wait_idle(WAIT)
         assert send(node.port, [second]) == [0x0000]

@@ -218,3 +218,53 @@ def test_a_fresh_database_shows_the_monitor_even_without_a_model(make_app, tmp_p
     assert client.get("/monitor/volume.png?period=week").data.startswith(b"\x89PNG")
     assert client.get("/api/results").get_json() == {"analyses": [], "count": 0, "next": None}
     assert b"chestxray_store_write_errors_total 0.0" in client.get("/metrics").data
+
+
+def test_every_c_store_the_dicom_node_refuses_gets_a_row_without_patient_data(make_app, monitored_checkpoint,
+                                                                               tmp_path):
+    """The node as main.py starts it: an answered image, an unreadable one and an oversized one, each full of patient
+    data, give one row each (answered / refused and why) and the database holds none of that data."""
+    import main
+    import worklist
+    from pacsutil import NODE_AET, radiograph
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    app = make_app(CHECKPOINT=str(monitored_checkpoint), ALLOW_UNTRUSTED=True)
+    args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET, "--instance-dir",
+                                              str(tmp_path / "node"), "--dicom-max-dataset-mb", "1"])
+    good, broken, big = (radiograph(tmp_path / f"{name}.dcm") for name in ("good", "broken", "big"))
+    broken.PixelData = b"\x00" * 100  # 64 x 64 pixels promised, 100 bytes given
+    big.Rows = big.Columns = 1024
+    big.PixelData = bytes(1024 * 1024) * 2  # 2 MiB over the 1 MiB limit (8-bit: the first half would do)
+    node = worklist.start_node(app, args)
+    try:
+        ae = AE(ae_title="XRAY_ROOM_1")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        try:
+            statuses = [int(assoc.send_c_store(ds).Status) for ds in (good, broken, big)]
+        finally:
+            assoc.release()
+        assert node.wait_idle(120)
+    finally:
+        node.stop()
+    assert statuses == [0x0000, 0xC000, 0xA700]
+    monitor = app.extensions["chestxray.monitor"]
+    rows = monitor.store.analyses()
+    assert sorted((r["source"], r["outcome"], r["reason"]) for r in rows) == [
+        ("dicom", "answered", None), ("dicom", "refused", "data set over the size limit (0xA700)"),
+        ("dicom", "refused", "unreadable image (0xC000)")]
+    assert {r["model"]["hash"] for r in rows} == {monitor.model.hash}  # refusals count against the model serving
+    secrets = phi_strings()
+    with sqlite3.connect(monitor.store.url.database) as connection:
+        dump = "\n".join(connection.iterdump())
+    folder = Path(monitor.store.url.database).parent
+    for blob in [dump.encode(), *(p.read_bytes() for p in folder.glob("results.sqlite3*")),
+                 app.test_client().get("/api/results.csv").data]:
+        assert [s for s in secrets if s.encode() in blob] == []
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'chestxray_analyses_total{outcome="refused",source="dicom"} 2.0' in metrics
+    assert 'chestxray_analyses_total{outcome="answered",source="dicom"} 1.0' in metrics
