@@ -600,7 +600,7 @@ def api_delete_result(rid: str):
 @bp.post("/api/predict")
 def api_predict():
     # CSRF-exempt (no cookie is needed or used), so a browser request from another site's page is refused by its
-    # own headers instead: five such posts could otherwise evict a user's results (issue 11).
+    # own headers instead: five such posts could otherwise evict a user's results.
     if cross_origin_request():
         abort(403, "cross-origin requests to the API are refused: post from this site's own pages, or from a "
                    "script or command line (which send no Origin header)")

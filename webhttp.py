@@ -40,7 +40,7 @@ class MemoryRequest(Request):
     def _load_form_data(self) -> None:
         # Werkzeug decodes part headers as strict UTF-8 and, on a file name in another encoding (Latin-1 from an
         # old browser, raw bytes from a script), silently returns an empty form: the page then said "security token
-        # missing" (issue 11). Such a body is parsed again with the bad bytes of its part headers replaced.
+        # missing". Such a body is parsed again with the bad bytes of its part headers replaced.
         if self.mimetype != "multipart/form-data":
             return super()._load_form_data()
         body = self.get_data(cache=True)  # in memory anyway (MAX_CONTENT_LENGTH), read once
@@ -85,7 +85,7 @@ def _upload_page(message: str):
 def _too_large_message(app: Flask) -> str:
     limit = app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length <= limit:
-        # Within the size limit: Werkzeug's form limits were hit, not ours (issue 11: both said "50 MB").
+        # Within the size limit: Werkzeug's form limits were hit, not ours (naming the size limit would mislead).
         return (f"The form has more than {app.config.get('MAX_FORM_PARTS') or 1000} parts or a text field "
                 f"over {(app.config.get('MAX_FORM_MEMORY_SIZE') or 500_000) // 1000} KB: send only the "
                 "images, in the form field 'file'.")
@@ -193,7 +193,7 @@ def make_server(app: Flask, args: argparse.Namespace):
     Waitress reads a whole request body before the app sees it. Its limit is set far above the app's, so every
     over-limit upload a person makes gets the app's own 413 page (or JSON) saying what the limit is (the page's
     script refuses such uploads before sending them at all). Bodies up to the app's limit stay in memory (waitress
-    would spool anything over 512 KB to an unlinked temporary file, DICOM header included: issue 11); a larger
+    would spool anything over 512 KB to an unlinked temporary file, DICOM header included); a larger
     body is spooled until the app refuses it. Silent connections are closed after channel_timeout; a client that
     trickles a header line every few seconds is not, which is what a reverse proxy in front is for
     (docs/RELIABILITY.md, "Deploying").

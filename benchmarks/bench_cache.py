@@ -5,7 +5,7 @@
 Both pipelines are the training one (XrayDataset + the training transform, augmentation included, in a
 DataLoader with the same workers and batch size) over the same real full-resolution NIH images, measured side by
 side in one process, interleaved. The original files are read once beforehand, so both read from the page cache and
-the comparison is decode + resize vs loading a uint8 array. Goal (training issue): the cache delivers >= 5x.
+the comparison is decode + resize vs loading a uint8 array. Goal: the cache delivers >= 5x.
 """
 from __future__ import annotations
 

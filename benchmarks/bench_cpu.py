@@ -4,7 +4,7 @@
 
 Every variant does the whole predict step from a decoded X-ray: preprocess (transforms.py) -> logits and all 14
 class activation maps -> probabilities and maps as numpy. The baseline is the bare eager forward `model(x)` on an
-already preprocessed input (what issue 14 calls today's PyTorch eager forward). Variants:
+already preprocessed input (today's PyTorch eager forward). Variants:
   eager            PyTorch eager, cam.predict_with_maps
   channels_last    the same with model and input in channels_last
   jit.freeze       torch.jit.trace + torch.jit.freeze + optimize_for_inference (oneDNN: BatchNorm folded into the

@@ -10,7 +10,7 @@ temporary results folder, then:
 3. warms up with --warmup requests from the concurrent clients, and reads the memory again;
 4. runs --requests posts of the same images from --clients threads at once, recording each latency, status and
    answer, while a watcher polls the results folder's size; then reads the memory a third time.
-It reports throughput, p50/p95 latency and errors, and checks the goals (issue "Reliability and security", item 2):
+It reports throughput, p50/p95 latency and errors, and checks the goals:
 zero errors, memory after the run within 20% of memory after warm-up, every concurrent answer equal (within 1e-6)
 to the same image predicted alone, and the results folder kept at --retention. Exit code 0 when all are met.
 Every wait is bounded (--timeout per request, --max-seconds for the run); only 127.0.0.1 is contacted.
@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", default=str(ROOT / "benchmarks" / "results" / "load.md"), help="Markdown report (default: "
         "%(default)s)")
     add("--healthz-run", action="store_true", help="instead: 4 clients post 60 MP PNGs and real NIH images for "
-        "--healthz-seconds while a fifth polls /healthz; writes --healthz-out (issue 11, item 4)")
+        "--healthz-seconds while a fifth polls /healthz; writes --healthz-out")
     add("--healthz-seconds", type=float, default=60.0, help="length of the --healthz-run (default: %(default)s)")
     add("--healthz-out", default=str(ROOT / "benchmarks" / "results" / "load_healthz.md"),
         help="Markdown report of the --healthz-run (default: %(default)s)")
@@ -322,7 +322,7 @@ Command: `python benchmarks/bench_load.py --healthz-run --healthz-seconds {args.
 `--threads {args.threads} --max-analyses {args.max_analyses}`, random-weight {args.arch} at {args.image_size} px,
 {os.cpu_count()} CPUs). Four clients post, in turn, a blank 8000 x 7500 PNG (58 KB; refused from its header: over
 the 25 MP decode budget) and a real 1024 px NIH PNG, for {args.healthz_seconds:g} s, while a fifth client polls
-`/healthz` every 100 ms. Before issue 11 each 60 MP PNG cost about 0.7 GB and 4 s, and `/healthz` waited 28 s.
+`/healthz` every 100 ms. An unbounded reader spent about 0.7 GB and 4 s on each 60 MP PNG, and `/healthz` waited 28 s.
 
 | measure | value |
 |---|---:|
@@ -418,7 +418,7 @@ Load average before/after the run: {load_before:.2f} / {load_after:.2f}.
 | results folder: largest count seen while running (polled every 50 ms, {len(sizes)} polls) | {max(sizes, default=0)} |
 | results folder at the end | {final_count} (retention {args.retention}; other entries: {len(leftovers)}) |
 
-Goals (issue "Reliability and security", item 2):
+Goals:
 {verdict}
 {error_lines}
 {RETENTION_NOTE.format(threads=args.threads, more=args.threads - 1)}

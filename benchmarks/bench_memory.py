@@ -1,11 +1,11 @@
-"""Peak memory of read_xray per hostile upload kind (issue 11: at most 1 GB above idle for any single input).
+"""Peak memory of read_xray per hostile upload kind (goal: at most 1 GB above idle for any single input).
 
     .venv/bin/python benchmarks/bench_memory.py [--out benchmarks/results/memory.md]
 
 Each input is generated from the real sample images (tests/hostile.py) and read in a fresh interpreter; the figure
 is its peak resident size (ru_maxrss) minus the peak after a warm-up read of a small file of the same format. The
 bombs are the large variants of the corpus kinds (what an unbounded reader would need is in the "unbounded" column,
-from issue 11's measurements or the bomb's declared size), followed by the largest inputs that are accepted.
+as measured unbounded, or the bomb's declared size), followed by the largest inputs that are accepted.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def largest_png() -> bytes:
     return hostile.encode(Image.fromarray(gray), "PNG")
 
 
-BEFORE_3GB = "~3 GB + parse (7 GB for 3.7 MB in issue 11)"
+BEFORE_3GB = "~3 GB + parse (7 GB for 3.7 MB unbounded)"
 KINDS = {
     "DICOM deflate bomb, 3 GB inflated": (lambda: hostile.deflate_bomb(3072), BEFORE_3GB),
     "DICOM JPEG declaring 24000x24000 (header 256x256)": (lambda: hostile.codestream_bomb(JPEGBaseline8Bit),
@@ -60,7 +60,7 @@ def main() -> int:
     lines = ["# Peak memory per upload kind", "",
              f"`python benchmarks/bench_memory.py` on {platform.machine()} (Python {platform.python_version()}), "
              f"{datetime.date.today()}: each input read by `read_xray` in a fresh interpreter; peak resident size "
-             "(VmHWM, reset after a warm-up read of the same format) minus the size before the read. Issue 11's "
+             "(VmHWM, reset after a warm-up read of the same format) minus the size before the read. The "
              "goal: at most 1 GB above idle for any single input.", "",
              "| input | upload | peak above idle | answer | unbounded reader |", "|---|---|---|---|---|"]
     worst = 0

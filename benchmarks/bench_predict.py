@@ -3,7 +3,7 @@
     python benchmarks/bench_predict.py [--arch resnet50] [--image-size 512] [--repeats 9] [--gradcam-repeats 3]
 
 All three are measured side by side on the same real NIH image and the same model (random weights: speed does
-not depend on them), interleaved, and reported as medians and ratios to the bare forward pass. Goal (issue 2):
+not depend on them), interleaved, and reported as medians and ratios to the bare forward pass. Goal:
 predict <= 1.15x forward, and >= 10x faster than the grad-cam package computing the same 14 maps label by label.
 """
 from __future__ import annotations

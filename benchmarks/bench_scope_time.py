@@ -4,7 +4,7 @@
 
 The two predictors share one model (random weights: speed does not depend on them); the trusted one carries scope
 statistics (mahalanobis+image, 1024 features + 64 thumbnail values) and a calibration. Calls are interleaved and
-reported as medians and their ratio. Goal (issue 10): <= 1.05x, since the check reuses the forward pass.
+reported as medians and their ratio. Goal: <= 1.05x, since the check reuses the forward pass.
 """
 from __future__ import annotations
 

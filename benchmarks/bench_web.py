@@ -8,7 +8,7 @@ at 512 px and random weights (tests/conftest.make_checkpoint). The bare pass is
 `predictor.model(predictor.preprocess(image))` under torch.inference_mode() on the already-decoded image; the page
 time includes everything else a user waits for: multipart parsing, decoding the file, the forward pass with all
 heatmaps, saving the result (plain image, raw maps, the first heat layer, result.json, retention) and rendering the
-page. The target (issue: web app, "Speed") is a median ratio of at most 1.3. With --backend onnx the app serves the
+page. The target is a median ratio of at most 1.3. With --backend onnx the app serves the
 ONNX export (ONNX Runtime) while the bare pass stays today's PyTorch eager forward, so the ratio shows what the
 faster backend buys a user.
 """

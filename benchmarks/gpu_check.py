@@ -1,4 +1,4 @@
-"""GPU check (issue 14, item 6): every CUDA path run once, timed, and written to benchmarks/results/gpu.md.
+"""GPU check: every CUDA path run once, timed, and written to benchmarks/results/gpu.md.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine: <= 8 minutes on one GPU
     python benchmarks/gpu_check.py --dry-run  # the same steps on the CPU with tiny sizes (a couple of minutes)

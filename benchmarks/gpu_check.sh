@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 14, item 6): train/loader/ceiling/resume/DDP/predictions/web on one GPU in <= 8 minutes,
+# GPU check: train/loader/ceiling/resume/DDP/predictions/web on one GPU in <= 8 minutes,
 # written to benchmarks/results/gpu.md (and copied to $OUT when the device tool sets it).
 #   bash benchmarks/gpu_check.sh             on the GPU machine (no network: uses its python3 with torch)
 #   bash benchmarks/gpu_check.sh --dry-run   the same steps on the CPU with tiny sizes

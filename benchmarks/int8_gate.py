@@ -3,7 +3,7 @@
     python benchmarks/int8_gate.py --checkpoint CKPT --data-dir DIR [--calibration-images 128]
 
 Exports fp32 and int8 (calibrated on the *training* split, as Model_Training/export.py --int8 does), then scores the
-validation split (rebuilt as training made it) with PyTorch, ONNX fp32 and ONNX int8. Gate (issue 14): mean AUROC of
+validation split (rebuilt as training made it) with PyTorch, ONNX fp32 and ONNX int8. Gate: mean AUROC of
 int8 within 0.01 of fp32 and every label's heatmap correlation >= 0.98; max |Δprobability| is reported. Writes
 benchmarks/results/int8.md.
 """

@@ -38,7 +38,7 @@ MAX_DECODED_PIXELS = 25_000_000
 # A Deflate-compressed DICOM data set may inflate to at most this: 32-bit pixels at the budget plus 16 MiB of header.
 MAX_INFLATED_BYTES = MAX_DECODED_PIXELS * 4 + 16 * 2**20
 # Each scan of a progressive JPEG is a pass over the whole image; encoders write about 10. Thousands of tiny scans
-# in a 1 MB file kept a worker busy for 48 s (issue 11).
+# in a 1 MB file kept a worker busy for 48 s when unbounded.
 MAX_JPEG_SCANS = 100
 MIN_SIDE = 32
 ACCEPTED = "PNG, JPEG or DICOM"
@@ -131,7 +131,7 @@ def read_bytes(source: Source, max_bytes: int | None = None) -> bytes:
         if not path.is_file():
             raise InvalidImage(f"no such file: {path}")
         try:
-            if max_bytes is not None:  # the size on disk first: a 12 GB sparse file is never read (issue 11)
+            if max_bytes is not None:  # the size on disk first: a 12 GB sparse file is never read
                 _check_bytes(path.stat().st_size, max_bytes)
             with path.open("rb") as f:
                 data = f.read() if max_bytes is None else f.read(max_bytes + 1)
@@ -329,7 +329,7 @@ def _pydicom_quiet() -> Iterator[list[warnings.WarningMessage]]:
     """Capture pydicom's warnings and drop its log records for this read; yields the captured warnings.
 
     pydicom's warnings quote the raw bytes of a malformed element, which with a corrupted length include the
-    neighbouring elements (PatientName, PatientID, ...): they must reach neither stderr nor a log (issue 11).
+    neighbouring elements (PatientName, PatientID, ...): they must reach neither stderr nor a log.
     """
     # A filter on a logger only sees records made on that logger, so every pydicom.* logger gets it.
     for name in ["pydicom", *[n for n in list(logging.root.manager.loggerDict) if n.startswith("pydicom.")]]:
@@ -470,7 +470,7 @@ def _check_codestream(ds, syntax, rows: int, cols: int, bits_allocated: int, sam
     """Refuse compressed pixel data that would decode to more than its header's Rows x Columns promise.
 
     Decoders allocate what the codestream declares, not what the DICOM header says: a 2.6 KB JPEG 2000 frame
-    declaring 24000 x 24000 inside a 256 x 256 header cost 3.8 GB (issue 11).
+    declaring 24000 x 24000 inside a 256 x 256 header cost 3.8 GB without this check.
     """
     import pydicom
     from pydicom.encaps import generate_frames
@@ -501,7 +501,7 @@ def _check_rle(frame: bytes, segment_bytes: int, segments: int) -> None:
     """Refuse an RLE frame (DICOM PS3.5 G) whose segments decode to more than Rows x Columns bytes each.
 
     pydicom's decoder expands a whole segment before checking its length, and PackBits expands 64-fold: a 10 MB
-    file decoded to 640 MB (issue 11). The runs are summed here first, stopping as soon as a segment is too long.
+    file decoded to 640 MB. The runs are summed here first, stopping as soon as a segment is too long.
     """
     bomb = InvalidImage(
         "the DICOM RLE pixel data decodes to more bytes than its header's size allows (a decompression bomb or a "
@@ -538,7 +538,7 @@ def _check_rle(frame: bytes, segment_bytes: int, segments: int) -> None:
 def _inflate_if_deflated(data: bytes) -> bytes:
     """A Deflated Explicit VR Little Endian file rewritten as Explicit VR Little Endian; other files unchanged.
 
-    pydicom inflates the whole data set with zlib.decompress, unbounded: a 3.7 MB upload became 7 GB (issue 11).
+    pydicom inflates the whole data set with zlib.decompress, unbounded: a 3.7 MB upload became 7 GB.
     Here it is inflated to at most MAX_INFLATED_BYTES; a stream that goes on is refused.
     """
     meta_end, elements = _file_meta(data)

@@ -31,7 +31,7 @@ from .predictor import Prediction
 RESULT_ID = re.compile(r"[0-9a-f]{32}")
 DISPLAY_MAX_SIDE = 768  # the saved plain image; the original upload is not kept
 HEATMAP_MAX_SIDE = 512  # heat layers are smooth (bilinear from a 2..32 px map); the browser scales them up
-PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; speed wins (issue: page after one pass)
+PNG_COMPRESS_LEVEL = 1  # level 6 costs ~4x the time for ~25% smaller files; speed wins (the page waits on it)
 TMP_PREFIX = ".tmp-"
 HEATMAP_SCALES = ("own", "shared")  # each map to its own peak, or one scale for all labels (raw CAM units)
 STALE_TMP_SECONDS = 3600
@@ -174,7 +174,7 @@ class ResultStore:
         """Delete results beyond `retention`, and stale temp folders; returns the deleted ids.
 
         Never deletes a result in `protect` or younger than `min_age`, so the count may exceed `retention` for a
-        while (issue 11: a batch of 20 with retention 5 expired 15 of its own results before the page showed them).
+        while: otherwise a batch of 20 with retention 5 expires 15 of its own results before its page shows them.
         Among the others, the source holding the most results loses its oldest first.
         """
         results, now = [], time.time()

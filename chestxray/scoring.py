@@ -38,7 +38,7 @@ class DecodedImages(Dataset):
     def __init__(self, paths: Sequence[str | os.PathLike], transform, keep_image: bool = True,
                  max_bytes: int | None = None) -> None:
         self.paths = [Path(p) for p in paths]
-        self.max_bytes = max_bytes  # per file, checked from the size on disk before reading (issue 11)
+        self.max_bytes = max_bytes  # per file, checked from the size on disk before reading
         self.transform = transform
         self.keep_image = keep_image  # the full-size image is only needed for overlays; skip shipping it otherwise
 

@@ -34,7 +34,7 @@ SECRET_NAME = "DOE^JANE_SECRET_42"
 SECRET_ID = "PID-SECRET-98765"
 SECRET_INSTITUTION = "Secret General Hospital"
 # More identifying elements, filled in by identified_dicom() so that a corrupted length swallows some of them
-# whichever element it is on (issue 11: SOPClassUID's neighbours, PhotometricInterpretation's, ...).
+# whichever element it is on (SOPClassUID's neighbours, PhotometricInterpretation's, ...).
 MORE_PHI = {
     "ReferringPhysicianName": "DR^REFERRING_SECRET",
     "StudyDescription": "CHEST SECRET-STUDY-314",
@@ -249,7 +249,7 @@ def rle_bomb(decoded_mb: int = 25) -> bytes:
 @functools.cache
 def progressive_jpeg_with_many_scans(scans: int = 2500, side: int = 4096) -> bytes:
     """A progressive JPEG (a real image in the corner of a black side x side canvas) with its smallest scan repeated
-    `scans` times: under 1 MB, yet each scan is a pass over all the image's blocks (12 s to decode, issue 11)."""
+    `scans` times: under 1 MB, yet each scan is a pass over all the image's blocks (12 s to decode unbounded)."""
     canvas = np.zeros((side, side), np.uint8)
     canvas[:64, :64] = real_gray(64)
     data = encode(Image.fromarray(canvas), "JPEG", progressive=True, quality=90)
@@ -388,7 +388,7 @@ CORPUS: dict[str, Case] = {
                                             "application/dicom"),
     "text named .dcm": Case("notes.dcm", lambda: b"PatientName=" + SECRET_NAME.encode(), False,
                             "not a readable image", "application/dicom"),
-    # Issue 11: decompression bombs inside DICOM and JPEG, patient data in error paths, malformed headers.
+    # Decompression bombs inside DICOM and JPEG, patient data in error paths, malformed headers.
     "DICOM deflate bomb (200 MB of zeros)": Case("deflate.dcm", deflate_bomb, False, "decompression bomb",
                                                 "application/dicom"),
     "DICOM JPEG declaring 24000x24000 in a 256x256 header": Case(

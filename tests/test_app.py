@@ -164,7 +164,7 @@ def test_main_serves_the_app_with_waitress(monkeypatch, capsys, tiny_checkpoint,
     assert served["ran"] and (served["host"], served["port"]) == ("127.0.0.1", 5123)
     # Far above the app's limit, so every upload a person makes over the limit gets the app's own 413 answer.
     assert served["max_body"] == webhttp.waitress_body_limit(50 * 1024 * 1024) == 20 * 50 * 1024 * 1024
-    # Issue 11: bodies up to the limit stay in memory; silent connections are closed; more than 100 may wait.
+    # Bodies up to the limit stay in memory, never in a temporary file; silent connections are closed; 100+ may wait.
     assert served["options"]["inbuf_overflow"] > 50 * 1024 * 1024
     assert served["options"]["channel_timeout"] == 30 and served["options"]["cleanup_interval"] == 5
     assert served["options"]["connection_limit"] == 500

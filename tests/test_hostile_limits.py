@@ -1,4 +1,4 @@
-"""Issue 11's web and CLI items through Flask's test client and `predictions.py`: a bad file in a batch loses
+"""Limits of the web app and the CLI, through Flask's test client and `predictions.py`: a bad file in a batch loses
 nothing, bounded concurrent analyses (503 + Retry-After), cross-origin API requests refused, retention counted per
 source with a minimum age and never pruning its own batch, a full disk answered 507, per-image limits on the
 command line, form limits with their own messages, no caching of results, and a checkpoint with a bad meta field
@@ -36,7 +36,7 @@ def saved(app: Flask) -> set[str]:
     return {p.name for p in folder.iterdir() if RESULT_ID.fullmatch(p.name)} if folder.is_dir() else set()
 
 
-# ---------------------------------------------------------------- item 3: a bad file in a batch loses nothing
+# ---------------------------------------------------------------- a bad file in a batch loses nothing
 
 
 def test_a_malformed_file_in_a_batch_keeps_the_others(make_app):
@@ -70,7 +70,7 @@ def test_an_unexpected_error_on_one_file_keeps_the_others(make_app, monkeypatch,
     assert "something went wrong on our side" in response.data.decode()
 
 
-# ---------------------------------------------------------------- item 4: bounded concurrent analyses
+# ---------------------------------------------------------------- bounded concurrent analyses
 
 
 class Blocked:
@@ -194,7 +194,7 @@ def test_a_request_that_waits_too_long_is_refused_and_leaves_the_line():
         assert gate.admitted == 1
 
 
-# ---------------------------------------------------------------- item 7: cross-origin API requests
+# ---------------------------------------------------------------- cross-origin API requests
 
 
 @pytest.mark.parametrize(("headers", "status"), [
@@ -230,7 +230,7 @@ def test_one_source_cannot_flush_another_sources_results(make_app):
     assert "source" not in client.get(f"/api/results/{mine}").get_json()
 
 
-# ---------------------------------------------------------------- item 10: minimum age, a batch keeps its own
+# ---------------------------------------------------------------- minimum age, a batch keeps its own
 
 
 def test_young_results_are_never_pruned(make_app):
@@ -253,7 +253,7 @@ def test_a_batch_never_prunes_its_own_results(make_app):
     assert len(saved(app)) == 2
 
 
-# ---------------------------------------------------------------- item 9: a full disk
+# ---------------------------------------------------------------- a full disk
 
 
 def test_a_full_disk_answers_507(make_app, monkeypatch, caplog):
@@ -273,7 +273,7 @@ def test_a_full_disk_answers_507(make_app, monkeypatch, caplog):
     assert client.get("/healthz").status_code == 200
 
 
-# ---------------------------------------------------------------- item 12: form limits, file names, caching
+# ---------------------------------------------------------------- form limits, file names, caching
 
 
 def test_too_many_form_parts_get_their_own_message(make_app):
@@ -323,7 +323,7 @@ def test_results_are_never_cached(make_app):
     assert "no-store" in again.headers.get("Cache-Control", "")
 
 
-# ---------------------------------------------------------------- item 6 (app side): a bad meta field
+# ---------------------------------------------------------------- a bad meta field (app side)
 
 
 @pytest.mark.parametrize(("field", "value"), [("lse_r", float("nan")), ("image_size", "abc"), ("labels", 7)])
@@ -340,7 +340,7 @@ def test_a_checkpoint_with_a_bad_meta_field_runs_the_app_without_a_model(make_ap
     assert client.get("/").status_code == 200
 
 
-# ---------------------------------------------------------------- item 11: per-image limits on the command line
+# ---------------------------------------------------------------- per-image limits on the command line
 
 
 @pytest.mark.slow(10)

@@ -1,4 +1,4 @@
-"""Connection-level abuse against a real `python main.py` (waitress) on 127.0.0.1 (issue 11, items 5 and 8):
+"""Connection-level abuse against a real `python main.py` (waitress) on 127.0.0.1:
 half-open connections (slowloris), silent connections, and where an upload in flight is kept.
 
 Every wait is bounded; nothing here asserts a duration, only what the server does within a generous bound.
@@ -122,7 +122,7 @@ def _open_files_in(pid: int, folder: Path) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to see the server's open files")
 @pytest.mark.slow(7)
 def test_an_upload_in_flight_never_touches_disk(tiny_checkpoint, tmp_path):
-    # Waitress spooled a request body over 512 KB to an unlinked temporary file holding the DICOM header (issue 11).
+    # Waitress spooled a request body over 512 KB to an unlinked temporary file holding the DICOM header.
     with serve(tiny_checkpoint, tmp_path, "--max-upload-mb", "4") as server:
         body = b"\0" * (3 * 2**20)
         sock = connect(server)

@@ -234,7 +234,7 @@ def test_missing_path_is_invalid_image(tmp_path):
         read_xray(Path(tmp_path))
 
 
-# ---- issue 11: bombs, patient data in error paths, malformed headers, bounded work ---------------------------------
+# ---- bombs, patient data in error paths, malformed headers, bounded work ---------------------------------
 
 
 def test_dicom_bombs_are_refused_before_decoding(monkeypatch):
@@ -300,7 +300,7 @@ def test_large_jpeg_is_decoded_at_a_reduced_size():
 
 
 def test_png_over_the_decode_budget_is_refused_before_decoding(monkeypatch):
-    data = blank_png()  # 8000 x 7500, 58 KB: cost 0.7 GB and 4 s before issue 11
+    data = blank_png()  # 8000 x 7500, 58 KB: cost 0.7 GB and 4 s when decoded
     forbid_decoding(monkeypatch)
     with pytest.raises(InvalidImage, match=f"over the {MAX_DECODED_PIXELS // 1_000_000} megapixel limit for PNG"):
         read_xray(data)
@@ -395,16 +395,16 @@ def test_concurrent_dicom_reads_leak_no_warnings(capfd):
     "DICOM with a bad VR on PhotometricInterpretation", "JPEG with a corrupt EXIF block",
 ])
 def test_lazily_failing_headers_are_invalid_image(kind):
-    # Before issue 11 these escaped as NotImplementedError, BytesLengthException and struct.error.
+    # Unguarded, these escape as NotImplementedError, BytesLengthException and struct.error.
     with pytest.raises(InvalidImage, match=CORPUS[kind].message):
         read_xray(CORPUS[kind].make())
 
 
 # Peak memory: each bomb read in a fresh interpreter, its peak resident size (ru_maxrss) compared with the size
 # after a warm-up read of the same format. The bombs here are larger than the corpus's (which stay under the web
-# tests' 1 MB upload limit) so that an unbounded reader would need well over the 1 GB the issue allows; the child's
+# tests' 1 MB upload limit) so that an unbounded reader would need well over the 1 GB allowed; the child's
 # address space is capped so that such a reader fails fast instead of swapping the machine.
-MEMORY_LIMIT = 2**30  # issue 11: peak memory for any single input at most 1 GB above idle
+MEMORY_LIMIT = 2**30  # peak memory for any single input: at most 1 GB above idle
 MEMORY_KINDS = {
     "deflate bomb (3 GB inflated)": (lambda: deflate_bomb(3072), "decompression bomb"),
     "JPEG 24000x24000 in DICOM": (lambda: codestream_bomb(JPEGBaseline8Bit), "header says"),

@@ -127,7 +127,7 @@ CORRUPTED_LENGTH_KINDS = ["DICOM with a corrupted SOPClassUID length",
 
 
 def test_corrupted_length_dicoms_are_among_the_checked_kinds():
-    # Issue 11: a wrong length makes an element's value swallow its neighbours; pydicom then quotes the raw bytes.
+    # A wrong length makes an element's value swallow its neighbours; pydicom then quotes the raw bytes.
     for kind in CORRUPTED_LENGTH_KINDS:
         assert kind in PHI_KINDS
         data = CORPUS[kind].make()

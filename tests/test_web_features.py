@@ -1,4 +1,4 @@
-"""The web app's API completeness and the result page's extras (issue 13), through Flask's test client.
+"""The web app's API completeness and the result page's extras, through Flask's test client.
 
 Several files in one API request, absolute URLs, the raw maps as .npy, the /api index, the HTML model card, deleting
 a result, the PDF report route, the view in the URL, the secret key kept across app creations, and the page markup
@@ -32,7 +32,7 @@ def post_api(client, *files: tuple[bytes, str]):
     return client.post("/api/predict", data={"file": [(io.BytesIO(data), name) for data, name in files]})
 
 
-# ---------------------------------------------------------------- item 8: the API
+# ---------------------------------------------------------------- the API
 
 
 def test_several_file_parts_are_all_analysed_in_order(client, tiny_predictor):
@@ -104,7 +104,7 @@ def test_model_card_page_without_a_model_is_503(make_app, tmp_path):  # noqa: F8
     assert client.get("/model").status_code == 503
 
 
-# ---------------------------------------------------------------- item 7: delete
+# ---------------------------------------------------------------- delete
 
 
 def test_delete_from_the_page_and_through_the_api(make_app):  # noqa: F811
@@ -128,7 +128,7 @@ def test_delete_from_the_page_and_through_the_api(make_app):  # noqa: F811
     assert client.delete("/api/results/..%2F..").status_code == 404
 
 
-# ---------------------------------------------------------------- item 3: the PDF report
+# ---------------------------------------------------------------- the PDF report
 
 
 def test_pdf_report_of_a_result_and_of_a_batch(client):
@@ -146,7 +146,7 @@ def test_pdf_report_of_a_result_and_of_a_batch(client):
     assert client.get(f"/results/{'0' * 32}/report.pdf").status_code == 404
 
 
-# ---------------------------------------------------------------- items 6 and 9: the result page
+# ---------------------------------------------------------------- the result page
 
 
 def test_the_view_is_in_the_permalink_and_the_report_link(client):
@@ -199,7 +199,7 @@ def test_skip_link_and_flashed_messages_in_an_alert_region(client):
     assert '<ul class="flashes" role="alert">' not in page  # a list may not take the alert role (axe)
 
 
-# ---------------------------------------------------------------- item 4: the secret key
+# ---------------------------------------------------------------- the secret key
 
 
 def test_secret_key_is_kept_across_app_creations(tiny_checkpoint, tmp_path, monkeypatch):

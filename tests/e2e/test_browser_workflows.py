@@ -1,4 +1,4 @@
-"""End to end in headless Chromium, the workflows of a radiologist who keeps the app open (issue 13).
+"""End to end in headless Chromium, the workflows of a radiologist who keeps the app open.
 
 No sideways scrolling at a phone's 390 px or a desktop's 1400 px and zero axe-core violations on every page
 (including error states); a batch with the files' names, a sortable summary, its CSV and per-file progress; one
