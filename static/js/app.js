@@ -312,3 +312,255 @@ function forgetBatchPost() {
   const form = document.getElementById("batch-form");
   if (form && form.dataset.permalink) history.replaceState(null, "", form.dataset.permalink);
 }
+
+// ---- Issue 24: the image viewer on the result page ----
+// Window/level, zoom, pan and invert, by mouse, touch and keyboard. The saved plain image (8-bit, with a DICOM
+// file's own window already applied when it was read) is copied once into a canvas laid over the <img>; every
+// change of window or invert redraws the canvas from those stored values through a 256-entry lookup table. The
+// <img> stays under it for screen readers, printing without the canvas, and pages without JavaScript.
+document.addEventListener("DOMContentLoaded", enhanceImageTools);
+
+const ZOOM_MIN = 1;
+const ZOOM_MAX = 8;
+const ZOOM_STEP = 1.25;
+const PAN_STEP = 0.05;  // arrow keys move the zoomed image by this fraction of the viewport
+const WINDOW_STEP = 8;  // Shift + arrow keys change width or level by this many display values
+
+// DICOM PS3.3 C.11.2.1.2.1, the linear VOI function: display values 0..255 through window (width, level) -> 0..255.
+function windowTable(width, level, invert) {
+  const table = new Uint8ClampedArray(256);  // rounds and clamps on assignment
+  for (let value = 0; value < 256; value++) {
+    const shown = ((value - (level - 0.5)) / (width - 1) + 0.5) * 255;
+    table[value] = invert ? 255 - Math.min(255, Math.max(0, shown)) : shown;
+  }
+  return table;
+}
+
+function enhanceImageTools() {
+  const viewport = document.getElementById("viewport");
+  const stage = document.getElementById("stage");
+  const image = document.getElementById("xray");
+  const tools = document.getElementById("viewer-tools");
+  if (!viewport || !stage || !image || !tools) return;
+  const readout = document.getElementById("viewer-readout");
+  const shortcuts = document.getElementById("shortcuts");
+  const invertButton = document.getElementById("invert");
+  const presets = Array.from(tools.querySelectorAll("[data-preset]"));
+  const start = presets.find((button) => button.dataset.preset === "original");
+  const initial = {width: Number(start.dataset.width), level: Number(start.dataset.level)};
+  const view = {...initial, invert: false, zoom: 1, x: 0, y: 0};  // x, y: the stage's offset, fractions of its size
+  const canvas = document.createElement("canvas");
+  canvas.className = "xray-canvas";
+  canvas.id = "xray-canvas";
+  canvas.setAttribute("aria-hidden", "true");
+  let context = null;
+  let pixels = null;  // the stored image's values, one byte per pixel
+  let picture = null;  // the ImageData drawn into the canvas
+  let frame = 0;
+
+  const draw = () => {
+    frame = 0;
+    if (!context) return;
+    const table = windowTable(view.width, view.level, view.invert);
+    const data = picture.data;
+    for (let i = 0, j = 0; i < pixels.length; i++, j += 4) {
+      data[j] = data[j + 1] = data[j + 2] = table[pixels[i]];
+    }
+    context.putImageData(picture, 0, 0);
+  };
+  const place = () => {
+    view.x = Math.min(0, Math.max(1 - view.zoom, view.x));
+    view.y = Math.min(0, Math.max(1 - view.zoom, view.y));
+    // CSSOM writes are allowed by the page's CSP (style-src 'self'); style attributes in the markup would not be.
+    stage.style.transform = `translate(${(view.x * 100).toFixed(3)}%, ${(view.y * 100).toFixed(3)}%) scale(${view.zoom})`;
+    viewport.dataset.zoom = String(view.zoom);
+  };
+  const show = () => {
+    place();
+    if (!frame) frame = requestAnimationFrame(draw);
+    presets.forEach((button) => button.setAttribute("aria-pressed", String(
+      Number(button.dataset.width) === view.width && Number(button.dataset.level) === view.level)));
+    invertButton.setAttribute("aria-pressed", String(view.invert));
+    viewport.dataset.width = String(view.width);
+    viewport.dataset.level = String(view.level);
+    readout.textContent = `Window ${view.width} · level ${view.level} · zoom ${Math.round(view.zoom * 100)} %`
+      + (view.invert ? " · inverted" : "");
+  };
+  const setWindow = (width, level) => {
+    view.width = Math.round(Math.min(512, Math.max(2, width)));
+    view.level = Math.round(Math.min(255, Math.max(0, level)));
+    show();
+  };
+  // Zoom to `zoom`, keeping the point (px, py) of the viewport (fractions of its size) where it is.
+  const zoomTo = (zoom, px = 0.5, py = 0.5) => {
+    const next = Math.min(ZOOM_MAX, Math.max(ZOOM_MIN, zoom));
+    view.x = px - (px - view.x) * (next / view.zoom);
+    view.y = py - (py - view.y) * (next / view.zoom);
+    view.zoom = next;
+    show();
+  };
+  const panBy = (dx, dy) => {
+    view.x += dx;
+    view.y += dy;
+    show();
+  };
+  const reset = () => {
+    Object.assign(view, initial, {invert: false, zoom: 1, x: 0, y: 0});
+    show();
+  };
+  const dragMode = () => (tools.querySelector('input[name="drag"]:checked') || {value: "window"}).value;
+  const setDragMode = (mode) => {
+    tools.querySelector(`input[name="drag"][value="${mode}"]`).checked = true;
+    viewport.dataset.mode = mode;
+  };
+
+  const load = () => {
+    canvas.width = image.naturalWidth;
+    canvas.height = image.naturalHeight;
+    context = canvas.getContext("2d", {willReadFrequently: true});
+    context.drawImage(image, 0, 0);
+    picture = context.getImageData(0, 0, canvas.width, canvas.height);
+    pixels = new Uint8Array(canvas.width * canvas.height);
+    for (let i = 0; i < pixels.length; i++) pixels[i] = picture.data[4 * i];  // gray: R = G = B
+    image.after(canvas);
+    viewport.classList.add("tools-ready");
+    draw();
+  };
+  // A broken image keeps the plain <img> (and its error): the tools then only zoom and pan.
+  image.decode().then(load, () => {});
+
+  tools.hidden = false;
+  if (shortcuts) shortcuts.hidden = false;
+  viewport.tabIndex = 0;
+  viewport.setAttribute("role", "group");
+  viewport.setAttribute("aria-label", "Image viewer: drag to set window and level; arrow keys pan a zoomed image, "
+    + "Shift and arrow keys set window and level; press ? for all keyboard shortcuts");
+  viewport.querySelectorAll("img").forEach((img) => { img.draggable = false; });
+  setDragMode(dragMode());
+  show();
+
+  presets.forEach((button) => button.addEventListener("click", () => {
+    setWindow(Number(button.dataset.width), Number(button.dataset.level));
+  }));
+  document.getElementById("zoom-in").addEventListener("click", () => zoomTo(view.zoom * ZOOM_STEP));
+  document.getElementById("zoom-out").addEventListener("click", () => zoomTo(view.zoom / ZOOM_STEP));
+  invertButton.addEventListener("click", () => { view.invert = !view.invert; show(); });
+  document.getElementById("reset").addEventListener("click", reset);
+  tools.querySelectorAll('input[name="drag"]').forEach((input) => {
+    input.addEventListener("change", () => setDragMode(dragMode()));
+  });
+
+  // Mouse, pen and touch through pointer events: one pointer drags (window/level or pan; the middle mouse button
+  // always pans), two pointers pinch to zoom and move together to pan.
+  const pointers = new Map();
+  const pair = () => {
+    const [a, b] = Array.from(pointers.values());
+    return {x: (a.x + b.x) / 2, y: (a.y + b.y) / 2, distance: Math.hypot(a.x - b.x, a.y - b.y) || 1};
+  };
+  viewport.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0 && event.button !== 1) return;
+    event.preventDefault();
+    viewport.focus({preventScroll: true});
+    viewport.setPointerCapture(event.pointerId);
+    pointers.set(event.pointerId, {x: event.clientX, y: event.clientY, pan: event.button === 1,
+      startX: event.clientX, startY: event.clientY, width: view.width, level: view.level});
+  });
+  viewport.addEventListener("pointermove", (event) => {
+    const pointer = pointers.get(event.pointerId);
+    if (!pointer) return;
+    const box = viewport.getBoundingClientRect();
+    if (pointers.size === 1) {
+      const dx = event.clientX - pointer.x;
+      const dy = event.clientY - pointer.y;
+      if (pointer.pan || dragMode() === "pan") {
+        panBy(dx / box.width, dy / box.height);
+      } else {  // a drag across the whole viewport spans the whole 0..255 range; up raises the level
+        const scale = 256 / box.width;
+        setWindow(pointer.width + (event.clientX - pointer.startX) * scale,
+                  pointer.level - (event.clientY - pointer.startY) * scale);
+      }
+    } else if (pointers.size === 2) {
+      const before = pair();
+      pointer.x = event.clientX;
+      pointer.y = event.clientY;
+      const after = pair();
+      view.x += (after.x - before.x) / box.width;
+      view.y += (after.y - before.y) / box.height;
+      zoomTo(view.zoom * after.distance / before.distance,
+             (after.x - box.left) / box.width, (after.y - box.top) / box.height);
+      return;
+    }
+    pointer.x = event.clientX;
+    pointer.y = event.clientY;
+  });
+  const release = (event) => {
+    pointers.delete(event.pointerId);
+    // After a pinch the finger left on the image starts a new drag from here (no jump in window or level).
+    pointers.forEach((pointer) => Object.assign(pointer, {startX: pointer.x, startY: pointer.y,
+                                                          width: view.width, level: view.level}));
+  };
+  viewport.addEventListener("pointerup", release);
+  viewport.addEventListener("pointercancel", release);
+  viewport.addEventListener("dragstart", (event) => event.preventDefault());
+  // Ctrl + wheel (and a trackpad's pinch, which browsers send as Ctrl + wheel) zooms about the pointer; a plain wheel
+  // still scrolls the page.
+  viewport.addEventListener("wheel", (event) => {
+    if (!event.ctrlKey && !event.metaKey) return;
+    event.preventDefault();
+    const box = viewport.getBoundingClientRect();
+    zoomTo(view.zoom * Math.exp(-event.deltaY / 300),
+           (event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
+  }, {passive: false});
+
+  // Keyboard shortcuts, listed on the page (press ?). Not while typing in a field; arrow keys only on the
+  // focused image, so that elsewhere they still scroll the page and move sliders.
+  const opacity = document.getElementById("opacity");
+  const plain = document.getElementById("plain");
+  const stepOpacity = (step) => {
+    if (!opacity) return;
+    opacity.value = String(Math.min(100, Math.max(0, Number(opacity.value) + step)));
+    opacity.dispatchEvent(new Event("input", {bubbles: true}));
+    opacity.dispatchEvent(new Event("change", {bubbles: true}));
+  };
+  const typing = (target) => target instanceof Element && target.closest(
+    'textarea, select, [contenteditable], input:not([type="checkbox"]):not([type="radio"]):not([type="range"])'
+    + ':not([type="button"]):not([type="submit"])');
+  document.addEventListener("keydown", (event) => {
+    if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || typing(event.target)) return;
+    const onImage = event.target === viewport;
+    const arrows = {ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1]};
+    const key = event.key.length === 1 ? event.key.toLowerCase() : event.key;
+    const preset = presets[Number(key) - 1];
+    if (key === "?") {
+      shortcuts.open = !shortcuts.open;
+      if (shortcuts.open) shortcuts.scrollIntoView({block: "nearest"});
+    } else if (key === "Escape" && shortcuts.open) {
+      shortcuts.open = false;
+    } else if (key === "+" || key === "=") {
+      zoomTo(view.zoom * ZOOM_STEP);
+    } else if (key === "-" || key === "_") {
+      zoomTo(view.zoom / ZOOM_STEP);
+    } else if (/^[1-9]$/.test(key) && preset) {
+      preset.click();
+    } else if (key === "i") {
+      invertButton.click();
+    } else if (key === "r") {
+      reset();
+    } else if (key === "m") {
+      setDragMode(dragMode() === "pan" ? "window" : "pan");
+    } else if (key === "[" || key === "]") {
+      stepOpacity(key === "]" ? 10 : -10);
+    } else if (key === "h" && plain) {
+      plain.click();  // fires its change handlers: the heat layer, the URL
+    } else if (onImage && arrows[key] && event.shiftKey) {
+      const [dx, dy] = arrows[key];
+      setWindow(view.width + dx * WINDOW_STEP, view.level - dy * WINDOW_STEP);
+    } else if (onImage && arrows[key]) {
+      const [dx, dy] = arrows[key];
+      panBy(-dx * PAN_STEP, -dy * PAN_STEP);
+    } else {
+      return;
+    }
+    event.preventDefault();
+  });
+}
