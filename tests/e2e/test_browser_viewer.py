@@ -5,13 +5,16 @@ reset restores all; `?` opens the list of shortcuts; no sideways scrolling at 32
 violations with the tools shown; without JavaScript the plain image and heat layer remain."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import forked
 import numpy as np
 import pytest
 from conftest import NIH_PNG
-from livesite import browser_fixture, chromium_fixture, open_page, run_server
+from livesite import browser_fixture, chromium_fixture, free_port, open_page, require, run_server
 from test_browser_workflows import AXE, axe_violations
 
 pytestmark = pytest.mark.e2e
@@ -49,18 +52,26 @@ browser = pytest.fixture(scope="module", name="browser")(browser_fixture)
 
 
 @pytest.fixture(scope="module")
-def result(chromium, browser, tiny_checkpoint, tmp_path_factory):
-    """The URL of one result page (the NIH PNG) on a live server of this module."""
+def site(chromium, tiny_checkpoint, tmp_path_factory):
+    """(base URL, DICOM port) of a live server of this module with its DICOM node listening."""
     folder = tmp_path_factory.mktemp("viewer")
-    with run_server(tiny_checkpoint, folder / "results", extra_args=["--allow-untrusted"], launch=forked.popen) as base:
-        context, page = open_page(browser)
-        page.goto(base + "/")
-        page.set_input_files("#file", str(NIH_PNG))
-        with page.expect_navigation():
-            page.click("#submit")
-        assert "/results/" in page.url
-        yield page.url
-        context.close()
+    port = free_port()
+    args = ["--allow-untrusted", "--dicom-port", str(port)]
+    with run_server(tiny_checkpoint, folder / "results", extra_args=args, launch=forked.popen) as base:
+        yield base, port
+
+
+@pytest.fixture(scope="module")
+def result(site, browser):
+    """The URL of one result page (the NIH PNG, uploaded)."""
+    context, page = open_page(browser)
+    page.goto(site[0] + "/")
+    page.set_input_files("#file", str(NIH_PNG))
+    with page.expect_navigation():
+        page.click("#submit")
+    assert "/results/" in page.url
+    yield page.url
+    context.close()
 
 
 def open_viewer(browser, url: str, width: int = 1280, **options):
@@ -269,4 +280,47 @@ def test_without_javascript_the_plain_image_and_heat_layer_remain(browser, resul
     assert page.locator("#viewer-tools").is_hidden() and page.locator("#shortcuts").is_hidden()
     assert page.locator("#xray-canvas").count() == 0
     assert page.locator("#opacity").is_visible()
+    context.close()
+
+
+@pytest.mark.slow(10)
+def test_worklist_with_a_received_image_fits_every_width(site, browser, tmp_path):
+    """A received image's row (badges, send status, result link) stacks on a phone; its result opens in the viewer."""
+    base, port = site
+    storescu = require(Path(shutil.which("storescu") or "/usr/bin/storescu"), "apt-get install dcmtk, or `make pacs`")
+    from pacsutil import radiograph  # needs dcmtk and Orthanc, like the PACS tests
+
+    radiograph(tmp_path / "chest.dcm", size=96)
+    sent = subprocess.run([str(storescu), "-aet", "XRAY_ROOM_1", "-aec", "CXR_AI", "127.0.0.1", str(port),
+                            str(tmp_path / "chest.dcm")], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    context, page = open_page(browser, bypass_csp=True)  # lets the test inject axe-core; the app's CSP stays
+    deadline = time.monotonic() + 120
+    while True:
+        page.goto(base + "/worklist")
+        if page.locator("table.worklist a[href*='/results/']").count():
+            break
+        assert time.monotonic() < deadline, page.inner_text("table.worklist")
+        time.sleep(0.5)
+    problems = []
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        for sort in ("newest", "probability"):
+            page.goto(f"{base}/worklist?sort={sort}")
+            if (overflow := page.evaluate(OVERFLOW)) > 0:
+                problems.append(f"{width} px, {sort}: /worklist scrolls sideways by {overflow} px")
+            cut = page.locator("table.worklist").evaluate(
+                "t => [...t.querySelectorAll('td')].filter(c => c.getBoundingClientRect().right"
+                " > document.documentElement.clientWidth + 0.5).map(c => c.dataset.head)")
+            if cut:
+                problems.append(f"{width} px, {sort}: cells past the edge: {cut}")
+        if AXE.exists():
+            problems += [f"{width} px: {v}" for v in axe_violations(page, Path(AXE))]
+    assert not problems, "\n".join(problems)
+    page.set_viewport_size({"width": 390, "height": 900})
+    page.click("table.worklist a[href*='/results/']")
+    page.wait_for_selector("#viewport.tools-ready")
+    canvas, stored = drawn(page)
+    assert np.array_equal(canvas, stored)  # the received DICOM as stored: its own window kept
+    assert not page.errors, page.errors
     context.close()
