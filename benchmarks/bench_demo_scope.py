@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import skimage.data
+from common import write_report
 from PIL import Image
 
 from chestxray.imaging import InvalidImage
@@ -102,7 +103,8 @@ def main(args: argparse.Namespace) -> int:
         f"external chest X-rays ({Path(args.other_cxr).name})": (folder(Path(args.other_cxr)), True),
         "bundled samples/other-cxr": (folder(ROOT / "samples" / "other-cxr"), True),
     }
-    lines = ["| images | kind | count | readable | accepted as in scope | positive calls |", "|---|---|---|---|---|---|"]
+    lines = ["| images | kind | count | readable | accepted as in scope | positive calls |",
+             "|---|---|---|---|---|---|"]
     for name, (images, chest) in sets.items():
         s = score(predictor, images)
         share = f"{s['accepted']}/{s['readable']} ({100 * s['accepted'] / max(s['readable'], 1):.0f} %)"
@@ -114,10 +116,7 @@ def main(args: argparse.Namespace) -> int:
                  f"{card['scope']['method'] if card['scope'] else None}, limit "
                  f"{card['scope']['limit'] if card['scope'] else None}; validated labels: "
                  f"{sum(bool(v) for v in predictor.validated.values())}/{len(predictor.labels)}")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(lines, args.out)
     return 0
 
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,10 +96,7 @@ def main(args: argparse.Namespace) -> int:
     first = next(iter(columns.values()))["run"]
     lines += ["", f"Checkpoint {args.checkpoint} ({first['arch']}, {first['image_size']} px), trained on "
                   f"{args.data_dir}; figures from Model_Training/test.py's metrics.json in {work}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(lines, args.out)
     return 0
 
 

@@ -34,6 +34,15 @@ def add_out_argument(parser: argparse.ArgumentParser, filename: str) -> None:
                         help="markdown file for the figures (default: %(default)s)")
 
 
+def write_report(lines: list[str], out: str | Path) -> str:
+    """The figures' markdown lines, printed and written to `out` (its folder made) -> the text."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return text
+
+
 def __getattr__(name: str):
     """livesite and conftest, loaded on first use so that the other benchmarks do not import the tests' helpers."""
     if name == "livesite":

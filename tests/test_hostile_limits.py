@@ -21,8 +21,8 @@ from flask import Flask
 from hostile import CORPUS, blank_png, png_bytes
 from PIL import Image
 
-from chestxray.results import RESULT_ID
 import views
+from chestxray.results import RESULT_ID
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]
 
