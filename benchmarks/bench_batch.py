@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import predictions  # noqa: E402
+from benchmarks.common import write_report  # noqa: E402
 from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint  # noqa: E402
 from chestxray.onnx_backend import export_onnx  # noqa: E402
 
@@ -98,9 +99,7 @@ def main(args: argparse.Namespace) -> dict:
               f"({best}) / today's loop = **{statistics.median(rates[best]) / base:.2f}x** (goal >= {GOAL}x).", "",
               "Runs (images/s): " + "; ".join(f"{k}: " + ", ".join(f"{v:.2f}" for v in vals)
                                                for k, vals in rates.items())]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(lines, args.out)
     return rates
 
 

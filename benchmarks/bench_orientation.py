@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import add_out_argument  # noqa: E402
+from benchmarks.common import add_out_argument, write_report  # noqa: E402
 from chestxray.data import load_index, rebuild_splits  # noqa: E402
 from chestxray.imaging import read_xray  # noqa: E402
 from chestxray.orientation import MIRRORED, ROTATED, UPRIGHT  # noqa: E402
@@ -87,9 +87,7 @@ def main(args: argparse.Namespace) -> dict:
         flagged = c[MIRRORED] + c[ROTATED]
         lines.append(f"| {name} | {n} | {c[MIRRORED]} ({c[MIRRORED] / n:.1%}) | {c[ROTATED]} ({c[ROTATED] / n:.1%}) "
                      f"| {flagged} ({flagged / n:.1%}) |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(lines, args.out)
     return counts
 
 
