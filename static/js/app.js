@@ -313,11 +313,12 @@ function forgetBatchPost() {
   if (form && form.dataset.permalink) history.replaceState(null, "", form.dataset.permalink);
 }
 
-// ---- Issue 24: the image viewer on the result page ----
-// Window/level, zoom, pan and invert, by mouse, touch and keyboard. The saved plain image (8-bit, with a DICOM
-// file's own window already applied when it was read) is copied once into a canvas laid over the <img>; every
-// change of window or invert redraws the canvas from those stored values through a 256-entry lookup table. The
-// <img> stays under it for screen readers, printing without the canvas, and pages without JavaScript.
+// ---- The image viewer: the result page's image, and both images of the compare page ----
+// Window/level, zoom, pan and invert, by mouse, touch and keyboard. Each saved plain image (8-bit, with a DICOM
+// file's own window already applied when it was read) is copied once into a canvas laid over its <img>; every change
+// of window or invert redraws the canvas from those stored values through a 256-entry lookup table. The <img> stays
+// under it for screen readers and pages without JavaScript. On the compare page one view (window, zoom, pan, invert)
+// drives both images, so the same region of both is shown side by side.
 document.addEventListener("DOMContentLoaded", enhanceImageTools);
 
 const ZOOM_MIN = 1;
@@ -336,30 +337,19 @@ function windowTable(width, level, invert) {
   return table;
 }
 
-function enhanceImageTools() {
-  const viewport = document.getElementById("viewport");
-  const stage = document.getElementById("stage");
-  const image = document.getElementById("xray");
-  const tools = document.getElementById("viewer-tools");
-  if (!viewport || !stage || !image || !tools) return;
-  const readout = document.getElementById("viewer-readout");
-  const shortcuts = document.getElementById("shortcuts");
-  const invertButton = document.getElementById("invert");
-  const presets = Array.from(tools.querySelectorAll("[data-preset]"));
-  const start = presets.find((button) => button.dataset.preset === "original");
-  const initial = {width: Number(start.dataset.width), level: Number(start.dataset.level)};
-  const view = {...initial, invert: false, zoom: 1, x: 0, y: 0};  // x, y: the stage's offset, fractions of its size
+// One image in its viewport (.stack > .stage > img.xray, img.heat): draw(view) windows it, place(view) zooms and pans.
+function imageViewer(viewport) {
+  const stage = viewport.querySelector(".stage");
+  const image = viewport.querySelector("img.xray");
   const canvas = document.createElement("canvas");
   canvas.className = "xray-canvas";
-  canvas.id = "xray-canvas";
   canvas.setAttribute("aria-hidden", "true");
   let context = null;
   let pixels = null;  // the stored image's values, one byte per pixel
   let picture = null;  // the ImageData drawn into the canvas
-  let frame = 0;
-
-  const draw = () => {
-    frame = 0;
+  let shown = null;
+  const draw = (view) => {
+    shown = view;
     if (!context) return;
     const table = windowTable(view.width, view.level, view.invert);
     const data = picture.data;
@@ -368,21 +358,61 @@ function enhanceImageTools() {
     }
     context.putImageData(picture, 0, 0);
   };
-  const place = () => {
-    view.x = Math.min(0, Math.max(1 - view.zoom, view.x));
-    view.y = Math.min(0, Math.max(1 - view.zoom, view.y));
+  const place = (view) => {
     // CSSOM writes are allowed by the page's CSP (style-src 'self'); style attributes in the markup would not be.
     stage.style.transform = `translate(${(view.x * 100).toFixed(3)}%, ${(view.y * 100).toFixed(3)}%) scale(${view.zoom})`;
     viewport.dataset.zoom = String(view.zoom);
+    viewport.dataset.width = String(view.width);
+    viewport.dataset.level = String(view.level);
+  };
+  const load = () => {
+    canvas.width = image.naturalWidth;
+    canvas.height = image.naturalHeight;
+    context = canvas.getContext("2d", {willReadFrequently: true});
+    context.drawImage(image, 0, 0);
+    picture = context.getImageData(0, 0, canvas.width, canvas.height);
+    pixels = new Uint8Array(canvas.width * canvas.height);
+    for (let i = 0; i < pixels.length; i++) pixels[i] = picture.data[4 * i];  // gray: R = G = B
+    image.after(canvas);
+    if (shown) draw(shown);
+    viewport.classList.add("tools-ready");
+  };
+  // A broken image keeps the plain <img> (and its error): the tools then only zoom and pan it.
+  image.decode().then(load, () => {});
+  viewport.querySelectorAll("img").forEach((img) => { img.draggable = false; });
+  viewport.tabIndex = 0;
+  viewport.setAttribute("role", "group");
+  viewport.setAttribute("aria-label", `${image.alt}: drag to set window and level; arrow keys pan a zoomed image, `
+    + "Shift and arrow keys set window and level; press ? for all keyboard shortcuts");
+  return {viewport, draw, place};
+}
+
+function enhanceImageTools() {
+  const tools = document.getElementById("viewer-tools");
+  const viewers = Array.from(document.querySelectorAll(".stack[data-viewer]"), imageViewer);
+  if (!tools || !viewers.length) return;
+  const viewports = viewers.map((viewer) => viewer.viewport);
+  const readout = document.getElementById("viewer-readout");
+  const shortcuts = document.getElementById("shortcuts");
+  const invertButton = document.getElementById("invert");
+  const presets = Array.from(tools.querySelectorAll("[data-preset]"));
+  const start = presets.find((button) => button.dataset.preset === "original");
+  const initial = {width: Number(start.dataset.width), level: Number(start.dataset.level)};
+  const view = {...initial, invert: false, zoom: 1, x: 0, y: 0};  // x, y: the stage's offset, fractions of its size
+  let frame = 0;
+
+  const draw = () => {
+    frame = 0;
+    viewers.forEach((viewer) => viewer.draw(view));
   };
   const show = () => {
-    place();
+    view.x = Math.min(0, Math.max(1 - view.zoom, view.x));
+    view.y = Math.min(0, Math.max(1 - view.zoom, view.y));
+    viewers.forEach((viewer) => viewer.place(view));
     if (!frame) frame = requestAnimationFrame(draw);
     presets.forEach((button) => button.setAttribute("aria-pressed", String(
       Number(button.dataset.width) === view.width && Number(button.dataset.level) === view.level)));
     invertButton.setAttribute("aria-pressed", String(view.invert));
-    viewport.dataset.width = String(view.width);
-    viewport.dataset.level = String(view.level);
     readout.textContent = `Window ${view.width} · level ${view.level} · zoom ${Math.round(view.zoom * 100)} %`
       + (view.invert ? " · inverted" : "");
   };
@@ -411,31 +441,11 @@ function enhanceImageTools() {
   const dragMode = () => (tools.querySelector('input[name="drag"]:checked') || {value: "window"}).value;
   const setDragMode = (mode) => {
     tools.querySelector(`input[name="drag"][value="${mode}"]`).checked = true;
-    viewport.dataset.mode = mode;
+    viewports.forEach((viewport) => { viewport.dataset.mode = mode; });
   };
-
-  const load = () => {
-    canvas.width = image.naturalWidth;
-    canvas.height = image.naturalHeight;
-    context = canvas.getContext("2d", {willReadFrequently: true});
-    context.drawImage(image, 0, 0);
-    picture = context.getImageData(0, 0, canvas.width, canvas.height);
-    pixels = new Uint8Array(canvas.width * canvas.height);
-    for (let i = 0; i < pixels.length; i++) pixels[i] = picture.data[4 * i];  // gray: R = G = B
-    image.after(canvas);
-    viewport.classList.add("tools-ready");
-    draw();
-  };
-  // A broken image keeps the plain <img> (and its error): the tools then only zoom and pan.
-  image.decode().then(load, () => {});
 
   tools.hidden = false;
   if (shortcuts) shortcuts.hidden = false;
-  viewport.tabIndex = 0;
-  viewport.setAttribute("role", "group");
-  viewport.setAttribute("aria-label", "Image viewer: drag to set window and level; arrow keys pan a zoomed image, "
-    + "Shift and arrow keys set window and level; press ? for all keyboard shortcuts");
-  viewport.querySelectorAll("img").forEach((img) => { img.draggable = false; });
   setDragMode(dragMode());
   show();
 
@@ -449,71 +459,72 @@ function enhanceImageTools() {
   tools.querySelectorAll('input[name="drag"]').forEach((input) => {
     input.addEventListener("change", () => setDragMode(dragMode()));
   });
+  viewports.forEach((viewport) => followPointers(viewport));
 
   // Mouse, pen and touch through pointer events: one pointer drags (window/level or pan; the middle mouse button
   // always pans), two pointers pinch to zoom and move together to pan.
-  const pointers = new Map();
-  const pair = () => {
-    const [a, b] = Array.from(pointers.values());
-    return {x: (a.x + b.x) / 2, y: (a.y + b.y) / 2, distance: Math.hypot(a.x - b.x, a.y - b.y) || 1};
-  };
-  viewport.addEventListener("pointerdown", (event) => {
-    if (event.pointerType === "mouse" && event.button !== 0 && event.button !== 1) return;
-    event.preventDefault();
-    viewport.focus({preventScroll: true});
-    viewport.setPointerCapture(event.pointerId);
-    pointers.set(event.pointerId, {x: event.clientX, y: event.clientY, pan: event.button === 1,
-      startX: event.clientX, startY: event.clientY, width: view.width, level: view.level});
-  });
-  viewport.addEventListener("pointermove", (event) => {
-    const pointer = pointers.get(event.pointerId);
-    if (!pointer) return;
-    const box = viewport.getBoundingClientRect();
-    if (pointers.size === 1) {
-      const dx = event.clientX - pointer.x;
-      const dy = event.clientY - pointer.y;
-      if (pointer.pan || dragMode() === "pan") {
-        panBy(dx / box.width, dy / box.height);
-      } else {  // a drag across the whole viewport spans the whole 0..255 range; up raises the level
-        const scale = 256 / box.width;
-        setWindow(pointer.width + (event.clientX - pointer.startX) * scale,
-                  pointer.level - (event.clientY - pointer.startY) * scale);
+  function followPointers(viewport) {
+    const pointers = new Map();
+    const pair = () => {
+      const [a, b] = Array.from(pointers.values());
+      return {x: (a.x + b.x) / 2, y: (a.y + b.y) / 2, distance: Math.hypot(a.x - b.x, a.y - b.y) || 1};
+    };
+    viewport.addEventListener("pointerdown", (event) => {
+      if (event.pointerType === "mouse" && event.button !== 0 && event.button !== 1) return;
+      event.preventDefault();
+      viewport.focus({preventScroll: true});
+      viewport.setPointerCapture(event.pointerId);
+      pointers.set(event.pointerId, {x: event.clientX, y: event.clientY, pan: event.button === 1,
+        startX: event.clientX, startY: event.clientY, width: view.width, level: view.level});
+    });
+    viewport.addEventListener("pointermove", (event) => {
+      const pointer = pointers.get(event.pointerId);
+      if (!pointer) return;
+      const box = viewport.getBoundingClientRect();
+      if (pointers.size === 1) {
+        if (pointer.pan || dragMode() === "pan") {
+          panBy((event.clientX - pointer.x) / box.width, (event.clientY - pointer.y) / box.height);
+        } else {  // a drag across the whole viewport spans the whole 0..255 range; up raises the level
+          const scale = 256 / box.width;
+          setWindow(pointer.width + (event.clientX - pointer.startX) * scale,
+                    pointer.level - (event.clientY - pointer.startY) * scale);
+        }
+      } else if (pointers.size === 2) {
+        const before = pair();
+        pointer.x = event.clientX;
+        pointer.y = event.clientY;
+        const after = pair();
+        view.x += (after.x - before.x) / box.width;
+        view.y += (after.y - before.y) / box.height;
+        zoomTo(view.zoom * after.distance / before.distance,
+               (after.x - box.left) / box.width, (after.y - box.top) / box.height);
+        return;
       }
-    } else if (pointers.size === 2) {
-      const before = pair();
       pointer.x = event.clientX;
       pointer.y = event.clientY;
-      const after = pair();
-      view.x += (after.x - before.x) / box.width;
-      view.y += (after.y - before.y) / box.height;
-      zoomTo(view.zoom * after.distance / before.distance,
-             (after.x - box.left) / box.width, (after.y - box.top) / box.height);
-      return;
-    }
-    pointer.x = event.clientX;
-    pointer.y = event.clientY;
-  });
-  const release = (event) => {
-    pointers.delete(event.pointerId);
-    // After a pinch the finger left on the image starts a new drag from here (no jump in window or level).
-    pointers.forEach((pointer) => Object.assign(pointer, {startX: pointer.x, startY: pointer.y,
-                                                          width: view.width, level: view.level}));
-  };
-  viewport.addEventListener("pointerup", release);
-  viewport.addEventListener("pointercancel", release);
-  viewport.addEventListener("dragstart", (event) => event.preventDefault());
-  // Ctrl + wheel (and a trackpad's pinch, which browsers send as Ctrl + wheel) zooms about the pointer; a plain wheel
-  // still scrolls the page.
-  viewport.addEventListener("wheel", (event) => {
-    if (!event.ctrlKey && !event.metaKey) return;
-    event.preventDefault();
-    const box = viewport.getBoundingClientRect();
-    zoomTo(view.zoom * Math.exp(-event.deltaY / 300),
-           (event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
-  }, {passive: false});
+    });
+    const release = (event) => {
+      pointers.delete(event.pointerId);
+      // After a pinch the finger left on the image starts a new drag from here (no jump in window or level).
+      pointers.forEach((pointer) => Object.assign(pointer, {startX: pointer.x, startY: pointer.y,
+                                                            width: view.width, level: view.level}));
+    };
+    viewport.addEventListener("pointerup", release);
+    viewport.addEventListener("pointercancel", release);
+    viewport.addEventListener("dragstart", (event) => event.preventDefault());
+    // Ctrl + wheel (and a trackpad's pinch, which browsers send as Ctrl + wheel) zooms about the pointer; a plain
+    // wheel still scrolls the page.
+    viewport.addEventListener("wheel", (event) => {
+      if (!event.ctrlKey && !event.metaKey) return;
+      event.preventDefault();
+      const box = viewport.getBoundingClientRect();
+      zoomTo(view.zoom * Math.exp(-event.deltaY / 300),
+             (event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
+    }, {passive: false});
+  }
 
-  // Keyboard shortcuts, listed on the page (press ?). Not while typing in a field; arrow keys only on the
-  // focused image, so that elsewhere they still scroll the page and move sliders.
+  // Keyboard shortcuts, listed on the page (press ?). Not while typing in a field; arrow keys only on a focused
+  // image, so that elsewhere they still scroll the page and move sliders.
   const opacity = document.getElementById("opacity");
   const plain = document.getElementById("plain");
   const stepOpacity = (step) => {
@@ -527,14 +538,14 @@ function enhanceImageTools() {
     + ':not([type="button"]):not([type="submit"])');
   document.addEventListener("keydown", (event) => {
     if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || typing(event.target)) return;
-    const onImage = event.target === viewport;
+    const onImage = viewports.includes(event.target);
     const arrows = {ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1]};
     const key = event.key.length === 1 ? event.key.toLowerCase() : event.key;
     const preset = presets[Number(key) - 1];
-    if (key === "?") {
+    if (key === "?" && shortcuts) {
       shortcuts.open = !shortcuts.open;
       if (shortcuts.open) shortcuts.scrollIntoView({block: "nearest"});
-    } else if (key === "Escape" && shortcuts.open) {
+    } else if (key === "Escape" && shortcuts && shortcuts.open) {
       shortcuts.open = false;
     } else if (key === "+" || key === "=") {
       zoomTo(view.zoom * ZOOM_STEP);
@@ -548,7 +559,7 @@ function enhanceImageTools() {
       reset();
     } else if (key === "m") {
       setDragMode(dragMode() === "pan" ? "window" : "pan");
-    } else if (key === "[" || key === "]") {
+    } else if ((key === "[" || key === "]") && opacity) {
       stepOpacity(key === "]" ? 10 : -10);
     } else if (key === "h" && plain) {
       plain.click();  // fires its change handlers: the heat layer, the URL

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.e2e
 
 WIDTHS = (320, 390, 768, 1400, 1920)
 # Every 7th pixel of the canvas and of the stored image (red channel: both are gray), as two lists.
-PIXELS = """async () => {
-  const img = document.getElementById("xray");
+PIXELS = """async (viewport) => {
+  const img = viewport.querySelector("img.xray");
   await img.decode();
   const copy = document.createElement("canvas");
   copy.width = img.naturalWidth;
@@ -35,7 +35,7 @@ PIXELS = """async () => {
     for (let i = 0; i < data.length; i += 4 * 7) out.push(data[i]);
     return out;
   };
-  return [sample(document.getElementById("xray-canvas")), sample(copy)];
+  return [sample(viewport.querySelector(".xray-canvas")), sample(copy)];
 }"""
 OVERFLOW = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
 INSIDE = """(section) => {
@@ -88,9 +88,9 @@ def dicom_window(values: np.ndarray, width: float, level: float, invert: bool = 
     return np.round(255 - shown if invert else shown)
 
 
-def drawn(page) -> tuple[np.ndarray, np.ndarray]:
-    """(canvas, stored image) samples as float arrays."""
-    canvas, stored = page.evaluate(PIXELS)
+def drawn(page, viewport: str = "#viewport") -> tuple[np.ndarray, np.ndarray]:
+    """(canvas, stored image) samples of one viewer as float arrays."""
+    canvas, stored = page.locator(viewport).evaluate(PIXELS)
     return np.array(canvas, float), np.array(stored, float)
 
 
@@ -278,7 +278,7 @@ def test_without_javascript_the_plain_image_and_heat_layer_remain(browser, resul
     page.goto(result)
     assert page.locator("#xray").is_visible() and page.locator("#heat").is_visible()
     assert page.locator("#viewer-tools").is_hidden() and page.locator("#shortcuts").is_hidden()
-    assert page.locator("#xray-canvas").count() == 0
+    assert page.locator(".xray-canvas").count() == 0
     assert page.locator("#opacity").is_visible()
     context.close()
 
