@@ -406,6 +406,8 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     data = load_data(run, meta)
     opt = build_optimisation(run, model, data)
     progress = restore(run, opt)
+    if ddp.main and progress.history:  # a kill after the last state but before its history: catch the files up
+        write_run_files(run, data, progress.history)
     ddp.log(f"training {args.arch} at {args.image_size} px on {run.device}"
             f"{f' x {ddp.world_size} processes' if ddp.enabled else ''} ({len(data.train_ds)} train / "
             f"{len(data.val_ds)} val images, batch {args.batch_size}, {args.loss} loss, amp "
@@ -675,13 +677,11 @@ def run_epoch(run: Run, data: Data, opt: Optimisation, progress: Progress, epoch
 
 def save_epoch(run: Run, meta: Meta, data: Data, opt: Optimisation, progress: Progress, epoch: int, result,
                is_best: bool) -> None:
-    """Rank 0: history.csv, curves, unreadable.txt, the best checkpoint (when best) and the resumable state."""
+    """Rank 0: the best checkpoint (when best), the resumable state, then history.csv, curves and unreadable.txt.
+
+    The state goes before the files derived from it, so a kill between them leaves a history one epoch short (which
+    --resume rewrites from the state), never one listing an epoch that --resume cannot find."""
     args = run.args
-    write_history(run.dir / "history.csv", progress.history)
-    plot_history(run.dir / "training_curves.png", progress.history)
-    if data.unreadable:
-        atomic_write(run.dir / "unreadable.txt",
-                     "".join(f"{name}\t{reason}\n" for name, reason in sorted(data.unreadable.items())))
     if is_best:
         thresholds = choose_thresholds(result.targets, result.probs, args.threshold_rule)
         summary = _training_summary(run, data, result, epoch)
@@ -694,6 +694,16 @@ def save_epoch(run: Run, meta: Meta, data: Data, opt: Optimisation, progress: Pr
         "best_score": progress.best_score, "best_epoch": progress.best_epoch, "history": progress.history,
         "world_size": run.ddp.world_size,
     })
+    write_run_files(run, data, progress.history)
+
+
+def write_run_files(run: Run, data: Data, history: list[dict]) -> None:
+    """history.csv, training_curves.png and unreadable.txt in the run folder, from the epochs' history rows."""
+    write_history(run.dir / "history.csv", history)
+    plot_history(run.dir / "training_curves.png", history)
+    if data.unreadable:
+        atomic_write(run.dir / "unreadable.txt",
+                     "".join(f"{name}\t{reason}\n" for name, reason in sorted(data.unreadable.items())))
 
 
 def _check_shards(shards: list[list[int]], run_dir: Path, epoch: int, ddp: _Dist) -> None:

@@ -71,7 +71,7 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     leftovers = [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
     assert len(leftovers) == 1, (what, leftovers)
     state = torch.load(run / "last.pth", weights_only=True)
-    # A best checkpoint is written after the epoch's state, so the state on disk is the one before the killed epoch:
+    # A best checkpoint is written before the epoch's state, so the state on disk is the one before the killed epoch:
     # which epoch improves first depends on the seeded run, only that one after epoch 1 does.
     assert state["epoch"] == 1 if match == "kind" else state["epoch"] in (1, 2)
     if best.exists():
@@ -85,6 +85,40 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     assert not [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
     model, meta, _ = load_checkpoint(best)
     assert meta.training["epochs"] in (1, 2, 3)
+
+
+# Runs train.main in a child process that SIGKILLs itself just before history.csv would get its second row: after
+# epoch 2's state, or, were the order reversed, after the history and before the state.
+KILLED_BEFORE_HISTORY = textwrap.dedent("""
+    import os, signal, sys
+    from Model_Training import train
+
+    real_write_history = train.write_history
+
+    def dying_write_history(path, history):
+        if len(history) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write_history(path, history)
+
+    train.write_history = dying_write_history
+    sys.exit(train.main(train.get_args_parser().parse_args({argv!r})))
+""")
+
+
+@pytest.mark.slow(12)
+def test_a_kill_between_the_state_and_the_history_leaves_no_epoch_resume_cannot_find(nih_dir, tmp_path, capsys):
+    run, best = tmp_path / "run", tmp_path / "best.pth"
+    argv = small_run(nih_dir, "--run-dir", str(run), "--output", str(best), epochs=2)
+    killed = forked.run([sys.executable, "-c", KILLED_BEFORE_HISTORY.format(argv=argv)], cwd=ROOT, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    # The state is ahead of the history, never behind it: every epoch history.csv lists can be resumed from.
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    assert [row["epoch"] for row in read_history(run)] == ["1"]
+
+    rc, out, err = run_main([*argv, "--resume"], capsys)  # the last epoch is done: resuming catches the files up
+    assert rc == 0, out + err
+    assert [row["epoch"] for row in read_history(run)] == ["1", "2"]
+    load_checkpoint(best)
 
 
 @pytest.fixture(scope="module")
