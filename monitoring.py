@@ -42,6 +42,7 @@ from chestxray.calls import NEGATIVE, POSITIVE
 from chestxray.fileio import SpreadsheetWriter
 from chestxray.imaging import InvalidImage, UnsupportedFormat
 from chestxray.monitor import (
+    CALLED,
     INPUTS,
     OUT_OF_SCOPE,
     AlertLimits,
@@ -237,6 +238,8 @@ def monitoring_context() -> dict:
 def quantity_name(quantity: str) -> str:
     if quantity.startswith("probability:"):
         return f"{quantity.split(':', 1)[1].replace('_', ' ')} probability"
+    if quantity.startswith(CALLED):
+        return f"{quantity[len(CALLED):].replace('_', ' ')} called-positive rate"
     return {"scope_score": "in-scope score", "brightness": "input brightness", "contrast": "input contrast",
             OUT_OF_SCOPE: "out-of-scope rate"}.get(quantity, quantity)
 

@@ -1,17 +1,30 @@
 """Does the monitor catch drift? Streams replayed through the results store (SQLite) and the monitor's alert rule.
 
-    python benchmarks/bench_drift.py [--checkpoint CKPT] [--window 200] [--out benchmarks/results/drift.md]
+    python benchmarks/bench_drift.py [--checkpoint CKPT --train-data DIR] [--window 200] [--out ...]
 
-The reference is fitted (chestxray.monitor.fit_reference) on half of the shared NIH sample's patients; the other half,
-in random order (reshuffled to make a long stream), is the in-distribution stream: every alert onset there is a
-false alert. Each shifted stream starts with one full window of in-distribution images, then switches to: other-cxr
+With --checkpoint and --train-data (the folder it was trained on, a labels CSV of some of the shared NIH sample's
+patients), the reference is the one the checkpoint carries (train.py / fit_trust.py fit it on its calibration split:
+calibrated probabilities, thresholds and called-positive rates, scope score, brightness, contrast), and the stream is
+the shared sample's images of the patients that are not in --train-data. Without them the reference is fitted
+(chestxray.monitor.fit_reference) on half of the shared sample's patients and the other half is streamed. The held-out
+images in random order (reshuffled to make a long stream) are the in-distribution stream: every alert onset there is
+a false alert. Each shifted stream starts with one full window of in-distribution images, then switches to: other-cxr
 images (repeated: the folder holds few), contrast-reduced, gamma-shifted, inverted and lower-resolution copies of the
-held-out images, and a different prevalence (only images with a finding). Detection delay = shifted images recorded
-until the alert first fires (the monitor is evaluated after every analysis, as the result pages do).
+held-out images, and a different prevalence (only images with a finding; only images without). Detection delay =
+shifted images recorded until the alert first fires (the monitor is evaluated after every analysis, as the result
+pages do).
 Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/storeutil.py),
 one transaction per analysis as the app does, beside the model's own rate on the same machine in the same run.
 Without --checkpoint a random-initialised ResNet-18 at 128 px is used (no trained model ships with the repository):
-its outputs still depend on the input, so input shifts move them, but a prevalence shift cannot.
+its outputs still depend on the input, so input shifts move them, but a prevalence shift cannot: a prevalence shift
+shows in the outputs only as far as the model tells findings apart. BENCHMARKS.md's model was made with:
+
+    # 3/4 of the patients (seed 0) into /tmp/drift-train/data (labels.csv + images), then
+    python Model_Training/train.py --data-dir /tmp/drift-train/data --output m.pth --arch resnet18 --image-size 128 \
+        --epochs 6 --batch-size 16 --lr 0.001 --no-pretrained --device cpu --val-fraction 0.1 \
+        --calibration-fraction 0.4 --orientation-images 0      (stopped after epoch 3; best epoch 2 kept)
+    python Model_Training/fit_trust.py --checkpoint m.pth --data-dir /tmp/drift-train/data --out model.pth \
+        --orientation-images 0 --n-boot 200
 """
 from __future__ import annotations
 
@@ -33,6 +46,10 @@ SHARED = ROOT.parent / "shared" / "data"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="model to replay (default: random ResNet-18, 128 px)")
+    parser.add_argument("--train-data", default=None,
+                        help="folder whose labels CSV lists the images --checkpoint was trained and calibrated on: "
+                             "its patients are left out of the streams, and the checkpoint's own reference is used "
+                             "(default: none; the reference is fitted on half the patients)")
     parser.add_argument("--window", type=int, default=200, help="drift window (default: %(default)s)")
     parser.add_argument("--psi", type=float, default=0.25, help="PSI alert limit (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.0001,
@@ -87,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from conftest import make_checkpoint
 
-    from chestxray.monitor import AlertLimits, drift, fit_reference, input_statistics, window_values
+    from chestxray.monitor import AlertLimits, drift, input_statistics, quantities, window_values
     from chestxray.predictor import Predictor
     from chestxray.store import AnalysisStore, ModelVersion, answered_entry
 
@@ -104,10 +121,11 @@ def main(args: argparse.Namespace) -> int:
     finding = dict(zip(labels["Image Index"], labels["Finding Labels"] != "No Finding"))
     patients = sorted({patient[f.name] for f in files})
     rng.shuffle(patients)
-    ref_patients = set(patients[: len(patients) // 2])
+    own = getattr(predictor.trust, "reference", None) if args.train_data else None
+    ref_patients = trained_patients(args.train_data) if args.train_data else set(patients[: len(patients) // 2])
     ref_files = [f for f in files if patient[f.name] in ref_patients]
     held_files = [f for f in files if patient[f.name] not in ref_patients]
-    print(f"reference {len(ref_files)} images, held out {len(held_files)}", flush=True)
+    print(f"reference patients' images {len(ref_files)}, held out {len(held_files)}", flush=True)
 
     def predict(images: list[np.ndarray]) -> list:
         out = []
@@ -115,14 +133,8 @@ def main(args: argparse.Namespace) -> int:
             out += predictor.predict_batch(images[i:i + 32], heatmaps=False)
         return out
 
-    ref_images = [load_gray(f) for f in ref_files]
-    ref_preds = predict(ref_images)
-    probs = np.array([[p.probabilities[n] for n in predictor.labels] for p in ref_preds])
-    reference = fit_reference(probs, predictor.labels)
-    stats = np.array([input_statistics(predictor.transform(x)) for x in ref_images])
-    reference.samples["brightness"], reference.samples["contrast"] = np.sort(stats[:, 0]), np.sort(stats[:, 1])
-    if ref_preds[0].scope_score is not None:
-        reference.samples["scope_score"] = np.sort([p.scope_score for p in ref_preds])
+    # The checkpoint's own calibration split, as the app compares with; else fitted here on the reference half.
+    reference = own if own is not None else fitted_reference(predictor, [load_gray(f) for f in ref_files], predict)
     limits = AlertLimits(window=args.window, psi=args.psi, alpha=args.alpha)
     model = ModelVersion("bench", "bench", "torch")
 
@@ -138,9 +150,12 @@ def main(args: argparse.Namespace) -> int:
         order = np.concatenate([rng.permutation(len(pool)) for _ in range(n // len(pool) + 1)])[:n]
         return [pool[i] for i in order]
 
-    def evaluate(store) -> bool:
+    def alerting_quantities(store) -> list[str]:
         values = window_values(store.columns(last=limits.window), reference)
-        return any(row.alert for row in drift(reference, values, limits))
+        return [row.quantity for row in drift(reference, values, limits) if row.alert]
+
+    def evaluate(store) -> bool:
+        return bool(alerting_quantities(store))
 
     # In-distribution: false alert onsets per 1,000 evaluated analyses (once the window is full).
     store = AnalysisStore(f"sqlite:///{tmp / 'indist.sqlite3'}")
@@ -158,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
         except Exception:
             continue
     shifted = {"other-cxr images": entries(other_images), **{k: entries(v) for k, v in shifts(held_images).items()},
-               "prevalence (findings only)": [e for e, f in zip(held_entries, held_files) if finding[f.name]]}
+               "prevalence (findings only)": [e for e, f in zip(held_entries, held_files) if finding[f.name]],
+               "prevalence (no finding only)": [e for e, f in zip(held_entries, held_files) if not finding[f.name]]}
     delays = {}
     for name, pool in shifted.items():
         store = AnalysisStore(f"sqlite:///{tmp / (str(abs(hash(name))) + '.sqlite3')}")
@@ -170,20 +186,20 @@ def main(args: argparse.Namespace) -> int:
             if evaluate(store):
                 delay = i
                 break
-        delays[name] = (delay, len(pool))
-        print(f"{name}: delay {delay}", flush=True)
+        delays[name] = (delay, len(pool), alerting_quantities(store) if delay else [])
+        print(f"{name}: delay {delay} {delays[name][2]}", flush=True)
 
     rates = write_rates(stream(held_entries, args.writes), predictor, tmp)
 
+    where, model_text = describe(args, predictor, reference, own is not None, checkpoint, len(ref_files),
+                                 len(ref_patients), len(held_files))
     lines = ["# Drift detection and store throughput (benchmarks/bench_drift.py)", "",
-             f"Reference: {len(ref_files)} images of half the shared NIH sample's patients; in-distribution stream: "
-             f"{len(held_files)} held-out images of the other half, reshuffled to {args.in_distribution}. Window "
-             f"{limits.window}, PSI limit {limits.psi}, alpha {limits.alpha} (Bonferroni over "
-             f"{len(reference.samples)} quantities). Model: "
-             f"{'random-initialised ResNet-18, 128 px' if not args.checkpoint else checkpoint}.", "",
-             "| stream | images in pool | detection delay (images) |", "|---|---|---|"]
-    for name, (delay, pool) in delays.items():
-        lines.append(f"| {name} | {pool} | {delay if delay is not None else f'not within {args.max_delay}'} |")
+             f"{where}, reshuffled to {args.in_distribution}. Window {limits.window}, PSI limit {limits.psi}, "
+             f"alpha {limits.alpha} (Bonferroni over {len(quantities(reference))} quantities). Model: {model_text}.",
+             "", "| stream | images in pool | detection delay (images) | alerting quantities |", "|---|---|---|---|"]
+    for name, (delay, pool, which) in delays.items():
+        lines.append(f"| {name} | {pool} | {delay if delay is not None else f'not within {args.max_delay}'} | "
+                     f"{', '.join(which) or '-'} |")
     lines += ["", f"In-distribution: {onsets} alert onsets in {len(evaluated)} evaluations = "
               f"**{1000 * onsets / len(evaluated):.2f} false alerts per 1,000 images** "
               f"(alerting {100 * alerting:.1f}% of the time).", "",
@@ -196,6 +212,44 @@ def main(args: argparse.Namespace) -> int:
     plot(delays, args.max_delay, Path(args.out).with_suffix(".png"))
     print("\n".join(lines))
     return 0
+
+
+def trained_patients(folder: str) -> set:
+    """The patients of the labels CSV in `folder` (what the checkpoint was trained and calibrated on)."""
+    from chestxray.data import find_data_entry, read_data_entry
+
+    return set(read_data_entry(find_data_entry(folder))["patient"].astype(int))
+
+
+def fitted_reference(predictor, images: list[np.ndarray], predict):
+    """A reference fitted on `images` (probabilities, brightness, contrast, scope score when the model has one)."""
+    from chestxray.monitor import fit_reference, input_statistics
+
+    preds = predict(images)
+    probs = np.array([[p.probabilities[n] for n in predictor.labels] for p in preds])
+    reference = fit_reference(probs, predictor.labels)
+    stats = np.array([input_statistics(predictor.transform(x)) for x in images])
+    reference.samples["brightness"], reference.samples["contrast"] = np.sort(stats[:, 0]), np.sort(stats[:, 1])
+    if preds[0].scope_score is not None:
+        reference.samples["scope_score"] = np.sort([p.scope_score for p in preds])
+    return reference
+
+
+def describe(args, predictor, reference, own: bool, checkpoint, n_ref: int, n_ref_patients: int,
+             n_held: int) -> tuple[str, str]:
+    """The report's sentences on the reference and the model."""
+    if own:
+        val = predictor.meta.training.get("val_auroc") or {}
+        aurocs = [v for v in val.values() if v is not None and np.isfinite(v)]
+        where = (f"Reference: the checkpoint's own, its {reference.split} split ({reference.n_images} images; the "
+                 f"model was trained and calibrated on {n_ref} images of {n_ref_patients} patients); "
+                 f"in-distribution stream: the {n_held} images of the other patients")
+        model_text = (f"{Path(checkpoint).name} ({predictor.meta.arch} {predictor.meta.image_size} px trained on "
+                      f"the sample, validation mean AUROC {np.mean(aurocs):.2f} over {len(aurocs)} labels)")
+        return where, model_text
+    where = (f"Reference: {n_ref} images of half the shared NIH sample's patients; in-distribution stream: "
+             f"{n_held} held-out images of the other half")
+    return where, "random-initialised ResNet-18, 128 px" if not args.checkpoint else str(checkpoint)
 
 
 def write_rates(write: list[dict], predictor, tmp: Path) -> dict[str, float]:
@@ -237,12 +291,12 @@ def plot(delays: dict, cap: int, path: Path) -> None:
     fig = Figure(figsize=(7, 3), layout="constrained")
     ax = fig.add_subplot()
     names = list(delays)
-    values = [d if d is not None else cap for d, _ in delays.values()]
-    bars = ax.barh(names, values, color=["#1f5fbf" if d is not None else "#b91c1c" for d, _ in delays.values()])
+    values = [d if d is not None else cap for d, *_ in delays.values()]
+    bars = ax.barh(names, values, color=["#1f5fbf" if d is not None else "#b91c1c" for d, *_ in delays.values()])
     ax.axvline(200, color="grey", ls="--", label="goal: 200 images")
     ax.set_xlabel("shifted images until the alert (red: not detected)")
     ax.legend(fontsize=8)
-    ax.bar_label(bars, labels=[str(d) if d is not None else "none" for d, _ in delays.values()], fontsize=8)
+    ax.bar_label(bars, labels=[str(d) if d is not None else "none" for d, *_ in delays.values()], fontsize=8)
     FigureCanvasAgg(fig).print_png(str(path))
 
 

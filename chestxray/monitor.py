@@ -9,13 +9,17 @@ no ground truth needed):
 - the population stability index (PSI) over the reference's deciles, an effect size (written by hand: a few lines,
   no library ships it; a test compares it with the formula computed independently);
 - the two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp), whose p-value accounts for the window's size;
-- a one-sided binomial test of the out-of-scope count against the reference's out-of-scope rate (scipy).
+- a one-sided binomial test of the out-of-scope count against the reference's out-of-scope rate (scipy);
+- per label, Fisher's exact test (scipy) of the window's called-positive count (calibrated probability at or above
+  the label's threshold, before the evidence gate: the reference's own definition) against the reference split's
+  count. A prevalence shift moves a label's called-positive rate as far as the model tells the finding apart, even
+  where the whole probability distribution moves too little for PSI (a rare label's mass sits in one decile).
 
 A quantity alerts when its shift is both large and not explained by chance: its PSI exceeds `AlertLimits.psi` and its
 p-value is below `AlertLimits.alpha` divided by the number of quantities (Bonferroni: at most one false alert per
 1/alpha evaluations, whatever the label count). PSI alone is biased upward in a window of a few hundred images (it
 gave 6.7 false alerts per 1,000 in-distribution images in benchmarks/bench_drift.py, all of them PSI-only); the
-out-of-scope rate, a proportion, has the binomial test alone.
+out-of-scope rate and the called-positive rates, proportions, have their tests alone.
 Feedback agreement (PPV, sensitivity) comes with Wilson intervals (scipy.stats.binomtest). No Flask, no database.
 """
 from __future__ import annotations
@@ -35,11 +39,16 @@ SCOPE = "scope_score"
 BRIGHTNESS = "brightness"
 CONTRAST = "contrast"
 OUT_OF_SCOPE = "out_of_scope_rate"
+CALLED = "called_positive:"  # + label: the called-positive rate at the reference's threshold
 INPUTS = (SCOPE, BRIGHTNESS, CONTRAST)
 
 
 def probability_key(label: str) -> str:
     return f"probability:{label}"
+
+
+def called_key(label: str) -> str:
+    return f"{CALLED}{label}"
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,13 @@ class Reference:
     prevalence: dict[str, float] = field(default_factory=dict)  # label -> fraction positive on the split
     positive_rate: dict[str, float] = field(default_factory=dict)  # label -> fraction with p >= threshold
     out_of_scope_rate: float | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)  # label -> the threshold positive_rate was counted at
 
     def to_dict(self) -> dict:
         return {"format": REFERENCE_FORMAT, "split": self.split, "n_images": int(self.n_images),
                 "samples": {key: [float(v) for v in values] for key, values in self.samples.items()},
                 "prevalence": dict(self.prevalence), "positive_rate": dict(self.positive_rate),
-                "out_of_scope_rate": self.out_of_scope_rate}
+                "out_of_scope_rate": self.out_of_scope_rate, "thresholds": dict(self.thresholds)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Reference:
@@ -87,7 +97,8 @@ class Reference:
             return cls(str(d["split"]), int(d["n_images"]), samples,
                        {str(k): float(v) for k, v in (d.get("prevalence") or {}).items()},
                        {str(k): float(v) for k, v in (d.get("positive_rate") or {}).items()},
-                       None if d.get("out_of_scope_rate") is None else float(d["out_of_scope_rate"]))
+                       None if d.get("out_of_scope_rate") is None else float(d["out_of_scope_rate"]),
+                       {str(k): float(v) for k, v in (d.get("thresholds") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"the monitoring reference is malformed ({type(exc).__name__}: {exc})") from None
 
@@ -108,11 +119,12 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
     normalisation (mean, std) of channel 0 it was computed with."""
     calibrated = np.asarray(calibrated, dtype=float)
     samples = {probability_key(label): _kept(calibrated[:, j]) for j, label in enumerate(labels)}
-    prevalence = positive_rate = {}
+    prevalence = positive_rate = cuts = {}
     if targets is not None:
         prevalence = {label: float(np.mean(np.asarray(targets)[:, j])) for j, label in enumerate(labels)}
     if thresholds is not None:
         positive_rate = {label: float(np.mean(calibrated[:, j] >= thresholds[j])) for j, label in enumerate(labels)}
+        cuts = {label: float(thresholds[j]) for j, label in enumerate(labels)}
     out_of_scope = None
     if scope_scores is not None:
         samples[SCOPE] = _kept(scope_scores)
@@ -125,7 +137,7 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
         # The thumbnail averages the normalised input over equal cells, so its mean is the input's mean.
         samples[BRIGHTNESS] = _kept(stats[:, : THUMBNAIL**2].mean(axis=1) * std + mean)
         samples[CONTRAST] = _kept(stats[:, -1])
-    return Reference(split, len(calibrated), samples, prevalence, positive_rate, out_of_scope)
+    return Reference(split, len(calibrated), samples, prevalence, positive_rate, out_of_scope, cuts)
 
 
 def input_statistics(inputs: torch.Tensor | np.ndarray) -> tuple[float, float]:
@@ -173,8 +185,10 @@ class DriftRow:
 
 
 def quantities(reference: Reference) -> list[str]:
-    """The quantities the monitor tests for this reference (its samples, and the out-of-scope rate if known)."""
-    return [*reference.samples, *([OUT_OF_SCOPE] if reference.out_of_scope_rate is not None else [])]
+    """The quantities the monitor tests for this reference: its samples, the out-of-scope rate if known, and the
+    called-positive rate of each label whose threshold it recorded."""
+    return [*reference.samples, *([OUT_OF_SCOPE] if reference.out_of_scope_rate is not None else []),
+            *(called_key(label) for label in reference.positive_rate if label in reference.thresholds)]
 
 
 def window_values(columns: Mapping, reference: Reference) -> dict[str, np.ndarray]:
@@ -183,6 +197,9 @@ def window_values(columns: Mapping, reference: Reference) -> dict[str, np.ndarra
     answered = np.asarray(columns["outcome"]) == "answered"
     for j, label in enumerate(columns["labels"]):
         values[probability_key(label)] = np.asarray(columns["probability"])[answered, j]
+        if label in reference.thresholds:
+            p = values[probability_key(label)]
+            values[called_key(label)] = np.where(np.isfinite(p), p >= reference.thresholds[label], np.nan)
     for name in INPUTS:
         values[name] = np.asarray(columns[name], dtype=float)[answered]
     in_scope = np.asarray(columns["in_scope"], dtype=object)[answered]
@@ -194,7 +211,7 @@ def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertL
           min_n: int | None = None) -> list[DriftRow]:
     """Each reference quantity of `values` (window_values) against the reference; a quantity alerts only with at
     least `min_n` values (default: the full window)."""
-    from scipy.stats import binomtest, ks_2samp
+    from scipy.stats import binomtest, fisher_exact, ks_2samp
 
     names = quantities(reference)
     alpha = limits.alpha / max(1, len(names))
@@ -207,6 +224,15 @@ def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertL
             p = binomtest(k, n, reference.out_of_scope_rate, alternative="greater").pvalue if n else None
             rows.append(DriftRow(name, n, None, None, p, bool(n >= min_n and p is not None and p < alpha),
                                  observed=k / n if n else None, expected=reference.out_of_scope_rate))
+            continue
+        if name.startswith(CALLED):
+            k, n = int(v.sum()), len(v)
+            rate = reference.positive_rate[name[len(CALLED):]]
+            k_ref = int(round(rate * reference.n_images))
+            p = fisher_exact([[k, n - k], [k_ref, reference.n_images - k_ref]]).pvalue if n else None
+            rows.append(DriftRow(name, n, None, None, None if p is None else float(p),
+                                 bool(n >= min_n and p is not None and p < alpha),
+                                 observed=k / n if n else None, expected=rate))
             continue
         if len(v) == 0:
             rows.append(DriftRow(name, 0, None, None, None, False))

@@ -12,16 +12,19 @@ import pytest
 import torch
 
 from chestxray.monitor import (
+    CALLED,
     OUT_OF_SCOPE,
     AlertLimits,
     Reference,
     agreement,
+    called_key,
     drift,
     effective_truth,
     fit_reference,
     input_statistics,
     period_start,
     psi,
+    quantities,
     wilson,
 )
 from chestxray.scope import image_statistics
@@ -90,6 +93,11 @@ def test_the_reference_round_trips_and_keeps_its_rates():
     assert ref.out_of_scope_rate == pytest.approx(np.mean(scores > 1.0))
     back = Reference.from_dict(ref.to_dict())
     assert back.prevalence == ref.prevalence and np.array_equal(back.samples["scope_score"], ref.samples["scope_score"])
+    assert back.thresholds == {"A": 0.5, "B": 0.9} == ref.thresholds
+    old = ref.to_dict()
+    del old["thresholds"]  # a reference written before thresholds were kept: no called-positive test, still loads
+    assert Reference.from_dict(old).thresholds == {} and not any(q.startswith(CALLED) for q in quantities(
+        Reference.from_dict(old)))
     with pytest.raises(ValueError):
         Reference.from_dict({"format": 1, "split": "x"})
 
@@ -107,6 +115,37 @@ def test_alerts_fire_on_a_shift_only_once_the_window_is_full():
     assert [row.quantity for row in drift(ref, many_out, limits) if row.alert] == [OUT_OF_SCOPE]
     with pytest.raises(ValueError):
         AlertLimits(window=5)
+
+
+def test_a_prevalence_shift_alerts_on_the_called_positive_rate_at_the_reference_threshold():
+    """Probabilities that depend on the label: a window with the reference's prevalence does not alert, one with
+    twice the positives alerts on the called-positive rate (Fisher's exact test, against an independent count)
+    although PSI stays under its limit."""
+    from scipy.stats import fisher_exact
+
+    rng = np.random.default_rng(5)
+
+    def split(n: int, prevalence: float) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.uniform(size=n) < prevalence
+        return np.where(y, rng.beta(5, 2, n), rng.beta(2, 5, n)), y
+
+    p_ref, y_ref = split(3000, 0.1)
+    ref = fit_reference(p_ref[:, None], ("A",), y_ref[:, None].astype(float), [0.6])
+    assert quantities(ref) == ["probability:A", called_key("A")]
+    limits = AlertLimits(window=200)
+    same, _ = split(200, 0.1)
+    assert not any(row.alert for row in drift(ref, {"probability:A": same, called_key("A"): (same >= 0.6) * 1.0},
+                                              limits))
+    shifted, _ = split(200, 0.35)
+    values = {"probability:A": shifted, called_key("A"): (shifted >= 0.6) * 1.0}
+    rows = {row.quantity: row for row in drift(ref, values, limits)}
+    k, k_ref = int(np.sum(shifted >= 0.6)), int(np.sum(p_ref >= 0.6))
+    assert rows[called_key("A")].p_value == pytest.approx(fisher_exact([[k, 200 - k], [k_ref, 3000 - k_ref]]).pvalue)
+    assert rows[called_key("A")].alert and rows[called_key("A")].observed == k / 200
+    assert rows["probability:A"].psi < limits.psi and not rows["probability:A"].alert
+    assert rows[called_key("A")].expected == pytest.approx(k_ref / 3000)
+    half = {key: v[:150] for key, v in values.items()}
+    assert not any(row.alert for row in drift(ref, half, limits)), "no alert before the window is full"
 
 
 def test_agreement_turns_reviews_into_ppv_and_sensitivity():
