@@ -3,8 +3,9 @@
     python Model_Training/adapt.py --checkpoint BASE.pth --data-dir FOLDER --labels CSV \
         --mode recalibrate|finetune --output NEW.pth --report-dir DIR
 
-The labels CSV may be NIH Data_Entry, CheXpert / MIMIC-CXR (1, 0, -1, blank; --uncertain ignore|zeros|ones) or a plain
-`image,label1|label2` list (chestxray/local_labels.py, with the CheXpert -> NIH mapping). The local images are split
+The labels CSV may be NIH Data_Entry, CheXpert / MIMIC-CXR (1, 0, -1, blank; --uncertain ignore|zeros|ones), a plain
+`image,label1|label2` list, or the web app's feedback export (/api/results.csv?reviewed=1 with --data-dir the app's
+results folder) (chestxray/local_labels.py, with the CheXpert -> NIH mapping). The local images are split
 patient-wise (hashed patient IDs) into train, val, calibration and a held-out test part that the adaptation never
 sees.
 
@@ -12,7 +13,10 @@ sees.
   thresholds, evidence and scope limit on the local calibration part (chestxray.trust.fit_trust).
 - finetune: the classifier (--trainable head), also the transition layer (transition), or also the trunk's last
   block (last-block) are trained on the local train part with a masked weighted cross-entropy, early stopping on
-  the local val part's mean AUROC; then recalibrated as above.
+  the local val part's mean AUROC; then recalibrated as above. Resumable like train.py: every epoch the run folder
+  (--run-dir, default REPORT_DIR/finetune-run) gets args.json and a resumable state (last.pth: weights, optimiser,
+  RNG and sampler states, history, the best epoch's weights; chestxray/trainstate.py); rerun the same command with
+  --resume to continue after the last complete epoch (--epochs may grow).
 
 Labels the local data do not inform (e.g. Mass after CheXpert labels) keep the base checkpoint's calibration,
 threshold and evidence when their logits are unchanged (recalibrate, or finetune --trainable head); when fine-tuning
@@ -59,6 +63,19 @@ from chestxray.metrics import THRESHOLD_RULES, mean_auroc, patient_bootstrap_wei
 from chestxray.predictor import Predictor
 from chestxray.report import fmt, fmt_ci, text_table
 from chestxray.scope import ScopeError
+from chestxray.trainstate import (
+    STATE_FILE,
+    LockedSettingChanged,
+    NoTrainingState,
+    load_resume_state,
+    merge_config,
+    read_config,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+    write_config,
+)
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust, fit_trust
 from Model_Training import test as evaluation
@@ -69,6 +86,12 @@ MODES = ("recalibrate", "finetune")
 # positive patients swings between 0 and 1): the promotion rule lists it as not checked instead of deciding on it.
 MIN_HELD_OUT_POSITIVES = 5
 TRAINABLE = ("head", "transition", "last-block")
+RUN_DIR_NAME = "finetune-run"  # the fine-tune's run folder inside --report-dir unless --run-dir names one
+# Settings that define a fine-tune run (its local data, its split, what trains and how): a resume takes them from the
+# run's args.json and refuses another value (trainstate.merge_config); --epochs, --patience, --output, --report-dir,
+# --device and the evaluation settings may change.
+LOCKED = ("checkpoint", "data_dir", "labels", "label_format", "uncertain", "lesion_as", "mode", "test_fraction",
+          "val_fraction", "calibration_fraction", "seed", "trainable", "lr", "batch_size")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,7 +117,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "patients for calibration, thresholds, evidence and the scope limit (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the patient-wise split and of training (default: %(default)s)")
     add("--trainable", default="head", choices=TRAINABLE, help="finetune: what trains (default: %(default)s)")
-    add("--epochs", type=int, default=10, help="finetune: most epochs (default: %(default)s)")
+    add("--epochs", type=int, default=10, help="finetune: most epochs (default: %(default)s; on --resume the saved "
+        "run's unless given)")
+    add("--run-dir", default=None, help="finetune: the run folder (args.json, last.pth) (default: "
+        f"REPORT_DIR/{RUN_DIR_NAME})")
+    add("--resume", action="store_true", help="finetune: continue the run in the run folder from its last complete "
+        "epoch (default: off)")
     add("--patience", type=int, default=3, help="finetune: stop after this many epochs without a better val AUROC "
         "(default: %(default)s)")
     add("--lr", type=float, default=1e-4, help="finetune: Adam learning rate (default: %(default)s)")
@@ -170,10 +198,13 @@ def trainable_modules(model, trainable: str) -> list[torch.nn.Module]:
     return modules
 
 
-def finetune(model, meta, parts: dict, informed, args, device) -> dict:
+def finetune(model, meta, parts: dict, informed, args, device, run_dir: Path, state: dict | None = None,
+             provenance: dict | None = None) -> dict:
     """Train the chosen modules on parts["train"], keep the epoch with the best mean AUROC (informed labels) on
     parts["val"], stop after --patience epochs without improvement -> the history (the model holds the best
-    weights). Frozen modules stay in eval mode, so their batch-norm statistics do not move either."""
+    weights). Frozen modules stay in eval mode, so their batch-norm statistics do not move either. After each epoch
+    the resumable state goes to run_dir/last.pth (with `provenance`, e.g. the base's hash); `state` (from
+    trainstate.load_resume_state) continues a run after its last complete epoch."""
     labels = meta.labels
     cols = [j for j, name in enumerate(labels) if name in informed]
     mask = loss_mask(parts["train"], labels, informed)
@@ -189,17 +220,32 @@ def finetune(model, meta, parts: dict, informed, args, device) -> dict:
     normalize = build_normalize(meta)
     train_loader = _loader(parts["train"], labels, meta, args.batch_size, args.workers, True, mask, args.seed)
     val_loader = _loader(parts["val"], labels, meta, args.batch_size, args.workers)
-    torch.manual_seed(args.seed)
 
     def val_auroc() -> float:
         logits, y, _, _ = predict_logits(model, val_loader, device, normalize, progress=False)
         return mean_auroc(y[:, cols], logits[:, cols]) if len(y) else math.nan
 
-    best = val_auroc()
-    best_state, best_epoch, history, stale = copy.deepcopy(model.state_dict()), 0, [], 0
-    history.append({"epoch": 0, "loss": None, "val_mean_auroc": best})
-    _log(f"finetune: val mean AUROC before training {fmt(best)}")
-    for epoch in range(1, args.epochs + 1):
+    if state is None:
+        seed_everything(args.seed)
+        best = val_auroc()
+        best_state, best_epoch, history, stale, stopped = copy.deepcopy(model.state_dict()), 0, [], 0, False
+        history.append({"epoch": 0, "loss": None, "val_mean_auroc": best})
+        _log(f"finetune: val mean AUROC before training {fmt(best)}")
+        start = 1
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, best, best_epoch = state["best_model"], state["best_score"], state["best_epoch"]
+        history, stale, stopped = list(state["history"]), state["stale"], state["stopped"]
+        set_rng_state(state["rng"])
+        train_loader.generator.set_state(state["sampler"])  # the next epoch draws the order it would have drawn
+        start = state["epoch"] + 1
+        if stopped or start > args.epochs:
+            _log(f"finetune: the run already ended after epoch {state['epoch']}"
+                 + (" (early stopping)" if stopped else f"; pass --epochs N > {state['epoch']} to train longer"))
+    for epoch in range(start, args.epochs + 1):
+        if stopped:
+            break
         model.eval()
         for m in modules:
             m.train()
@@ -221,13 +267,59 @@ def finetune(model, meta, parts: dict, informed, args, device) -> dict:
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= args.patience:
-                break
+            stopped = stale >= args.patience
+        save_state(run_dir, {
+            "epoch": epoch, "model": _cpu(model.state_dict()), "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), "sampler": train_loader.generator.get_state(), "history": history,
+            "best_score": best, "best_epoch": best_epoch, "best_model": _cpu(best_state), "stale": stale,
+            "stopped": stopped, **(provenance or {})})
     model.load_state_dict(best_state)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"history": history, "best_epoch": best_epoch, "best_val_mean_auroc": best}
+    return {"history": history, "best_epoch": best_epoch, "best_val_mean_auroc": best, "run_dir": str(run_dir),
+            "resumed_after_epoch": None if state is None else int(state["epoch"])}
+
+
+def _cpu(state_dict: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+
+
+def prepare_finetune_run(args: argparse.Namespace, base_sha256: str, labels_sha256: str) -> tuple[Path, dict | None]:
+    """The fine-tune's run folder and, on --resume, its state (args filled from the saved args.json; locked settings
+    must not change, nor the base checkpoint or the labels file) -> (run_dir, state or None). Writes args.json."""
+    run_dir = Path(args.run_dir or Path(args.report_dir) / RUN_DIR_NAME)
+    state = None
+    if args.resume:
+        try:
+            state, notes = load_resume_state(run_dir)
+        except NoTrainingState as exc:
+            raise UsageError(f"--resume: {exc}; drop --resume to start a new fine-tune") from None
+        for note in notes:
+            _log(note)
+        saved = read_config(run_dir, state)
+        parser = get_args_parser()
+        defaults = {key: parser.get_default(key) for key in vars(args) if key not in ("resume", "run_dir")}
+        try:
+            merged, changed = merge_config(vars(args), saved, defaults, LOCKED)
+        except LockedSettingChanged as exc:
+            raise UsageError(f"--{exc.key.replace('_', '-')} cannot change on --resume (the run in progress uses "
+                             f"{exc.saved!r}); start a new fine-tune with another --run-dir instead") from None
+        vars(args).update(merged)
+        for key, value, label in (("base_sha256", base_sha256, "base checkpoint"),
+                                  ("labels_sha256", labels_sha256, "labels file")):
+            if state.get(key) != value:
+                raise UsageError(f"the {label} changed since {run_dir} was started (SHA-256 {value[:12]}…, the run "
+                                 f"used {str(state.get(key))[:12]}…); start a new fine-tune with another --run-dir")
+        changes = ", ".join(f"--{key.replace('_', '-')} {new} (was {old})" for key, new, old in changed)
+        _log(f"resuming {run_dir} after epoch {state['epoch']}" + (f"; changed: {changes}" if changes else ""))
+    elif (run_dir / STATE_FILE).exists():
+        raise UsageError(f"{run_dir} already holds a fine-tune ({STATE_FILE}); pass --resume to continue it, or "
+                         "choose another --run-dir (or --report-dir)")
+    args.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    return run_dir, state
 
 
 def merge_uninformed(trust: Trust, thresholds: np.ndarray, base: Trust, base_thresholds, labels, informed,
@@ -408,12 +500,20 @@ def write_adaptation_report(path: Path, summary: dict) -> None:
 def adapt(args: argparse.Namespace) -> dict:
     """Read, split, adapt, write the new checkpoint and the report -> the report summary (metrics.json's content)."""
     start = time.perf_counter()
+    if args.mode != "finetune" and (args.resume or args.run_dir):
+        raise UsageError("--resume and --run-dir belong to --mode finetune; recalibrate has no training to resume")
     base_path, output = Path(args.checkpoint), Path(args.output)
     if output.resolve() == base_path.resolve():
         raise UsageError("--output is the base checkpoint; the base is never overwritten: choose another file")
     if output.exists():
         raise UsageError(f"--output {output} exists; choose a new file (an adapted model never replaces another)")
     obj = safe_torch_load(base_path)
+    base_sha256 = file_sha256(base_path)
+    run_dir, state = None, None
+    if args.mode == "finetune":  # before the labels are read: a resume takes their settings from the run's args.json
+        if not Path(args.labels).is_file():
+            raise DataError(f"--labels {args.labels} is not a file")
+        run_dir, state = prepare_finetune_run(args, base_sha256, file_sha256(args.labels))
     model, meta, _ = checkpoint_from_obj(obj, base_path)
     base_trust = Trust.from_checkpoint(obj, meta.labels)
     labels = meta.labels
@@ -430,7 +530,8 @@ def adapt(args: argparse.Namespace) -> dict:
     model = model.to(device)
     history = None
     if args.mode == "finetune":
-        history = finetune(model, meta, parts, informed, args, device)
+        history = finetune(model, meta, parts, informed, args, device, run_dir, state,
+                           {"base_sha256": base_sha256, "labels_sha256": file_sha256(args.labels)})
     fit_rows = pd.concat([parts["train"], parts["val"]], ignore_index=True)
     calibration_rows = parts["calibration"]
     normalize = build_normalize(meta)
@@ -452,9 +553,9 @@ def adapt(args: argparse.Namespace) -> dict:
 
     counts = {"all": local_counts(df, labels, informed),
               **{name: local_counts(part, labels, informed) for name, part in parts.items()}}
-    adaptation = {"mode": args.mode, "base_checkpoint": str(base_path), "base_sha256": file_sha256(base_path),
+    adaptation = {"mode": args.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha256,
                   "output": str(output), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "label_format": df.attrs["format"], "uncertain_policy": args.uncertain,
+                  "label_format": df.attrs["format"], "uncertain_policy": df.attrs["uncertain_policy"],
                   "uncertain_counts": df.attrs["uncertain_counts"], "lesion_as": args.lesion_as,
                   "informed": informed, "not_informed": [n for n in labels if n not in informed],
                   "local": counts, "split_seed": args.seed, "threshold_rule": rule,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
                                                            str(args.finetune_epochs), "--lr", "3e-4"])):
         out = work / f"{mode}.pth"
         out.unlink(missing_ok=True)
+        shutil.rmtree(work / f"{mode}-report", ignore_errors=True)  # a rerun is a new fine-tune, not a resume
         start = time.perf_counter()
         code = adapt.main(adapt.get_args_parser().parse_args([
             "--checkpoint", str(base), "--data-dir", str(local_dir), "--labels", str(local_dir / "labels.csv"),
