@@ -1,6 +1,6 @@
 """A clinic's own labelled images in the formats people have, read into the project's index form.
 
-Three label-file formats (`read_local_labels(..., fmt="auto")` tells them apart by their header):
+Four label-file formats (`read_local_labels(..., fmt="auto")` tells them apart by their header):
 
 - **nih**: the NIH Data_Entry CSV (data.read_data_entry): every one of the 14 labels is informed.
 - **chexpert**: CheXpert / MIMIC-CXR (`*-chexpert.csv`): one column per finding holding 1 (positive), 0 (negative),
@@ -9,6 +9,14 @@ Three label-file formats (`read_local_labels(..., fmt="auto")` tells them apart 
   `patientNNNNN` folder of a CheXpert path). Only the labels of CHEXPERT_TO_NIH are informed.
 - **list**: a plain `image,label1|label2` list (optional header `image,labels[,patient]`; `No Finding` or an empty
   cell for a normal image): every label is informed.
+- **feedback**: the monitoring export of the web app (`GET /api/results.csv?reviewed=1`, monitoring.export_csv): one
+  row per analysis with `result_id` and, per label, `<label> truth` = present, absent or "not assessed". Its images
+  are the results folder's `<result_id>/image.png` (the app's RESULTS_DIR is the data folder; no search by file
+  name: every result's image has the same name). A label is informed when some exported analysis assessed it;
+  "not assessed" is an unknown truth: it never trains the model (listed in `uncertain`, as --uncertain ignore does)
+  and counts as absent where one truth per image is needed (calibration, the report), as a blank CheXpert cell
+  does. Refused analyses and analyses with no true label are left out. The export holds no patient identity (the
+  app never stores one), so each analysis is its own patient unless the file has a patient column.
 
 Uncertain labels (-1) follow `uncertain` (Irvin et al. 2019, CheXpert): "zeros" reads them as negative, "ones" as
 positive, "ignore" leaves them out of the fine-tuning loss (the `uncertain` column lists them per image). A report
@@ -33,8 +41,9 @@ import pandas as pd
 from .data import DataError, _assign_by_patient, check_patient_disjoint, index_images, read_data_entry
 from .imaging import IMAGE_SUFFIXES
 from .labels import LABELS, NO_FINDING, LabelError, parse_findings
+from .results import RESULT_ID
 
-FORMATS = ("auto", "nih", "chexpert", "list")
+FORMATS = ("auto", "nih", "chexpert", "list", "feedback")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 
 # CheXpert / MIMIC-CXR finding -> NIH label. Only findings that name the same radiological sign are mapped:
@@ -60,6 +69,11 @@ LESION_CHOICES = ("none", "Mass", "Nodule")
 IMAGE_COLUMNS = ("Path", "path", "image", "Image Index", "dicom_id")
 PATIENT_COLUMNS = ("Patient ID", "patient", "subject_id", "patient_id")
 VIEW_COLUMNS = ("View Position", "AP/PA", "ViewPosition", "view")
+# The monitoring export (monitoring.export_csv): "<label> truth" holds a reader's true label (store.models.TRUTHS) or
+# NOT_ASSESSED; the stored image of a result is RESULT_IMAGE in its folder (chestxray/results.py).
+TRUTH_SUFFIX = " truth"
+NOT_ASSESSED = "not assessed"
+RESULT_IMAGE = "image.png"
 
 
 def hash_patient(value: object) -> int:
@@ -76,8 +90,11 @@ def chexpert_mapping(lesion: str = "none") -> dict[str, str]:
 
 
 def detect_format(columns: Sequence[str]) -> str:
-    """The format of a label file from its header: nih, chexpert or list. Raises DataError when none fits."""
+    """The format of a label file from its header: nih, chexpert, list or feedback. Raises DataError when none
+    fits."""
     columns = [str(c).strip() for c in columns]
+    if "result_id" in columns and any(c.endswith(TRUTH_SUFFIX) for c in columns):
+        return "feedback"
     if "Finding Labels" in columns and "Image Index" in columns:
         return "nih"
     if columns and columns[0].lower().endswith(IMAGE_SUFFIXES):  # a header-less list: its first row is data
@@ -87,7 +104,8 @@ def detect_format(columns: Sequence[str]) -> str:
     if len(columns) in (2, 3):
         return "list"
     raise DataError(f"cannot tell the label format from the header {columns[:8]}: expected the NIH Data_Entry "
-                    "columns, CheXpert/MIMIC finding columns, or a plain image,labels list")
+                    "columns, CheXpert/MIMIC finding columns, a plain image,labels list, or the web app's feedback "
+                    "export (result_id, '<label> truth')")
 
 
 def read_local_labels(csv_path: str | os.PathLike, data_dir: str | os.PathLike, fmt: str = "auto",
@@ -96,7 +114,8 @@ def read_local_labels(csv_path: str | os.PathLike, data_dir: str | os.PathLike, 
     """A clinic's label file + image folder -> index DataFrame (data.load_index's columns + `uncertain`).
 
     df.attrs: "format", "informed" (the labels this data can inform, in `labels` order), "uncertain_policy",
-    "uncertain_counts" ({label: uncertain entries}), "missing" (listed images without a file, dropped). Raises
+    "uncertain_counts" ({label: uncertain entries; for the feedback export, "not assessed" entries}), "missing"
+    (listed images without a file, dropped). Raises
     DataError for an unreadable file, an unknown format or label name, or when no listed image is found."""
     if fmt not in FORMATS:
         raise DataError(f"unknown label format {fmt!r}; choose one of {list(FORMATS)}")
@@ -114,10 +133,15 @@ def read_local_labels(csv_path: str | os.PathLike, data_dir: str | os.PathLike, 
         informed, counts = tuple(labels), {}
     elif fmt == "chexpert":
         df, informed, counts = _read_chexpert(raw, csv_path, uncertain, chexpert_mapping(lesion), labels)
+    elif fmt == "feedback":
+        df, informed = _read_feedback(raw, csv_path, labels)
+        uncertain = "ignore (not assessed)"  # an unknown truth: out of the loss, absent where one truth is needed
     else:
         df = _read_list(csv_path)
         informed, counts = tuple(labels), {}
-    df = _attach_paths(df, data_dir, csv_path)
+    df = _attach_paths(df, data_dir, csv_path, search=fmt != "feedback")
+    if fmt == "feedback":  # "not assessed" entries of the analyses whose image is there
+        counts = {name: int(sum(name in text.split("|") for text in df["uncertain"])) for name in informed}
     df.attrs.update({"format": fmt, "informed": list(informed), "uncertain_policy": uncertain,
                      "uncertain_counts": counts, "data_entry": str(csv_path)})
     return df
@@ -170,6 +194,49 @@ def _read_chexpert(raw: pd.DataFrame, csv_path: Path, policy: str, mapping: dict
     return df, informed, counts
 
 
+def _read_feedback(raw: pd.DataFrame, csv_path: Path,
+                   labels: Sequence[str]) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The monitoring export -> (index, informed labels) of the answered analyses that hold at least one true label;
+    images as `<result_id>/image.png`, "not assessed" informed labels in `uncertain`."""
+    truth_cols = {c[:-len(TRUTH_SUFFIX)]: c for c in raw.columns if c.endswith(TRUTH_SUFFIX)}
+    if "result_id" not in raw.columns or not truth_cols:
+        raise DataError(f"{csv_path}: not the web app's feedback export (a result_id column and '<label> truth' "
+                        "columns, from /api/results.csv)")
+    columns = {name: truth_cols[name] for name in labels if name in truth_cols}
+    if not columns:
+        raise DataError(f"{csv_path}: its true labels ({sorted(truth_cols)[:5]}...) name none of the model's labels "
+                        f"{list(labels)}")
+    raw = raw[raw["result_id"].str.strip() != ""]
+    if "outcome" in raw.columns:
+        raw = raw[raw["outcome"].str.strip() == "answered"]
+    truth = pd.DataFrame({name: raw[col].str.strip() for name, col in columns.items()})
+    bad = sorted(set(truth.to_numpy().ravel()) - {"present", "absent", NOT_ASSESSED, ""})
+    if bad:
+        raise DataError(f"{csv_path}: true labels hold {bad[:5]}; expected present, absent or '{NOT_ASSESSED}'")
+    known = truth.isin(["present", "absent"])
+    keep = known.any(axis=1).to_numpy()
+    if not keep.any():
+        raise DataError(f"{csv_path}: no answered analysis in it has a true label (present or absent); readers set "
+                        "them in the review form of a result page, then export /api/results.csv?reviewed=1")
+    raw, truth, known = raw[keep].reset_index(drop=True), truth[keep].reset_index(drop=True), known[keep]
+    informed = tuple(name for name in labels if name in columns and known[name].any())
+    order = {name: k for k, name in enumerate(LABELS)}
+    findings = ["|".join(sorted((n for n in informed if row[n] == "present"), key=order.get)) or NO_FINDING
+                for _, row in truth.iterrows()]
+    unknown = ["|".join(sorted((n for n in informed if row[n] in (NOT_ASSESSED, "")), key=order.get))
+               for _, row in truth.iterrows()]
+    rid = raw["result_id"].str.strip()
+    bad_ids = [value for value in rid if not RESULT_ID.fullmatch(value)]
+    if bad_ids:  # the id becomes a path under --data-dir: nothing but the app's own ids
+        raise DataError(f"{csv_path}: result_id {bad_ids[0][:40]!r} is not a result id of the app (32 hex digits)")
+    patient_col = _column(raw, PATIENT_COLUMNS)
+    patient = raw[patient_col].str.strip() if patient_col is not None else rid
+    df = pd.DataFrame({"image": rid + "/" + RESULT_IMAGE, "findings": findings,
+                       "patient": patient.map(hash_patient).astype(np.int64), "age": pd.NA, "sex": "", "view": "",
+                       "follow_up": pd.NA, "uncertain": unknown})
+    return df, informed
+
+
 def _read_list(csv_path: Path) -> pd.DataFrame:
     raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, header=None, index_col=False)
     first = str(raw.iloc[0, 0]).strip().lower() if len(raw) else ""
@@ -191,8 +258,9 @@ def _read_list(csv_path: Path) -> pd.DataFrame:
                          "uncertain": ""}).reset_index(drop=True)
 
 
-def _attach_paths(df: pd.DataFrame, data_dir: Path, csv_path: Path) -> pd.DataFrame:
-    """A `path` per row: the image column as a path under data_dir, else its file name found anywhere below it."""
+def _attach_paths(df: pd.DataFrame, data_dir: Path, csv_path: Path, search: bool = True) -> pd.DataFrame:
+    """A `path` per row: the image column as a path under data_dir, else (`search`) its file name found anywhere
+    below it."""
     if df["image"].duplicated().any():
         dup = df["image"][df["image"].duplicated()].unique()[:5].tolist()
         raise DataError(f"{csv_path}: image(s) listed more than once, e.g. {dup}")
@@ -202,6 +270,9 @@ def _attach_paths(df: pd.DataFrame, data_dir: Path, csv_path: Path) -> pd.DataFr
         direct = data_dir / image
         if direct.is_file():
             paths.append(direct)
+            continue
+        if not search:
+            paths.append(None)
             continue
         files = index_images(data_dir) if files is None else files
         paths.append(files.get(Path(image).name))

@@ -1,13 +1,21 @@
 """Adapting a checkpoint to local data: label formats and the CheXpert mapping, the patient-wise local split, both
 modes of Model_Training/adapt.py on a tiny model (checkpoints that load everywhere with their provenance, the base
-untouched, the before/after report and its promotion rule), and recalibration repairing a model whose logits were
-scaled by 3."""
+untouched, the before/after report and its promotion rule), recalibration repairing a model whose logits were
+scaled by 3, a fine-tune killed after an epoch and resumed, and the web app's feedback export as a label source."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import os
+import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
+import forked
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +28,7 @@ from chestxray.data import DataError, XrayDataset, collate_batch, load_index, ta
 from chestxray.labels import LABELS
 from chestxray.local_labels import (
     CHEXPERT_TO_NIH,
+    NOT_ASSESSED,
     hash_patient,
     local_splits,
     loss_mask,
@@ -149,11 +158,17 @@ def test_local_split_is_patient_wise_and_stable(nih_index):
 # Model_Training/adapt.py
 
 
-def adapt_args(base: Path, labels: Path, out: Path, mode: str, *extra: str):
-    argv = ["--checkpoint", str(base), "--data-dir", str(NIH_DIR), "--labels", str(labels), "--mode", mode,
+ADAPT_PY = Path(adapt.__file__)
+
+
+def adapt_argv(base: Path, labels: Path, out: Path, mode: str, *extra: str, data_dir: Path = NIH_DIR) -> list[str]:
+    return ["--checkpoint", str(base), "--data-dir", str(data_dir), "--labels", str(labels), "--mode", mode,
             "--output", str(out / f"{mode}.pth"), "--report-dir", str(out / f"{mode}-report"), "--bootstrap", "20",
             "--batch-size", "32", "--device", "cpu", "--no-progress", *extra]
-    return adapt.get_args_parser().parse_args(argv)
+
+
+def adapt_args(base: Path, labels: Path, out: Path, mode: str, *extra: str, data_dir: Path = NIH_DIR):
+    return adapt.get_args_parser().parse_args(adapt_argv(base, labels, out, mode, *extra, data_dir=data_dir))
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +348,157 @@ def test_models_folder_lists_and_chooses_adapted_models(adapted, make_app, tmp_p
     assert [m["name"] for m in listing["models"] if m["served"]] == ["clinic.pth"]
     card = app.test_client().get("/api/model").get_json()
     assert card["training"]["adapted"]["mode"] == "recalibrate"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A fine-tune killed mid-run, resumed
+
+
+@pytest.mark.slow(15)
+def test_finetune_killed_after_an_epoch_resumes_where_the_uninterrupted_run_goes(tmp_path, nih_index, capsys):
+    """A fine-tune in a process of its own is SIGKILLed once its first epoch's state is on disk (it was fitting the
+    calibration, its checkpoint not yet written); the same command with --resume --epochs 2 continues after epoch 1
+    and ends with the checkpoint and history of an uninterrupted 2-epoch run."""
+    base = make_checkpoint(tmp_path / "base.pth")
+    labels = tmp_path / "local.csv"
+    write_chexpert(small_images(nih_index).iloc[:80], labels)
+    extra = ("--trainable", "transition", "--patience", "5")
+    reference = tmp_path / "reference"
+    assert adapt.main(adapt_args(base, labels, reference, "finetune", "--epochs", "2", *extra)) == 0
+
+    out = tmp_path / "killed"
+    argv = adapt_argv(base, labels, out, "finetune", "--epochs", "1", *extra)
+    run_dir, output = out / "finetune-report" / adapt.RUN_DIR_NAME, out / "finetune.pth"
+    state = run_dir / "last.pth"
+    log = tmp_path / "killed.log"
+    # As many threads as this process uses, so the killed run computes the numbers a run in-process would.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = forked.popen([sys.executable, str(ADAPT_PY), *argv], cwd=tmp_path, stdout=log, env=env)
+    deadline = time.monotonic() + 240
+    while not state.exists():  # written atomically when epoch 1 is complete
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "epoch 1 did not finish in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not output.exists()  # killed mid-run: no adapted checkpoint yet
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and [row["epoch"] for row in saved["history"]] == [0, 1]
+    assert json.loads((run_dir / "args.json").read_text())["epochs"] == 1
+    capsys.readouterr()
+
+    assert adapt.main(adapt_args(base, labels, out, "finetune", "--epochs", "2", *extra, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming {run_dir} after epoch 1" in printed and "--epochs 2 (was 1)" in printed
+    assert "finetune epoch 1:" not in printed and "finetune epoch 2:" in printed  # epoch 1 is not trained again
+    assert torch.load(state, weights_only=True)["epoch"] == 2
+
+    # The adapted checkpoint loads with its provenance, as an uninterrupted run's does.
+    model, meta, _ = load_checkpoint(output)
+    loaded = load_model(str(output), device="cpu")
+    assert loaded.error is None
+    prov = loaded.predictor.model_card()["training"]["adapted"]
+    assert prov["mode"] == "finetune" and prov["base_sha256"] == sha256(base)
+    assert prov["finetune"]["resumed_after_epoch"] == 1 and prov["finetune"]["run_dir"] == str(run_dir)
+    ref_model, ref_meta, _ = load_checkpoint(reference / "finetune.pth")
+    ref_prov = ref_meta.training["adapted"]["finetune"]
+    assert ref_prov["resumed_after_epoch"] is None
+    # Continued exactly where the uninterrupted run went: optimiser, sampler order and RNG restored.
+    history, ref_history = prov["finetune"]["history"], ref_prov["history"]
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in ref_history] == [0, 1, 2]
+    np.testing.assert_allclose([row["val_mean_auroc"] for row in history],
+                               [row["val_mean_auroc"] for row in ref_history], rtol=1e-6)
+    np.testing.assert_allclose([row["loss"] for row in history[1:]], [row["loss"] for row in ref_history[1:]],
+                               rtol=1e-5)
+    assert prov["finetune"]["best_epoch"] == ref_prov["best_epoch"]
+    ref_weights = ref_model.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, ref_weights[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(meta.thresholds, ref_meta.thresholds, rtol=1e-4, atol=1e-6)
+
+    # The run folder guards itself: a new fine-tune there needs --resume; a resume may not change the run.
+    again = adapt_args(base, labels, out, "finetune", *extra)
+    again.output = str(tmp_path / "other.pth")
+    assert adapt.main(again) == 2 and "pass --resume" in capsys.readouterr().err
+    changed = adapt_args(base, labels, out, "finetune", "--lr", "0.01", "--resume")
+    changed.output = str(tmp_path / "other.pth")
+    assert adapt.main(changed) == 2 and "--lr cannot change on --resume" in capsys.readouterr().err
+    fresh = adapt_args(base, labels, tmp_path / "fresh", "finetune", "--resume")
+    assert adapt.main(fresh) == 2 and "drop --resume" in capsys.readouterr().err
+    assert adapt.main(adapt_args(base, labels, tmp_path / "r", "recalibrate", "--resume")) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The monitoring feedback export as a label source
+
+FEEDBACK_LABELS = ("Effusion", "Infiltration", "Atelectasis")  # what the readers assess in the test below
+
+
+@pytest.mark.slow(10)
+def test_feedback_export_is_a_label_source(make_app, tiny_checkpoint, tmp_path, nih_index, capsys):
+    """Results reviewed through the web app's form, exported as CSV, read back as local labels (true labels; 'not
+    assessed' unknown: out of the loss, absent in calibration) and adapted with recalibrate."""
+    results = tmp_path / "results"
+    app = make_app(RESULTS_DIR=str(results))
+    client = app.test_client()
+    images = small_images(nih_index).iloc[:40]
+    truth, unassessed, unreviewed = {}, {}, set()
+    for i, row in enumerate(images.itertuples()):
+        answer = client.post("/api/predict", data={"file": (io.BytesIO(Path(row.path).read_bytes()), "x.png")})
+        rid = answer.get_json()["id"]
+        findings = set(row.findings.split("|"))
+        if i % 8 == 7:  # opened, agreed with one call, but no true label: not a label source
+            form = {"agree_Mass": "agree"}
+            unreviewed.add(rid)
+        else:
+            skip = {"Effusion"} if i % 5 == 0 else set()  # the reader did not assess it: unknown, not absent
+            form = {f"truth_{name}": "present" if name in findings else "absent"
+                    for name in FEEDBACK_LABELS if name not in skip}
+            truth[rid], unassessed[rid] = {n: n in findings for n in FEEDBACK_LABELS if n not in skip}, skip
+        assert client.post(f"/results/{rid}/feedback", data=form).status_code == 303
+    assert client.post("/api/predict", data={"file": (io.BytesIO(b"%PDF-1.4"), "x.pdf")}).status_code == 415
+    pruned = next(iter(truth))
+    shutil.rmtree(results / pruned)  # retention removed its image; its database row and feedback remain
+    export = tmp_path / "chestxray-analyses.csv"
+    export.write_bytes(client.get("/api/results.csv").data)
+    table = list(csv.DictReader(io.StringIO(export.read_text())))
+    assert len(table) == 41 and table[0]["Effusion truth"] == NOT_ASSESSED  # every analysis, the refusal too
+
+    df = read_local_labels(export, results)
+    assert df.attrs["format"] == "feedback"
+    assert df.attrs["informed"] == [name for name in LABELS if name in FEEDBACK_LABELS]
+    assert df.attrs["missing"] == [f"{pruned}/image.png"]
+    rids = [image.split("/")[0] for image in df["image"]]
+    assert set(rids) == set(truth) - {pruned}  # no refusal, no result without a true label
+    assert all(Path(p) == results / rid / "image.png" and Path(p).is_file() for p, rid in zip(df["path"], rids))
+    assert df["patient"].nunique() == len(df)  # no patient identity in the export: each analysis its own
+    y = targets(df, LABELS)
+    mask = loss_mask(df, LABELS, df.attrs["informed"])
+    for i, rid in enumerate(rids):
+        for name in FEEDBACK_LABELS:
+            j = LABELS.index(name)
+            known = name not in unassessed[rid]
+            assert mask[i, j] == float(known)  # 'not assessed' never trains the model
+            assert y[i, j] == (float(truth[rid][name]) if known else 0.0)  # ... and reads as absent elsewhere
+        assert mask[i, LABELS.index("Mass")] == 0.0  # never assessed: not informed
+    assert df.attrs["uncertain_counts"] == {
+        name: sum(name in unassessed[rid] for rid in rids) for name in df.attrs["informed"]}
+    assert df.attrs["uncertain_counts"]["Effusion"] > 0
+    crafted = tmp_path / "crafted.csv"  # a result id becomes a path: only the app's own ids are read
+    crafted.write_text(export.read_text().replace(rids[0], "../" + rids[0][3:], 1))
+    with pytest.raises(DataError, match="not a result id"):
+        read_local_labels(crafted, results)
+    # The images the app stored read as the training data does.
+    dataset = XrayDataset(df, LABELS, build_transform(load_checkpoint(tiny_checkpoint)[1]))
+    image, target, _ = dataset[0]
+    assert image.shape[-2:] == (64, 64) and torch.equal(target, torch.from_numpy(y[0]))
+
+    args = adapt_args(tiny_checkpoint, export, tmp_path, "recalibrate", data_dir=results)
+    assert adapt.main(args) == 0, capsys.readouterr().err
+    prov = load_checkpoint(tmp_path / "recalibrate.pth")[1].training["adapted"]
+    assert prov["label_format"] == "feedback" and prov["informed"] == df.attrs["informed"]
+    assert prov["local"]["all"]["images"] == len(df)
+    assert prov["local"]["all"]["positives"] == {n: int(y[:, LABELS.index(n)].sum()) for n in prov["informed"]}
+    assert prov["uncertain_counts"] == df.attrs["uncertain_counts"]
+    assert "not assessed" in prov["uncertain_policy"]
