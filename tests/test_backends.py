@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT, make_checkpoint
+from PIL import Image
 
 import Model_Training.export as export
 import predictions
@@ -135,6 +136,10 @@ def test_batched_overlays_match(exported, folder, tmp_path, capsys):
     _run_cli([*common, "--out", str(out_b), "--batch-size", "4", "--workers", "2"], capsys)
     files_a = sorted(p.relative_to(out_a) for p in out_a.rglob("*.png"))
     assert files_a and files_a == sorted(p.relative_to(out_b) for p in out_b.rglob("*.png"))
+    for name in files_a:  # the same pictures, not only the same names (a batch may differ in the last float bits)
+        a, b = (np.asarray(Image.open(out / name).convert("RGB"), dtype=np.int16) for out in (out_a, out_b))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2, name
+        assert a.std() > 0, name  # an image, not a blank that would match any other blank
 
 
 @pytest.mark.parametrize("argv, message", [

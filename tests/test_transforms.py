@@ -80,5 +80,16 @@ def test_per_batch_stage_normalises_into_three_channels():
 
 def test_preprocess_is_both_stages(image, tiny_predictor):
     meta = tiny_predictor.meta
-    torch.testing.assert_close(preprocess(meta, image), tiny_predictor.preprocess(image))
-    assert preprocess(meta, image).shape == (1, 3, 64, 64)
+    x = preprocess(meta, image)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
+    # The two stages composed by hand, without augmentation ...
+    torch.testing.assert_close(x, build_normalize(meta)(build_transform(meta, train=False)(image).unsqueeze(0)))
+    # ... and independently: torchvision's resize to 8 bits, then the checkpoint's mean/std on three channels.
+    side = meta.image_size
+    resized = TF.resize(torch.from_numpy(image)[None, None], [side, side], antialias=True)
+    resized = (resized * 255).round().clamp(0, 255).div(255).expand(-1, 3, -1, -1)
+    expected = TF.normalize(resized, list(meta.mean), list(meta.std))
+    one_level = 1 / 255 / min(meta.std)  # the uint8 rounding may differ by one level
+    torch.testing.assert_close(x, expected, atol=one_level + 1e-5, rtol=0)
+    assert (x - expected).abs().mean() < one_level / 10  # and rarely does
+    torch.testing.assert_close(tiny_predictor.preprocess(image), x)  # the app's path is this one
