@@ -42,7 +42,7 @@ import monitoring
 from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
 from chestxray.fileio import SpreadsheetWriter
-from chestxray.formatting import auroc_text, finding_texts, label_name, percent
+from chestxray.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.predictor import Predictor
 from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
@@ -512,6 +512,59 @@ def result(rid: str):
     )
 
 
+# What makes two results' probabilities comparable: the same model and calibration (device and backend do not matter).
+MODEL_IDENTITY = ("arch", "image_size", "labels", "thresholds", "training", "calibration", "evidence")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One label of a comparison: its texts in the earlier and the later result, the change, whether the call
+    changed."""
+
+    label: str
+    name: str
+    before: FindingText
+    after: FindingText
+    change: str
+    call_changed: bool
+
+
+def compare_changes(earlier: dict, later: dict) -> list[Change]:
+    """The labels both results have: calls that changed first, then by the size of the change in probability."""
+    before, after = finding_texts(earlier), finding_texts(later)
+    p_before = {row["label"]: row["probability"] for row in earlier["labels"]}
+    p_after = {row["label"]: row["probability"] for row in later["labels"]}
+    changes = [Change(label, after[label].name, before[label], after[label],
+                      change_text(p_before[label], p_after[label]), before[label].call != after[label].call)
+               for label in label_names(later) if label in before]
+    return sorted(changes, key=lambda c: (not c.call_changed, -abs(p_after[c.label] - p_before[c.label])))
+
+
+@bp.get("/compare")
+def compare():
+    """Two results side by side (?id=A&id=B; the earlier first, within the same second the link's order): the same
+    label's heatmap on both, one zoom, pan and window for both, and the findings whose call changed. Fewer or more
+    than two ids: 400; an unknown id or a label not in both: 404."""
+    ids = list(dict.fromkeys(rid for rid in request.args.getlist("id") if rid))
+    if len(ids) != 2:
+        abort(400, f"Choose two different results to compare (this link names {len(ids)}).")
+    earlier, later = sorted((load_result(rid) for rid in ids), key=lambda record: record["created"])
+    changes = compare_changes(earlier, later)
+    if not changes:
+        abort(400, "These two results share no label: they come from models with different label lists.")
+    labels = [change.label for change in changes]
+    label = request.args.get("label")
+    if label is None:
+        label = default_label(later) if default_label(later) in labels else labels[0]
+    elif label not in labels:
+        abort(404, f"These results have no label {shown_name(label, 40)!r} in common. Their labels are: "
+                   f"{', '.join(labels)}.")
+    same_model = all(earlier["model"].get(key) == later["model"].get(key) for key in MODEL_IDENTITY)
+    return render_template("compare.html", earlier=earlier, later=later, changes=changes, label=label,
+                           labels=[name for name in label_names(later) if name in labels],
+                           opacity=round(_int_arg("opacity", 60, 0, 100), -1), same_model=same_model)
+
+
 @bp.post("/results/<rid>/delete")
 def delete_result(rid: str):
     delete_saved(rid)
@@ -643,4 +696,6 @@ def favicon():
 
 @bp.get("/healthz")
 def healthz():
-    return jsonify(status="ok", model_loaded=model_state().predictor is not None)
+    predictor = model_state().predictor
+    backend = None if predictor is None else (predictor.choice or predictor.backend)
+    return jsonify(status="ok", model_loaded=predictor is not None, backend=backend)

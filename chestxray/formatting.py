@@ -27,6 +27,14 @@ def percent(value: float) -> str:
     return format_call(value, value)[0]
 
 
+def change_text(before: float, after: float) -> str:
+    """The change between two probabilities in percentage points, from each one rounded as `percent` shows it (so the
+    change is the difference of the two numbers on screen): (0.1234, 0.4567) -> "+33.3 pp"; "0.0 pp" when equal."""
+    shown = [math.floor(float(p) * 1000) / 10 for p in (before, after)]
+    change = round(shown[1] - shown[0], 1)
+    return "0.0 pp" if change == 0 else f"{change:+.1f} pp"
+
+
 def auroc_text(auroc: float | None, ci: list | tuple | None = None) -> str:
     """"0.81 (0.74–0.88)": the AUROC and its 95% interval to two decimals; "0.81" without an interval; "–" without an
     AUROC (not recorded, or not estimable)."""

@@ -575,3 +575,10 @@ function enhanceImageTools() {
     event.preventDefault();
   });
 }
+
+// Compare page: choosing the label or the opacity shows it at once (the form's button does it without a script).
+document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("select[data-submit-on-change]").forEach((select) => {
+    select.addEventListener("change", () => select.form.submit());
+  });
+});

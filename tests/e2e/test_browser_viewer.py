@@ -1,8 +1,9 @@
-"""End to end in headless Chromium, the image viewer on the result page (issue 24): window/level by presets, mouse
+"""End to end in headless Chromium, the image viewer on the result and compare pages (issue 24): window/level by presets, mouse
 drag and keys redraws the canvas with the DICOM linear window applied to the stored pixels; invert flips them; zoom
 (buttons, keys, Ctrl + wheel, a two-finger pinch) scales the image and its heat layer together; arrow keys pan;
 reset restores all; `?` opens the list of shortcuts; no sideways scrolling at 320 to 1920 px and no axe-core
-violations with the tools shown; without JavaScript the plain image and heat layer remain."""
+violations with the tools shown; without JavaScript the plain image and heat layer remain. The compare page, opened
+from a batch, links zoom, pan and window across its two images."""
 from __future__ import annotations
 
 import shutil
@@ -38,6 +39,9 @@ PIXELS = """async (viewport) => {
   return [sample(viewport.querySelector(".xray-canvas")), sample(copy)];
 }"""
 OVERFLOW = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+OUTSIDE = """() => [...document.body.querySelectorAll("*")]
+  .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+  .map(e => `${e.tagName}#${e.id}.${e.className.baseVal ?? e.className}`).slice(-4).join("; ")"""
 INSIDE = """(section) => {
   // Tools of the viewer not drawn in full inside the viewer's panel.
   const box = section.getBoundingClientRect();
@@ -322,5 +326,70 @@ def test_worklist_with_a_received_image_fits_every_width(site, browser, tmp_path
     page.wait_for_selector("#viewport.tools-ready")
     canvas, stored = drawn(page)
     assert np.array_equal(canvas, stored)  # the received DICOM as stored: its own window kept
+    assert not page.errors, page.errors
+    context.close()
+
+
+def stage_box(page, side: str) -> dict:
+    """The stage of one compare viewer relative to its viewport, in fractions of the viewport's size."""
+    return page.evaluate("""(side) => {
+      const v = document.getElementById(`viewport-${side}`).getBoundingClientRect();
+      const s = document.querySelector(`#viewport-${side} .stage`).getBoundingClientRect();
+      return {x: (s.left - v.left) / v.width, y: (s.top - v.top) / v.height, zoom: s.width / v.width};
+    }""", side)
+
+
+@pytest.mark.slow(12)
+def test_compare_from_a_batch_links_zoom_pan_and_window(site, browser):
+    base, _ = site
+    context, page = open_page(browser, 1400, bypass_csp=True)  # bypass: lets the test inject axe-core
+    page.goto(base + "/")
+    page.set_input_files("#file", [str(NIH_PNG), str(NIH_PNG.with_name("00000002_000.png"))])
+    with page.expect_navigation(url="**/results*"):
+        page.click("#submit")
+    page.select_option("#compare-second", index=1)
+    with page.expect_navigation(url="**/compare?*"):
+        page.click("#compare-button")
+    page.wait_for_selector("#viewport-earlier.tools-ready")
+    page.wait_for_selector("#viewport-later.tools-ready")
+    label = page.input_value("#compare-label")
+    assert page.get_attribute("#heat-earlier", "src").endswith(f"/heatmap/{label}.png")
+    assert page.get_attribute("#heat-later", "src").endswith(f"/heatmap/{label}.png")
+
+    page.keyboard.press("+")
+    page.keyboard.press("+")
+    page.focus("#viewport-later")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowDown")
+    earlier, later = stage_box(page, "earlier"), stage_box(page, "later")
+    assert earlier["zoom"] == pytest.approx(1.5625, abs=1e-3) and earlier == pytest.approx(later, abs=1e-3)
+    assert earlier["x"] < -0.01 and earlier["y"] < -0.01, "the arrow keys did not pan"
+    page.keyboard.press("4")  # the bone window on both
+    for side in ("earlier", "later"):
+        canvas, stored = drawn(page, f"#viewport-{side}")
+        assert np.array_equal(canvas, dicom_window(stored, 110, 200)), side
+
+    # Another label: both heat layers follow (the select submits the form at once).
+    other = page.locator("#compare-label option").nth(1).get_attribute("value")
+    if other == label:
+        other = page.locator("#compare-label option").nth(0).get_attribute("value")
+    with page.expect_navigation():
+        page.select_option("#compare-label", other)
+    assert f"label={other}" in page.url
+    assert page.get_attribute("#heat-later", "src").endswith(f"/heatmap/{other}.png")
+    assert page.locator("#changed-calls").count() == 1
+    assert page.locator(".compare-table tbody tr").count() == 14
+
+    problems = []
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.reload()
+        page.wait_for_selector("#viewport-later.tools-ready")
+        page.keyboard.press("+")
+        if (overflow := page.evaluate(OVERFLOW)) > 0:
+            problems.append(f"{width} px: the compare page scrolls sideways by {overflow} px: " + page.evaluate(OUTSIDE))
+        if AXE.exists():
+            problems += [f"{width} px: {v}" for v in axe_violations(page, Path(AXE))]
+    assert not problems, "\n".join(problems)
     assert not page.errors, page.errors
     context.close()
