@@ -6,6 +6,7 @@ files), the web API answers it and `result.json` stores it (adding the result id
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from .auto_backend import ensure_export
 from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
 from .cam import class_activation_maps, has_support, overlay
 from .checkpoint import checkpoint_from_obj, safe_torch_load
@@ -24,13 +26,17 @@ from .imaging import Source, read_bytes, read_xray, sniff
 from .meta import CheckpointError, Meta
 from .metrics import binarize
 from .model import ChestXrayNet
-from .onnx_backend import OnnxModel
+from .onnx_backend import OnnxModel, OnnxModelError
 from .orientation import orientation_features
 from .scope import image_statistics, pooled_features
 from .transforms import build_normalize, build_transform, preprocess
 from .trust import Trust, TrustError
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+BACKEND_HELP = ("auto: PyTorch on CUDA; on a CPU, ONNX Runtime from an export made once beside the checkpoint "
+                "(named by its hash) and checked against PyTorch, or PyTorch with a warning when that fails; torch; "
+                "or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the .onnx beside the "
+                "checkpoint; Model_Training/export.py writes it)")
 
 SCOPE_NOT_AVAILABLE = "in-scope check: not available (this checkpoint has no scope statistics; add them with " \
     "Model_Training/fit_trust.py); no finding is called"
@@ -176,6 +182,7 @@ class Predictor:
             self.model = model.to(self.device).eval()
         self.trust = trust or Trust()
         self.allow_untrusted = bool(allow_untrusted)
+        self.choice: str | None = None  # backend "auto": what it chose and why (from_checkpoint)
         ev = self.trust.evidence
         # Safe by default: a label without evidence (or a checkpoint without any) is not called. None means "no
         # evidence recorded, called anyway": only when the operator explicitly allowed untrusted answers.
@@ -184,17 +191,22 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "torch",
-                        allow_untrusted: bool = False) -> Predictor:
+                        allow_untrusted: bool = False, log=None) -> Predictor:
         """Load once (CUDA when available for 'auto'). Raises CheckpointError for a bad file, RuntimeError for a
         device that is not there. allow_untrusted: call labels even without evidence or scope statistics (every
         answer then carries a warning); off by default.
 
         backend "onnx": `path` is an exported .onnx file, or a checkpoint with its export beside it (same name,
         .onnx), which must have been exported from that checkpoint (its metadata is compared).
+        backend "auto": PyTorch on CUDA; on a CPU, ONNX Runtime from the export chestxray.auto_backend makes once per
+        checkpoint version and checks against PyTorch; PyTorch, with a one-line warning to `log` (default: stderr),
+        when that fails. `choice` says which was taken and why.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         path = Path(path)
+        if backend == "auto" and path.suffix.lower() == ".onnx":
+            backend = "onnx"  # an export given directly: nothing to choose
         if backend == "onnx" and path.suffix.lower() == ".onnx":
             onnx_model = OnnxModel(path, device=device)
             return cls(onnx_model, onnx_model.meta, trust=_trust(_tensors(onnx_model.info.extra), onnx_model.meta,
@@ -211,8 +223,25 @@ class Predictor:
             return cls(onnx_model, onnx_model.meta, trust=_trust(obj, onnx_model.meta, path),
                        allow_untrusted=allow_untrusted)
         dev = resolve_device(device)
-        model, meta, _ = checkpoint_from_obj(obj, path)
-        return cls(model, meta, dev, _trust(obj, meta, path), allow_untrusted=allow_untrusted)
+        model, meta, train = checkpoint_from_obj(obj, path)
+        if backend != "auto":
+            return cls(model, meta, dev, _trust(obj, meta, path), allow_untrusted=allow_untrusted)
+        log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        trust = _trust(obj, meta, path)
+        choice = "auto: PyTorch on CUDA"
+        if dev.type != "cuda":
+            try:
+                exported = ensure_export(path, obj, model, meta, train, log)
+                onnx_model = OnnxModel(exported, device="cpu", expected_meta=meta)
+                predictor = cls(onnx_model, onnx_model.meta, trust=trust, allow_untrusted=allow_untrusted)
+                predictor.choice = "auto: ONNX Runtime on the CPU (its export checked against PyTorch)"
+                return predictor
+            except OnnxModelError as exc:  # CheckpointError too: any failure to use the export
+                log(f"warning: {exc}; serving with PyTorch instead")
+                choice = f"auto: PyTorch on the CPU (ONNX Runtime not used: {exc})"
+        predictor = cls(model, meta, dev, trust, allow_untrusted=allow_untrusted)
+        predictor.choice = choice
+        return predictor
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
@@ -341,6 +370,7 @@ class Predictor:
             "training": self.meta.training,
             "device": str(self.device) if self.onnx is None else self.onnx.device,
             "backend": self.backend if self.onnx is None else f"onnx ({self.onnx.precision})",
+            "backend_choice": self.choice,
             "demo": "demo" in self.meta.training,  # Model_Training/demo.py's model: its answers are meaningless
             "scope": self.trust.scope.summary() if self.trust.scope is not None else None,
             "calibration": self.trust.calibration.to_dict() if self.trust.calibration is not None else None,
