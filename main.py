@@ -23,6 +23,7 @@ import views
 import webhttp
 import worklist
 from chestxray.checkpoint import CheckpointError
+from chestxray.predictor import BACKEND_HELP, BACKENDS
 from chestxray.results import ResultStore
 from chestxray.store import StoreError
 from predictions import TRAIN_COMMAND
@@ -116,9 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-demo", action="store_true",
                         help="with no checkpoint given or found, start without a model instead of serving the demo "
                         "model (default: build it once into .cache/demo_model.pth and serve it)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the .onnx "
-                        "beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=f"{BACKEND_HELP} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--allow-untrusted", action="store_true",
                         help="call findings even when the checkpoint lacks validation evidence or scope statistics; "

@@ -1,7 +1,7 @@
 """Predict chest X-rays from the command line: probabilities, positive calls and heatmap overlays per image.
 
     python predictions.py PATH [PATH ...] --checkpoint CKPT [--out DIR] [--heatmaps all|positive|none]
-        [--backend torch|onnx] [--batch-size 16] [--workers 2] [--jsonl FILE] [--csv FILE]
+        [--backend auto|torch|onnx] [--batch-size 16] [--workers 2] [--jsonl FILE] [--csv FILE]
     torchrun --nproc_per_node N predictions.py PATH ... --jsonl FILE [--csv FILE]   (--nnodes for several machines)
 
 prints one JSON object per image on its own line (to stdout, or to --jsonl FILE): Prediction.to_dict() (the shape
@@ -30,7 +30,7 @@ from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import SpreadsheetWriter, atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
 from chestxray.monitor import input_statistics
-from chestxray.predictor import BACKENDS, Prediction, Predictor
+from chestxray.predictor import BACKEND_HELP, BACKENDS, Prediction, Predictor
 from chestxray.results import PNG_COMPRESS_LEVEL
 from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
 from chestxray.store import AnalysisStore, StoreError, answered_entry, model_version, refused_entry
@@ -69,9 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-file-mb", type=float, default=50,
                         help="largest image file read, per image, as the web app's upload limit; a larger one gets "
                              "an error line (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch, or onnx: ONNX Runtime on the export of --checkpoint (a .onnx file, or the "
-                        ".onnx beside the checkpoint; Model_Training/export.py writes it) (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=f"{BACKEND_HELP} (default: %(default)s)")
     parser.add_argument("--allow-untrusted", action="store_true",
                         help="call findings even when the checkpoint lacks validation evidence or scope statistics; "
                         "every JSON line then carries a \"warning\" (default: off: such labels are 'not validated')")

@@ -697,5 +697,6 @@ def favicon():
 @bp.get("/healthz")
 def healthz():
     predictor = model_state().predictor
-    backend = None if predictor is None else (predictor.choice or predictor.backend)
-    return jsonify(status="ok", model_loaded=predictor is not None, backend=backend)
+    if predictor is None:
+        return jsonify(status="ok", model_loaded=False)
+    return jsonify(status="ok", model_loaded=True, backend=predictor.choice or predictor.backend)

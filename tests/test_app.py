@@ -183,7 +183,7 @@ def test_invalid_retention_is_refused(make_app):
 
 
 def test_healthz_and_model_card(client, tiny_predictor):
-    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True}
+    assert client.get("/healthz").get_json() == {"status": "ok", "model_loaded": True, "backend": "torch"}
     assert client.get("/api/model").get_json() == tiny_predictor.model_card()
     assert client.get("/favicon.ico").status_code == 204
 
@@ -666,8 +666,8 @@ def test_uploads_stay_in_memory(client, monkeypatch):
 def test_cli_line_api_and_result_json_share_prediction_to_dict(client, app, tiny_checkpoint, capsys):
     """The CLI's JSON line, the API's answer and result.json all hold Prediction.to_dict() for the same image."""
     args = predictions.get_args_parser().parse_args([str(DICOM_MONO2), "--checkpoint", str(tiny_checkpoint),
-                                                     "--device", "cpu", "--allow-untrusted"])
-    assert predictions.main(args) == 0
+                                                     "--device", "cpu", "--allow-untrusted", "--backend", "torch"])
+    assert predictions.main(args) == 0  # the app fixture runs PyTorch too: the same numbers to the last digit
     line = json.loads(capsys.readouterr().out)
     doc = client.post("/api/predict", data=upload(DICOM_MONO2)).get_json()
     record = json.loads((results_dir(app) / doc["id"] / "result.json").read_text())

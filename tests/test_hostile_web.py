@@ -81,7 +81,8 @@ def check_clean(body: bytes) -> None:
 
 def check_healthy(client: FlaskClient) -> None:
     response = client.get("/healthz")
-    assert response.status_code == 200 and response.get_json() == {"status": "ok", "model_loaded": True}
+    assert response.status_code == 200 and response.get_json() == {"status": "ok", "model_loaded": True,
+                                                                    "backend": "torch"}
 
 
 def flashed(body: bytes) -> list[str]:
@@ -299,7 +300,8 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 def health(server: LiveServer) -> None:
     """/healthz answers ok (fails if it does not within TIMEOUT); how fast is for benchmarks/bench_load.py."""
     with urllib.request.urlopen(server.url("/healthz"), timeout=TIMEOUT) as response:
-        assert json.load(response) == {"status": "ok", "model_loaded": True}
+        answer = json.load(response)
+        assert answer["status"] == "ok" and answer["model_loaded"] is True and answer["backend"]
 
 
 def still_open(sock: socket.socket) -> bool:
