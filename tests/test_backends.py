@@ -199,7 +199,8 @@ def test_web_app_serves_the_onnx_backend(exported, tmp_path):
     answers = {}
     for backend in ("torch", "onnx"):
         app = webapp.create_app({"CHECKPOINT": str(exported), "DEVICE": "cpu", "BACKEND": backend,
-                                 "RESULTS_DIR": str(tmp_path / backend), "TESTING": True})
+                                 "RESULTS_DIR": str(tmp_path / backend), "TESTING": True,
+                                 "INSTANCE_PATH": str(tmp_path / "instance")})
         response = app.test_client().post("/api/predict", data={"file": (io.BytesIO(NIH_PNG.read_bytes()),
                                                                          NIH_PNG.name)},
                                           content_type="multipart/form-data")

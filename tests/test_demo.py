@@ -121,7 +121,7 @@ def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path)
     import main
 
     app = main.create_app({"CHECKPOINT": str(demo_marked), "RESULTS_DIR": str(tmp_path / "r"), "DEVICE": "cpu",
-                           "WTF_CSRF_ENABLED": False})
+                           "WTF_CSRF_ENABLED": False, "INSTANCE_PATH": str(tmp_path / "instance")})
     client = app.test_client()
     for page in ("/", "/no-such-page"):
         text = " ".join(re.sub(r"<[^>]+>", "", client.get(page).get_data(as_text=True)).split())
@@ -130,6 +130,6 @@ def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path)
     assert client.get("/api/model").get_json()["demo"] is True
 
     real = main.create_app({"CHECKPOINT": str(tiny_checkpoint), "RESULTS_DIR": str(tmp_path / "r2"),
-                            "DEVICE": "cpu"}).test_client()
+                            "DEVICE": "cpu", "INSTANCE_PATH": str(tmp_path / "instance2")}).test_client()
     assert "Demo model" not in real.get("/").get_data(as_text=True)
     assert real.get("/api/model").get_json()["demo"] is False

@@ -43,7 +43,8 @@ def serve(checkpoint: Path, root: Path, *flags: str, timeout: float = 60.0) -> I
     tmpdir.mkdir()
     port, log = free_port(), root / "server.log"
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(port),
-           "--results-dir", str(root / "results"), "--device", "cpu", "--threads", "2", *flags]
+           "--results-dir", str(root / "results"), "--instance-dir", str(root / "instance"), "--device", "cpu",
+           "--threads", "2", *flags]
     proc = forked.popen(cmd, cwd=ROOT, stdout=log, env={**os.environ, "TMPDIR": str(tmpdir)})
     server = Server(port, proc, tmpdir, log)
     try:

@@ -437,7 +437,8 @@ def web(tiny_checkpoint, tmp_path):
     import worklist
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
-                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
+                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"),
+                           "INSTANCE_PATH": str(tmp_path / "instance")})
     args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET,
                                               "--instance-dir", str(tmp_path / "instance")])
     node = worklist.start_node(app, args)
@@ -493,7 +494,8 @@ def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
     import main
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
-                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results")})
+                           "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"),
+                           "INSTANCE_PATH": str(tmp_path / "instance")})
     from dicom_node import analyser
 
     state = app.extensions["chestxray"]
@@ -519,7 +521,8 @@ def test_main_refuses_bad_dicom_settings_and_says_why(tiny_checkpoint, tmp_path,
     import main
 
     args = main.get_args_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--port", "0", "--device", "cpu",
-                                              "--results-dir", str(tmp_path), "--dicom-port", "0", *flags])
+                                              "--results-dir", str(tmp_path), "--dicom-port", "0",
+                                              "--instance-dir", str(tmp_path / "instance"), *flags])
     assert main.main(args) == 2
     assert message in capsys.readouterr().err
 

@@ -110,7 +110,8 @@ def client(trusted_checkpoint, tmp_path):
     from main import create_app
 
     app = create_app({"TESTING": True, "CHECKPOINT": str(trusted_checkpoint), "DEVICE": "cpu",
-                      "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False})
+                      "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False,
+                      "INSTANCE_PATH": str(tmp_path / "instance")})
     return app.test_client()
 
 

@@ -132,7 +132,8 @@ def test_training_resume_refuses_it(evil, tmp_path, capsys):
 def test_web_app_refuses_it_and_runs_without_a_model(evil, tmp_path):
     path, marker, message = evil
     app = create_app({"TESTING": True, "CHECKPOINT": str(path), "DEVICE": "cpu", "SECRET_KEY": "test",
-                      "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False})
+                      "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False,
+                      "INSTANCE_PATH": str(tmp_path / "instance")})
     state = app.extensions["chestxray"]
     assert state.predictor is None and message in state.error
     client = app.test_client()
