@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-dev browser pacs postgres run test bench
+.PHONY: screenshots setup setup-dev browser pacs postgres run test bench
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ run: setup
 WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup-dev browser pacs postgres
 	$(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# The README's pictures, made by Chromium driving the real app on the demo model that `make run` serves (built first
+# when missing), so they show the current code.
+screenshots: setup-dev browser
+	$(PY) Model_Training/demo.py --no-progress
+	$(PY) tests/e2e/screenshot.py --checkpoint .cache/demo_model.pth
 
 bench: setup-dev
 	PY=$(PY) bash benchmarks/run_all.sh
