@@ -1,5 +1,5 @@
-"""End to end in headless Chromium, the result page at a phone's 320 and 390 px, a tablet's 768 px and desktops' 1400
-and 1920 px: no sideways scrolling, no word of the findings list broken across lines, every column of every finding
+"""End to end in headless Chromium, the result page at a phone's 320 and 390 px, a tablet's 768 px, laptops' 1024, 1280
+and 1366 px and desktops' 1400 and 1920 px: no sideways scrolling, no word of the findings list broken across lines, every column of every finding
 inside its panel, the worklist inside 320 px; and axe-core's serious violations stay at zero."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from trustutil import make_trusted_checkpoint
 
 pytestmark = pytest.mark.e2e
 
-WIDTHS = (320, 390, 768, 1400, 1920)
+WIDTHS = (320, 390, 768, 1024, 1280, 1366, 1400, 1920)
 BROKEN_WORDS = """(root) => {
   // Every word of the findings list: a word whose glyphs sit on two lines was broken inside.
   const broken = [];
