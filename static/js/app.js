@@ -102,7 +102,7 @@ function enhanceViewer() {
   });
 }
 
-// ---- Issue 13: size check and per-file progress on upload, the view in the URL, permalink copy, print, sorting ----
+// ---- Size check and per-file progress on upload, the view in the URL, permalink copy, print, sorting ----
 document.addEventListener("DOMContentLoaded", () => {
   guardUploadSize();
   uploadOneByOne();

@@ -1,4 +1,4 @@
-"""End to end in headless Chromium, the image viewer on the result and compare pages (issue 24): window/level by presets, mouse
+"""End to end in headless Chromium, the image viewer on the result and compare pages: window/level by presets, mouse
 drag and keys redraws the canvas with the DICOM linear window applied to the stored pixels; invert flips them; zoom
 (buttons, keys, Ctrl + wheel, a two-finger pinch) scales the image and its heat layer together; arrow keys pan;
 reset restores all; `?` opens the list of shortcuts; no sideways scrolling at 320 to 1920 px and no axe-core
