@@ -10,9 +10,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import forked
@@ -21,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import NIH_DIR, make_checkpoint
+from trainutil import kill_once_written
 
 from chestxray.calibration import expected_calibration_error
 from chestxray.checkpoint import load_checkpoint, safe_torch_load, write_checkpoint
@@ -374,14 +373,7 @@ def test_finetune_killed_after_an_epoch_resumes_where_the_uninterrupted_run_goes
     # As many threads as this process uses, so the killed run computes the numbers a run in-process would.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = forked.popen([sys.executable, str(ADAPT_PY), *argv], cwd=tmp_path, stdout=log, env=env)
-    deadline = time.monotonic() + 240
-    while not state.exists():  # written atomically when epoch 1 is complete
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "epoch 1 did not finish in time"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_once_written(proc, state, log)  # last.pth is written atomically when epoch 1 is complete
     assert not output.exists()  # killed mid-run: no adapted checkpoint yet
     saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 1 and [row["epoch"] for row in saved["history"]] == [0, 1]

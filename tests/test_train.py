@@ -6,10 +6,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import forked
@@ -19,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from trainutil import TRAIN_PY, linked_data, read_history, run_main, small_run
+from trainutil import TRAIN_PY, kill_once_written, linked_data, read_history, run_main, small_run
 
 from chestxray import data
 from chestxray.checkpoint import load_checkpoint
@@ -172,14 +170,7 @@ def test_sigkill_during_second_epoch_then_resume(trained_run, nih_dir, tmp_path,
     log = tmp_path / "killed.log"
     proc = forked.popen([sys.executable, str(TRAIN_PY), *argv], cwd=tmp_path, stdout=log, env=_subprocess_env())
     state = tmp_path / "run" / "last.pth"
-    deadline = time.monotonic() + 240
-    while not state.exists():  # appears (atomically) when epoch 1 is complete
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "epoch 1 did not finish in time"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_once_written(proc, state, log)  # last.pth appears (atomically) when epoch 1 is complete
     assert torch.load(state, weights_only=True)["epoch"] == 1
     assert [row["epoch"] for row in read_history(tmp_path / "run")] == ["1"]  # killed inside epoch 2
 

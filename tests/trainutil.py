@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -54,3 +56,16 @@ def linked_data(nih_dir: Path, root: Path, names: list[str], lists: bool = True)
         (root / "train_val_list.txt").write_text("\n".join(names))
         (root / "test_list.txt").write_text("")
     return root
+
+
+def kill_once_written(proc, path: Path, log: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as `path` exists (a file written atomically at the end of an epoch); its console
+    (`log`) is the message when it ends first or takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"{path.name} was not written in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
