@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chestxray.auto_backend import PROBABILITY_TOLERANCE  # the one fp32 agreement limit
 from chestxray.cam import predict_with_maps
 from chestxray.checkpoint import CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
 from chestxray.data import DataError, find_data_entry, load_index, make_splits, subsample
@@ -32,7 +33,6 @@ from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
 from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8
 from chestxray.transforms import preprocess
 
-FP32_TOLERANCE = 1e-4  # max |probability difference| between PyTorch and the fp32 export
 CHECKPOINT_KEYS = ("format", "model", "meta", "train")  # everything else a checkpoint holds travels as "extra"
 
 
@@ -158,10 +158,10 @@ def main(args: argparse.Namespace) -> int:
         probe = torch.randn(2, 3, meta.image_size, meta.image_size).numpy()
         export_onnx(model, meta, out, train, extra)
         diff = compare_with_torch(model, OnnxModel(out, device="cpu"), probe)
-        if diff > FP32_TOLERANCE:
+        if diff > PROBABILITY_TOLERANCE:
             out.unlink(missing_ok=True)
             raise OnnxModelError(f"the export disagrees with PyTorch by {diff:.2e} in probability (limit "
-                                 f"{FP32_TOLERANCE}); it was removed. Report this with your torch/onnx versions")
+                                 f"{PROBABILITY_TOLERANCE}); it was removed. Report this with your torch/onnx versions")
         print(f"wrote {out} (fp32, {out.stat().st_size / 1e6:.1f} MB); max |Δprobability| vs PyTorch {diff:.1e} "
               f"on {len(probe)} random inputs")
         if not args.int8:
