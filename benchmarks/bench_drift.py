@@ -13,7 +13,7 @@ images (repeated: the folder holds few), contrast-reduced, gamma-shifted, invert
 held-out images, and a different prevalence (only images with a finding; only images without). Detection delay =
 shifted images recorded until the alert first fires (the monitor is evaluated after every analysis, as the result
 pages do).
-Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/storeutil.py),
+Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/support/store.py),
 one transaction per analysis as the app does, beside the model's own rate on the same machine in the same run.
 Without --checkpoint a random-initialised ResNet-18 at 128 px is used (no trained model ships with the repository):
 its outputs still depend on the input, so input shifts move them, but a prevalence shift cannot: a prevalence shift
@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # conftest.make_checkpoint, storeutil.postgres_server
+sys.path.insert(0, str(ROOT / "tests"))  # support.checkpoints, support.store
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -102,7 +102,7 @@ def replay(store, monitor_fn, entries: list[dict]) -> list[bool]:
 
 def main(args: argparse.Namespace) -> int:
     import torch
-    from conftest import make_checkpoint
+    from support.checkpoints import make_checkpoint
 
     from chestxray.monitor import AlertLimits, drift, input_statistics, quantities, window_values
     from chestxray.predictor import Predictor
@@ -255,7 +255,7 @@ def describe(args, predictor, reference, own: bool, checkpoint, n_ref: int, n_re
 def write_rates(write: list[dict], predictor, tmp: Path) -> dict[str, float]:
     """Analyses per second recorded by SQLite and by a PostgreSQL started here, one transaction per analysis as the
     app records them, and the model's own rate, in the same run."""
-    from storeutil import create_database, postgres_server
+    from support.store import create_database, postgres_server
 
     from chestxray.store import AnalysisStore
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_load.py [--clients 8] [--requests 200] [--images 20] [--arch resnet18]
         [--image-size 224] [--retention 50] [--threads 4] [--out benchmarks/results/load.md]
 
-Starts the server on a free loopback port with a random-weight checkpoint (tests/conftest.make_checkpoint) and a
+Starts the server on a free loopback port with a random-weight checkpoint (tests/support/checkpoints.py) and a
 temporary results folder, then:
 1. reads the server's resident memory (VmRSS from /proc/<pid>/status) before any request;
 2. posts each of --images real NIH PNGs once, one at a time: the reference probabilities;
@@ -33,11 +33,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, conftest, livesite
+from common import ROOT, livesite, support
 
 from chestxray.results import RESULT_ID
 
-NIH_DIR, make_checkpoint, stop_server = conftest.NIH_DIR, conftest.make_checkpoint, livesite.stop_server
+NIH_DIR, make_checkpoint, stop_server = support.data.NIH_DIR, support.checkpoints.make_checkpoint, livesite.stop_server
 
 BOUNDARY = "bench-load-boundary-5c2a"
 MEMORY_TOLERANCE = 0.20

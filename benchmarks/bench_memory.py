@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_memory.py [--out benchmarks/results/memory.md]
 
-Each input is generated from the real sample images (tests/hostile.py) and read in a fresh interpreter; the figure
-is its peak resident size (ru_maxrss) minus the peak after a warm-up read of a small file of the same format. The
+Each input is generated from the real sample images (tests/support/hostile.py) and read in a fresh interpreter; the
+figure is its peak resident size (ru_maxrss) minus the peak after a warm-up read of a small file of the same format. The
 bombs are the large variants of the corpus kinds (what an unbounded reader would need is in the "unbounded" column,
 as measured unbounded, or the bomb's declared size), followed by the largest inputs that are accepted.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import platform
 import sys
 import tempfile
@@ -18,15 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, conftest, livesite
+from common import ROOT, support
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 
 from chestxray.imaging import MAX_DECODED_PIXELS
 
-# tests/hostile.py (the corpus generators) is loaded by path like the other test helpers; it imports conftest by name.
-sys.modules.setdefault("conftest", conftest)
-hostile = livesite.load_module(ROOT / "tests" / "hostile.py", "hostile")
+hostile = importlib.import_module(f"{support.__name__}.hostile")  # the corpus generators, from the tests' helpers
 
 
 def largest_png() -> bytes:

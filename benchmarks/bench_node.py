@@ -24,13 +24,14 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, conftest, livesite
+from common import ROOT, livesite
 
-sys.path.insert(0, str(ROOT / "tests"))  # pacsutil (Orthanc, radiograph) lives with the tests
+sys.path.insert(0, str(ROOT / "tests"))  # support.pacs (Orthanc, radiograph) lives with the tests
 import pydicom  # noqa: E402
-from pacsutil import Orthanc, radiograph  # noqa: E402
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE  # noqa: E402
+from support.checkpoints import make_checkpoint  # noqa: E402
+from support.pacs import Orthanc, radiograph  # noqa: E402
 
 import dicom_node  # noqa: E402
 
@@ -75,7 +76,7 @@ def send(port: int, files: list[Path], aet: str, statuses: list) -> None:
 
 def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-node-"))
-    checkpoint = conftest.make_checkpoint(tmp / "model.pth", image_size=224)
+    checkpoint = make_checkpoint(tmp / "model.pth", image_size=224)
     folders = [tmp / f"room{i}" for i in range(args.senders)]
     per = [args.images // args.senders + (i < args.images % args.senders) for i in range(args.senders)]
     uids: dict[str, Path] = {}

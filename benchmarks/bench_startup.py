@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, add_out_argument, conftest, timed
+from common import ROOT, add_out_argument, support, timed
 
 from chestxray.cam import overlay, with_legend
 from chestxray.checkpoint import load_checkpoint, model_from_meta, safe_torch_load
@@ -55,7 +55,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("resnet18", "resnet50"):
-            path = conftest.make_checkpoint(Path(tmp) / f"{arch}.pth", arch=arch, image_size=512)
+            path = support.checkpoints.make_checkpoint(Path(tmp) / f"{arch}.pth", arch=arch, image_size=512)
             load_checkpoint(path)  # warm-up: the file in the page cache, both code paths loaded once
             load_with_random_init(path)
             new, old = [], []

@@ -4,7 +4,7 @@
         [--out benchmarks/results/web.md]
 
 Both are timed side by side in one process, interleaved (ABBA order) after a warm-up, on the CPU, with a ResNet-50
-at 512 px and random weights (tests/conftest.make_checkpoint). The bare pass is
+at 512 px and random weights (tests/support/checkpoints.py). The bare pass is
 `predictor.model(predictor.preprocess(image))` under torch.inference_mode() on the already-decoded image; the page
 time includes everything else a user waits for: multipart parsing, decoding the file, the forward pass with all
 heatmaps, saving the result (plain image, raw maps, the first heat layer, result.json, retention) and rendering the
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, conftest
+from common import ROOT, support
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.imaging import read_xray
@@ -34,7 +34,7 @@ from chestxray.onnx_backend import export_onnx
 from chestxray.transforms import preprocess
 from main import create_app
 
-NIH_PNG, make_checkpoint = conftest.NIH_PNG, conftest.make_checkpoint
+NIH_PNG, make_checkpoint = support.data.NIH_PNG, support.checkpoints.make_checkpoint
 
 TARGET = 1.3
 

@@ -1,6 +1,6 @@
 """What the benchmarks share: a timer, the model arguments and the NIH sample's location, and from the tests
-tests/e2e/livesite.py (run/stop a server) and tests/conftest.py (data paths, make_checkpoint). tests/ is not an
-installed package, so those two are loaded by path, not via sys.path, and only when first asked for."""
+tests/e2e/livesite.py (run/stop a server) and the tests' support package (data paths, make_checkpoint). tests/ is
+not an installed package, so livesite is loaded by path and support through livesite, only when first asked for."""
 from __future__ import annotations
 
 import argparse
@@ -44,14 +44,14 @@ def write_report(lines: list[str], out: str | Path) -> str:
 
 
 def __getattr__(name: str):
-    """livesite and conftest, loaded on first use so that the other benchmarks do not import the tests' helpers."""
+    """livesite and support, loaded on first use so that the other benchmarks do not import the tests' helpers."""
     if name == "livesite":
         spec = importlib.util.spec_from_file_location("livesite", ROOT / "tests" / "e2e" / "livesite.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["livesite"] = module
         spec.loader.exec_module(module)
-    elif name == "conftest":
-        module = __getattr__("livesite").conftest_module()
+    elif name == "support":
+        module = __getattr__("livesite").import_support()
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = module

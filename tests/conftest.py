@@ -1,10 +1,7 @@
-"""Shared fixtures: the real sample bundled in samples/, the larger shared data when present, session checkpoints.
+"""Fixtures and hooks only: the sample's folders, session checkpoints, the app factory, the shared-data marker.
 
-Every test runs on the bundled sample (samples/nih, samples/other-cxr, samples/nih-metadata), so the suite passes
-on any fresh clone. Tests that need more real data than the bundle holds (files the bundle leaves out for their
-licence or size, the 937-image development sample) are marked `shared`: they use ../shared/data (or
-$CXR_SHARED_DATA) when it is there and are skipped with a one-line reason when it is not. With
-CXR_REQUIRE_SHARED=1 (set by .ci/run) the shared data must be there and any skipped test fails the run.
+The data paths, checkpoint builders and other helpers the tests import live in tests/support/ (see its
+__init__); the `shared` marker's skip-or-fail rules are here (support/data.py says what it means).
 Area-specific fixtures live in the test modules that use them.
 """
 from __future__ import annotations
@@ -14,25 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SAMPLES = ROOT / "samples"
-NIH_DIR = SAMPLES / "nih"
-OTHER_CXR_DIR = SAMPLES / "other-cxr"
-METADATA_DIR = SAMPLES / "nih-metadata"  # the official NIH metadata, gzipped
-DATA_ENTRY_CSV = METADATA_DIR / "Data_Entry_2017_v2020.csv.gz"  # all 112,120 rows
-BBOX_CSV = METADATA_DIR / "BBox_List_2017.csv.gz"  # all 984 boxes
-NIH_PNG = NIH_DIR / "images" / "00000001_000.png"  # 1024 px, byte-identical to the NIH file, Cardiomegaly
-DICOM_MONO2 = OTHER_CXR_DIR / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-DICOM_MONO1 = OTHER_CXR_DIR / "Fake_MONOHR1.dcm"
-
-SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
-HAVE_SHARED = (SHARED_DATA / "nih").is_dir()
-REQUIRE_SHARED = os.environ.get("CXR_REQUIRE_SHARED", "") not in ("", "0")
-SHARED_REASON = f"needs the shared data set in {SHARED_DATA} (not in the repository; set CXR_SHARED_DATA)"
-# For tests that need more data than the bundle: skipped without the shared data set, failed under CI.
-shared = pytest.mark.shared
+from support.checkpoints import make_checkpoint
+from support.data import HAVE_SHARED, METADATA_DIR, NIH_DIR, OTHER_CXR_DIR, REQUIRE_SHARED, SHARED_DATA, SHARED_REASON
 
 # Threads per test process: the cores shared out over pytest-xdist's workers (one each when there are at least as
 # many workers as cores, as under `make test`), also for the processes the tests start (OMP_NUM_THREADS), so
@@ -93,11 +73,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
                                     "(their reasons are in the short test summary)", red=True, bold=True)
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under the shared data set (whether or not it exists: mark the test `shared`)."""
-    return SHARED_DATA.joinpath(*parts)
-
-
 @pytest.fixture(scope="session")
 def nih_dir() -> Path:
     return NIH_DIR
@@ -122,27 +97,6 @@ def official_lists_dir(tmp_path_factory) -> Path:
     for name in ("train_val_list.txt", "test_list.txt"):
         (folder / name).write_bytes(gzip.decompress((METADATA_DIR / f"{name}.gz").read_bytes()))
     return folder
-
-
-def make_checkpoint(path: Path, arch: str = "resnet18", image_size: int = 64, labels=None, seed: int = 0,
-                    bias_spread: float = 3.0, thresholds=None, training: dict | None = None) -> Path:
-    """Save a randomly initialised checkpoint whose head bias spreads the probabilities over (0, 1)."""
-    import torch
-
-    from chestxray.checkpoint import Meta, model_from_meta, save_checkpoint
-    from chestxray.labels import LABELS
-
-    torch.manual_seed(seed)
-    labels = tuple(labels or LABELS)
-    meta = Meta.new(arch=arch, labels=labels, image_size=image_size, thresholds=thresholds,
-                    training={"data": "random init (test fixture)", "epochs": 0,
-                              "val_auroc": {name: 0.5 for name in labels}, "date": "2026-11-25",
-                              **(training or {})})
-    model = model_from_meta(meta)
-    with torch.no_grad():
-        model.classifier.bias.copy_(torch.linspace(-bias_spread, bias_spread, len(labels)))
-    save_checkpoint(path, model, meta, {"note": "test fixture"})
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +158,7 @@ def trained_run(tmp_path_factory) -> dict:
     with a resized-image cache."""
     import json
 
-    from trainutil import run_quietly, small_run
+    from support.training import run_quietly, small_run
 
     def train_into(tmp: Path) -> None:
         argv = small_run(NIH_DIR, "--run-dir", str(tmp / "run"), "--output", str(tmp / "best.pth"),

@@ -13,13 +13,15 @@ import shutil
 import sys
 from pathlib import Path
 
-import forked
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import NIH_DIR, make_checkpoint
-from trainutil import kill_once_written
+from support import forked
+from support.checkpoints import make_checkpoint
+from support.data import NIH_DIR
+from support.training import kill_once_written
+from webmodel import load_model
 
 from chestxray.calibration import expected_calibration_error
 from chestxray.checkpoint import load_checkpoint, safe_torch_load, write_checkpoint
@@ -38,7 +40,6 @@ from chestxray.scope import collect_outputs
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import Trust
 from Model_Training import adapt
-from webmodel import load_model
 
 MAPPED = [name for name in LABELS if name in CHEXPERT_TO_NIH.values()]
 
@@ -324,8 +325,9 @@ def test_models_folder_lists_and_chooses_adapted_models(adapted, make_app, tmp_p
     import argparse
     import shutil
 
-    from chestxray.checkpoint import CheckpointError
     from webmodel import choose_checkpoint, list_models
+
+    from chestxray.checkpoint import CheckpointError
 
     folder = tmp_path / "models"
     folder.mkdir()

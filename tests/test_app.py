@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
+import webhttp
+import webmodel
 from flask import Flask
 from PIL import Image
-from webutil import results_dir, saved_ids, upload
+from support.data import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
+from support.web import results_dir, saved_ids, upload
 
 import main
 import predictions
-import webhttp
-import webmodel
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import CheckpointError, load_checkpoint

@@ -7,7 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import NIH_PNG, make_checkpoint
+from support.checkpoints import make_checkpoint
+from support.data import NIH_PNG
 
 import main
 import predictions

@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT, make_checkpoint
 from PIL import Image
+from support.checkpoints import make_checkpoint
+from support.data import NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
 
 import Model_Training.export as export
 import predictions

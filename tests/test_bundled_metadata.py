@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import METADATA_DIR, NIH_DIR
+from support.data import METADATA_DIR, NIH_DIR
 
 from chestxray import data
 from chestxray.data import DataError, find_data_entry, load_index, make_splits, official_lists, read_list

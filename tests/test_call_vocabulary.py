@@ -16,8 +16,8 @@ import skimage.data
 import torch
 from PIL import Image
 from pypdf import PdfReader
-from trainutil import QUICK_DEMO
-from trustutil import VALIDATED, make_trusted_checkpoint
+from support.training import QUICK_DEMO
+from support.trust import VALIDATED, make_trusted_checkpoint
 
 from chestxray.calls import CALLS, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, statements
 from chestxray.checkpoint import safe_torch_load, write_checkpoint

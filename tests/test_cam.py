@@ -6,9 +6,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import NIH_PNG
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from support.data import NIH_PNG
 
 from chestxray.cam import (
     class_activation_maps,

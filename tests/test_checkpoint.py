@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from support.checkpoints import make_checkpoint
 
 from chestxray.checkpoint import (
     FORMAT,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import QUICK_DEMO
-from trustutil import make_trusted_checkpoint
+from support.training import QUICK_DEMO
+from support.trust import make_trusted_checkpoint
 
 from chestxray.checkpoint import CHECKPOINT_KEYS, CheckpointError, safe_torch_load, write_checkpoint
 from chestxray.predictor import Predictor

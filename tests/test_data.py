@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DATA_ENTRY_CSV, shared, shared_path
+from support.data import DATA_ENTRY_CSV, shared, shared_path
 
 from chestxray import data
 from chestxray.data import (

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared, shared_path
 from scipy.stats import norm
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, confusion_matrix, precision_score, roc_auc_score
+from support.data import shared, shared_path
 
 from chestxray.baselines import MetadataModel, metadata_baseline, paired_mean_auroc_difference, prevalence_baseline
 from chestxray.calibration import expected_calibration_error

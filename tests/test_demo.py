@@ -5,7 +5,7 @@ import os
 import re
 
 import pytest
-from trainutil import QUICK_DEMO as QUICK
+from support.training import QUICK_DEMO as QUICK
 
 from chestxray.checkpoint import load_checkpoint, save_checkpoint
 from Model_Training import demo, train
@@ -61,7 +61,7 @@ def test_a_failed_training_raises_demo_error(tmp_path, capsys):
 
 @pytest.fixture()
 def demo_marked(tmp_path):
-    from conftest import make_checkpoint
+    from support.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path / "demo.pth", training={"demo": {"images": 262, "minutes": 1.5}})
 

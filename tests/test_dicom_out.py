@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO2
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from support.data import DICOM_MONO2
 
 from chestxray import dicom_out
 from chestxray.cam import overlay

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BBOX_CSV, NIH_DIR, NIH_PNG
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from support.data import BBOX_CSV, NIH_DIR, NIH_PNG
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.labels import LABELS
@@ -322,7 +322,7 @@ def _fitted_name(checkpoint) -> str:
 
 
 def test_external_validation_report(trained_checkpoint, tmp_path):
-    from trainutil import linked_data
+    from support.training import linked_data
 
     data = linked_data(NIH_DIR, tmp_path / "external", _unseen_names(trained_checkpoint, 14), lists=False)
     out = tmp_path / "out"
@@ -356,7 +356,7 @@ def test_external_validation_report(trained_checkpoint, tmp_path):
 
 
 def test_external_refuses_the_training_data(trained_checkpoint, tmp_path, capsys):
-    from trainutil import linked_data
+    from support.training import linked_data
 
     base = ["--checkpoint", str(trained_checkpoint), "--external", "--out", str(tmp_path / "o"), "--workers", "0",
             "--no-progress", "--bootstrap", "0"]
@@ -374,8 +374,8 @@ def test_external_refuses_the_training_data(trained_checkpoint, tmp_path, capsys
 def test_calls_are_the_apps_for_every_image(tiny_checkpoint, tmp_path):
     """A checkpoint whose evidence validates one label at threshold 0, on sample images plus one that is not a
     radiograph: every call in predictions.csv is the one Predictor.predict gives the original file."""
-    from trainutil import linked_data
-    from trustutil import VALIDATED, make_trusted_checkpoint
+    from support.training import linked_data
+    from support.trust import VALIDATED, make_trusted_checkpoint
 
     from chestxray.predictor import Predictor
 

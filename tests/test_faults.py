@@ -9,11 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import forked
 import pytest
 import torch
-from conftest import shared, shared_path
-from trainutil import read_history, run_main, run_quietly, small_run
+from support import forked
+from support.data import shared, shared_path
+from support.training import read_history, run_main, run_quietly, small_run
 
 from chestxray.checkpoint import load_checkpoint
 from chestxray.trainstate import NoTrainingState, load_resume_state

@@ -1,4 +1,4 @@
-"""tests/forked.py starts the tests' command lines as forks of a preloaded Python: each must behave as the same
+"""tests/support/forked.py starts the tests' command lines as forks of a preloaded Python: each must behave as the same
 command does in a fresh interpreter (subprocess): exit status, stdout and stderr, argv, working folder, environment,
 sys.path, `-W`, an uncaught exception, a signal."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-import forked
 import pytest
+from support import forked
 
 PROBE = """
 import json, os, sys, warnings

@@ -15,10 +15,10 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
-from hostile import dicom_bytes, encode, png_bytes, real_gray, small_dicom
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support.hostile import dicom_bytes, encode, png_bytes, real_gray, small_dicom
 
 from chestxray.imaging import InvalidImage, read_xray
 

@@ -3,16 +3,16 @@
 The real check runs on a GPU machine (bash benchmarks/gpu_check.sh); this keeps the script from rotting between
 those runs. It times nothing that is asserted, so the script's commands (train.py, its kill and resume, torchrun's
 launcher, export.py, predictions.py) run as processes forked from a Python with PyTorch already imported
-(tests/forked.py stands in for the subprocess module the script uses); torchrun's workers start anew."""
+(tests/support/forked.py stands in for the subprocess module the script uses); torchrun's workers start anew."""
 from __future__ import annotations
 
 import importlib.util
 import re
 import sys
 
-import forked
 import pytest
-from conftest import ROOT
+from support import forked
+from support.data import ROOT
 
 STEPS = ("1. environment", "2. data folder", "3. training from the cache", "4. pure-compute ceiling", "5. loader",
          "6. --resume after a kill", "7. torchrun and DDP", "8a. ONNX export", "8b. predictions.py, both backends",

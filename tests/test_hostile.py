@@ -5,11 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-import forked
 import numpy as np
 import pytest
-from conftest import ROOT
-from hostile import CORPUS, SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
+from support import forked
+from support.data import ROOT
+from support.hostile import CORPUS, SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
 
 from chestxray.imaging import ACCEPTED, InvalidImage, read_xray
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-from conftest import DICOM_MONO2
+from support.data import DICOM_MONO2
 
 from chestxray.dicom_out import COPIED, ReportContent, build_secondary_capture, build_structured_report
 

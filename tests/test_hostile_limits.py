@@ -13,15 +13,15 @@ import sys
 import threading
 from pathlib import Path
 
-import forked
 import pytest
 import torch
-from conftest import NIH_PNG, ROOT
-from flask import Flask
-from hostile import CORPUS, blank_png, png_bytes
-from PIL import Image
-
 import views
+from flask import Flask
+from PIL import Image
+from support import forked
+from support.data import NIH_PNG, ROOT
+from support.hostile import CORPUS, blank_png, png_bytes
+
 from chestxray.results import RESULT_ID
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]

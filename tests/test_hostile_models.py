@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import NIH_PNG, ROOT, make_checkpoint
 from onnx import TensorProto, helper
+from support.checkpoints import make_checkpoint
+from support.data import NIH_PNG, ROOT
 
 import predictions
 from chestxray.checkpoint import load_checkpoint, safe_torch_load

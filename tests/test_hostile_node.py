@@ -15,18 +15,17 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import dicom_node
 import numpy as np
 import pydicom
-from pacsutil import NODE_AET, PACS_AET, WAIT, Analyser, Orthanc, free_port, radiograph, storescu
+from dicom_node import Destination, DicomNode
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AddressInformation
-
-import dicom_node
-from dicom_node import Destination, DicomNode
+from support.pacs import NODE_AET, PACS_AET, WAIT, Analyser, Orthanc, free_port, radiograph, storescu
 
 OUT_OF_RESOURCES = 0xA700
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import forked
 import pytest
-from conftest import ROOT
 from e2e.livesite import free_port, stop_server
+from support import forked
+from support.data import ROOT
 
 BOUNDARY = "server-boundary-3c9a"
 
@@ -36,7 +36,7 @@ class Server:
 
 @contextlib.contextmanager
 def serve(checkpoint: Path, root: Path, *flags: str, timeout: float = 60.0) -> Iterator[Server]:
-    """`python main.py` with `flags` in a process of its own (tests/forked.py), TMPDIR inside `root`; waits for
+    """`python main.py` with `flags` in a process of its own (tests/support/forked.py), TMPDIR inside `root`; waits for
     /healthz, stops it on exit."""
     root.mkdir(parents=True, exist_ok=True)
     tmpdir = root / "tmp"

@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NIH_DIR, ROOT
 from flask import Flask
 from flask.testing import FlaskClient
-from hostile import CORPUS, Case, png_bytes
-from webutil import BOUNDARY, LiveServer, file_field, multipart, post, serve
+from support.data import NIH_DIR, ROOT
+from support.hostile import CORPUS, Case, png_bytes
+from support.web import BOUNDARY, LiveServer, file_field, multipart, post, serve
 
 import predictions
 from chestxray.imaging import ACCEPTED

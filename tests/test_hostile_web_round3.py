@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import NIH_PNG
+from support.data import NIH_PNG
 
 from chestxray.results import ResultStore
 

@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2, HAVE_SHARED, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, shared, shared_path
-from hostile import (
+from PIL import Image
+from pydicom.pixels import apply_voi_lut
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
+from support.data import DICOM_MONO1, DICOM_MONO2, HAVE_SHARED, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, shared, shared_path
+from support.hostile import (
     CORPUS,
     blank_png,
     codestream_bomb,
@@ -29,17 +38,8 @@ from hostile import (
     rle_bomb,
     small_dicom,
 )
-from hostile import dicom_bytes as _dicom_bytes
-from hostile import png_header_only as _png_header_only
-from PIL import Image
-from pydicom.pixels import apply_voi_lut
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    RLELossless,
-)
+from support.hostile import dicom_bytes as _dicom_bytes
+from support.hostile import png_header_only as _png_header_only
 
 from chestxray.imaging import (
     MAX_DECODED_PIXELS,

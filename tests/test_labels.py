@@ -49,7 +49,7 @@ def test_every_row_of_the_full_data_entry_parses():
     import csv
     import gzip
 
-    from conftest import DATA_ENTRY_CSV
+    from support.data import DATA_ENTRY_CSV
 
     with gzip.open(DATA_ENTRY_CSV, "rt", newline="") as f:
         rows = list(csv.reader(f))[1:]

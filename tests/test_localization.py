@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import BBOX_CSV, NIH_DIR, NIH_PNG
+from support.data import BBOX_CSV, NIH_DIR, NIH_PNG
 
 from chestxray.cam import predict_with_maps, upsample_map
 from chestxray.checkpoint import load_checkpoint
@@ -143,7 +143,7 @@ def boxed_data(tmp_path):
 
 
 def test_evaluate_localization_on_real_images(boxed_data, tmp_path, monkeypatch):
-    from conftest import make_checkpoint
+    from support.checkpoints import make_checkpoint
 
     from chestxray.predictor import Predictor
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NIH_DIR, NIH_PNG
-from hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
+from support.data import NIH_DIR, NIH_PNG
+from support.hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
 
 from chestxray.checkpoint import safe_torch_load
 from chestxray.monitor import fit_reference, input_statistics
@@ -174,6 +174,7 @@ def test_deleting_a_result_deletes_its_row_but_retention_keeps_rows(make_app, mo
 
 def test_no_patient_data_reaches_the_database_from_any_entry_point(make_app, monitored_checkpoint, tmp_path):
     import dicom_node
+
     import predictions
 
     secrets = phi_strings()
@@ -224,11 +225,12 @@ def test_every_c_store_the_dicom_node_refuses_gets_a_row_without_patient_data(ma
                                                                                tmp_path):
     """The node as main.py starts it: an answered image, an unreadable one and an oversized one, each full of patient
     data, give one row each (answered / refused and why) and the database holds none of that data."""
-    import main
     import worklist
-    from pacsutil import NODE_AET, radiograph
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
     from pynetdicom import AE
+    from support.pacs import NODE_AET, radiograph
+
+    import main
 
     app = make_app(CHECKPOINT=str(monitored_checkpoint), ALLOW_UNTRUSTED=True)
     args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET, "--instance-dir",

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import NIH_DIR, make_checkpoint, shared, shared_path
+from support.checkpoints import make_checkpoint
+from support.data import NIH_DIR, shared, shared_path
 
 import Model_Training.export as export
 import Model_Training.train as train

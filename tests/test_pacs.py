@@ -14,23 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import forked
 import numpy as np
 import pydicom
 import pytest
-from conftest import DICOM_MONO1, DICOM_MONO2
-from hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME, identified_dicom
-from pacsutil import (
-    MODEL_NAME,
-    NODE_AET,
-    PACS_AET,
-    WAIT,
-    Analyser,
-    Orthanc,
-    free_port,
-    radiograph,
-    storescu,
-)
+from dicom_node import Analysis, Destination, DicomNode
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
@@ -47,9 +34,22 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from support import forked
+from support.data import DICOM_MONO1, DICOM_MONO2
+from support.hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME, identified_dicom
+from support.pacs import (
+    MODEL_NAME,
+    NODE_AET,
+    PACS_AET,
+    WAIT,
+    Analyser,
+    Orthanc,
+    free_port,
+    radiograph,
+    storescu,
+)
 
 from chestxray.labels import LABELS
-from dicom_node import Analysis, Destination, DicomNode
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 MR_SMALL = Path(get_testdata_file("MR_small.dcm"))
@@ -417,7 +417,7 @@ def test_a_full_spool_answers_out_of_resources_so_the_sender_keeps_the_image(tin
 
 
 def identified_file(path: Path) -> pydicom.Dataset:
-    """The real CR with patient data filled in (tests/hostile.py), new UIDs, written to path."""
+    """The real CR with patient data filled in (tests/support/hostile.py), new UIDs, written to path."""
     ds = identified_dicom()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -433,8 +433,9 @@ def leaked(blob: str | bytes) -> list[str]:
 @pytest.fixture
 def web(tiny_checkpoint, tmp_path):
     """The web app with a DICOM node started as main.py starts it (flags parsed by main's parser)."""
-    import main
     import worklist
+
+    import main
 
     app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"),

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT, make_checkpoint
 from PIL import Image
+from support.checkpoints import make_checkpoint
+from support.data import DICOM_MONO2, NIH_DIR, NIH_PNG, ROOT
 
 import predictions
 from chestxray import predictor as predictor_module

@@ -10,14 +10,14 @@ import sys
 import warnings
 from pathlib import Path
 
-import forked
 import pytest
-from conftest import ROOT
 from flask import Flask
 from flask.testing import FlaskClient
-from hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
-from trainutil import TRAIN_PY, linked_data
-from webutil import file_field, multipart, post, serve
+from support import forked
+from support.data import ROOT
+from support.hostile import CORPUS, dicom_bytes, identified_dicom, phi_strings
+from support.training import TRAIN_PY, linked_data
+from support.web import file_field, multipart, post, serve
 
 SECRETS = phi_strings()  # name (whole and given part), ID, birth date (2 forms), accession, institution, ...
 PHI_KINDS = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in SECRETS)]

@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 from pypdf import PdfReader
-from trustutil import make_trusted_checkpoint
+from support.trust import make_trusted_checkpoint
 
 from chestxray.evidence import format_call
 from chestxray.formatting import auroc_text, label_name, percent

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from conftest import NIH_PNG
 from pypdf import PdfReader
+from support.data import NIH_PNG
 
 from chestxray.cam import normalize_map
 from chestxray.evidence import format_call

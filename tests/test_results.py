@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DICOM_MONO2, NIH_PNG
 from PIL import Image
+from support.data import DICOM_MONO2, NIH_PNG
 
 import chestxray.fileio
 from chestxray import results

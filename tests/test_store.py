@@ -11,13 +11,13 @@ import threading
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
-import forked
 import numpy as np
 import pytest
-from conftest import DICOM_MONO2, NIH_PNG, ROOT
 from e2e.livesite import free_port, stop_server
 from sqlalchemy import create_engine, inspect, text
-from storeutil import create_database, database_fixture, postgres_fixture
+from support import forked
+from support.data import DICOM_MONO2, NIH_PNG, ROOT
+from support.store import create_database, database_fixture, postgres_fixture
 
 from chestxray.store import HEAD, AnalysisStore, ModelVersion, Review, StoreError, answered_entry, refused_entry
 

@@ -10,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import forked
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from support import forked
+from support.training import TRAIN_PY, kill_once_written, linked_data, read_history, run_main, small_run
 from torch.utils.data import DataLoader
-from trainutil import TRAIN_PY, kill_once_written, linked_data, read_history, run_main, small_run
 
 from chestxray import data
 from chestxray.checkpoint import load_checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import NIH_PNG
+from support.data import NIH_PNG
 from torchvision.transforms.v2 import functional as TF
 
 from chestxray.checkpoint import Meta

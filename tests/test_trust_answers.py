@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
-from trustutil import VALIDATED, make_trusted_checkpoint
+from support.trust import VALIDATED, make_trusted_checkpoint
 
 from chestxray.imaging import read_xray
 from chestxray.predictor import NOT_VALIDATED, Predictor

@@ -12,10 +12,10 @@ import pickle
 import sys
 from pathlib import Path
 
-import forked
 import pytest
 import torch
-from conftest import NIH_DIR, ROOT
+from support import forked
+from support.data import NIH_DIR, ROOT
 
 import predictions
 from main import create_app

@@ -13,9 +13,9 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import DICOM_MONO2, NIH_PNG
 from pypdf import PdfReader
-from webutil import results_dir, saved_ids, upload
+from support.data import DICOM_MONO2, NIH_PNG
+from support.web import results_dir, saved_ids, upload
 
 from chestxray.evidence import format_call
 from chestxray.report_pdf import strongest_zone

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def popen_logged(cmd: list[str], *, cwd: Path, stdout: Path, env: dict | None = None) -> subprocess.Popen:
-    """subprocess.Popen with stdout and stderr appended to the file `stdout` (the signature of tests/forked.popen)."""
+    """subprocess.Popen with stdout and stderr appended to the file `stdout` (the signature of tests/support/forked.popen)."""
     with open(stdout, "ab") as log:
         return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -42,7 +42,7 @@ def run_server(checkpoint: Path, results_dir: Path, timeout: float = 90.0, port:
                extra_args: Sequence[str] = (), launch: Callable = popen_logged) -> Iterator[str]:
     """Start `python main.py --checkpoint CKPT --port PORT` (waitress; a free port by default) in a process of its
     own, with its secret key in a folder beside `results_dir` unless `extra_args` name another; yield its base URL.
-    `launch` starts it: a fresh interpreter by default (benchmarks, screenshots), tests/forked.popen in the tests."""
+    `launch` starts it: a fresh interpreter by default (benchmarks, screenshots), tests/support/forked.popen in the tests."""
     port = port or free_port()
     cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--port", str(port),
            "--results-dir", str(results_dir), "--device", "cpu"]
@@ -129,8 +129,8 @@ def open_page(browser, width: int = 1280, failed_responses: bool = True, **optio
 
 
 def load_module(path: Path, name: str) -> ModuleType:
-    """Import a file by path: how scripts run outside pytest (benchmarks, screenshot.py) reach tests/conftest.py and
-    this file, since tests/ is not an installed package."""
+    """Import a file by path: how scripts run outside pytest (benchmarks) reach this file, since tests/ is not an
+    installed package."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while a class is built
@@ -138,6 +138,12 @@ def load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
-def conftest_module() -> ModuleType:
-    """tests/conftest.py (data paths, make_checkpoint) as a module, for scripts run outside pytest."""
-    return load_module(ROOT / "tests" / "conftest.py", "cxr_test_helpers")
+def import_support() -> ModuleType:
+    """The tests' support package with its data paths and checkpoint builder loaded (`support.data`,
+    `support.checkpoints`), for scripts run outside pytest: tests/ goes on sys.path as pytest's `pythonpath` puts it."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import support.checkpoints
+    import support.data
+
+    return support

@@ -3,7 +3,7 @@
     .venv/bin/python tests/e2e/screenshot.py [--image PATH] [--arch resnet18] [--image-size 384] [--out PATH]
 
 Uses --checkpoint when given (the README's picture: a ResNet-18 trained on the 937-image sample), else a randomly
-initialised checkpoint (tests/conftest.make_checkpoint), whose numbers and heatmaps show only the layout. A random
+initialised checkpoint (tests/support/checkpoints.py), whose numbers and heatmaps show only the layout. A random
 ResNet-18 spreads its probabilities over (0, 1) as the fixture's head bias intends; a random ResNet-50's large
 logits pin most of them at 0% or 100%, which makes a less readable picture.
 Also writes the upload page to docs/screenshot-upload.png, and into --screens-dir (docs/screens/) the desktop
@@ -21,10 +21,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from livesite import ROOT, conftest_module, launch_chromium, run_server
+from livesite import ROOT, import_support, launch_chromium, run_server
 
-conftest = conftest_module()
-NIH_PNG, make_checkpoint = conftest.NIH_PNG, conftest.make_checkpoint
+support = import_support()
+NIH_PNG, make_checkpoint = support.data.NIH_PNG, support.checkpoints.make_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--screens-dir", default=str(ROOT / "docs" / "screens"),
                         help="folder for the desktop, phone, batch and PDF pictures and their captions "
                              "(default: %(default)s)")
-    parser.add_argument("--batch", nargs="+", default=[str(NIH_PNG), str(conftest.DICOM_MONO2),
-                                                       str(conftest.OTHER_CXR_DIR / "2c35005f.jpg")],
+    parser.add_argument("--batch", nargs="+", default=[str(NIH_PNG), str(support.data.DICOM_MONO2),
+                                                       str(support.data.OTHER_CXR_DIR / "2c35005f.jpg")],
                         help="files for the batch picture (default: the NIH PNG, a DICOM and a JPEG)")
     return parser
 

@@ -10,12 +10,12 @@ import json
 import re
 from pathlib import Path
 
-import forked
 import numpy as np
 import pytest
-from conftest import DICOM_MONO2, NIH_DIR, NIH_PNG
 from livesite import browser_fixture, chromium_fixture, open_page, run_server
-from trustutil import VALIDATED, make_trusted_checkpoint
+from support import forked
+from support.data import DICOM_MONO2, NIH_DIR, NIH_PNG
+from support.trust import VALIDATED, make_trusted_checkpoint
 
 from chestxray.evidence import format_call
 

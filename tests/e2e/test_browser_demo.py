@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import forked
 import pytest
 import skimage.data
-from conftest import NIH_DIR
 from livesite import browser_fixture, chromium_fixture, open_page, run_server
 from PIL import Image
-from trainutil import QUICK_DEMO
+from support import forked
+from support.data import NIH_DIR
+from support.training import QUICK_DEMO
 
 from Model_Training import demo
 

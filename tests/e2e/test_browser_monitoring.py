@@ -6,10 +6,10 @@ import json
 import urllib.request
 from pathlib import Path
 
-import forked
 import pytest
-from conftest import NIH_PNG
 from livesite import browser_fixture, chromium_fixture, open_page, run_server
+from support import forked
+from support.data import NIH_PNG
 from test_browser_workflows import AXE, WIDTHS, axe_violations
 
 from chestxray.labels import LABELS

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import forked
 import pytest
-from conftest import NIH_DIR, NIH_PNG
 from livesite import browser_fixture, chromium_fixture, open_page, run_server
+from support import forked
+from support.data import NIH_DIR, NIH_PNG
+from support.trust import make_trusted_checkpoint
 from test_browser_workflows import AXE, axe_violations
-from trustutil import make_trusted_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -11,11 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import forked
 import numpy as np
 import pytest
-from conftest import NIH_PNG
 from livesite import browser_fixture, chromium_fixture, free_port, open_page, require, run_server
+from support import forked
+from support.data import NIH_PNG
 from test_browser_workflows import AXE, axe_violations
 
 pytestmark = pytest.mark.e2e
@@ -292,7 +292,7 @@ def test_worklist_with_a_received_image_fits_every_width(site, browser, tmp_path
     """A received image's row (badges, send status, result link) stacks on a phone; its result opens in the viewer."""
     base, port = site
     storescu = require(Path(shutil.which("storescu") or "/usr/bin/storescu"), "apt-get install dcmtk, or `make pacs`")
-    from pacsutil import radiograph  # needs dcmtk and Orthanc, like the PACS tests
+    from support.pacs import radiograph  # needs dcmtk and Orthanc, like the PACS tests
 
     radiograph(tmp_path / "chest.dcm", size=96)
     sent = subprocess.run([str(storescu), "-aet", "XRAY_ROOM_1", "-aec", "CXR_AI", "127.0.0.1", str(port),

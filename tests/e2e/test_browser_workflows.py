@@ -16,9 +16,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-import forked
 import pytest
-from conftest import DICOM_MONO2, NIH_PNG, ROOT
 from livesite import (
     browser_fixture,
     chromium_fixture,
@@ -28,6 +26,8 @@ from livesite import (
     run_server,
 )
 from pypdf import PdfReader
+from support import forked
+from support.data import DICOM_MONO2, NIH_PNG, ROOT
 
 pytestmark = pytest.mark.e2e
 

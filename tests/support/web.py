@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import forked
-from conftest import ROOT
 from e2e.livesite import free_port, stop_server
 from flask import Flask
-from hostile import Case
 
 from chestxray.results import RESULT_ID
+from support import forked
+from support.data import ROOT
+from support.hostile import Case
 
 BOUNDARY = "hostile-boundary-7d1f"
 
@@ -60,7 +60,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(checkpoint: Path, root: Path, limit_mb: int = 1, timeout: float = 60.0) -> Iterator[LiveServer]:
-    """Start the waitress server in a process of its own (tests/forked.py), wait for /healthz; terminate it on exit."""
+    """Start the waitress server in a process of its own (support/forked.py), wait for /healthz; stop it on exit."""
     root.mkdir(parents=True, exist_ok=True)
     server = LiveServer(free_port(), root / "results", root / "tmp", root / "server.log", limit_mb * 1024 * 1024)
     server.tmpdir.mkdir()

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from conftest import NIH_PNG
-from hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
+from dicom_node import Analysis
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from chestxray.dicom_out import ReportContent
-from dicom_node import Analysis
+from support.data import NIH_PNG
+from support.hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
 
 ORTHANC = shutil.which("Orthanc")
 STORESCU = shutil.which("storescu")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from conftest import DICOM_MONO2, NIH_PNG, ROOT
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from support.data import DICOM_MONO2, NIH_PNG, ROOT
 
 SECRET_NAME = "DOE^JANE_SECRET_42"
 SECRET_ID = "PID-SECRET-98765"
