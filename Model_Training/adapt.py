@@ -35,11 +35,13 @@ import hashlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from chestxray.baselines import prevalence_baseline
@@ -211,12 +213,7 @@ def finetune(model, meta, parts: dict, informed, args, device, run_dir: Path, st
     y_train = targets(parts["train"], labels)
     pos_weight = pos_weight_from_targets(np.where(mask > 0, y_train, 0)).to(device)
     modules = trainable_modules(model, args.trainable)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for m in modules for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=args.lr)
+    optimizer = torch.optim.Adam(_train_only(model, modules), lr=args.lr)
     normalize = build_normalize(meta)
     train_loader = _loader(parts["train"], labels, meta, args.batch_size, args.workers, True, mask, args.seed)
     val_loader = _loader(parts["val"], labels, meta, args.batch_size, args.workers)
@@ -227,58 +224,99 @@ def finetune(model, meta, parts: dict, informed, args, device, run_dir: Path, st
 
     if state is None:
         seed_everything(args.seed)
-        best = val_auroc()
-        best_state, best_epoch, history, stale, stopped = copy.deepcopy(model.state_dict()), 0, [], 0, False
-        history.append({"epoch": 0, "loss": None, "val_mean_auroc": best})
-        _log(f"finetune: val mean AUROC before training {fmt(best)}")
-        start = 1
+        run = _FinetuneRun.before_training(model, val_auroc())
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best_state, best, best_epoch = state["best_model"], state["best_score"], state["best_epoch"]
-        history, stale, stopped = list(state["history"]), state["stale"], state["stopped"]
-        set_rng_state(state["rng"])
-        train_loader.generator.set_state(state["sampler"])  # the next epoch draws the order it would have drawn
-        start = state["epoch"] + 1
-        if stopped or start > args.epochs:
-            _log(f"finetune: the run already ended after epoch {state['epoch']}"
-                 + (" (early stopping)" if stopped else f"; pass --epochs N > {state['epoch']} to train longer"))
-    for epoch in range(start, args.epochs + 1):
-        if stopped:
+        run = _FinetuneRun.resumed(model, optimizer, train_loader, state, args.epochs)
+    for epoch in range(run.start, args.epochs + 1):
+        if run.stopped:
             break
-        model.eval()
-        for m in modules:
-            m.train()
-        total, seen = 0.0, 0
-        for images, target_mask, _, _ in train_loader:
-            if images.numel() == 0:
-                continue
-            x = normalize(images.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss = masked_bce(model(x), target_mask.to(device), pos_weight)
-            loss.backward()
-            optimizer.step()
-            total, seen = total + loss.item() * len(images), seen + len(images)
+        loss = _finetune_one_epoch(model, modules, train_loader, optimizer, normalize, pos_weight, device)
         score = val_auroc()
-        history.append({"epoch": epoch, "loss": total / max(seen, 1), "val_mean_auroc": score})
-        _log(f"finetune epoch {epoch}: loss {total / max(seen, 1):.4f}, val mean AUROC {fmt(score)}")
-        if math.isfinite(score) and (not math.isfinite(best) or score > best):
-            best, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            stopped = stale >= args.patience
+        run.history.append({"epoch": epoch, "loss": loss, "val_mean_auroc": score})
+        _log(f"finetune epoch {epoch}: loss {loss:.4f}, val mean AUROC {fmt(score)}")
+        run.record(model, epoch, score, args.patience)
         save_state(run_dir, {
             "epoch": epoch, "model": _cpu(model.state_dict()), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "sampler": train_loader.generator.get_state(), "history": history,
-            "best_score": best, "best_epoch": best_epoch, "best_model": _cpu(best_state), "stale": stale,
-            "stopped": stopped, **(provenance or {})})
-    model.load_state_dict(best_state)
+            "rng": rng_state(), "sampler": train_loader.generator.get_state(), "history": run.history,
+            "best_score": run.best, "best_epoch": run.best_epoch, "best_model": _cpu(run.best_state),
+            "stale": run.stale, "stopped": run.stopped, **(provenance or {})})
+    model.load_state_dict(run.best_state)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"history": history, "best_epoch": best_epoch, "best_val_mean_auroc": best, "run_dir": str(run_dir),
-            "resumed_after_epoch": None if state is None else int(state["epoch"])}
+    return {"history": run.history, "best_epoch": run.best_epoch, "best_val_mean_auroc": run.best,
+            "run_dir": str(run_dir), "resumed_after_epoch": None if state is None else int(state["epoch"])}
+
+
+def _train_only(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Freeze the model but `modules` -> their parameters (the optimiser's)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _finetune_one_epoch(model, modules, loader, optimizer, normalize, pos_weight, device) -> float:
+    """One pass over `loader` training `modules` only (the rest in eval mode) -> the mean masked BCE per image."""
+    model.eval()
+    for m in modules:
+        m.train()
+    total, seen = 0.0, 0
+    for images, target_mask, _, _ in loader:
+        if images.numel() == 0:
+            continue
+        x = normalize(images.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss = masked_bce(model(x), target_mask.to(device), pos_weight)
+        loss.backward()
+        optimizer.step()
+        total, seen = total + loss.item() * len(images), seen + len(images)
+    return total / max(seen, 1)
+
+
+@dataclass
+class _FinetuneRun:
+    """Where a fine-tune stands: its history, the best epoch so far and its weights, the early-stopping count."""
+
+    best_state: dict
+    best: float
+    best_epoch: int
+    history: list
+    stale: int
+    stopped: bool
+    start: int  # the next epoch to train
+
+    @classmethod
+    def before_training(cls, model: nn.Module, score: float) -> _FinetuneRun:
+        """A new run: the base weights are epoch 0, scored `score` on the validation part."""
+        _log(f"finetune: val mean AUROC before training {fmt(score)}")
+        return cls(copy.deepcopy(model.state_dict()), score, 0, [{"epoch": 0, "loss": None, "val_mean_auroc": score}],
+                   0, False, 1)
+
+    @classmethod
+    def resumed(cls, model, optimizer, train_loader, state: dict, epochs: int) -> _FinetuneRun:
+        """A run continued from its saved state: weights, optimiser, RNG and sampler as after its last epoch."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        train_loader.generator.set_state(state["sampler"])  # the next epoch draws the order it would have drawn
+        run = cls(state["best_model"], state["best_score"], state["best_epoch"], list(state["history"]),
+                  state["stale"], state["stopped"], state["epoch"] + 1)
+        if run.stopped or run.start > epochs:
+            _log(f"finetune: the run already ended after epoch {state['epoch']}"
+                 + (" (early stopping)" if run.stopped else f"; pass --epochs N > {state['epoch']} to train longer"))
+        return run
+
+    def record(self, model: nn.Module, epoch: int, score: float, patience: int) -> None:
+        """Keep the epoch's weights when its score is the best so far; else count it towards early stopping."""
+        if math.isfinite(score) and (not math.isfinite(self.best) or score > self.best):
+            self.best, self.best_epoch, self.stale = score, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1
+            self.stopped = self.stale >= patience
 
 
 def _cpu(state_dict: dict) -> dict:
@@ -500,13 +538,7 @@ def write_adaptation_report(path: Path, summary: dict) -> None:
 def adapt(args: argparse.Namespace) -> dict:
     """Read, split, adapt, write the new checkpoint and the report -> the report summary (metrics.json's content)."""
     start = time.perf_counter()
-    if args.mode != "finetune" and (args.resume or args.run_dir):
-        raise UsageError("--resume and --run-dir belong to --mode finetune; recalibrate has no training to resume")
-    base_path, output = Path(args.checkpoint), Path(args.output)
-    if output.resolve() == base_path.resolve():
-        raise UsageError("--output is the base checkpoint; the base is never overwritten: choose another file")
-    if output.exists():
-        raise UsageError(f"--output {output} exists; choose a new file (an adapted model never replaces another)")
+    base_path, output = _checked_paths(args)
     obj = safe_torch_load(base_path)
     base_sha256 = file_sha256(base_path)
     run_dir, state = None, None
@@ -517,40 +549,15 @@ def adapt(args: argparse.Namespace) -> dict:
     model, meta, _ = checkpoint_from_obj(obj, base_path)
     base_trust = Trust.from_checkpoint(obj, meta.labels)
     labels = meta.labels
-    df = read_local_labels(args.labels, args.data_dir, args.label_format, args.uncertain, args.lesion_as, labels)
-    informed = [n for n in labels if n in df.attrs["informed"]]
-    if not informed:
-        raise DataError(f"the labels in {args.labels} inform none of the model's labels {list(labels)}")
-    parts = local_splits(df, args.test_fraction, args.val_fraction, args.calibration_fraction, args.seed)
-    empty = [name for name, part in parts.items() if not len(part)]
-    if empty:
-        raise DataError(f"the local data ({len(df)} images, {df['patient'].nunique()} patients) leave the "
-                        f"{', '.join(empty)} part(s) empty; add images or change the fractions")
+    df, informed, parts = _read_local_data(args, labels)
     device = resolve_device(args.device)
     model = model.to(device)
     history = None
     if args.mode == "finetune":
         history = finetune(model, meta, parts, informed, args, device, run_dir, state,
                            {"base_sha256": base_sha256, "labels_sha256": file_sha256(args.labels)})
-    fit_rows = pd.concat([parts["train"], parts["val"]], ignore_index=True)
-    calibration_rows = parts["calibration"]
-    normalize = build_normalize(meta)
-    orientation_loader = None
-    if args.mode == "finetune" and args.orientation_images > 0:
-        orientation_loader = _loader(subsample(fit_rows, args.orientation_images, args.seed), labels, meta,
-                                     args.batch_size, args.workers)
     rule = args.threshold_rule or meta.training.get("threshold_rule") or "f1"
-    trust, thresholds = fit_trust(
-        model, labels, _loader(fit_rows, labels, meta, args.batch_size, args.workers),
-        _loader(calibration_rows, labels, meta, args.batch_size, args.workers),
-        calibration_rows["patient"].to_numpy(), device, normalize, rule, n_boot=args.bootstrap, seed=args.seed,
-        progress=not args.no_progress, orientation_loader=orientation_loader, split_name="local calibration")
-    if args.mode == "recalibrate":
-        trust = Trust(trust.scope, trust.calibration, trust.evidence, trust.report, base_trust.orientation,
-                      trust.reference)
-    unchanged = args.mode == "recalibrate" or args.trainable == "head"
-    trust, thresholds = merge_uninformed(trust, thresholds, base_trust, meta.thresholds, labels, informed, unchanged)
-
+    trust, thresholds = _fit_local_trust(model, meta, parts, informed, base_trust, rule, args, device)
     counts = {"all": local_counts(df, labels, informed),
               **{name: local_counts(part, labels, informed) for name, part in parts.items()}}
     adaptation = {"mode": args.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha256,
@@ -561,6 +568,68 @@ def adapt(args: argparse.Namespace) -> dict:
                   "local": counts, "split_seed": args.seed, "threshold_rule": rule,
                   "trainable": args.trainable if args.mode == "finetune" else None,
                   "finetune": history}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(output, _adapted_checkpoint(obj, model, thresholds, trust, adaptation))
+    adaptation["seconds"] = time.perf_counter() - start
+    adaptation["device"] = str(device)
+    _log(f"wrote {output} ({args.mode}, {adaptation['seconds']:.1f} s; local: {counts['all']['images']} images of "
+         f"{counts['all']['patients']} patients; informed labels: {', '.join(informed)})")
+    return compare_on_held_out(base_path, output, parts["test"], labels, adaptation, args)
+
+
+def _checked_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(base checkpoint, output) once the output is known to be a new file; UsageError otherwise."""
+    if args.mode != "finetune" and (args.resume or args.run_dir):
+        raise UsageError("--resume and --run-dir belong to --mode finetune; recalibrate has no training to resume")
+    base_path, output = Path(args.checkpoint), Path(args.output)
+    if output.resolve() == base_path.resolve():
+        raise UsageError("--output is the base checkpoint; the base is never overwritten: choose another file")
+    if output.exists():
+        raise UsageError(f"--output {output} exists; choose a new file (an adapted model never replaces another)")
+    return base_path, output
+
+
+def _read_local_data(args: argparse.Namespace, labels) -> tuple[pd.DataFrame, list[str], dict]:
+    """The local labels, the model's labels they inform and the patient-disjoint parts -> (df, informed, parts);
+    DataError when they inform no label or leave a part empty."""
+    df = read_local_labels(args.labels, args.data_dir, args.label_format, args.uncertain, args.lesion_as, labels)
+    informed = [n for n in labels if n in df.attrs["informed"]]
+    if not informed:
+        raise DataError(f"the labels in {args.labels} inform none of the model's labels {list(labels)}")
+    parts = local_splits(df, args.test_fraction, args.val_fraction, args.calibration_fraction, args.seed)
+    empty = [name for name, part in parts.items() if not len(part)]
+    if empty:
+        raise DataError(f"the local data ({len(df)} images, {df['patient'].nunique()} patients) leave the "
+                        f"{', '.join(empty)} part(s) empty; add images or change the fractions")
+    return df, informed, parts
+
+
+def _fit_local_trust(model, meta, parts: dict, informed: list[str], base_trust: Trust, rule: str,
+                     args: argparse.Namespace, device) -> tuple[Trust, list[float]]:
+    """Trust and thresholds fitted on the local parts (train+val for the scope, calibration for the rest), the
+    uninformed labels' taken from the base -> (trust, thresholds). Recalibrating keeps the base's orientation check."""
+    labels = meta.labels
+    fit_rows = pd.concat([parts["train"], parts["val"]], ignore_index=True)
+    calibration_rows = parts["calibration"]
+    orientation_loader = None
+    if args.mode == "finetune" and args.orientation_images > 0:
+        orientation_loader = _loader(subsample(fit_rows, args.orientation_images, args.seed), labels, meta,
+                                     args.batch_size, args.workers)
+    trust, thresholds = fit_trust(
+        model, labels, _loader(fit_rows, labels, meta, args.batch_size, args.workers),
+        _loader(calibration_rows, labels, meta, args.batch_size, args.workers),
+        calibration_rows["patient"].to_numpy(), device, build_normalize(meta), rule, n_boot=args.bootstrap,
+        seed=args.seed, progress=not args.no_progress, orientation_loader=orientation_loader,
+        split_name="local calibration")
+    if args.mode == "recalibrate":
+        trust = Trust(trust.scope, trust.calibration, trust.evidence, trust.report, base_trust.orientation,
+                      trust.reference)
+    unchanged = args.mode == "recalibrate" or args.trainable == "head"
+    return merge_uninformed(trust, thresholds, base_trust, meta.thresholds, labels, informed, unchanged)
+
+
+def _adapted_checkpoint(obj: dict, model: nn.Module, thresholds, trust: Trust, adaptation: dict) -> dict:
+    """The base checkpoint's contents with the adapted weights, thresholds, trust and the adaptation's record."""
     new = {key: value for key, value in obj.items()}
     new["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     new_meta = dict(obj["meta"])
@@ -570,15 +639,14 @@ def adapt(args: argparse.Namespace) -> dict:
     new_meta["training"] = training
     new["meta"] = new_meta
     new[TRUST_KEY] = trust.to_dict()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(output, new)
-    adaptation["seconds"] = time.perf_counter() - start
-    adaptation["device"] = str(device)
-    _log(f"wrote {output} ({args.mode}, {adaptation['seconds']:.1f} s; local: {counts['all']['images']} images of "
-         f"{counts['all']['patients']} patients; informed labels: {', '.join(informed)})")
+    return new
 
+
+def compare_on_held_out(base_path: Path, output: Path, test_rows: pd.DataFrame, labels, adaptation: dict,
+                        args: argparse.Namespace) -> dict:
+    """Evaluate both checkpoints on the same held-out images, compare them (paired patient bootstrap), decide the
+    promotion and write metrics.json and report.md into --report-dir -> the summary."""
     report_dir = Path(args.report_dir)
-    test_rows = parts["test"]
     before, frame_b = evaluate_checkpoint(base_path, test_rows, report_dir / "before", args, "base checkpoint",
                                           adaptation["not_informed"])
     after, frame_a = evaluate_checkpoint(output, test_rows, report_dir / "after", args, "adapted checkpoint",
@@ -589,7 +657,7 @@ def adapt(args: argparse.Namespace) -> dict:
     comparison = paired_auroc_difference(
         y_true, frame_b[[f"{n}_prob" for n in labels]].to_numpy(), frame_a[[f"{n}_prob" for n in labels]].to_numpy(),
         frame_b["patient"].to_numpy(), labels, args.bootstrap, args.seed)
-    verdict = promotion(comparison, before, after, informed, counts["test"]["positives"])
+    verdict = promotion(comparison, before, after, adaptation["informed"], adaptation["local"]["test"]["positives"])
     summary = {"before": before, "after": after, "comparison": comparison, "promotion": verdict,
                "adaptation": adaptation}
     write_json(report_dir / "metrics.json", summary)

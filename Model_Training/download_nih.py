@@ -139,6 +139,43 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, http.client.HTTPException))  # URLError, resets, timeouts, short reads
 
 
+def _fetch_once(url: str, part: Path, have: int, timeout: float, on_bytes: Callable[[int], None]) -> int:
+    """One request for the bytes of `url` after the `have` already in `part`, appended to it -> the final size.
+    Raises what the connection raised (download() decides whether to retry) or DownloadError for an answer that
+    does not fit the partial file."""
+    try:
+        resp = _request(url, have, timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left after `have`: complete if the server's size agrees
+            total = _content_range_total(exc.headers.get("Content-Range"))
+            if total == have:
+                return have
+            part.unlink()  # our partial file is longer than the archive: it is not this archive
+            raise DownloadError(f"{url}: the partial download ({have} bytes) does not match the server's "
+                                f"archive ({total} bytes); it was deleted, run again") from None
+        raise
+    with resp:
+        if have and resp.status == 200:  # the server ignored Range: start again from the beginning
+            have = 0
+            part.unlink()
+        elif resp.status == 206:
+            start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+            if not start or int(start.group(1)) != have:
+                raise DownloadError(f"{url}: the server answered a resume at byte {have} with "
+                                    f"Content-Range {resp.headers.get('Content-Range')!r}")
+        length = resp.headers.get("Content-Length")
+        expected = have + int(length) if length and length.isdigit() else None
+        with open(part, "ab") as f:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                have += len(chunk)
+                on_bytes(len(chunk))
+    # http.client returns a short body without an error when the peer closes early; compare ourselves.
+    if expected is not None and have < expected:
+        raise ConnectionError(f"connection closed after {have} of {expected} bytes")
+    return have
+
+
 def download(url: str, part: Path, retries: int, backoff: float, timeout: float,
              on_bytes: Callable[[int], None] = lambda n: None, sleep: Callable[[float], None] = time.sleep) -> int:
     """Fetch url into `part`, resuming from its current size with HTTP Range -> the final size in bytes.
@@ -153,37 +190,7 @@ def download(url: str, part: Path, retries: int, backoff: float, timeout: float,
         have = part.stat().st_size if part.exists() else 0
         before = have
         try:
-            try:
-                resp = _request(url, have, timeout)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 416 and have:  # nothing left after `have`: complete if the server's size agrees
-                    total = _content_range_total(exc.headers.get("Content-Range"))
-                    if total == have:
-                        return have
-                    part.unlink()  # our partial file is longer than the archive: it is not this archive
-                    raise DownloadError(f"{url}: the partial download ({have} bytes) does not match the server's "
-                                        f"archive ({total} bytes); it was deleted, run again") from None
-                raise
-            with resp:
-                if have and resp.status == 200:  # the server ignored Range: start again from the beginning
-                    have = 0
-                    part.unlink()
-                elif resp.status == 206:
-                    start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-                    if not start or int(start.group(1)) != have:
-                        raise DownloadError(f"{url}: the server answered a resume at byte {have} with "
-                                            f"Content-Range {resp.headers.get('Content-Range')!r}")
-                length = resp.headers.get("Content-Length")
-                expected = have + int(length) if length and length.isdigit() else None
-                with open(part, "ab") as f:
-                    while chunk := resp.read(CHUNK):
-                        f.write(chunk)
-                        have += len(chunk)
-                        on_bytes(len(chunk))
-            # http.client returns a short body without an error when the peer closes early; compare ourselves.
-            if expected is not None and have < expected:
-                raise ConnectionError(f"connection closed after {have} of {expected} bytes")
-            return have
+            return _fetch_once(url, part, have, timeout, on_bytes)
         except DownloadError:
             raise
         except Exception as exc:

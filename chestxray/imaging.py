@@ -375,15 +375,7 @@ def _element(ds, keyword: str, default=None):
 def _dicom_pixels(ds, caught: list[warnings.WarningMessage]) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop_class = getattr(_element(ds, "SOPClassUID"), "name", "") or ""
-        if caught:  # pydicom complained about the elements it read (a wrong length shifts every later one)
-            raise InvalidImage("the DICOM file is truncated or corrupt: its header could not be parsed")
-        if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class:
-            raise InvalidImage("the DICOM file is truncated or corrupt: it describes an image but holds no pixel data")
-        raise InvalidImage(
-            "the DICOM file has no pixel data (it is not an image, e.g. a structured report or a presentation state)"
-        )
+    _require_pixel_data(ds, caught)
     photometric = str(_element(ds, "PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # The value itself is never quoted: with a corrupted length it holds the following elements' bytes.
@@ -391,21 +383,7 @@ def _dicom_pixels(ds, caught: list[warnings.WarningMessage]) -> np.ndarray:
             "unsupported DICOM photometric interpretation (0028,0004) (missing, colour or corrupt): "
             "expected a grayscale radiograph (MONOCHROME1 or MONOCHROME2)"
         )
-    rows, cols = _element(ds, "Rows"), _element(ds, "Columns")
-    frames, bits_allocated = _element(ds, "NumberOfFrames", 1), _element(ds, "BitsAllocated")
-    bits_stored, representation = _element(ds, "BitsStored", bits_allocated), _element(ds, "PixelRepresentation", 0)
-    samples = _element(ds, "SamplesPerPixel", 1)
-    try:
-        rows, cols, bits_stored, bits_allocated = int(rows), int(cols), int(bits_stored), int(bits_allocated)
-        frames, signed, samples = int(frames or 1), int(representation) == 1, int(samples or 1)
-    except (TypeError, ValueError):
-        raise InvalidImage("the DICOM file lacks the image size or bit depth attributes") from None
-    _check_size(cols, rows * frames)
-    if frames > 1:
-        raise InvalidImage(f"the DICOM file holds {frames} frames; export a single radiograph")
-    _check_decoded_size(cols, rows, "DICOM")
-    if not 1 <= bits_stored <= 32 or bits_allocated not in (1, 8, 16, 32, 64):
-        raise InvalidImage(f"the DICOM file has an invalid BitsStored ({bits_stored}) or BitsAllocated")
+    rows, cols, bits_stored, bits_allocated, signed, samples = _pixel_geometry(ds)
 
     syntax = _check_decoder(ds)
     if syntax.is_compressed:
@@ -440,6 +418,41 @@ def _dicom_pixels(ds, caught: list[warnings.WarningMessage]) -> np.ndarray:
     if photometric == "MONOCHROME1":
         np.subtract(1.0, image, out=image)  # MONOCHROME1: the minimum value is white
     return image
+
+
+def _require_pixel_data(ds, caught: list[warnings.WarningMessage]) -> None:
+    """InvalidImage saying why when the data set holds no pixel data: a corrupt header, a truncated image or
+    not an image at all."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop_class = getattr(_element(ds, "SOPClassUID"), "name", "") or ""
+        if caught:  # pydicom complained about the elements it read (a wrong length shifts every later one)
+            raise InvalidImage("the DICOM file is truncated or corrupt: its header could not be parsed")
+        if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class:
+            raise InvalidImage("the DICOM file is truncated or corrupt: it describes an image but holds no pixel data")
+        raise InvalidImage(
+            "the DICOM file has no pixel data (it is not an image, e.g. a structured report or a presentation state)"
+        )
+
+
+def _pixel_geometry(ds) -> tuple[int, int, int, int, bool, int]:
+    """(rows, cols, bits stored, bits allocated, signed, samples per pixel) of a single frame within the decode
+    budget; InvalidImage when they are missing or invalid, too large, or there is more than one frame."""
+    rows, cols = _element(ds, "Rows"), _element(ds, "Columns")
+    frames, bits_allocated = _element(ds, "NumberOfFrames", 1), _element(ds, "BitsAllocated")
+    bits_stored, representation = _element(ds, "BitsStored", bits_allocated), _element(ds, "PixelRepresentation", 0)
+    samples = _element(ds, "SamplesPerPixel", 1)
+    try:
+        rows, cols, bits_stored, bits_allocated = int(rows), int(cols), int(bits_stored), int(bits_allocated)
+        frames, signed, samples = int(frames or 1), int(representation) == 1, int(samples or 1)
+    except (TypeError, ValueError):
+        raise InvalidImage("the DICOM file lacks the image size or bit depth attributes") from None
+    _check_size(cols, rows * frames)
+    if frames > 1:
+        raise InvalidImage(f"the DICOM file holds {frames} frames; export a single radiograph")
+    _check_decoded_size(cols, rows, "DICOM")
+    if not 1 <= bits_stored <= 32 or bits_allocated not in (1, 8, 16, 32, 64):
+        raise InvalidImage(f"the DICOM file has an invalid BitsStored ({bits_stored}) or BitsAllocated")
+    return rows, cols, bits_stored, bits_allocated, signed, samples
 
 
 def _syntax_name(syntax) -> str:

@@ -408,7 +408,48 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
     """Write report.md: setup, comparison with published results, per-label table, accuracies (defined),
     subgroups, localization and the plots (linked by relative path)."""
     path = Path(path)
-    acc = metrics["accuracy"]
+    lines = [*_setup_lines(metrics, context), *_decision_section(metrics, context)]
+    lines += [
+        "## Comparison with published results", "",
+        markdown_table(["model", "split", "mean AUROC [95% CI]"], _published_rows(metrics, context), left=2), "",
+        "The published numbers are means over the 14 labels on other splits of the full dataset; they are context, "
+        "not a like-for-like comparison. The official test list is harder than a random patient-wise split "
+        "(sicker patients, more AP views), by about 0.03 AUROC. "
+        f"This model's mean is over the {metrics['mean_auroc_labels']} labels with both positives and negatives "
+        "here.", "",
+        "## Per-label metrics", "",
+        "At the checkpoint's raw thresholds, for every image and label, before the in-scope check and the evidence "
+        "rule withhold calls (the product's calls are scored above). AUROC and AP need no threshold; n/a marks a "
+        "value that is undefined here (e.g. no positives). pos = positive images. With few positives (under ~10) "
+        "an interval is wide or, when too many bootstrap replicates lack a positive, not estimable (shown without "
+        "one).", "",
+        markdown_table(*per_label_rows(metrics)), "",
+    ]
+    notes = [f"- {name}: {m['note']}" for name, m in metrics["per_label"].items() if m.get("note")]
+    if notes:
+        lines += notes + [""]
+    lines += _accuracy_lines(metrics)
+    if metrics["calibration"].get("per_label"):
+        lines += ["## Calibration per label", "",
+                  "Of the probabilities the product shows (calibrated when the checkpoint holds a calibration). ECE: "
+                  "10 equal-width bins; Brier: mean squared error of the probability. 95% intervals from the patient "
+                  "bootstrap.", "", markdown_table(*calibration_rows(metrics)), ""]
+    if metrics.get("subgroups"):
+        lines += ["## Subgroups", "", "AUROC [95% CI] (positives) per view position and sex.", "",
+                  markdown_table(*_subgroup_table(metrics)), ""]
+    if metrics.get("localization"):
+        lines += _localization_section(metrics["localization"])
+    lines += ["## Plots", ""]
+    titles = {"roc": "ROC curves", "pr": "Precision-recall curves", "confusion": "Confusion matrices",
+              "reliability": "Reliability diagram"}
+    for kind, plot in plots.items():
+        lines += [f"### {titles.get(kind, kind)}", "", f"![{titles.get(kind, kind)}]({Path(plot).name})", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _setup_lines(metrics: dict, context: dict) -> list[str]:
+    """The report's title, its scope section for an external folder and the setup: checkpoint, data, thresholds."""
     external, in_sample = context.get("external"), context.get("in_sample")
     title = ("# External validation report" if external
              else "# In-sample evaluation report (not an independent estimate)" if in_sample
@@ -435,25 +476,14 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         f"- 95% confidence intervals: percentile bootstrap over patients ({metrics['bootstrap']['n_boot']} "
         f"replicates, seed {metrics['bootstrap']['seed']}); all images of a patient are resampled together",
         f"- date: {context.get('date', '')}", "",
-        *_decision_section(metrics, context),
-        "## Comparison with published results", "",
-        markdown_table(["model", "split", "mean AUROC [95% CI]"], _published_rows(metrics, context), left=2), "",
-        "The published numbers are means over the 14 labels on other splits of the full dataset; they are context, "
-        "not a like-for-like comparison. The official test list is harder than a random patient-wise split "
-        "(sicker patients, more AP views), by about 0.03 AUROC. "
-        f"This model's mean is over the {metrics['mean_auroc_labels']} labels with both positives and negatives "
-        "here.", "",
-        "## Per-label metrics", "",
-        "At the checkpoint's raw thresholds, for every image and label, before the in-scope check and the evidence "
-        "rule withhold calls (the product's calls are scored above). AUROC and AP need no threshold; n/a marks a "
-        "value that is undefined here (e.g. no positives). pos = positive images. With few positives (under ~10) "
-        "an interval is wide or, when too many bootstrap replicates lack a positive, not estimable (shown without "
-        "one).", "",
-        markdown_table(*per_label_rows(metrics)), "",
     ]
-    notes = [f"- {name}: {m['note']}" for name, m in metrics["per_label"].items() if m.get("note")]
-    if notes:
-        lines += notes + [""]
+    return lines
+
+
+def _accuracy_lines(metrics: dict) -> list[str]:
+    """The metrics at 0.5, the two accuracies beside their all-negative baselines and the pooled calibration error."""
+    acc = metrics["accuracy"]
+    lines = []
     half_header = ["label", "precision", "recall", "F1", "specificity", "accuracy", "TP", "FP", "FN", "TN"]
     half_rows = [[name, fmt(h["precision"]), fmt(h["recall"]), fmt(h["f1"]), fmt(h["specificity"]),
                   fmt(h["accuracy"]), str(h["tp"]), str(h["fp"]), str(h["fn"]), str(h["tn"])]
@@ -474,20 +504,4 @@ def write_report(path: str | os.PathLike, metrics: dict, context: dict, plots: d
         ]), "",
         f"Calibration (all labels pooled): expected calibration error {fmt(metrics['calibration']['ece'])}.", "",
     ]
-    if metrics["calibration"].get("per_label"):
-        lines += ["## Calibration per label", "",
-                  "Of the probabilities the product shows (calibrated when the checkpoint holds a calibration). ECE: "
-                  "10 equal-width bins; Brier: mean squared error of the probability. 95% intervals from the patient "
-                  "bootstrap.", "", markdown_table(*calibration_rows(metrics)), ""]
-    if metrics.get("subgroups"):
-        lines += ["## Subgroups", "", "AUROC [95% CI] (positives) per view position and sex.", "",
-                  markdown_table(*_subgroup_table(metrics)), ""]
-    if metrics.get("localization"):
-        lines += _localization_section(metrics["localization"])
-    lines += ["## Plots", ""]
-    titles = {"roc": "ROC curves", "pr": "Precision-recall curves", "confusion": "Confusion matrices",
-              "reliability": "Reliability diagram"}
-    for kind, plot in plots.items():
-        lines += [f"### {titles.get(kind, kind)}", "", f"![{titles.get(kind, kind)}]({Path(plot).name})", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return lines
