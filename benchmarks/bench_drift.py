@@ -11,8 +11,11 @@ images in random order (reshuffled to make a long stream) are the in-distributio
 a false alert. Each shifted stream starts with one full window of in-distribution images, then switches to: other-cxr
 images (repeated: the folder holds few), contrast-reduced, gamma-shifted, inverted and lower-resolution copies of the
 held-out images, and a different prevalence (only images with a finding; only images without). Detection delay =
-shifted images recorded until the alert first fires (the monitor is evaluated after every analysis, as the result
-pages do).
+shifted images recorded until the alert first fires. The monitor checks at every --step-th answered analysis
+(chestxray.monitor.checked_drift, as the app's Monitor.status does), so its state is read at each check and held in
+between; a shift that starts just after a check waits longer than one that starts just before, so each shifted stream
+is replayed with the shift starting at --phases points spread over one step, and the longest delay is the one
+reported.
 Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/support/store.py),
 one transaction per analysis as the app does, beside the model's own rate on the same machine in the same run.
 Without --checkpoint a random-initialised ResNet-18 at 128 px is used (no trained model ships with the repository):
@@ -50,10 +53,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder whose labels CSV lists the images --checkpoint was trained and calibrated on: "
                              "its patients are left out of the streams, and the checkpoint's own reference is used "
                              "(default: none; the reference is fitted on half the patients)")
-    parser.add_argument("--window", type=int, default=200, help="drift window (default: %(default)s)")
-    parser.add_argument("--psi", type=float, default=0.25, help="PSI alert limit (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.0001,
-                        help="family-wise false-alert probability per evaluation (default: %(default)s)")
+    from chestxray.monitor import AlertLimits
+
+    parser.add_argument("--window", type=int, default=AlertLimits.window, help="drift window (default: %(default)s)")
+    parser.add_argument("--psi", type=float, default=AlertLimits.psi,
+                        help="PSI alert limit, beyond chance (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=AlertLimits.alpha,
+                        help="family-wise false-alert probability per check (default: %(default)s)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="check at every STEP-th answered analysis (default: the monitor's, window / 8)")
+    parser.add_argument("--consecutive", type=int, default=AlertLimits.consecutive,
+                        help="checks in a row at which a quantity must alert (default: %(default)s)")
+    parser.add_argument("--phases", type=int, default=5,
+                        help="shift starts tried per shifted stream, spread over one step (default: %(default)s)")
     parser.add_argument("--in-distribution", type=int, default=2000,
                         help="length of the in-distribution stream (default: %(default)s)")
     parser.add_argument("--max-delay", type=int, default=400,
@@ -91,20 +103,35 @@ def record_now(store, entry: dict) -> None:
     store.record({**entry, "created": datetime.now(UTC)})
 
 
-def replay(store, monitor_fn, entries: list[dict]) -> list[bool]:
-    """Record each entry, then evaluate the alert over the newest window; the alert state after each one."""
-    states = []
+def replay(store, monitor_fn, entries: list[dict], step: int) -> list[bool]:
+    """Record each entry; the alert state after each one, read at every check (every step-th analysis: the state
+    cannot change in between) and held until the next."""
+    states, state = [], False
     for entry in entries:
         record_now(store, entry)
-        states.append(monitor_fn())
+        if store.answered_count() % step == 0:
+            state = monitor_fn()
+        states.append(state)
     return states
+
+
+def first_alert(store, before: list[dict], shifted: list[dict], step: int, evaluate) -> int | None:
+    """Record `before`, then the shifted entries until the check (every step-th analysis) alerts: how many shifted
+    entries that took, None if it never did."""
+    for entry in before:
+        record_now(store, entry)
+    for i, entry in enumerate(shifted, start=1):
+        record_now(store, entry)
+        if store.answered_count() % step == 0 and evaluate(store):
+            return i
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
     from support.checkpoints import make_checkpoint
 
-    from chestxray.monitor import AlertLimits, drift, input_statistics, quantities, window_values
+    from chestxray.monitor import AlertLimits, check_span, checked_drift, input_statistics, quantities
     from chestxray.predictor import Predictor
     from chestxray.store import AnalysisStore, ModelVersion, answered_entry
 
@@ -135,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
 
     # The checkpoint's own calibration split, as the app compares with; else fitted here on the reference half.
     reference = own if own is not None else fitted_reference(predictor, [load_gray(f) for f in ref_files], predict)
-    limits = AlertLimits(window=args.window, psi=args.psi, alpha=args.alpha)
+    limits = AlertLimits(window=args.window, psi=args.psi, alpha=args.alpha, step=args.step,
+                         consecutive=args.consecutive)
     model = ModelVersion("bench", "bench", "torch")
 
     def entries(images: list[np.ndarray]) -> list[dict]:
@@ -151,19 +179,22 @@ def main(args: argparse.Namespace) -> int:
         return [pool[i] for i in order]
 
     def alerting_quantities(store) -> list[str]:
-        values = window_values(store.columns(last=limits.window), reference)
-        return [row.quantity for row in drift(reference, values, limits) if row.alert]
+        """The monitor's verdict as the app computes it (Monitor.status) at the newest check."""
+        answered = store.answered_count()
+        rows, _ = checked_drift(reference, store.columns(last=check_span(answered, limits)), answered, limits)
+        return [row.quantity for row in rows if row.alert]
 
     def evaluate(store) -> bool:
         return bool(alerting_quantities(store))
 
-    # In-distribution: false alert onsets per 1,000 evaluated analyses (once the window is full).
+    # In-distribution: false alert onsets per 1,000 analyses recorded once the window is full.
     store = AnalysisStore(f"sqlite:///{tmp / 'indist.sqlite3'}")
-    states = replay(store, lambda: evaluate(store), stream(held_entries, args.in_distribution))
+    states = replay(store, lambda: evaluate(store), stream(held_entries, args.in_distribution), limits.step)
     evaluated = states[limits.window - 1:]
     onsets = sum(1 for a, b in zip([False, *evaluated], evaluated) if b and not a)
     alerting = float(np.mean(evaluated))
-    print(f"in-distribution: {onsets} alert onsets in {len(evaluated)} evaluations", flush=True)
+    n_checks = len(range(limits.window, args.in_distribution + 1, limits.step))
+    print(f"in-distribution: {onsets} alert onsets over {len(evaluated)} analyses ({n_checks} checks)", flush=True)
 
     other = sorted(p for p in (SHARED / "other-cxr").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
     other_images = []
@@ -175,32 +206,38 @@ def main(args: argparse.Namespace) -> int:
     shifted = {"other-cxr images": entries(other_images), **{k: entries(v) for k, v in shifts(held_images).items()},
                "prevalence (findings only)": [e for e, f in zip(held_entries, held_files) if finding[f.name]],
                "prevalence (no finding only)": [e for e, f in zip(held_entries, held_files) if not finding[f.name]]}
+    # The shift starts after one full window plus `offset` analyses: offset 0 is right after a check.
+    offsets = sorted({round(i * limits.step / args.phases) for i in range(args.phases)})
     delays = {}
     for name, pool in shifted.items():
-        store = AnalysisStore(f"sqlite:///{tmp / (str(abs(hash(name))) + '.sqlite3')}")
-        for entry in stream(held_entries, limits.window):
-            record_now(store, entry)
-        delay = None
-        for i, entry in enumerate(stream(pool, args.max_delay), start=1):
-            record_now(store, entry)
-            if evaluate(store):
-                delay = i
-                break
-        delays[name] = (delay, len(pool), alerting_quantities(store) if delay else [])
-        print(f"{name}: delay {delay} {delays[name][2]}", flush=True)
+        found = []
+        for offset in offsets:
+            store = AnalysisStore(f"sqlite:///{tmp / f'{abs(hash(name))}-{offset}.sqlite3'}")
+            delay = first_alert(store, stream(held_entries, limits.window + offset), stream(pool, args.max_delay),
+                                limits.step, evaluate)
+            found.append((delay, alerting_quantities(store) if delay else []))
+        worst = None if any(d is None for d, _ in found) else max(d for d, _ in found)
+        which = sorted({q for _, qs in found for q in qs})
+        delays[name] = (worst, len(pool), which, [d for d, _ in found])
+        print(f"{name}: delays {delays[name][3]} {which}", flush=True)
 
     rates = write_rates(stream(held_entries, args.writes), predictor, tmp)
 
     where, model_text = describe(args, predictor, reference, own is not None, checkpoint, len(ref_files),
                                  len(ref_patients), len(held_files))
     lines = ["# Drift detection and store throughput (benchmarks/bench_drift.py)", "",
-             f"{where}, reshuffled to {args.in_distribution}. Window {limits.window}, PSI limit {limits.psi}, "
-             f"alpha {limits.alpha} (Bonferroni over {len(quantities(reference))} quantities). Model: {model_text}.",
-             "", "| stream | images in pool | detection delay (images) | alerting quantities |", "|---|---|---|---|"]
-    for name, (delay, pool, which) in delays.items():
+             f"{where}, reshuffled to {args.in_distribution}. Window {limits.window}, checked at every "
+             f"{limits.step}th analysis, alert at {limits.consecutive} check(s) in a row, PSI limit {limits.psi} "
+             f"beyond chance, alpha {limits.alpha} (Bonferroni over {len(quantities(reference))} quantities), "
+             f"seed {args.seed}. Model: {model_text}.", "",
+             f"Detection delay: the longest over {len(offsets)} shift starts (after one full window plus "
+             f"{', '.join(map(str, offsets))} analyses; 0 = just after a check).", "",
+             "| stream | images in pool | detection delay (images), longest | per shift start | alerting quantities |",
+             "|---|---|---|---|---|"]
+    for name, (delay, pool, which, each) in delays.items():
         lines.append(f"| {name} | {pool} | {delay if delay is not None else f'not within {args.max_delay}'} | "
-                     f"{', '.join(which) or '-'} |")
-    lines += ["", f"In-distribution: {onsets} alert onsets in {len(evaluated)} evaluations = "
+                     f"{', '.join(str(d) if d is not None else '-' for d in each)} | {', '.join(which) or '-'} |")
+    lines += ["", f"In-distribution: {onsets} alert onsets over {len(evaluated)} analyses ({n_checks} checks) = "
               f"**{1000 * onsets / len(evaluated):.2f} false alerts per 1,000 images** "
               f"(alerting {100 * alerting:.1f}% of the time).", "",
               "| writer | analyses / s | ratio to the model |", "|---|---|---|"]
@@ -294,7 +331,7 @@ def plot(delays: dict, cap: int, path: Path) -> None:
     values = [d if d is not None else cap for d, *_ in delays.values()]
     bars = ax.barh(names, values, color=["#1f5fbf" if d is not None else "#b91c1c" for d, *_ in delays.values()])
     ax.axvline(200, color="grey", ls="--", label="goal: 200 images")
-    ax.set_xlabel("shifted images until the alert (red: not detected)")
+    ax.set_xlabel("shifted images until the alert, longest over shift starts (red: not detected)")
     ax.legend(fontsize=8)
     ax.bar_label(bars, labels=[str(d) if d is not None else "none" for d, *_ in delays.values()], fontsize=8)
     FigureCanvasAgg(fig).print_png(str(path))

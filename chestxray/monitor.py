@@ -15,18 +15,27 @@ no ground truth needed):
   count. A prevalence shift moves a label's called-positive rate as far as the model tells the finding apart, even
   where the whole probability distribution moves too little for PSI (a rare label's mass sits in one decile).
 
-A quantity alerts when its shift is both large and not explained by chance: its PSI exceeds `AlertLimits.psi` and its
-p-value is below `AlertLimits.alpha` divided by the number of quantities (Bonferroni: at most one false alert per
-1/alpha evaluations, whatever the label count). PSI alone is biased upward in a window of a few hundred images (it
-gave 6.7 false alerts per 1,000 in-distribution images in benchmarks/bench_drift.py, all of them PSI-only); the
-out-of-scope rate and the called-positive rates, proportions, have their tests alone.
+A quantity alerts when its shift is both large and not explained by chance: its PSI, less the PSI two samples of
+these sizes from one distribution show by chance, exceeds `AlertLimits.psi`, and its p-value is below
+`AlertLimits.alpha` divided by the number of quantities (Bonferroni: at most one false alert per 1/alpha checks,
+whatever the label count). Between two samples of sizes n and m from one distribution, PSI over k bins is about
+(1/n + 1/m) times a chi-square with k - 1 degrees of freedom (Yurdakul 2018, "Statistical properties of the population
+stability index"), so a window of 200 against a split of 248 shows 0.08 on average: the rule of thumb's 0.25 is meant
+for the populations, not for that noise. The out-of-scope rate and the called-positive rates, proportions, have their
+tests alone.
+
+The monitor checks the window at every `AlertLimits.step`-th answered analysis (check_ends), not after each one:
+consecutive windows then share all but `step` analyses, so re-testing after each analysis buys almost no new evidence
+and gives the p-value a fresh chance to cross its limit each time; an alert that flickered on and off with single
+analyses was most of the false alerts in benchmarks/bench_drift.py. `AlertLimits.consecutive` > 1 also asks the same
+quantity to alert at that many consecutive checks (debouncing), at `step` analyses of detection delay per extra check.
 Feedback agreement (PPV, sensitivity) comes with Wilson intervals (scipy.stats.binomtest). No Flask, no database.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -54,19 +63,28 @@ def called_key(label: str) -> str:
 @dataclass(frozen=True)
 class AlertLimits:
     """When the monitor alerts. window: the newest answered analyses compared with the reference (no alert before
-    it is full); psi: the PSI above which a shift counts as major (0.25, the usual rule of thumb: < 0.1 stable,
-    0.1-0.25 moderate); alpha: the family-wise false-alert probability per evaluation (Bonferroni over quantities).
-    The defaults were chosen with benchmarks/bench_drift.py (BENCHMARKS.md); docs/MONITORING.md says how to choose."""
+    it is full); psi: the PSI beyond chance above which a shift counts as major (0.25, the usual rule of thumb:
+    < 0.1 stable, 0.1-0.25 moderate); alpha: the family-wise false-alert probability per check (Bonferroni over
+    quantities); step: a check at every step-th answered analysis (default: an eighth of the window); consecutive:
+    checks in a row at which a quantity must alert. The defaults were chosen with benchmarks/bench_drift.py
+    (BENCHMARKS.md); docs/MONITORING.md says how, what they cost in delay, and how to choose."""
 
     window: int = 200
     psi: float = 0.25
     alpha: float = 0.0001
+    step: int | None = None
+    consecutive: int = 1
 
     def __post_init__(self) -> None:
         if self.window < 20:
             raise ValueError(f"the drift window must hold at least 20 analyses, got {self.window}")
         if not (self.psi > 0 and 0 < self.alpha < 1):
             raise ValueError(f"alert limits need psi > 0 and 0 < alpha < 1, got psi={self.psi}, alpha={self.alpha}")
+        if self.step is None:
+            object.__setattr__(self, "step", max(1, self.window // 8))
+        if not (1 <= self.step <= self.window and self.consecutive >= 1):
+            raise ValueError(f"alert limits need 1 <= step <= window ({self.window}) and consecutive >= 1, got "
+                             f"step={self.step}, consecutive={self.consecutive}")
 
 
 @dataclass(frozen=True)
@@ -131,12 +149,13 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
         if scope_limit is not None:
             out_of_scope = float(np.mean(np.asarray(scope_scores) > scope_limit))
     if image_stats is not None:
+        from .scope import CONTRAST as CONTRAST_COLUMN
         from .scope import THUMBNAIL
 
         stats = np.asarray(image_stats, dtype=float)
         # The thumbnail averages the normalised input over equal cells, so its mean is the input's mean.
         samples[BRIGHTNESS] = _kept(stats[:, : THUMBNAIL**2].mean(axis=1) * std + mean)
-        samples[CONTRAST] = _kept(stats[:, -1])
+        samples[CONTRAST] = _kept(stats[:, CONTRAST_COLUMN])
     return Reference(split, len(calibrated), samples, prevalence, positive_rate, out_of_scope, cuts)
 
 
@@ -149,15 +168,28 @@ def input_statistics(inputs: torch.Tensor | np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(v.std())
 
 
+def psi_edges(reference: np.ndarray, bins: int = PSI_BINS) -> np.ndarray:
+    """The inner edges of the reference's quantile bins (fewer than bins - 1 where quantiles tie)."""
+    return np.unique(np.quantile(np.asarray(reference, dtype=float), np.linspace(0, 1, bins + 1)[1:-1]))
+
+
 def psi(reference: np.ndarray, sample: np.ndarray, bins: int = PSI_BINS) -> float:
     """Population stability index of `sample` against `reference` over the reference's quantile bins:
     sum (q - p) ln(q / p), with half a count added to every bin (no infinite terms for an empty bin)."""
     reference, sample = np.asarray(reference, dtype=float), np.asarray(sample, dtype=float)
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    edges = psi_edges(reference, bins)
     k = len(edges) + 1
     p = (np.bincount(np.searchsorted(edges, reference, side="right"), minlength=k) + 0.5) / (len(reference) + 0.5 * k)
     q = (np.bincount(np.searchsorted(edges, sample, side="right"), minlength=k) + 0.5) / (len(sample) + 0.5 * k)
     return float(np.sum((q - p) * np.log(q / p)))
+
+
+def psi_chance(n_reference: int, n: int, n_bins: int) -> float:
+    """The PSI expected by chance between samples of n_reference and n values from one distribution over n_bins
+    bins: (n_bins - 1) (1/n_reference + 1/n), the mean of its chi-square approximation (Yurdakul 2018)."""
+    if n_reference <= 0 or n <= 0:
+        raise ValueError(f"both samples need values, got {n_reference} and {n}")
+    return (n_bins - 1) * (1 / n_reference + 1 / n)
 
 
 def wilson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float] | None:
@@ -172,7 +204,8 @@ def wilson(successes: int, trials: int, level: float = 0.95) -> tuple[float, flo
 
 @dataclass(frozen=True)
 class DriftRow:
-    """One quantity's drift over a window: PSI and KS statistic (None where not defined) and the test's p-value."""
+    """One quantity's drift over a window: PSI and KS statistic (None where not defined) and the test's p-value;
+    psi_chance: the part of PSI these sample sizes show by chance (the alert needs psi - psi_chance > the limit)."""
 
     quantity: str
     n: int
@@ -182,6 +215,7 @@ class DriftRow:
     alert: bool
     observed: float | None = None  # for the out-of-scope rate: the window's rate
     expected: float | None = None  # and the reference's
+    psi_chance: float | None = None
 
 
 def quantities(reference: Reference) -> list[str]:
@@ -209,8 +243,9 @@ def window_values(columns: Mapping, reference: Reference) -> dict[str, np.ndarra
 
 def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertLimits = AlertLimits(),
           min_n: int | None = None) -> list[DriftRow]:
-    """Each reference quantity of `values` (window_values) against the reference; a quantity alerts only with at
-    least `min_n` values (default: the full window)."""
+    """Each reference quantity of `values` (window_values) against the reference, one check: a quantity alerts
+    only with at least `min_n` values (default: the full window). `limits.step` and `limits.consecutive` are
+    checked_drift's."""
     from scipy.stats import binomtest, fisher_exact, ks_2samp
 
     names = quantities(reference)
@@ -240,9 +275,54 @@ def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertL
         ref = reference.samples[name]
         result = ks_2samp(v, ref)
         index = psi(ref, v)
+        # A reference kept as quantiles stands for its whole split: chance shrinks with the split's size.
+        n_ref = reference.n_images if len(ref) >= REFERENCE_POINTS else len(ref)
+        chance = psi_chance(n_ref, len(v), len(psi_edges(ref)) + 1)
         rows.append(DriftRow(name, len(v), index, float(result.statistic), float(result.pvalue),
-                             bool(len(v) >= min_n and index > limits.psi and result.pvalue < alpha)))
+                             bool(len(v) >= min_n and index - chance > limits.psi and result.pvalue < alpha),
+                             psi_chance=chance))
     return rows
+
+
+def check_ends(answered: int, limits: AlertLimits) -> list[int]:
+    """The answered-analysis counts at which the newest `limits.consecutive` checks fell, oldest first: a check at
+    every multiple of `limits.step` once the window is full; fewer (none before the first) early on."""
+    last = answered - answered % limits.step
+    ends = [last - i * limits.step for i in reversed(range(limits.consecutive))]
+    return [end for end in ends if end >= limits.window]
+
+
+def check_span(answered: int, limits: AlertLimits) -> int:
+    """How many of the newest answered analyses checked_drift needs (AnalysisStore.columns(last=...))."""
+    ends = check_ends(answered, limits)
+    return answered - ends[0] + limits.window if ends else min(answered, limits.window)
+
+
+def checked_drift(reference: Reference, columns: Mapping, answered: int,
+                  limits: AlertLimits = AlertLimits()) -> tuple[list[DriftRow], int]:
+    """The drift rows of the newest check and the analyses in its window, from the columns (AnalysisStore.columns)
+    of the newest check_span(answered) answered analyses of `answered` in all. A row alerts only when its quantity
+    alerted at each of the newest `limits.consecutive` checks; before the first check, the newest analyses are shown
+    and nothing alerts. Raises ValueError when the columns hold fewer analyses than check_span asks."""
+    n_rows = len(columns["outcome"])
+    span = check_span(answered, limits)
+    if n_rows < span:
+        raise ValueError(f"the drift check needs the newest {span} answered analyses, got {n_rows}")
+    ends = check_ends(answered, limits)
+    if not ends:
+        return drift(reference, window_values(columns, reference), limits), n_rows
+    checks = []
+    for end in ends:
+        stop = n_rows - (answered - end)
+        part = {key: (np.asarray(value)[stop - limits.window:stop] if key != "labels" else value)
+                for key, value in columns.items()}
+        checks.append(drift(reference, window_values(part, reference), limits))
+    newest = checks[-1]
+    if len(ends) < limits.consecutive:
+        return [replace(row, alert=False) for row in newest], limits.window
+    persistent = {row.quantity for row in newest if all(
+        any(r.quantity == row.quantity and r.alert for r in rows) for rows in checks)}
+    return [replace(row, alert=row.quantity in persistent) for row in newest], limits.window
 
 
 def effective_truth(call: str, agree: bool | None, truth: str | None) -> bool | None:

@@ -18,12 +18,16 @@ from chestxray.monitor import (
     Reference,
     agreement,
     called_key,
+    check_ends,
+    check_span,
+    checked_drift,
     drift,
     effective_truth,
     fit_reference,
     input_statistics,
     period_start,
     psi,
+    psi_chance,
     quantities,
     wilson,
 )
@@ -146,6 +150,110 @@ def test_a_prevalence_shift_alerts_on_the_called_positive_rate_at_the_reference_
     assert rows[called_key("A")].expected == pytest.approx(k_ref / 3000)
     half = {key: v[:150] for key, v in values.items()}
     assert not any(row.alert for row in drift(ref, half, limits)), "no alert before the window is full"
+
+
+def test_psi_beyond_chance_decides_the_alert_not_raw_psi():
+    """Windows drawn from the reference's own distribution often pass a raw PSI of 0.15 by chance (a window of 200
+    against a split of 248 shows 0.08 on average); the alert subtracts that chance first, so they rarely alert on it,
+    while a real shift still does."""
+    rng = np.random.default_rng(7)
+    ref = Reference("calibration", 248, {"scope_score": np.sort(rng.normal(size=248))})
+    limits = AlertLimits(window=200, psi=0.15, alpha=0.9)  # alpha this loose: PSI alone decides
+    rows = [drift(ref, {"scope_score": rng.normal(size=200)}, limits)[0] for _ in range(200)]
+    chance = psi_chance(248, 200, 10)
+    assert chance == pytest.approx(9 * (1 / 248 + 1 / 200))
+    assert all(row.psi_chance == pytest.approx(chance) for row in rows)
+    assert np.mean([row.psi > limits.psi for row in rows]) > 0.15
+    assert np.mean([row.alert for row in rows]) < 0.05
+    assert all(row.alert == (row.psi - chance > limits.psi and row.p_value < limits.alpha) for row in rows)
+    assert drift(ref, {"scope_score": rng.normal(0.8, 1, size=200)}, limits)[0].alert
+    # The chance term is the mean of PSI between two samples of one distribution, measured here independently.
+    same = [psi(np.sort(rng.normal(size=248)), rng.normal(size=200)) for _ in range(400)]
+    assert np.mean(same) == pytest.approx(chance, rel=0.15)
+
+
+@pytest.mark.parametrize("answered, step, consecutive, ends", [
+    (199, 25, 1, []), (200, 25, 1, [200]), (224, 25, 1, [200]), (225, 25, 1, [225]),
+    (260, 25, 3, [200, 225, 250]), (230, 25, 3, [200, 225]), (210, 20, 2, [200])])
+def test_checks_fall_on_every_step_th_analysis_once_the_window_is_full(answered, step, consecutive, ends):
+    limits = AlertLimits(window=200, step=step, consecutive=consecutive)
+    assert check_ends(answered, limits) == ends
+    assert check_span(answered, limits) == (answered - ends[0] + 200 if ends else min(answered, 200))
+
+
+def test_the_default_step_is_an_eighth_of_the_window_and_bad_steps_are_refused():
+    assert AlertLimits().step == 25 and AlertLimits(window=20).step == 2
+    for bad in ({"step": 0}, {"step": 201}, {"consecutive": 0}):
+        with pytest.raises(ValueError, match="step"):
+            AlertLimits(window=200, **bad)
+
+
+def scope_columns(scores: np.ndarray) -> dict:
+    """A stream's columns as AnalysisStore.columns gives them: answered, in scope, only the scope score measured."""
+    n = len(scores)
+    return {"outcome": np.full(n, "answered", dtype=object), "labels": [], "probability": np.empty((n, 0)),
+            "in_scope": np.full(n, True, dtype=object), "scope_score": np.asarray(scores, dtype=float),
+            "brightness": np.full(n, np.nan), "contrast": np.full(n, np.nan)}
+
+
+def alert_states(ref: Reference, scores: np.ndarray, limits: AlertLimits) -> dict[int, list[str]]:
+    """The alerting quantities at every check of the stream, as the app computes them from the newest rows."""
+    columns = scope_columns(scores)
+    states = {}
+    for answered in range(limits.step, len(scores) + 1, limits.step):
+        newest = {k: (v[answered - check_span(answered, limits):answered] if k != "labels" else v)
+                  for k, v in columns.items()}
+        rows, _ = checked_drift(ref, newest, answered, limits)
+        states[answered] = [row.quantity for row in rows if row.alert]
+    return states
+
+
+@pytest.fixture
+def scope_reference():
+    return Reference("calibration", 1000, {"scope_score": np.sort(np.random.default_rng(11).normal(size=1000))})
+
+
+def test_a_stream_from_the_reference_distribution_raises_no_alert_at_any_check(scope_reference):
+    rng = np.random.default_rng(12)
+    states = alert_states(scope_reference, rng.normal(size=4000), AlertLimits())
+    assert len(states) == 160 and not any(states.values())
+    # the same stream checked with a limit that chance passes does alert: the check can fail
+    loose = alert_states(scope_reference, rng.normal(size=4000), AlertLimits(psi=0.001, alpha=0.5))
+    assert any(loose.values())
+
+
+def test_a_shifted_stream_alerts_within_the_window(scope_reference):
+    rng = np.random.default_rng(13)
+    limits = AlertLimits()
+    scores = np.concatenate([rng.normal(size=200 + 10), rng.normal(1.0, 1, size=400)])  # shift after 210
+    states = alert_states(scope_reference, scores, limits)
+    first = min(answered for answered, quantities_ in states.items() if quantities_)
+    assert 210 < first <= 210 + limits.window and states[first] == ["scope_score"]
+    assert first % limits.step == 0  # only at a check
+
+
+def test_a_single_check_blip_does_not_alert_when_alerts_must_persist(scope_reference):
+    """Non-overlapping windows of 100: one shifted window alerts at one check; asking for two checks in a row
+    ignores it, and still alerts on a shift that lasts."""
+    rng = np.random.default_rng(14)
+    blip = np.concatenate([rng.normal(size=100), rng.normal(1.5, 1, size=100), rng.normal(size=200)])
+    once, twice = (AlertLimits(window=100, step=100, consecutive=k) for k in (1, 2))
+    assert [a for a, q in alert_states(scope_reference, blip, once).items() if q] == [200]
+    assert not any(alert_states(scope_reference, blip, twice).values())
+    lasting = np.concatenate([rng.normal(size=100), rng.normal(1.5, 1, size=300)])
+    assert [a for a, q in alert_states(scope_reference, lasting, twice).items() if q] == [300, 400]
+
+
+def test_checked_drift_refuses_too_few_rows_and_waits_for_the_first_check(scope_reference):
+    limits = AlertLimits()
+    scores = np.random.default_rng(15).normal(3, 1, size=260)  # far off: alerts once checked
+    with pytest.raises(ValueError, match="newest 210"):
+        checked_drift(scope_reference, scope_columns(scores[-100:]), 260, limits)
+    rows, n = checked_drift(scope_reference, scope_columns(scores[:150]), 150, limits)
+    assert n == 150 and not any(row.alert for row in rows)
+    rows, n = checked_drift(scope_reference, scope_columns(scores[-210:]), 260, limits)
+    assert n == 200 and [row.quantity for row in rows if row.alert] == ["scope_score"]
+    assert rows[0].n == 200
 
 
 def test_agreement_turns_reviews_into_ppv_and_sensitivity():

@@ -344,6 +344,14 @@ class AnalysisStore:
         with self._sessions() as session:
             return int(session.scalar(select(func.count()).select_from(Analysis)))
 
+    def answered_count(self, model_hash: str | None = None) -> int:
+        """Answered analyses in the database (of that model): where the monitor's checks fall (every step-th)."""
+        query = select(func.count()).select_from(Analysis).where(Analysis.outcome == "answered")
+        if model_hash is not None:
+            query = query.where(Analysis.model_hash == model_hash)
+        with self._sessions() as session:
+            return int(session.scalar(query))
+
     def analyses(self, since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
                  reviewed_only: bool = False, newest: bool = False) -> list[dict]:
         """Analyses (oldest first; newest first with `newest`) with their labels and feedback, as plain documents.
