@@ -74,3 +74,22 @@ def test_popen_stands_in_for_subprocess_with_pipes_and_a_session_of_its_own(tmp_
         assert answers[0] == answers[1]
         assert answers[1][0].startswith("out True") and answers[1][2] == 4
 
+
+
+@pytest.mark.parametrize("ending", ["return", "sys.exit('a message')", "raise KeyboardInterrupt"])
+def test_the_end_runs_the_scripts_exit_handlers_and_joins_its_threads_as_a_fresh_interpreter_does(tmp_path, ending):
+    """The fork leaves by the interpreter's own shutdown: a thread still running is waited for, then the atexit
+    handlers run (the last registered first), with buffered output flushed; the status is the fresh one's."""
+    code = ("import atexit, sys, threading, time\n"
+            "atexit.register(print, 'first registered')\n"
+            "atexit.register(lambda: print('last registered', file=sys.stderr))\n"
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+            "print('buffered', end='')\n"
+            f"{'pass' if ending == 'return' else ending}\n")
+    argv = [sys.executable, "-c", code]
+    fresh = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    fork = forked.run(argv, cwd=tmp_path, timeout=60)
+    assert fork.returncode == fresh.returncode == {"return": 0, "sys.exit('a message')": 1,
+                                                   "raise KeyboardInterrupt": -signal.SIGINT}[ending]
+    assert fork.stdout == fresh.stdout == "bufferedthread done\nfirst registered\n"
+    assert fork.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1] == "last registered"
