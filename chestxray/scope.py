@@ -38,12 +38,28 @@ DEFAULT_PERCENTILE = 99.0
 # the pooled features', and the input's cheap statistics' (image_statistics: an 8x8 thumbnail, a histogram and the
 # contrast; a frontal chest film has dark lungs either side of a bright mediastinum and a wide range of grey), all
 # computed from the input already in memory.
-METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image")
+# "mahalanobis+layout": the same, with the input part replaced by statistics that do not change with brightness,
+# contrast or orientation (layout_statistics), in two parts of their own: the layout (how mirror-symmetric the 8x8
+# thumbnail is, and how much of the image's contrast is coarse layout rather than texture) and the shape of the
+# grey-level histogram after a robust contrast stretch. A film from another hospital (washed out, tightly
+# collimated) keeps them; a photo, a texture, a document or a fundus image does not. Three parts in all, each over
+# its own validation percentile.
+METHODS = ("mahalanobis", "mahalanobis-l2", "mahalanobis+image", "mahalanobis+layout")
 THUMBNAIL = 8
 HISTOGRAM_BINS = 16
-IMAGE_STATS = THUMBNAIL**2 + HISTOGRAM_BINS + 1
+IMAGE_PART = THUMBNAIL**2 + HISTOGRAM_BINS + 1  # the columns of image_statistics that mahalanobis+image reads
+CONTRAST = IMAGE_PART - 1  # the column holding the input's standard deviation in [0, 1]
+# Quantiles of the grey levels after stretching the 1st-99th percentile range to [0, 1]: the histogram's shape
+# whatever the exposure.
+QUANTILES = (0.02, 0.1, 0.18, 0.26, 0.34, 0.42, 0.5, 0.58, 0.66, 0.74, 0.82, 0.9, 0.98)
+IMAGE_STATS = IMAGE_PART + len(QUANTILES)
+LAYOUT_BLOCKS = ((0, 2), (2, 2 + len(QUANTILES)))  # layout_statistics' parts: [symmetry, coarse], [quantiles]
+LAYOUT_STATS = LAYOUT_BLOCKS[-1][1]
 MAX_LIMIT_RATIO = 10.0  # a loaded limit above 10x a typical in-distribution score is refused (measured: 1.2x)
-DEFAULT_METHOD = "mahalanobis+image"  # measured best in benchmarks/results/scope.md
+# Measured in benchmarks/results/demo_scope.md: on the demo model it accepts every genuine external chest X-ray where
+# mahalanobis+image refused the washed-out and tightly collimated ones (BENCHMARKS.md, "demo model: what it accepts").
+DEFAULT_METHOD = "mahalanobis+layout"
+INPUT_PART = {"mahalanobis+image": IMAGE_PART, "mahalanobis+layout": LAYOUT_STATS}  # method -> its input part's size
 
 
 class ScopeError(ValueError):
@@ -59,8 +75,9 @@ def pooled_features(features: torch.Tensor) -> torch.Tensor:
 
 def image_statistics(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Cheap statistics of the normalised input (N, C, S, S) -> (N, IMAGE_STATS) float32: its first channel averaged
-    to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions) and their
-    standard deviation (contrast: a flat or washed-out image has almost none).
+    to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions), their
+    standard deviation (contrast: a flat or washed-out image has almost none; column CONTRAST), and the QUANTILES
+    of its values after stretching their 1st-99th percentile range to [0, 1].
 
     mean/std: channel 0's normalisation (the checkpoint's meta.mean[0], meta.std[0]), to map values back to [0, 1]
     for the histogram.
@@ -72,7 +89,49 @@ def image_statistics(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     v = (g.flatten(1) * std + mean).clamp(0.0, 1.0)
     bins = (v * HISTOGRAM_BINS).long().clamp_max(HISTOGRAM_BINS - 1)
     hist = torch.zeros(v.shape[0], HISTOGRAM_BINS, device=v.device).scatter_add_(1, bins, torch.ones_like(v))
-    return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True)], dim=1)
+    low, high = torch.quantile(v, torch.tensor([0.01, 0.99], device=v.device), dim=1, keepdim=True)
+    stretched = ((v - low) / (high - low).clamp_min(1e-3)).clamp(0.0, 1.0)
+    shape = torch.quantile(stretched, torch.tensor(QUANTILES, device=v.device), dim=1).T
+    return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True), shape], dim=1)
+
+
+def layout_statistics(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """image_statistics (N, IMAGE_STATS) -> (N, LAYOUT_STATS) float64: [symmetry, coarse share, *QUANTILES].
+
+    symmetry: the correlation of the mean-removed thumbnail with its own mirror image, the larger of left-right and
+    up-down (so a film rotated by 90 degrees scores as an upright one; the orientation check flags it); a chest film
+    is close to symmetric about its spine. coarse share: the thumbnail's spread over the pixels' spread (up to the
+    model's fixed normalisation constant); a texture (grass, gravel) or noise has almost none at 8x8. Both are
+    unchanged by brightness and contrast, and a flat image scores 0 on both. Then the stretched grey-level quantiles
+    as image_statistics holds them.
+    """
+    s = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).double()
+    if s.ndim != 2 or s.shape[1] != IMAGE_STATS:
+        raise ScopeError(f"expected image statistics (N, {IMAGE_STATS}), got shape {tuple(s.shape)}")
+    thumb = s[:, :THUMBNAIL**2].reshape(-1, THUMBNAIL, THUMBNAIL)
+    thumb = thumb - thumb.mean(dim=(1, 2), keepdim=True)
+    energy = (thumb * thumb).sum(dim=(1, 2))
+    safe = energy.clamp_min(1e-12)
+    left_right = (thumb * thumb.flip(2)).sum(dim=(1, 2)) / safe
+    up_down = (thumb * thumb.flip(1)).sum(dim=(1, 2)) / safe
+    coarse = (energy / THUMBNAIL**2).sqrt() / s[:, CONTRAST].clamp_min(1e-6)
+    return torch.cat([torch.stack([torch.maximum(left_right, up_down), coarse], dim=1), s[:, IMAGE_PART:]], dim=1)
+
+
+def _input_part(images: torch.Tensor | np.ndarray, method: str) -> torch.Tensor:
+    """The input part's statistics for `method`: image_statistics' first IMAGE_PART columns, or layout_statistics."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float()
+    if x.ndim != 2 or x.shape[1] != IMAGE_STATS:
+        raise ScopeError(f"expected image statistics (N, {IMAGE_STATS}), got shape {tuple(x.shape)}")
+    return layout_statistics(x).float() if method == "mahalanobis+layout" else x[:, :IMAGE_PART]
+
+
+def _input_distance(part: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, method: str) -> np.ndarray:
+    """The input part's distance; for mahalanobis+layout the larger of its blocks' (each block's precision is stored
+    already divided by its squared validation percentile, so each block's distance is in units of it)."""
+    if method != "mahalanobis+layout":
+        return _distance(part, mean, precision)
+    return np.max([_distance(part[:, a:b], mean[a:b], precision[a:b, a:b]) for a, b in LAYOUT_BLOCKS], axis=0)
 
 
 def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +189,8 @@ class ScopeStats:
     percentile: float = DEFAULT_PERCENTILE
     n_fit: int = 0
     n_limit: int = 0
-    # mahalanobis+image only: the thumbnail Gaussian and the two parts' scales (validation percentiles).
+    # mahalanobis+image and +layout only: the input part's Gaussian and the two parts' scales (validation
+    # percentiles).
     image_mean: torch.Tensor | None = None
     image_precision: torch.Tensor | None = None
     feature_scale: float = 1.0
@@ -150,14 +210,15 @@ class ScopeStats:
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "precision", precision)
         object.__setattr__(self, "limit", float(self.limit))
-        if self.method == "mahalanobis+image":
+        if self.needs_images:
             if self.image_mean is None or self.image_precision is None:
-                raise ScopeError("scope method mahalanobis+image needs image_mean and image_precision")
+                raise ScopeError(f"scope method {self.method} needs image_mean and image_precision")
             object.__setattr__(self, "image_mean", torch.as_tensor(self.image_mean).float().cpu())
             object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
-            if self.image_mean.shape != (IMAGE_STATS,) or self.image_precision.shape != (IMAGE_STATS, IMAGE_STATS):
+            n = INPUT_PART[self.method]
+            if self.image_mean.shape != (n,) or self.image_precision.shape != (n, n):
                 raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
-                                 f"computes {IMAGE_STATS}: {REFIT}")
+                                 f"computes {n} for {self.method}: {REFIT}")
             if not (torch.isfinite(self.image_mean).all() and torch.isfinite(self.image_precision).all()):
                 raise ScopeError(f"scope image statistics hold NaN or infinite values; {REFIT}")
             _check_precision(self.image_precision, "scope image precision")
@@ -173,12 +234,12 @@ class ScopeStats:
     @property
     def needs_images(self) -> bool:
         """True when score() also needs image_statistics() of the input."""
-        return self.method == "mahalanobis+image"
+        return self.method in INPUT_PART
 
     def score(self, pooled: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
         """Scope score of each image -> (N,) float64 >= 0; larger = less like the training images.
 
-        pooled: (N, C) pooled transition features; images: (N, IMAGE_STATS) image_statistics, mahalanobis+image only.
+        pooled: (N, C) pooled transition features; images: (N, IMAGE_STATS) image_statistics, when needs_images.
         """
         x = _prepare(pooled, self.method)
         if x.shape[1] != self.channels:
@@ -189,7 +250,7 @@ class ScopeStats:
             return feature
         if images is None:
             raise ScopeError("this scope method also needs the image statistics (scope.image_statistics(x))")
-        image = _distance(torch.as_tensor(np.asarray(images)).float(), self.image_mean, self.image_precision)
+        image = _input_distance(_input_part(images, self.method), self.image_mean, self.image_precision, self.method)
         return np.maximum(feature / self.feature_scale, image / self.image_scale)
 
     def in_scope(self, scores: np.ndarray | float) -> np.ndarray:
@@ -227,7 +288,7 @@ class ScopeStats:
 
     def max_limit(self) -> float:
         """The largest believable limit: MAX_LIMIT_RATIO times a typical in-distribution score (about sqrt(C) for a
-        Mahalanobis distance over C channels; about 1 for mahalanobis+image, whose parts are scaled to 1)."""
+        Mahalanobis distance over C channels; about 1 for mahalanobis+image and +layout, whose parts are scaled to 1)."""
         return MAX_LIMIT_RATIO * (1.0 if self.needs_images else math.sqrt(self.channels))
 
     @classmethod
@@ -263,8 +324,8 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
               percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
     """Mean and Ledoit-Wolf shrunk precision of training features (N, C) -> ScopeStats without a limit.
 
-    mahalanobis+image also fits the image statistics (train_images (N, IMAGE_STATS)) and scales each part by its
-    `percentile`-th validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images,
+    mahalanobis+image and +layout also fit the input part (from train_images: image_statistics (N, IMAGE_STATS)) and
+    scale each part by its `percentile`-th validation percentile (val_pooled, val_images). Raises ScopeError for fewer than 2 images,
     non-finite features or missing inputs.
     """
     if method not in METHODS:
@@ -274,19 +335,36 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
         raise ScopeError(f"fitting scope statistics needs at least 2 training images, got {x.shape[0]}")
     if not np.isfinite(x).all():
         raise ScopeError("training features hold NaN or infinite values")
-    if method != "mahalanobis+image":
+    if method not in INPUT_PART:
         mean, precision = _gaussian(x)
         return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]))
     mean, precision = _gaussian(x, standardize=True)
     if train_images is None or val_pooled is None or val_images is None:
-        raise ScopeError("mahalanobis+image needs the training thumbnails and the validation features and thumbnails")
-    image_mean, image_precision = _gaussian(np.asarray(train_images, dtype=np.float64), standardize=True)
+        raise ScopeError(f"{method} needs the training image statistics and the validation features and image "
+                         "statistics")
+    train_part, val_part = _input_part(train_images, method), _input_part(val_images, method)
+    if method == "mahalanobis+layout":
+        image_mean, image_precision = _layout_blocks(train_part, val_part, percentile)
+    else:
+        image_mean, image_precision = _gaussian(train_part.double().numpy(), standardize=True)
     feature_scale = float(np.percentile(_distance(_prepare(val_pooled, method), mean, precision), percentile))
-    image_scale = float(np.percentile(_distance(torch.as_tensor(np.asarray(val_images)).float(), image_mean,
-                                                image_precision), percentile))
+    image_scale = float(np.percentile(_input_distance(val_part, image_mean, image_precision, method), percentile))
     return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]), image_mean=image_mean,
                       image_precision=image_precision, feature_scale=max(feature_scale, 1e-12),
                       image_scale=max(image_scale, 1e-12))
+
+
+def _layout_blocks(train_part: torch.Tensor, val_part: torch.Tensor, percentile: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mahalanobis+layout's input part: a Gaussian per LAYOUT_BLOCKS block, each precision divided by the square of
+    its block's `percentile`-th validation distance -> (mean (LAYOUT_STATS,), block-diagonal precision)."""
+    means, precisions = [], []
+    for a, b in LAYOUT_BLOCKS:
+        mean, precision = _gaussian(train_part[:, a:b].double().numpy(), standardize=True)
+        scale = max(float(np.percentile(_distance(val_part[:, a:b], mean, precision), percentile)), 1e-6)
+        means.append(mean)
+        precisions.append(precision / scale**2)
+    return torch.cat(means), torch.block_diag(*precisions)
 
 
 @torch.inference_mode()

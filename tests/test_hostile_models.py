@@ -19,7 +19,7 @@ from support.data import NIH_PNG, ROOT
 import predictions
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8, read_onnx_metadata
-from chestxray.scope import IMAGE_STATS, ScopeError, ScopeStats
+from chestxray.scope import IMAGE_PART, IMAGE_STATS, ScopeError, ScopeStats
 from chestxray.trust import TRUST_FORMAT, Trust, TrustError
 
 
@@ -130,7 +130,7 @@ def scope_entry(channels: int = 1024, method: str = "mahalanobis", **changes) ->
     d = {"format": 1, "method": method, "mean": torch.zeros(channels), "precision": torch.eye(channels),
          "limit": 40.0, "percentile": 99.0, "n_fit": 100, "n_limit": 50}
     if method == "mahalanobis+image":
-        d.update(image_mean=torch.zeros(IMAGE_STATS), image_precision=torch.eye(IMAGE_STATS), feature_scale=30.0,
+        d.update(image_mean=torch.zeros(IMAGE_PART), image_precision=torch.eye(IMAGE_PART), feature_scale=30.0,
                  image_scale=5.0, limit=1.2)
     return d | changes
 
@@ -160,7 +160,7 @@ BAD_SCOPES = {
     "infinite feature scale": (scope_entry(method="mahalanobis+image", feature_scale=math.inf), "positive finite"),
     "infinite image scale": (scope_entry(method="mahalanobis+image", image_scale=math.inf), "positive finite"),
     "image precision not positive definite": (
-        scope_entry(method="mahalanobis+image", image_precision=not_positive_definite(IMAGE_STATS)),
+        scope_entry(method="mahalanobis+image", image_precision=not_positive_definite(IMAGE_PART)),
         "image precision is not positive definite"),
 }
 

@@ -8,7 +8,19 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from chestxray.scope import ScopeError, ScopeStats, collect_outputs, fit_scope, pooled_features
+from chestxray.scope import (
+    CONTRAST,
+    IMAGE_PART,
+    IMAGE_STATS,
+    QUANTILES,
+    ScopeError,
+    ScopeStats,
+    collect_outputs,
+    fit_scope,
+    image_statistics,
+    layout_statistics,
+    pooled_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +126,20 @@ def test_pooled_features_come_from_the_same_forward_pass(tiny_checkpoint):
 def test_image_variant_takes_the_larger_scaled_part(gaussian):
     train, val = gaussian
     rng = np.random.default_rng(5)
-    scales = np.r_[np.ones(64), np.full(17, 0.01)]  # thumbnail-like and histogram/contrast-like spreads
-    train_img, val_img = rng.normal(size=(400, 81)) * scales, rng.normal(size=(1000, 81)) * scales
+    # thumbnail-like and histogram/contrast-like spreads, then the quantile columns this method does not read
+    scales = np.r_[np.ones(64), np.full(17, 0.01), np.ones(IMAGE_STATS - IMAGE_PART)]
+    train_img, val_img = rng.normal(size=(400, IMAGE_STATS)) * scales, rng.normal(size=(1000, IMAGE_STATS)) * scales
     stats = fit_scope(train, "mahalanobis+image", train_img, val, val_img, 99.0)
     # Each part: Ledoit-Wolf on the standardised training data (sklearn), distances in standardised units.
-    sd, sd_img = train.std(axis=0), train_img.std(axis=0)
+    part_train, part_val = train_img[:, :IMAGE_PART], val_img[:, :IMAGE_PART]
+    sd, sd_img = train.std(axis=0), part_train.std(axis=0)
     feat = np.sqrt(LedoitWolf().fit(train / sd).mahalanobis(val / sd))
-    img = np.sqrt(LedoitWolf().fit(train_img / sd_img).mahalanobis(val_img / sd_img))
+    img = np.sqrt(LedoitWolf().fit(part_train / sd_img).mahalanobis(part_val / sd_img))
     expected = np.maximum(feat / stats.feature_scale, img / stats.image_scale)
     np.testing.assert_allclose(stats.score(val, val_img), expected, rtol=1e-3)
     assert stats.feature_scale == pytest.approx(np.percentile(feat, 99.0), rel=1e-3)
     odd = val_img[:20].copy()
-    odd[:, -1] += 0.1  # features as usual, only the small-spread "contrast" off by 10 of its sds: out
+    odd[:, CONTRAST] += 0.1  # features as usual, only the small-spread "contrast" off by 10 of its sds: out
     stats = stats.with_limit(stats.score(val, val_img))
     assert not stats.in_scope(stats.score(val[:20], odd)).any()
     with pytest.raises(ScopeError, match="image statistics"):
@@ -135,3 +149,72 @@ def test_image_variant_takes_the_larger_scaled_part(gaussian):
     buf.seek(0)
     again = ScopeStats.from_dict(torch.load(buf, weights_only=True))
     np.testing.assert_array_equal(again.score(val, val_img), stats.score(val, val_img))
+
+
+def _stats(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S) grey images in [0, 1] -> image_statistics with ImageNet channel-0 normalisation."""
+    x = (torch.as_tensor(images, dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) - 0.485) / 0.229
+    return image_statistics(x, 0.485, 0.229)
+
+
+def _nih_64(nih_dir, n: int) -> np.ndarray:
+    """n real NIH films at 64 px: the sample's 64 px copies, then its 128 px copies made 64 px."""
+    from PIL import Image
+    paths = [*sorted(nih_dir.rglob("images_64/**/*.png")), *sorted(nih_dir.rglob("images_128/**/*.png"))][:n]
+    assert len(paths) == n, f"{nih_dir} has {len(paths)} images at 64 or 128 px, the test needs {n}"
+    return np.stack([np.asarray(Image.open(p).convert("L").resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255
+                     for p in paths])
+
+
+def test_layout_statistics_match_numpy_and_ignore_exposure_and_orientation(nih_dir):
+    films = _nih_64(nih_dir, 4)
+    got = layout_statistics(_stats(films)).numpy()
+    for film, row in zip(films, got):  # numpy on the same film: 8x8 block means, mirror correlation, quantiles
+        thumb = film.reshape(8, 8, 8, 8).mean(axis=(1, 3))
+        t = thumb - thumb.mean()
+        symmetry = max((t * t[:, ::-1]).sum(), (t * t[::-1, :]).sum()) / (t * t).sum()
+        coarse = t.std() / (film.std(ddof=1) * 0.229)  # in the normalised units the statistics are read in
+        low, high = np.quantile(film, [0.01, 0.99])
+        quantiles = np.quantile(np.clip((film - low) / (high - low), 0, 1), QUANTILES)
+        np.testing.assert_allclose(row, np.r_[symmetry, coarse, quantiles], rtol=1e-3, atol=1e-4)
+    assert (got[:, 0] > 0.2).all() and (got[:, 1] > 0.5).all()  # films: symmetric, mostly coarse layout
+    # A washed-out copy (a third of the contrast, lifted), a mirrored and a rotated copy: the same statistics.
+    for changed in (0.3 + films / 3, films[:, :, ::-1], np.rot90(films, 1, axes=(1, 2)), np.rot90(films, 2, (1, 2))):
+        np.testing.assert_allclose(layout_statistics(_stats(np.ascontiguousarray(changed))).numpy(), got,
+                                   rtol=2e-3, atol=2e-3)
+    flat = layout_statistics(_stats(np.full((1, 64, 64), 0.5, np.float32))).numpy()
+    assert flat[0, 0] == 0 and flat[0, 1] == 0  # nothing to correlate, no layout: far from every film
+
+
+def test_layout_method_refuses_photos_and_textures_but_keeps_washed_out_films(nih_dir):
+    """The input part alone (the features part is given in-distribution features): fitted on real NIH films, it
+    refuses scikit-image's textures, documents and object photos and accepts held-out films, washed out or not.
+    (Portraits such as `camera` and `astronaut` are near-symmetric with a full grey range: those are left to the
+    features part, which refuses them on the demo model; BENCHMARKS.md.)"""
+    import skimage.data
+    from skimage.transform import resize
+
+    films = _nih_64(nih_dir, 120)
+    rng = np.random.default_rng(0)
+    pooled = rng.normal(size=(120, 16))
+    train, val, held = films[:80], films[80:100], films[100:]
+    stats = fit_scope(pooled[:80], "mahalanobis+layout", _stats(train), pooled[80:100], _stats(val), 100.0)
+    stats = stats.with_limit(stats.score(pooled[80:100], _stats(val)), 100.0)
+    assert stats.needs_images and stats.image_mean.shape == (2 + len(QUANTILES),)
+    photos = []
+    for name in ("grass", "gravel", "brick", "text", "coins", "moon"):
+        image = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
+        image = image.mean(axis=2) if image.ndim == 3 else image
+        photos.append(resize(image / image.max(), (64, 64), anti_aliasing=True))
+    photos = np.stack(photos).astype(np.float32)
+    in_distribution = pooled[100:100 + len(photos)]
+    assert not stats.in_scope(stats.score(in_distribution, _stats(photos))).any()
+    accepted = stats.in_scope(stats.score(pooled[100:], _stats(held)))
+    washed = stats.in_scope(stats.score(pooled[100:], _stats(0.35 + held / 2)))
+    assert accepted.mean() >= 0.8, accepted
+    np.testing.assert_array_equal(washed, accepted)  # exposure changes nothing
+    buf = io.BytesIO()  # stored as plain tensors and numbers, and scored the same after loading
+    torch.save(stats.to_dict(), buf)
+    buf.seek(0)
+    again = ScopeStats.from_dict(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(again.score(pooled[100:], _stats(held)), stats.score(pooled[100:], _stats(held)))
