@@ -29,15 +29,14 @@ from chestxray.cam import with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.fileio import SpreadsheetWriter, atomic_write, dumps_json
 from chestxray.imaging import IMAGE_SUFFIXES
+from chestxray.messages import TRAIN_COMMAND
 from chestxray.monitor import input_statistics
 from chestxray.predictor import BACKEND_HELP, BACKENDS, Prediction, Predictor
 from chestxray.results import PNG_COMPRESS_LEVEL
 from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
 from chestxray.store import AnalysisStore, StoreError, answered_entry, model_version, refused_entry
 
-__all__ = ["DEFAULT_CHECKPOINT", "TRAIN_COMMAND", "Prediction", "Predictor", "get_args_parser", "main"]
-
-TRAIN_COMMAND = "python Model_Training/train.py --data-dir /path/to/nih --output chestxray_model_resnet50.pth"
+__all__ = ["DEFAULT_CHECKPOINT", "Prediction", "Predictor", "get_args_parser", "main"]
 
 
 def find_images(paths: list[str]) -> list[Path]:

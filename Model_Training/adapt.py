@@ -61,6 +61,7 @@ from chestxray.local_labels import (
     read_local_labels,
 )
 from chestxray.losses import pos_weight_from_targets
+from chestxray.messages import UsageError
 from chestxray.metrics import THRESHOLD_RULES, mean_auroc, patient_bootstrap_weights, weighted_auroc
 from chestxray.predictor import Predictor
 from chestxray.report import fmt, fmt_ci, text_table
@@ -81,7 +82,6 @@ from chestxray.trainstate import (
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust, fit_trust
 from Model_Training import test as evaluation
-from Model_Training.cli import UsageError
 
 MODES = ("recalibrate", "finetune")
 # A held-out label with fewer positive images than this has no usable AUROC interval (a bootstrap over one or two

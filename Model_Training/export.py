@@ -30,14 +30,11 @@ from chestxray.cam import predict_with_maps
 from chestxray.checkpoint import CheckpointError, Meta, checkpoint_from_obj, safe_torch_load
 from chestxray.data import DataError, find_data_entry, load_index, make_splits, subsample
 from chestxray.imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
+from chestxray.messages import UsageError
 from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8
 from chestxray.transforms import preprocess
 
 CHECKPOINT_KEYS = ("format", "model", "meta", "train")  # everything else a checkpoint holds travels as "extra"
-
-
-class UsageError(ValueError):
-    """A bad command-line value or combination; the message says what to change."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:

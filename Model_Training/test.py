@@ -59,6 +59,7 @@ from chestxray.localization import (
     localization_summary,
     read_bbox_csv,
 )
+from chestxray.messages import UsageError
 from chestxray.meta import SplitSpec
 from chestxray.metrics import auroc_summary, calibration, evaluate_predictions
 from chestxray.predictor import Predictor
@@ -73,7 +74,6 @@ from chestxray.report import (
     write_plots,
     write_report,
 )
-from Model_Training.cli import UsageError
 
 SPLIT_CHOICES = ("test", "calibration", "val", "train", "all")
 # The splits whose images chose something about the checkpoint: its weights, its epoch, its calibration, thresholds,

@@ -54,6 +54,7 @@ from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
 from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
+from chestxray.messages import UsageError
 from chestxray.meta import DEFAULT_CALIBRATION_FRACTION, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
@@ -74,7 +75,6 @@ from chestxray.trainstate import (
 )
 from chestxray.transforms import build_normalize, build_transform
 from Model_Training import fit_trust
-from Model_Training.cli import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EPOCHS = 5

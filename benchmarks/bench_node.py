@@ -33,7 +33,7 @@ from pynetdicom import AE  # noqa: E402
 from support.checkpoints import make_checkpoint  # noqa: E402
 from support.pacs import Orthanc, radiograph  # noqa: E402
 
-import dicom_node  # noqa: E402
+from chestxray.pacs import node as dicom_node  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

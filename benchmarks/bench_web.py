@@ -32,7 +32,7 @@ from chestxray.checkpoint import load_checkpoint
 from chestxray.imaging import read_xray
 from chestxray.onnx_backend import export_onnx
 from chestxray.transforms import preprocess
-from main import create_app
+from chestxray.web import create_app
 
 NIH_PNG, make_checkpoint = support.data.NIH_PNG, support.checkpoints.make_checkpoint
 

@@ -504,7 +504,7 @@ def step_predictions(plan: Plan, runner: Runner, data: Path, checkpoint: Path, o
 
 
 def step_web(plan: Plan, runner: Runner, data: Path, checkpoint: Path, onnx_path: Path | None, step: Step) -> None:
-    import main as webapp
+    from chestxray.web import create_app
 
     image = sorted((data / "images").glob("*.png"))[0]
     payload = image.read_bytes()
@@ -517,7 +517,7 @@ def step_web(plan: Plan, runner: Runner, data: Path, checkpoint: Path, onnx_path
                 step.rows.append(("POST /api/predict, backend onnx", "no ONNX export"))
                 continue
             config.update(CHECKPOINT=str(onnx_path), BACKEND="onnx", DEVICE="auto")  # CPU EP if no CUDA EP
-        client = webapp.create_app(config).test_client()
+        client = create_app(config).test_client()
         times, codes = [], []
         for i in range(plan.web_posts + 2):
             start = time.perf_counter()

@@ -21,13 +21,16 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 MAX_PIXELS = 60_000_000  # decompression-bomb limit, checked from the header before any pixel is decoded
 # The most pixels ever decoded at full size. The model reads at most 512 px a side, NIH images are 1 MP and a large
@@ -45,6 +48,7 @@ ACCEPTED = "PNG, JPEG or DICOM"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # noqa: UP007 (a runtime alias)
+T = TypeVar("T")
 
 
 class InvalidImage(ValueError):
@@ -101,9 +105,27 @@ def read_xray(source: Source, max_bytes: int | None = None) -> np.ndarray:
     data = read_bytes(source, max_bytes)
     if not data:
         raise InvalidImage("the file is empty")
-    dicom = is_dicom(data)
+    if is_dicom(data):
+        return read_dicom(data)[1]
+    return _checked(_decoded(_read_pillow, data, "image"))
+
+
+def read_dicom(data: bytes) -> tuple[Dataset, np.ndarray]:
+    """Parse DICOM bytes once -> (its header: the data set without its pixel data, the (H, W) float32 image in
+    [0, 1] that read_xray gives), so a caller that needs both (the DICOM node: the image for the model, the header
+    for its reply) never parses the file twice. Raises InvalidImage as read_xray does, also for non-DICOM bytes."""
+    if not data:
+        raise InvalidImage("the file is empty")
+    if not is_dicom(data):
+        raise InvalidImage("not a DICOM file (no DICM preamble)")
+    header, image = _decoded(_read_dicom, data, "DICOM")
+    return header, _checked(image)
+
+
+def _decoded(decode: Callable[[bytes], T], data: bytes, kind: str) -> T:
+    """decode(data), with every decoder error turned into InvalidImage."""
     try:
-        image = _read_dicom(data) if dicom else _read_pillow(data)
+        return decode(data)
     except InvalidImage:
         raise
     except MemoryError:
@@ -112,7 +134,10 @@ def read_xray(source: Source, max_bytes: int | None = None) -> np.ndarray:
         # Decoders and lazily parsed DICOM elements raise assorted errors on malformed files (NotImplementedError for
         # an unknown VR, struct.error from an EXIF tag, pydicom's BytesLengthException, ...). None may escape as a
         # crash; the exception's own text is dropped because it may quote header bytes.
-        raise InvalidImage(f"the {'DICOM' if dicom else 'image'} file is truncated or corrupt") from None
+        raise InvalidImage(f"the {kind} file is truncated or corrupt") from None
+
+
+def _checked(image: np.ndarray) -> np.ndarray:
     h, w = image.shape
     if min(h, w) < MIN_SIDE:
         raise InvalidImage(f"the image is {w}x{h} pixels; at least {MIN_SIDE} pixels on each side are needed")
@@ -345,7 +370,7 @@ def _pydicom_quiet() -> Iterator[list[warnings.WarningMessage]]:
             _QUIET.active = False
 
 
-def _read_dicom(data: bytes) -> np.ndarray:
+def _read_dicom(data: bytes) -> tuple[Dataset, np.ndarray]:
     import pydicom
 
     with _pydicom_quiet() as caught:
@@ -358,7 +383,11 @@ def _read_dicom(data: bytes) -> np.ndarray:
         # raising; any warning while parsing the header means its elements cannot be trusted.
         if any("end of file" in str(w.message).lower() for w in caught):
             raise InvalidImage("the DICOM file is truncated or corrupt")
-        return _dicom_pixels(ds, caught)
+        image = _dicom_pixels(ds, caught)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)  # the header is what callers keep; the pixels (and pydicom's cached array) go
+    return ds, image
 
 
 

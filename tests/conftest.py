@@ -112,7 +112,7 @@ def make_app(tiny_checkpoint, tmp_path):
     The tiny checkpoint has no trust data, so the app is started as an operator who opted out would start it
     (ALLOW_UNTRUSTED: calls at the thresholds, with the warning); tests of the safe default pass ALLOW_UNTRUSTED=False.
     """
-    from main import create_app
+    from chestxray.web import create_app
 
     def make(**config):
         base = {"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu", "SECRET_KEY": "test",

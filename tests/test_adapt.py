@@ -21,7 +21,6 @@ from support import forked
 from support.checkpoints import make_checkpoint
 from support.data import NIH_DIR
 from support.training import kill_once_written
-from webmodel import load_model
 
 from chestxray.calibration import expected_calibration_error
 from chestxray.checkpoint import load_checkpoint, safe_torch_load, write_checkpoint
@@ -39,6 +38,7 @@ from chestxray.local_labels import (
 from chestxray.scope import collect_outputs
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import Trust
+from chestxray.web.checkpoints import load_model
 from Model_Training import adapt
 
 MAPPED = [name for name in LABELS if name in CHEXPERT_TO_NIH.values()]
@@ -325,9 +325,8 @@ def test_models_folder_lists_and_chooses_adapted_models(adapted, make_app, tmp_p
     import argparse
     import shutil
 
-    from webmodel import choose_checkpoint, list_models
-
     from chestxray.checkpoint import CheckpointError
+    from chestxray.web.checkpoints import choose_checkpoint, list_models
 
     folder = tmp_path / "models"
     folder.mkdir()

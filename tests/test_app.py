@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import webhttp
-import webmodel
 from flask import Flask
 from PIL import Image
 from support.data import DICOM_MONO1, DICOM_MONO2, NIH_DIR, NIH_PNG, OTHER_CXR_DIR, ROOT
@@ -27,13 +25,14 @@ import main
 import predictions
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
-from chestxray.checkpoint import CheckpointError, load_checkpoint
+from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from chestxray.evidence import format_call
+from chestxray.messages import TRAIN_COMMAND
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
 from chestxray.results import DISPLAY_MAX_SIDE, default_label, label_names, ranked
-from main import create_app
-from predictions import DEFAULT_CHECKPOINT, TRAIN_COMMAND
+from chestxray.web import checkpoints, create_app
+from chestxray.web import http as webhttp
 
 JPEG = OTHER_CXR_DIR / "2c35005f.jpg"  # 2000 px grayscale JPEG
 RGBA_PNG = NIH_DIR / "images_64" / "00000004_000.png"  # an NIH PNG stored as RGBA
@@ -110,10 +109,13 @@ def test_import_builds_no_app_or_model(monkeypatch):
     monkeypatch.setattr(ChestXrayNet, "__init__", record_init)
     monkeypatch.setattr(Predictor, "from_checkpoint", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    for name in ("main", "views"):
+    web = [name for name in sys.modules if name.startswith(("chestxray.web", "chestxray.pacs"))]
+    for name in ("main", *web):
         monkeypatch.delitem(sys.modules, name, raising=False)
     fresh = importlib.import_module("main")
-    values = [*vars(fresh).values(), *vars(sys.modules["views"]).values()]
+    modules = [fresh, *(module for name, module in sys.modules.items() if name.startswith("chestxray.web"))]
+    assert "chestxray.web.views" in sys.modules
+    values = [value for module in modules for value in vars(module).values()]
     assert not any(isinstance(value, (Flask, Predictor, torch.nn.Module)) for value in values)
     assert built == []
 
@@ -123,9 +125,9 @@ def test_args_defaults_and_checkpoint_from_environment(monkeypatch, tmp_path):
     args = main.get_args_parser().parse_args([])
     assert (args.host, args.port, args.retention, args.checkpoint, args.no_demo) == ("127.0.0.1", 5000, 200, None,
                                                                                      False)
-    assert webmodel.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
+    assert checkpoints.default_checkpoint() == str(ROOT / DEFAULT_CHECKPOINT)  # which wins over the demo: test_demo.py
     monkeypatch.setenv("CXR_CHECKPOINT", str(tmp_path / "env.pth"))
-    assert webmodel.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
+    assert checkpoints.choose_checkpoint(main.get_args_parser().parse_args([])) == str(tmp_path / "env.pth")
 
 
 def test_checkpoint_from_environment_is_loaded_once(monkeypatch, tiny_checkpoint, tmp_path):

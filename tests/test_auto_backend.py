@@ -96,7 +96,7 @@ def test_the_cli_and_the_app_default_to_auto_and_say_what_they_chose(checkpoint,
     assert rc == 0 and "exporting it to ONNX Runtime" in err
     record = json.loads(out.splitlines()[0])
     assert record["model"]["backend"] == "onnx (fp32)" and record["model"]["backend_choice"].startswith("auto: ONNX")
-    from main import create_app
+    from chestxray.web import create_app
 
     app = create_app({"CHECKPOINT": str(checkpoint), "DEVICE": "cpu", "BACKEND": "auto", "TESTING": True,
                       "RESULTS_DIR": str(tmp_path / "results"), "INSTANCE_PATH": str(tmp_path / "instance")})

@@ -195,11 +195,11 @@ def test_torchrun_without_an_output_file_is_refused(exported, folder, capsys, mo
 
 
 def test_web_app_serves_the_onnx_backend(exported, tmp_path):
-    import main as webapp
+    from chestxray.web import create_app
 
     answers = {}
     for backend in ("torch", "onnx"):
-        app = webapp.create_app({"CHECKPOINT": str(exported), "DEVICE": "cpu", "BACKEND": backend,
+        app = create_app({"CHECKPOINT": str(exported), "DEVICE": "cpu", "BACKEND": backend,
                                  "RESULTS_DIR": str(tmp_path / backend), "TESTING": True,
                                  "INSTANCE_PATH": str(tmp_path / "instance")})
         response = app.test_client().post("/api/predict", data={"file": (io.BytesIO(NIH_PNG.read_bytes()),

@@ -91,7 +91,7 @@ def sr_calls(sr: pydicom.Dataset) -> tuple[dict[str, str], list[str]]:
 @pytest.mark.slow(12)
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_renderer_carries_the_same_calls_and_statements(case, checkpoints, nih_dir, tmp_path):
-    from main import create_app
+    from chestxray.web import create_app
 
     which, image, allow, expected = CASES[case]
     data, name = _image(image, nih_dir)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 from support.data import NIH_DIR, NIH_PNG
-from views import compare_changes
 
 from chestxray.formatting import change_text, percent
+from chestxray.web.views import compare_changes
 
 OTHER_PNG = NIH_DIR / "images" / "00000002_000.png"
 

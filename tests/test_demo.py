@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 from support.training import QUICK_DEMO as QUICK
@@ -75,52 +76,75 @@ def serve_args(*argv: str):
 @pytest.fixture()
 def no_default(tmp_path, monkeypatch):
     """No $CXR_CHECKPOINT and no default checkpoint file; building the demo returns `built` and is recorded."""
-    import webmodel
+    from chestxray.web import checkpoints
 
     monkeypatch.delenv("CXR_CHECKPOINT", raising=False)
-    monkeypatch.setattr(webmodel, "default_checkpoint", lambda: str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(checkpoints, "default_checkpoint", lambda: str(tmp_path / "absent.pth"))
     calls = []
-    monkeypatch.setattr(demo, "build_demo_model", lambda path=demo.DEMO_CHECKPOINT, **kw: calls.append(path) or path)
+    monkeypatch.setattr(checkpoints, "build_demo", lambda path=checkpoints.DEMO_CHECKPOINT: calls.append(path) or path)
     return tmp_path / "absent.pth", calls
 
 
 def test_without_any_checkpoint_the_demo_is_served(no_default):
-    import webmodel
+    from chestxray.web import checkpoints
 
     default, calls = no_default
-    assert webmodel.choose_checkpoint(serve_args()) == str(demo.DEMO_CHECKPOINT) and calls == [demo.DEMO_CHECKPOINT]
+    assert checkpoints.choose_checkpoint(serve_args()) == str(demo.DEMO_CHECKPOINT) and calls == [demo.DEMO_CHECKPOINT]
 
 
 @pytest.mark.parametrize("how", ["flag", "environment", "default file"])
 def test_a_real_checkpoint_always_wins(no_default, monkeypatch, tmp_path, how):
-    import webmodel
+    from chestxray.web import checkpoints
 
     default, calls = no_default
     real = tmp_path / "real.pth"
     if how == "flag":
-        chosen = webmodel.choose_checkpoint(serve_args("--checkpoint", str(real)))
+        chosen = checkpoints.choose_checkpoint(serve_args("--checkpoint", str(real)))
     elif how == "environment":
         monkeypatch.setenv("CXR_CHECKPOINT", str(real))
-        monkeypatch.setattr(webmodel, "default_checkpoint", lambda: str(real))
-        chosen = webmodel.choose_checkpoint(serve_args())
+        monkeypatch.setattr(checkpoints, "default_checkpoint", lambda: str(real))
+        chosen = checkpoints.choose_checkpoint(serve_args())
     else:
         default.write_bytes(b"x")  # present, even if broken: the app then says why it cannot load it
         real = default
-        chosen = webmodel.choose_checkpoint(serve_args())
+        chosen = checkpoints.choose_checkpoint(serve_args())
     assert chosen == str(real) and calls == []
 
 
+def test_the_app_builds_the_demo_where_the_script_writes_it_by_default():
+    from chestxray.web import checkpoints
+
+    assert checkpoints.DEMO_CHECKPOINT == demo.DEMO_CHECKPOINT
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_the_demo_is_built_by_running_the_script_in_its_own_process(tmp_path, monkeypatch, exit_code):
+    from chestxray.web import checkpoints
+
+    script = tmp_path / "demo.py"  # stands in for Model_Training/demo.py: writes --output, then exits
+    script.write_text("import sys\nfrom pathlib import Path\n"
+                      "Path(sys.argv[sys.argv.index('--output') + 1]).write_text(sys.executable)\n"
+                      f"sys.exit({exit_code})\n")
+    monkeypatch.setattr(checkpoints, "DEMO_SCRIPT", script)
+    out = tmp_path / "built.pth"
+    if exit_code:
+        with pytest.raises(checkpoints.DemoUnavailable, match="exit code 3"):
+            checkpoints.build_demo(out)
+    else:
+        assert checkpoints.build_demo(out) == out and out.read_text() == sys.executable  # the same interpreter
+
+
 def test_no_demo_keeps_the_no_model_mode(no_default):
-    import webmodel
+    from chestxray.web import checkpoints
 
     default, calls = no_default
-    assert webmodel.choose_checkpoint(serve_args("--no-demo")) == str(default) and calls == []
+    assert checkpoints.choose_checkpoint(serve_args("--no-demo")) == str(default) and calls == []
 
 
 def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path):
-    import main
+    from chestxray.web import create_app
 
-    app = main.create_app({"CHECKPOINT": str(demo_marked), "RESULTS_DIR": str(tmp_path / "r"), "DEVICE": "cpu",
+    app = create_app({"CHECKPOINT": str(demo_marked), "RESULTS_DIR": str(tmp_path / "r"), "DEVICE": "cpu",
                            "WTF_CSRF_ENABLED": False, "INSTANCE_PATH": str(tmp_path / "instance")})
     client = app.test_client()
     for page in ("/", "/no-such-page"):
@@ -129,7 +153,7 @@ def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path)
                 "with python Model_Training/train.py") in text
     assert client.get("/api/model").get_json()["demo"] is True
 
-    real = main.create_app({"CHECKPOINT": str(tiny_checkpoint), "RESULTS_DIR": str(tmp_path / "r2"),
+    real = create_app({"CHECKPOINT": str(tiny_checkpoint), "RESULTS_DIR": str(tmp_path / "r2"),
                             "DEVICE": "cpu", "INSTANCE_PATH": str(tmp_path / "instance2")}).test_client()
     assert "Demo model" not in real.get("/").get_data(as_text=True)
     assert real.get("/api/model").get_json()["demo"] is False

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import views
 from flask import Flask
 from PIL import Image
 from support import forked
@@ -23,6 +22,7 @@ from support.data import NIH_PNG, ROOT
 from support.hostile import CORPUS, blank_png, png_bytes
 
 from chestxray.results import RESULT_ID
+from chestxray.web import views
 
 BAD_HEADER = CORPUS["DICOM with VR ZZ on Columns"]
 

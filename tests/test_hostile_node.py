@@ -1,4 +1,4 @@
-"""Hostile peers and failing storage against the DICOM node (dicom_node.py), with real sockets on 127.0.0.1.
+"""Hostile peers and failing storage against the DICOM node (chestxray/pacs/node.py), with real sockets on 127.0.0.1.
 
 A dead destination, silent connections, an oversized data set, a full disk, a results store that cannot save,
 control characters in an AE title and a wrong called AE title. Every wait is bounded; nothing here asserts a
@@ -15,10 +15,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import dicom_node
 import numpy as np
 import pydicom
-from dicom_node import Destination, DicomNode
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -26,6 +24,9 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AddressInformation
 from support.pacs import NODE_AET, PACS_AET, WAIT, Analyser, Orthanc, free_port, radiograph, storescu
+
+from chestxray.pacs import node as dicom_node
+from chestxray.pacs.node import Destination, DicomNode
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -274,11 +275,11 @@ def test_a_results_store_that_cannot_save_keeps_the_image_and_refuses_new_ones_u
     read_only = threading.Event()
     attempts: list[str] = []
 
-    def analyse(data: bytes):
+    def analyse(received):
         if read_only.is_set():
             attempts.append("refused")
             raise OSError(errno.EROFS, "Read-only file system")  # what ResultStore.save raises there
-        return inner(data)
+        return inner(received)
 
     first, second = images(tmp_path, 2)
     read_only.set()

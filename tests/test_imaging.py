@@ -48,6 +48,7 @@ from chestxray.imaging import (
     MAX_PIXELS,
     InvalidImage,
     UnsupportedFormat,
+    read_dicom,
     read_xray,
     sniff,
 )
@@ -450,3 +451,22 @@ def test_sniff_messages_never_echo_control_or_bidi_characters(filename, shown):
     message = str(err.value)
     assert all(ch.isprintable() for ch in message), ascii(message)
     assert f"('{shown}')" in message
+
+
+@pytest.mark.parametrize("path", [DICOM_MONO2, DICOM_MONO1])
+def test_read_dicom_gives_read_xrays_image_and_the_header_from_one_parse(path, monkeypatch):
+    data = path.read_bytes()
+    expected = read_xray(data)
+    parses = []
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parses.append(a) or dcmread(*a, **k))
+    header, image = read_dicom(data)
+    assert len(parses) == 1 and np.array_equal(image, expected)
+    assert header.SOPInstanceUID == dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert "PixelData" not in header  # only the header is kept: the pixels are in the image
+
+
+@pytest.mark.parametrize("data, message", [(NIH_PNG.read_bytes(), "not a DICOM file"), (b"", "empty")])
+def test_read_dicom_refuses_what_is_not_dicom(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        read_dicom(data)

@@ -76,3 +76,96 @@ def test_every_module_is_named_in_the_layout(module):
 def test_every_named_path_exists(path):
     assert (ROOT / path).exists(), f"docs/ARCHITECTURE.md's Layout names {path}, which does not exist"
     assert (ROOT / path).is_dir() == path.endswith("/"), f"{path}: a folder ends in '/', a file does not"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The import graph: two entry points at the root, scripts that never import each other, a package that imports none
+
+ENTRY_POINTS = sorted(["main.py", "predictions.py",
+                       *(p.relative_to(ROOT).as_posix() for p in (ROOT / "Model_Training").glob("*.py")
+                         if p.name != "__init__.py")])
+
+
+def module_name(path: str) -> str:
+    """'chestxray/web/views.py' -> 'chestxray.web.views'; a package's __init__.py is the package."""
+    parts = path.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module an `import` or `from ... import` in `source` may load, as dotted names, relative ones resolved
+    against `module`: `from a import b` counts as both a and a.b (b may be a submodule)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def imports_of(path: str) -> set[str]:
+    return imported_modules((ROOT / path).read_text(), module_name(path), path.endswith("__init__.py"))
+
+
+def package_files() -> list[str]:
+    return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "chestxray").rglob("*.py")
+                  if "__pycache__" not in p.parts and is_package(p.parent))
+
+
+@pytest.mark.parametrize("source, module, expected", [
+    ("import main", "chestxray.web", {"main"}),
+    ("from Model_Training import demo", "chestxray.web.checkpoints", {"Model_Training", "Model_Training.demo"}),
+    ("from Model_Training.train import main", "x", {"Model_Training.train", "Model_Training.train.main"}),
+    ("from . import views", "chestxray.web.app", {"chestxray.web", "chestxray.web.views"}),
+    ("from ..results import ResultStore", "chestxray.web.views", {"chestxray.results",
+                                                                    "chestxray.results.ResultStore"}),
+    ("def f():\n    import predictions\n", "chestxray.x", {"predictions"}),  # imports inside functions count too
+])
+def test_the_import_reader_sees_every_form_of_import(source, module, expected):
+    assert imported_modules(source, module) == expected
+
+
+def test_the_root_holds_no_module_but_the_two_entry_points():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["main.py", "predictions.py"], \
+        "a module at the root: move it into the chestxray package (chestxray/web/, chestxray/pacs/, ...)"
+
+
+# Scripts that still call another script's functions, until what they share moves into the package: the demo
+# builder runs train.main, train.py fits the trust entry with fit_trust's code, adapt.py evaluates with test.py's.
+# A new edge fails below; a removed one must leave this list (test_the_known_script_imports_are_still_there).
+KNOWN_SCRIPT_IMPORTS = {
+    ("Model_Training/adapt.py", "Model_Training.test"),
+    ("Model_Training/demo.py", "Model_Training.train"),
+    ("Model_Training/train.py", "Model_Training.fit_trust"),
+}
+
+
+def entry_point_imports(entry: str) -> set[str]:
+    """The other entry points (as module names) that `entry` imports."""
+    return imports_of(entry) & {module_name(other) for other in ENTRY_POINTS if other != entry}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_no_entry_point_imports_another(entry):
+    found = {(entry, name) for name in entry_point_imports(entry)} - KNOWN_SCRIPT_IMPORTS
+    assert not found, f"{entry} imports another entry point: move what they share into chestxray/"
+
+
+def test_the_known_script_imports_are_still_there():
+    gone = {(entry, name) for entry, name in KNOWN_SCRIPT_IMPORTS if name not in entry_point_imports(entry)}
+    assert not gone, f"{sorted(gone)} no longer import each other: drop them from KNOWN_SCRIPT_IMPORTS"
+
+
+@pytest.mark.parametrize("path", package_files())
+def test_the_package_imports_no_entry_point(path):
+    entries = {module_name(entry) for entry in ENTRY_POINTS} | {"Model_Training"}
+    assert not imports_of(path) & entries, f"{path} imports an entry point: the package must not depend on a script"

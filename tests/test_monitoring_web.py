@@ -1,6 +1,6 @@
-"""The web side of monitoring (monitoring.py): every upload gets a row, the review form (CSRF, validation) stores
-feedback, /api/results and its CSV export, /monitor and its plots, /metrics in Prometheus' format, the drift notice
-on result pages, deletion vs retention, and no patient data in the database from any entry point."""
+"""The web side of monitoring (chestxray/web/monitoring.py): every upload gets a row, the review form (CSRF,
+validation) stores feedback, /api/results and its CSV export, /monitor and its plots, /metrics in Prometheus' format,
+the drift notice on result pages, deletion vs retention, and no patient data in the database from any entry point."""
 from __future__ import annotations
 
 import io
@@ -142,7 +142,7 @@ def test_monitor_metrics_and_the_drift_notice(app):
     assert client.get("/monitor/nothing.png").status_code == 404
     for path in SMALL[:20]:  # inverted films: darker, different texture, out of scope
         rid = upload(client, inverted(path)).get_json()["id"]
-    import monitoring
+    from chestxray.web import monitoring
 
     status = app.extensions["chestxray.monitor"].status()
     assert status.n == 20 and status.alerts  # the window is full of inverted films
@@ -173,9 +173,8 @@ def test_deleting_a_result_deletes_its_row_but_retention_keeps_rows(make_app, mo
 
 
 def test_no_patient_data_reaches_the_database_from_any_entry_point(make_app, monitored_checkpoint, tmp_path):
-    import dicom_node
-
     import predictions
+    from chestxray.pacs import node as dicom_node
 
     secrets = phi_strings()
     phi_kinds = [kind for kind, case in CORPUS.items() if any(s.encode() in case.make() for s in secrets)]
@@ -189,7 +188,7 @@ def test_no_patient_data_reaches_the_database_from_any_entry_point(make_app, mon
         upload(client, CORPUS[kind].make(), named)
     analyse = dicom_node.analyser(app.extensions["chestxray"].predictor, app.extensions["chestxray.results"],
                                   monitor)
-    analyse(data)
+    analyse(dicom_node.Received.parse(data))
     cli_file = tmp_path / "in" / named
     cli_file.parent.mkdir()
     cli_file.write_bytes(data)
@@ -225,12 +224,12 @@ def test_every_c_store_the_dicom_node_refuses_gets_a_row_without_patient_data(ma
                                                                                tmp_path):
     """The node as main.py starts it: an answered image, an unreadable one and an oversized one, each full of patient
     data, give one row each (answered / refused and why) and the database holds none of that data."""
-    import worklist
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
     from pynetdicom import AE
     from support.pacs import NODE_AET, radiograph
 
     import main
+    from chestxray.web import worklist
 
     app = make_app(CHECKPOINT=str(monitored_checkpoint), ALLOW_UNTRUSTED=True)
     args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET, "--instance-dir",

@@ -1,4 +1,5 @@
-"""dicom_node against a real PACS: Debian's Orthanc (started here on loopback), dcmtk's storescu as the X-ray machine.
+"""The DICOM node (chestxray/pacs/node.py) against a real PACS: Debian's Orthanc (started here on loopback), dcmtk's
+storescu as the X-ray machine.
 
 The analyse callback is built on today's Predictor with the tiny checkpoint; "in scope" is a field it returns (here:
 the modality is CR or DX) until the in-scope check of the web app lands.
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_node import Analysis, Destination, DicomNode
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
@@ -50,6 +50,7 @@ from support.pacs import (
 )
 
 from chestxray.labels import LABELS
+from chestxray.pacs.node import Analysis, Destination, DicomNode
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 MR_SMALL = Path(get_testdata_file("MR_small.dcm"))
@@ -392,9 +393,9 @@ def test_a_full_spool_answers_out_of_resources_so_the_sender_keeps_the_image(tin
     gate = threading.Event()
     inner = Analyser(tiny_predictor)
 
-    def slow(data: bytes) -> Analysis:
+    def slow(received) -> Analysis:
         gate.wait(WAIT)  # the worker is busy until the test opens the gate
-        return inner(data)
+        return inner(received)
 
     images = [radiograph(tmp_path / f"{i}.dcm") for i in range(3)]
     with DicomNode(slow, port=0, max_pending=2, timeout=2.0) as node:
@@ -433,11 +434,10 @@ def leaked(blob: str | bytes) -> list[str]:
 @pytest.fixture
 def web(tiny_checkpoint, tmp_path):
     """The web app with a DICOM node started as main.py starts it (flags parsed by main's parser)."""
-    import worklist
-
     import main
+    from chestxray.web import create_app, worklist
 
-    app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
+    app = create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"),
                            "INSTANCE_PATH": str(tmp_path / "instance")})
     args = main.get_args_parser().parse_args(["--dicom-port", "0", "--dicom-aet", NODE_AET,
@@ -492,12 +492,12 @@ def test_a_received_image_is_saved_like_an_upload_and_listed_on_the_worklist(web
 
 
 def test_a_failed_send_is_visible_on_the_worklist(tiny_checkpoint, tmp_path):
-    import main
+    from chestxray.web import create_app
 
-    app = main.create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
+    app = create_app({"TESTING": True, "CHECKPOINT": str(tiny_checkpoint), "DEVICE": "cpu",
                            "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"),
                            "INSTANCE_PATH": str(tmp_path / "instance")})
-    from dicom_node import analyser
+    from chestxray.pacs.node import analyser
 
     state = app.extensions["chestxray"]
     with DicomNode(analyser(state.predictor, app.extensions["chestxray.results"]), port=0,
@@ -575,12 +575,63 @@ def test_the_analyser_refuses_a_radiograph_only_when_the_in_scope_check_says_so(
     """in_scope None (a checkpoint without scope statistics) is no verdict: a DX radiograph stays in scope."""
     from types import SimpleNamespace
 
-    from dicom_node import analyser
+    from chestxray.pacs.node import Received, analyser
 
     radiograph(tmp_path / "dx.dcm")
     real = tiny_predictor.predict((tmp_path / "dx.dcm").read_bytes())
     prediction = SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
     prediction.in_scope = verdict
-    predictor = SimpleNamespace(predict=lambda data: prediction, meta=getattr(tiny_predictor, "meta", None))
-    store = SimpleNamespace(save=lambda pred, source: {"id": "r1"})
-    assert analyser(predictor, store)((tmp_path / "dx.dcm").read_bytes()).in_scope is expected
+    predictor = SimpleNamespace(predict_batch=lambda images, formats: [prediction],
+                                meta=getattr(tiny_predictor, "meta", None))
+    store = SimpleNamespace(save=lambda pred, source, protect: {"id": "r1"})
+    received = Received.parse((tmp_path / "dx.dcm").read_bytes())
+    assert analyser(predictor, store)(received).in_scope is expected
+
+
+def test_a_received_image_is_parsed_once_from_reception_to_its_dicom_result(tiny_predictor, tmp_path, monkeypatch):
+    """The node reads a C-STORE's data set once (header and image) and hands that parse on: to the model, to the
+    results database's image facts and to the Secondary Capture + SR it builds; pynetdicom never decodes it."""
+    import pynetdicom.events
+
+    from chestxray.pacs.node import analyser
+    from chestxray.results import ResultStore
+    from chestxray.store import image_facts
+
+    radiograph(tmp_path / "dx.dcm")
+    parses, facts = [], []
+    dcmread, decode = pydicom.dcmread, pynetdicom.events.decode
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parses.append("pydicom") or dcmread(*a, **k))
+    monkeypatch.setattr(pynetdicom.events, "decode", lambda *a, **k: parses.append("pynetdicom") or decode(*a, **k))
+
+    class Monitor:
+        def answered(self, prediction, source, started, data, result_id, predictor=None):
+            facts.append(image_facts(data, prediction.to_dict()["format"]))
+
+        def refused(self, source, started, exc):
+            raise AssertionError(f"the image was refused: {exc}")
+
+    analyse = analyser(tiny_predictor, ResultStore(tmp_path / "results", 10), Monitor())
+    down = Destination("DOWN", "127.0.0.1", free_port())  # nothing listens: results are built and kept, not sent
+    with DicomNode(analyse, port=0, send_to=down, retry_delays=(60.0,)) as node:
+        assert storescu(node.port, tmp_path / "dx.dcm").returncode == 0
+        deadline = time.monotonic() + WAIT
+        while not node.worklist() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        entry = node.worklist()[0]
+    assert entry.result_id and not entry.send_status.startswith("failed"), entry.send_status  # SC + SR were built
+    assert facts == [{"bit_depth": 8, "photometric": "MONOCHROME2"}]
+    assert parses == ["pydicom"]
+
+
+def test_over_the_memory_budget_the_worker_reads_the_image_back_from_the_spool(tiny_predictor, tmp_path, monkeypatch):
+    from chestxray.pacs import node as dicom_node
+
+    monkeypatch.setattr(dicom_node, "MAX_HELD_BYTES", 0)  # nothing is handed over in memory
+    analyser = Analyser(tiny_predictor)
+    ds = radiograph(tmp_path / "dx.dcm")
+    with DicomNode(analyser, port=0) as node:
+        assert storescu(node.port, tmp_path / "dx.dcm").returncode == 0
+        assert node.wait_idle(WAIT)
+        entry = node.worklist()[0]
+    assert analyser.count[ds.SOPInstanceUID] == 1 and entry.result_id
+    assert entry.send_status == "not sent: no destination configured"

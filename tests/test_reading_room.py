@@ -26,7 +26,7 @@ def _png(array) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_checkpoint, nih_dir):
-    from main import create_app
+    from chestxray.web import create_app
 
     folder = tmp_path_factory.mktemp("reading-room")
     checkpoint = make_trusted_checkpoint(folder / "trusted.pth", tiny_checkpoint, nih_dir)

@@ -107,7 +107,7 @@ def test_checkpoint_without_statistics_answers_but_calls_nothing(tiny_checkpoint
 
 @pytest.fixture
 def client(trusted_checkpoint, tmp_path):
-    from main import create_app
+    from chestxray.web import create_app
 
     app = create_app({"TESTING": True, "CHECKPOINT": str(trusted_checkpoint), "DEVICE": "cpu",
                       "SECRET_KEY": "test", "RESULTS_DIR": str(tmp_path / "results"), "WTF_CSRF_ENABLED": False,

@@ -18,7 +18,7 @@ from support import forked
 from support.data import NIH_DIR, ROOT
 
 import predictions
-from main import create_app
+from chestxray.web import create_app
 from Model_Training import test as evaluation
 from Model_Training import train
 

@@ -20,7 +20,7 @@ from support.web import results_dir, saved_ids, upload
 from chestxray.evidence import format_call
 from chestxray.report_pdf import strongest_zone
 from chestxray.results import label_names, ranked
-from main import create_app
+from chestxray.web import create_app
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from webconfig import MIN_KEY_CHARS, SECRET_KEY_ENV, SECRET_KEY_FILE, secret_key
+from chestxray.web.config import MIN_KEY_CHARS, SECRET_KEY_ENV, SECRET_KEY_FILE, secret_key
 
 
 def mode(path) -> int:

@@ -6,7 +6,7 @@ No patient data is stored: an entry is built from the Prediction (probabilities,
 technical header fields only (bit depth, photometric interpretation); never a name, ID, date, accession number or
 file name. Images and heatmaps stay files in chestxray.results under its retention; `delete_result` removes a row
 when its result is deleted, while retention only prunes the files, so the monitor keeps its history.
-No Flask here: monitoring.py (the web blueprint) and the CLI call AnalysisStore.
+No Flask here: chestxray/web/monitoring.py (the web blueprint) and the CLI call AnalysisStore.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select, text
@@ -29,6 +30,9 @@ from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from .models import OUTCOMES, SOURCES, TRUTHS, Analysis, Base, Feedback, LabelAnswer
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["AnalysisStore", "Base", "ModelVersion", "StoreError", "Review", "answered_entry", "refused_entry",
            "image_facts", "model_version", "sqlite_url", "DEFAULT_FILE", "HEAD"]
@@ -115,11 +119,12 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def image_facts(source: bytes | str | os.PathLike | None, image_format: str | None) -> dict:
+def image_facts(source: bytes | str | os.PathLike | Dataset | None, image_format: str | None) -> dict:
     """Technical facts of the input, never identifying ones: {"bit_depth", "photometric"} (None when unknown).
 
-    DICOM: BitsStored and PhotometricInterpretation, read with pydicom from the header only (specific_tags, so no
-    other element is even parsed). PNG/JPEG: bits per sample and colour type from Pillow's mode.
+    DICOM: BitsStored and PhotometricInterpretation, from a header already read (a pydicom Dataset), else read with
+    pydicom from the header only (specific_tags, so no other element is even parsed). PNG/JPEG: bits per sample and
+    colour type from Pillow's mode.
     """
     facts = {"bit_depth": None, "photometric": None}
     if source is None or image_format is None:
@@ -128,8 +133,9 @@ def image_facts(source: bytes | str | os.PathLike | None, image_format: str | No
         if image_format == "DICOM":
             import pydicom
 
-            ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True,
-                                 force=True, specific_tags=["BitsStored", "PhotometricInterpretation"])
+            ds = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(
+                io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True, force=True,
+                specific_tags=["BitsStored", "PhotometricInterpretation"])
             bits = ds.get("BitsStored")
             photometric = ds.get("PhotometricInterpretation")
             facts["bit_depth"] = int(bits) if bits is not None else None
@@ -149,12 +155,12 @@ def image_facts(source: bytes | str | os.PathLike | None, image_format: str | No
 
 
 def answered_entry(prediction, *, source: str, latency_s: float | None, model: ModelVersion,
-                   result_id: str | None = None, data: bytes | str | os.PathLike | None = None,
+                   result_id: str | None = None, data: bytes | str | os.PathLike | Dataset | None = None,
                    input_stats: tuple[float, float] | None = None, created: datetime | None = None) -> dict:
     """The row for an answered analysis, from a chestxray Prediction (its to_dict() calls and probabilities).
 
-    data: the input's bytes or path, read for image_facts only. input_stats: (brightness, contrast) of the model
-    input (chestxray.monitor.input_statistics)."""
+    data: the input's bytes or path, or its DICOM header already read, for image_facts only. input_stats:
+    (brightness, contrast) of the model input (chestxray.monitor.input_statistics)."""
     document = prediction.to_dict()
     width, height = document["original_size"]
     return {

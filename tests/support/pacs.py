@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from dicom_node import Analysis
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from chestxray.dicom_out import ReportContent
+from chestxray.pacs.node import Analysis, Received
 from support.data import NIH_PNG
 from support.hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
 
@@ -51,9 +51,9 @@ class Analyser:
         self.syntax: dict[str, str] = {}  # the transfer syntax each instance arrived in
         self.lock = threading.Lock()
 
-    def __call__(self, data: bytes) -> Analysis:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        prediction = self.predictor.predict(data)
+    def __call__(self, received: Received) -> Analysis:
+        ds = pydicom.dcmread(io.BytesIO(received.data), stop_before_pixels=True)  # the syntax as it arrived
+        prediction = self.predictor.predict_batch([received.dicom.image], formats=["DICOM"])[0]
         with self.lock:
             self.count[str(ds.SOPInstanceUID)] += 1
             self.syntax[str(ds.SOPInstanceUID)] = ds.file_meta.TransferSyntaxUID

@@ -3,7 +3,7 @@
 Every view reads the Predictor and the ResultStore that create_app hung on app.extensions; core errors map to
 HTTP here (InvalidImage -> 400, UnsupportedFormat -> 415, no model -> 503, every analysis slot busy -> 503 with
 Retry-After, a full results disk -> 507, a cross-origin API request -> 403), except ResultNotFound (a malformed,
-unknown, expired or deleted result id), which any view may let through: webhttp answers it 404.
+unknown, expired or deleted result id), which any view may let through: chestxray.web.http answers it 404.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import hmac
 import io
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,21 +37,21 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
-import monitoring
 from chestxray.calls import statements
 from chestxray.evidence import format_call, format_scope
 from chestxray.fileio import SpreadsheetWriter
 from chestxray.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
+from chestxray.messages import POINT_COMMAND, TRAIN_COMMAND
 from chestxray.predictor import Predictor
 from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
 from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
-from predictions import TRAIN_COMMAND
+from chestxray.service import ResultNotSaved, analyse_and_store
+from chestxray.web import monitoring
 
 if TYPE_CHECKING:
-    from webmodel import ModelState
+    from chestxray.web.checkpoints import ModelState
 
-POINT_COMMAND = "python main.py --checkpoint PATH"
 RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
 
 DEFAULT_SCALE = "own"
@@ -194,29 +193,22 @@ def load_result(rid: str) -> dict:
 
 
 def analyse(upload: FileStorage, predictor: Predictor, batch: set[str]) -> dict:
-    """Sniff, read and predict one upload, save the result; returns its record and adds its id to `batch`.
+    """Analyse and save one upload (chestxray.service); returns its record and adds its id to `batch`.
 
     Aborts 415/400 for bad input, 507 when the results disk is full. Pruning spares `batch` (this request's results).
     """
-    started, data = time.perf_counter(), upload.read()
     try:
-        prediction = predictor.predict(data, filename=upload.filename or "")
+        stored = analyse_and_store(predictor, result_store(), upload.read(), source=request_source(),
+                                   channel=monitoring.request_source(), filename=upload.filename or "",
+                                   monitor=monitoring.monitor(), protect=batch)
     except UnsupportedFormat as exc:
-        monitoring.record_refusal(started, exc)
         abort(415, str(exc))
     except InvalidImage as exc:
-        monitoring.record_refusal(started, exc)
         abort(400, str(exc))
-    except Exception as exc:
-        monitoring.record_refusal(started, exc)  # counted as failed, then the caller's error handling
-        raise
-    try:
-        record = result_store().save(prediction, source=request_source(), protect=batch)
-    except OSError as exc:
+    except ResultNotSaved as exc:
         raise storage_error(exc, "save a result") from None
-    batch.add(record["id"])
-    monitoring.record_answer(prediction, record["id"], started, data)  # one row in the results database
-    return record
+    batch.add(stored.record["id"])
+    return stored.record
 
 
 def storage_error(exc: OSError, action: str) -> HTTPException:
@@ -683,7 +675,7 @@ def api_model():
 @bp.get("/api/models")
 def api_models():
     """The checkpoints of the models folder (MODELS_DIR), which one is served, and each one's adaptation record."""
-    from webmodel import list_models  # webmodel is otherwise imported only for type checking here
+    from chestxray.web.checkpoints import list_models  # otherwise imported only for type checking here
 
     served = model_state().checkpoint
     return jsonify(served=served, models=list_models(current_app.config.get("MODELS_DIR"), served))

@@ -1,6 +1,6 @@
 """The HTTP layer around the routes: uploads kept in memory, security headers, error pages, the waitress server.
 
-`install(app)` sets the request class, the headers and the error pages on an app (main.create_app calls it);
+`install(app)` sets the request class, the headers and the error pages on an app (create_app calls it);
 `add_server_arguments` and `make_server` are the waitress side of `python main.py`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, InternalServerError, NotFound, SecurityError
 
 from chestxray.results import ResultNotFound
-from views import shown_name
+from chestxray.web.views import shown_name
 
 # Part headers a multipart parser reads (Content-Disposition, Content-Type), to repair names that are not UTF-8.
 PART_HEADER = re.compile(rb"\r\nContent-(?:Disposition|Type):[^\r\n]*", re.IGNORECASE)

@@ -1,6 +1,6 @@
 """The DICOM worklist page (/worklist): images the DICOM node received, newest first or by highest probability.
 
-A small Blueprint of its own; main.py registers it, and `start_node` starts the DICOM node the --dicom-* flags ask
+A small Blueprint of its own; create_app registers it, and `start_node` starts the DICOM node the --dicom-* flags ask
 for and hangs it on app.extensions["dicom_node"].
 The worklist holds no patient data: result id, received time, modality, scope, calls, top probability, send status.
 """
@@ -11,8 +11,8 @@ import functools
 
 from flask import Blueprint, Flask, current_app, render_template, request, url_for
 
-import dicom_node
-from views import no_model_message
+from chestxray.pacs import node as dicom_node
+from chestxray.web.views import no_model_message
 
 bp = Blueprint("worklist", __name__)
 

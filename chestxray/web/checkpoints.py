@@ -1,21 +1,26 @@
 """Which model the web app serves, built once at start-up.
 
 `choose_checkpoint` picks the file: --checkpoint, else $CXR_CHECKPOINT, else chestxray_model_resnet50.pth in the
-project root, else the demo model trained once on the bundled sample (Model_Training/demo.py). `load_model` builds
-the Predictor from it, or records why it cannot; main.create_app keeps the result in app.extensions["chestxray"].
+project root, else the demo model trained once on the bundled sample (Model_Training/demo.py, run as its own
+process: the package never imports a script). `load_model` builds the Predictor from it, or records why it cannot;
+create_app keeps the result in app.extensions["chestxray"].
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.predictor import Predictor
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the project root: chestxray/web/ is two levels down
+DEMO_SCRIPT = ROOT / "Model_Training" / "demo.py"
+DEMO_CHECKPOINT = ROOT / ".cache" / "demo_model.pth"  # the script's own default (a test checks they agree)
 log = logging.getLogger("chestxray.web")
 
 
@@ -26,6 +31,26 @@ class ModelState:
     predictor: Predictor | None
     checkpoint: str
     error: str | None = None  # the loader's message when no model is loaded
+
+
+class DemoUnavailable(RuntimeError):
+    """The demo model could not be built; the message says why (the script's own messages are above it)."""
+
+
+def build_demo(path: str | os.PathLike = DEMO_CHECKPOINT) -> Path:
+    """Run Model_Training/demo.py in a child process to build (or find) the demo checkpoint at `path` -> path.
+
+    Its progress goes straight to this process's terminal. Raises DemoUnavailable when it fails.
+    """
+    # A child process, not an import: the training script and its dependencies stay out of the server process, and
+    # the package imports no entry point.
+    try:
+        rc = subprocess.run([sys.executable, str(DEMO_SCRIPT), "--output", str(path)], cwd=ROOT).returncode
+    except OSError as exc:
+        raise DemoUnavailable(f"cannot run {DEMO_SCRIPT}: {exc.strerror or exc}") from None
+    if rc != 0 or not Path(path).is_file():
+        raise DemoUnavailable(f"{DEMO_SCRIPT} failed (exit code {rc}; see the messages above)")
+    return Path(path)
 
 
 def default_checkpoint() -> str:
@@ -91,13 +116,11 @@ def choose_checkpoint(args: argparse.Namespace) -> str:
     default = default_checkpoint()
     if args.no_demo or os.environ.get("CXR_CHECKPOINT") or Path(default).exists():
         return default
-    from Model_Training.demo import DEMO_CHECKPOINT, DemoError, build_demo_model
-
     print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
           f"{DEMO_CHECKPOINT} (the first start trains it: about 30 s on 2 CPU cores). Its answers are meaningless; "
           "pass --no-demo to start without a model.", flush=True)
     try:
-        return str(build_demo_model(DEMO_CHECKPOINT))
-    except DemoError as exc:
+        return str(build_demo(DEMO_CHECKPOINT))
+    except DemoUnavailable as exc:
         log.warning("the demo model could not be built: %s", exc)
         return default

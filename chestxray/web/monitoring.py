@@ -1,14 +1,14 @@
 """After deployment: the results database, readers' feedback and drift monitoring, as one Blueprint.
 
-`install(app)` (main.create_app calls it) opens the results database (chestxray.store: DATABASE from the config, else
+`install(app)` (create_app calls it) opens the results database (chestxray.store: DATABASE from the config, else
 DATABASE in <instance>/config.toml, else an SQLite file in the instance folder), hangs a Monitor on
 app.extensions["chestxray.monitor"], makes deleting a result delete its row, and registers the routes:
 
 - POST /results/<id>/feedback: agree/disagree per finding and the true labels (CSRF-protected form);
 - GET /monitor (+ its PNG plots), /metrics (Prometheus text format), /api/results?since=... and /api/results.csv.
 
-The views call `record_answer` / `record_refusal` once per analysis. A database that fails to write never costs the
-reader the answer: the error is logged, counted (/metrics, /monitor) and the result is still shown.
+chestxray.service records each analysis through the Monitor (`answered` / `refused`). A database that fails to write
+never costs the reader the answer: the error is logged, counted (/metrics, /monitor) and the result is still shown.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class Monitor:
                                   latency_s=time.perf_counter() - started))
 
     def refused_at_reception(self, source: str, outcome: str, reason: str) -> None:
-        """Record an input turned away before any analysis (the DICOM node's C-STORE refusals, dicom_node.REFUSALS):
+        """Record an input turned away before any analysis (the DICOM node's C-STORE refusals, pacs.node.REFUSALS):
         outcome "refused" or "failed", reason a fixed category; no latency (nothing was analysed)."""
         self.record(refused_entry(source=source, reason=reason, outcome=outcome, model=self.model, latency_s=None))
 
@@ -185,17 +185,12 @@ def monitor() -> Monitor:
     return current_app.extensions[MONITOR_KEY]
 
 
-# -- the hooks the entry points call -----------------------------------------------------------------------------------
+# -- what the views pass to chestxray.service.analyse_and_store -------------------------------------------------------
 
 def request_source() -> str:
     return "api" if request.path.startswith("/api/") else "web"
 
-
-def record_answer(prediction, result_id: str, started: float, data: bytes) -> None:
-    """Record an answered upload after its result is saved (Monitor.answered)."""
-    monitor().answered(prediction, request_source(), started, data, result_id,
-                       current_app.extensions["chestxray"].predictor)
-
+    """The channel an upload is recorded under: "api" or "web"."""
 
 def refusal_reason(exc: BaseException) -> tuple[str, str]:
     """(outcome, reason) for an analysis that raised: bad input is refused, anything else failed."""
@@ -204,11 +199,6 @@ def refusal_reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, InvalidImage):
         return "refused", "unreadable image"
     return "failed", type(exc).__name__[:80]
-
-
-def record_refusal(started: float, exc: BaseException) -> None:
-    """Record an upload that got no answer (Monitor.refused)."""
-    monitor().refused(request_source(), started, exc)
 
 
 # -- templates ---------------------------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@
 - Transfer syntaxes: those chestxray.imaging decodes (uncompressed, deflated, JPEG baseline/extended/lossless,
   JPEG 2000, RLE). A file the reader refuses gets 0xC000 (cannot understand) and one log line with the reader's
   message, which never holds header values.
-- A received image is answered 0x0000 only once it is stored durably in the spool (fsync'ed, renamed into place);
-  one worker thread then calls `analyse(dataset_bytes) -> Analysis` (given at construction, so this module knows
-  nothing of Flask). A data set over max_dataset_bytes (refused before decoding, never held whole), a spool at its
+- A received image is parsed once (chestxray.imaging.read_dicom: its header and image) and answered 0x0000 only
+  once it is stored durably in the spool (fsync'ed, renamed into place); one worker thread then calls
+  `analyse(Received) -> Analysis` (given at construction, so this module knows nothing of Flask) with that parse.
+  A data set over max_dataset_bytes (refused before decoding, never held whole), a spool at its
   limits (max_pending items or max_pending_bytes), a disk that cannot be written, or a results store that cannot
   save all answer 0xA700 (out of resources): the sender keeps the image and retries, nothing is lost silently.
 - Every C-STORE refused at reception is reported to `on_refusal(outcome, reason)` when given (the app records it in
-  the results database, monitoring.py): outcome "refused" when the input is at fault, "failed" when the node is (no
+  the results database): outcome "refused" when the input is at fault, "failed" when the node is (no
   room, a disk or results store that cannot save); reason is one of REFUSALS' fixed categories, never header text.
 - With a destination, each in-scope result (Secondary Capture + Comprehensive SR, chestxray.dicom_out) is written to
   the spool's outbox and sent from a separate thread; while the destination is down one result probes with back-off,
@@ -76,7 +77,8 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from chestxray.dicom_out import ReportContent, build_secondary_capture, build_structured_report
-from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, UnsupportedFormat, read_xray
+from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, UnsupportedFormat, read_dicom
+from chestxray.service import ParsedDicom, analyse_and_store
 
 log = logging.getLogger("dicom_node")
 
@@ -115,10 +117,13 @@ RETRY_DELAYS = (2.0, 5.0, 15.0, 60.0, 300.0)  # seconds before each retry: a PAC
 MAX_DATASET_BYTES = MAX_INFLATED_BYTES  # one C-STORE data set: more than any image the reader would decode needs
 MAX_PENDING = 500  # received images and unsent results kept on disk; beyond it C-STOREs get 0xA700
 MAX_PENDING_BYTES = 4 * 2**30  # the same, in bytes on disk
+# Received images handed to the worker in memory (bytes + header + decoded image), so each is parsed once; beyond
+# this the worker reads the spooled file again (and always after a restart), so a backlog never fills the memory.
+MAX_HELD_BYTES = 256 * 2**20
 MAX_ASSOCIATIONS = 10  # connections at once; silent ones are evicted so that one slot stays free for a newcomer
 MAX_PER_PEER = 4  # connections at once from one address
 CONNECT_TIMEOUT = 5.0  # seconds a new connection may take to ask for an association (and to negotiate or release)
-DEFAULT_SPOOL = Path(__file__).resolve().parent / "instance" / "dicom-spool"
+DEFAULT_SPOOL = Path(__file__).resolve().parents[2] / "instance" / "dicom-spool"  # in the project root
 SENDER_THREAD = "dicom-send"
 # pynetdicom's messages when an association it requested fails (transport.py, acse.py), logged once per attempt.
 REQUESTOR_FAILURES = ("Association request failed", "TCP Initialisation Error", "Association Rejected", "Result: ",
@@ -128,8 +133,26 @@ MAX_PDU_BYTES = 2**20  # one PDU; we advertise 16 kB, and association requests a
 
 
 @dataclass(frozen=True)
+class Received:
+    """One received image as `analyse` gets it: the bytes as received and spooled, and their one parse."""
+
+    data: bytes
+    dicom: ParsedDicom
+
+    @classmethod
+    def parse(cls, data: bytes) -> Received:
+        """Parse the data set once (header and image). Raises InvalidImage (UnsupportedFormat) as read_xray does."""
+        header, image = read_dicom(data)
+        return cls(data, ParsedDicom(header, image))
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.data) + self.dicom.image.nbytes
+
+
+@dataclass(frozen=True)
 class Analysis:
-    """What `analyse(dataset_bytes)` returns: the saved result's id, whether the image is in scope, its content.
+    """What `analyse(received)` returns: the saved result's id, whether the image is in scope, its content.
 
     Out-of-scope results are listed but nothing is sent back and no finding is shown.
     """
@@ -424,7 +447,7 @@ class DicomNode:
     on_refusal(outcome, reason): called once per C-STORE refused at reception, with a REFUSALS entry.
     """
 
-    def __init__(self, analyse: Callable[[bytes], Analysis], *, aet: str = DEFAULT_AET, host: str = "127.0.0.1",
+    def __init__(self, analyse: Callable[[Received], Analysis], *, aet: str = DEFAULT_AET, host: str = "127.0.0.1",
                  port: int = 11112, allow: Iterable[str] | None = None, send_to: Destination | None = None,
                  spool: str | os.PathLike | None = None, max_pending: int = MAX_PENDING,
                  max_pending_bytes: int = MAX_PENDING_BYTES, max_dataset_bytes: int = MAX_DATASET_BYTES,
@@ -454,7 +477,9 @@ class DicomNode:
         self._own_spool = spool is None
         self.spool = Spool(tempfile.mkdtemp(prefix="cxr-dicom-spool-") if spool is None else spool,
                            max_pending, max_pending_bytes)
-        self._incoming: queue.Queue[Path | None] = queue.Queue()  # bounded by the spool
+        # Spooled images for the worker, with their parse while under MAX_HELD_BYTES; bounded by the spool.
+        self._incoming: queue.Queue[tuple[Path, Received | None] | None] = queue.Queue()
+        self._held = 0  # bytes of the Received in _incoming (under _lock)
         self._entries: deque[WorklistEntry] = deque(maxlen=worklist_size)  # bounded: oldest entries drop off
         self._by_number: dict[int, WorklistEntry] = {}
         self._lock = threading.Condition()
@@ -484,7 +509,7 @@ class DicomNode:
         Raises OSError when the port is taken (pick another --dicom-port).
         """
         for path in self.spool.images():
-            self._incoming.put(path)
+            self._incoming.put((path, None))
         for folder in self.spool.results():
             self._resume(folder)
         ae = AE(ae_title=self.aet)
@@ -630,32 +655,13 @@ class DicomNode:
             self._full.hit(f"{items} image(s) and unsent result(s) held, the limit is {self.spool.max_items} "
                            f"({self.spool.max_bytes / 2**20:.0f} MiB)")
             return self._refuse(OUT_OF_RESOURCES, "spool full")
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            dataset = event.dataset
-            sop_class = str(dataset.get("SOPClassUID", ""))
-            modality = _code_string(dataset.get("Modality", ""))
-        except Exception:
-            log.warning("refused an image from %s: its data set cannot be decoded", _caller(event))
-            return self._refuse(CANNOT_UNDERSTAND, "undecodable")
-        if sop_class != str(event.context.abstract_syntax):
-            log.warning("refused an image from %s: its SOP class does not match the negotiated one", _caller(event))
-            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "sop class")
-        try:
-            # Decoded here, not only in the worker, so the sender learns now that the file is unreadable.
-            read_xray(data)
-        except InvalidImage as exc:
-            # imaging's messages never hold header values (they may identify a patient): safe to log.
-            log.warning("refused a %s image from %s: %s", modality or "DICOM", _caller(event), exc)
-            return self._refuse(CANNOT_UNDERSTAND, "unsupported" if isinstance(exc, UnsupportedFormat)
-                                else "unreadable")
-        except Exception as exc:
-            log.warning("refused a %s image from %s: %s while reading", modality or "DICOM", _caller(event),
-                        type(exc).__name__)
-            return self._refuse(CANNOT_UNDERSTAND, "unreadable")
+        received = self._parse(event)
+        if not isinstance(received, Received):
+            return received  # the refusal's status
+        modality = _code_string(received.dicom.header.get("Modality", ""))  # read (and checked) by _parse
         name = f"{next(self._numbers):012d}-{modality if modality != '?' else ''}-{uuid.uuid4().hex[:8]}"
         try:
-            path = self.spool.put_image(name, data)
+            path = self.spool.put_image(name, received.data)
         except SpoolFull as exc:
             self._full.hit(str(exc))
             return self._refuse(OUT_OF_RESOURCES, "spool full")
@@ -666,8 +672,43 @@ class DicomNode:
             return self._refuse(OUT_OF_RESOURCES, "disk")
         if len(self.spool) < self.spool.max_items:
             self._full.clear()
-        self._incoming.put(path)
+        with self._lock:
+            in_memory = self._held + received.held_bytes <= MAX_HELD_BYTES
+            if in_memory:
+                self._held += received.held_bytes
+        self._incoming.put((path, received if in_memory else None))
         return SUCCESS
+
+    def _parse(self, event) -> Received | int:
+        """The C-STORE's data set parsed once (header and image), or the status refusing it (logged, reported)."""
+        try:
+            data = event.encoded_dataset(include_meta=True)  # the bytes as sent, not decoded by pynetdicom
+        except Exception:
+            log.warning("refused an image from %s: its data set cannot be decoded", _caller(event))
+            return self._refuse(CANNOT_UNDERSTAND, "undecodable")
+        try:
+            # The one parse, here rather than only in the worker, so the sender learns now that the file is
+            # unreadable; the worker gets it with the image (Received).
+            received = Received.parse(data)
+        except InvalidImage as exc:
+            # imaging's messages never hold header values (they may identify a patient): safe to log.
+            log.warning("refused a DICOM image from %s: %s", _caller(event), exc)
+            return self._refuse(CANNOT_UNDERSTAND, "unsupported" if isinstance(exc, UnsupportedFormat)
+                                else "unreadable")
+        except Exception as exc:
+            log.warning("refused a DICOM image from %s: %s while reading", _caller(event), type(exc).__name__)
+            return self._refuse(CANNOT_UNDERSTAND, "unreadable")
+        try:
+            header = received.dicom.header
+            sop_class = str(header.get("SOPClassUID", ""))
+            _code_string(header.get("Modality", ""))
+        except Exception:
+            log.warning("refused an image from %s: its data set cannot be decoded", _caller(event))
+            return self._refuse(CANNOT_UNDERSTAND, "undecodable")
+        if sop_class != str(event.context.abstract_syntax):
+            log.warning("refused an image from %s: its SOP class does not match the negotiated one", _caller(event))
+            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "sop class")
+        return received
 
     def _refuse(self, status: int, why: str) -> int:
         """Report a refusal at reception to on_refusal (REFUSALS[why]) and return the status; never raises."""
@@ -682,22 +723,27 @@ class DicomNode:
 
     def _analyse_loop(self) -> None:
         while not self._stopping.is_set():
-            path = self._incoming.get()
-            if path is None:
+            item = self._incoming.get()
+            if item is None:
                 break
+            path, parsed = item
             delays = iter(self.retry_delays)
             delay = next(delays)
-            while not self._stopping.is_set() and not self._analyse_one(path):
+            while not self._stopping.is_set() and not self._analyse_one(path, parsed):
                 # The results store cannot save: keep the image, refuse new ones, try again with back-off.
                 self._stopping.wait(delay)
                 delay = next(delays, delay)
+            if parsed is not None:
+                with self._lock:
+                    self._held -= parsed.held_bytes
 
-    def _analyse_one(self, path: Path) -> bool:
-        """Analyse a spooled image and queue its result; False when the result could not be saved (retry later)."""
+    def _analyse_one(self, path: Path, parsed: Received | None = None) -> bool:
+        """Analyse a spooled image (parsed at reception, else read from the spool now) and queue its result; False
+        when the result could not be saved (retry later)."""
         number, received, modality = _number(path), _received_time(path), _modality(path)
         try:
-            data = path.read_bytes()
-            analysis = self.analyse(data)
+            parsed = parsed or Received.parse(path.read_bytes())
+            analysis = self.analyse(parsed)
         except OSError as exc:
             if not self._store_failing:
                 log.error("received image #%d: its result cannot be saved (%s); the image is kept and new ones are "
@@ -723,7 +769,7 @@ class DicomNode:
             entry = replace(entry, send_status="not sent: out of scope")
         elif self.send_to is not None:
             try:
-                source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                source = parsed.dicom.header
                 datasets = [build_secondary_capture(source, content), build_structured_report(source, content)]
             except Exception as exc:
                 log.error("result %s: building the DICOM result failed: %s", analysis.result_id, type(exc).__name__)
@@ -973,7 +1019,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds a new connection may take to ask for an association (default: %(default)s)")
 
 
-def node_from_args(args: argparse.Namespace, analyse: Callable[[bytes], Analysis],
+def node_from_args(args: argparse.Namespace, analyse: Callable[[Received], Analysis],
                    on_refusal: Callable[[str, str], None] | None = None) -> DicomNode | None:
     """A DicomNode from the --dicom-* flags (not started), or None without --dicom-port; on_refusal as in
     DicomNode. Raises ValueError."""
@@ -1002,33 +1048,27 @@ def model_name(predictor) -> str:
     return f"ChestX-ray14 {predictor.meta.arch} {predictor.meta.image_size}px"
 
 
-def analyser(predictor, store, monitor=None) -> Callable[[bytes], Analysis]:
-    """The web app's analyse callback: predict like an upload, save the result in `store` (no patient data).
+def analyser(predictor, store, monitor=None) -> Callable[[Received], Analysis]:
+    """The web app's analyse callback: chestxray.service.analyse_and_store on the parsed image, as for an upload (no
+    patient data is saved), under the retention source RESULT_SOURCE.
 
     predictor: a chestxray Predictor; store: a chestxray.results.ResultStore (save returns the record with its "id").
     In scope: a radiograph SOP class (CR, DX, SC) and, where the prediction has it, the in-scope check's verdict.
     The check refuses only when it says False: in_scope None (a checkpoint without scope statistics) is no verdict.
-    monitor: a monitoring.Monitor recording each analysis in the results database (None: not recorded).
+    monitor: a chestxray.web.monitoring.Monitor recording each analysis in the results database (None: not
+    recorded; technical facts only: the header's patient data never reaches the database).
     """
     name = model_name(predictor)
 
-    def analyse(data: bytes) -> Analysis:
-        started = time.perf_counter()
-        try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            prediction = predictor.predict(data)
-        except Exception as exc:
-            if monitor is not None:
-                monitor.refused("dicom", started, exc)
-            raise
+    def analyse(received: Received) -> Analysis:
         # One retention source for everything the node receives: a flood from a modality loses its own oldest
         # results first, never the web uploads' (chestxray.results counts retention per source).
-        record = store.save(prediction, source=RESULT_SOURCE)
-        if monitor is not None:  # technical facts only: the header's patient data never reaches the database
-            monitor.answered(prediction, "dicom", started, data, record["id"], predictor)
-        in_scope = str(header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
+        stored = analyse_and_store(predictor, store, received.dicom, source=RESULT_SOURCE, channel="dicom",
+                                   monitor=monitor)
+        prediction = stored.prediction
+        in_scope = str(received.dicom.header.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES and \
             getattr(prediction, "in_scope", None) is not False
-        return Analysis(result_id=record["id"], in_scope=in_scope,
+        return Analysis(result_id=stored.record["id"], in_scope=in_scope,
                         content=ReportContent.from_prediction(prediction, model_name=name))
 
     return analyse
