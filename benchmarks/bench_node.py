@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     references = [item["ReferencedSOPInstanceUID"] for tags in stored for item in tags.get("SourceImageSequence", [])]
     srs = [tags for tags in stored if "SourceImageSequence" not in tags]
     lines = [line for line in log.read_text(errors="replace").splitlines() if "dicom_node" in line]
-    bound = baseline + dicom_node.MAX_ASSOCIATIONS * dicom_node.MAX_DATASET_BYTES / 2**20
+    bound = baseline + (dicom_node.MAX_ASSOCIATIONS * dicom_node.MAX_DATASET_BYTES + dicom_node.MAX_HELD_BYTES) / 2**20
     checks = {
         "only 0x0000 and 0xA700 answered": set(codes) <= {0x0000, 0xA700} and len(codes) == args.images,
         f"at most {args.max_pending} accepted (warm-up included)": len(accepted) <= args.max_pending,
@@ -167,7 +167,8 @@ def main(args: argparse.Namespace) -> int:
         ("server RSS peak while refusing / holding", f"{max(peak):.0f} MiB (+{max(peak) - baseline:.0f} MiB)"),
         ("server RSS with every result held on disk", f"{held:.0f} MiB"),
         ("documented bound", f"{bound:.0f} MiB (baseline + {dicom_node.MAX_ASSOCIATIONS} x "
-                             f"{dicom_node.MAX_DATASET_BYTES / 2**20:.0f} MiB)"),
+                             f"{dicom_node.MAX_DATASET_BYTES / 2**20:.0f} MiB + "
+                             f"{dicom_node.MAX_HELD_BYTES / 2**20:.0f} MiB of parsed images for the worker)"),
         ("delivery after Orthanc started", f"{delivery:.0f} s"),
         ("in Orthanc: SC / SR", f"{len(references)} / {len(srs)}"),
         ("node log lines (warnings and errors) during the run", len([x for x in lines if " WARNING " in x or
