@@ -49,11 +49,11 @@ from chestxray.monitor import (
     DriftRow,
     Reference,
     agreement,
-    drift,
+    check_span,
+    checked_drift,
     input_statistics,
     percentile,
     periods,
-    window_values,
 )
 from chestxray.store import (
     AnalysisStore,
@@ -134,16 +134,18 @@ class Monitor:
         self.record(refused_entry(source=source, reason=reason, outcome=outcome, model=self.model, latency_s=None))
 
     def status(self) -> Status | None:
-        """The drift alert status over the newest `limits.window` analyses of this model (cached briefly); None when
-        the checkpoint has no reference."""
+        """The drift alert status of this model's newest check (monitor.checked_drift: every `limits.step`-th
+        answered analysis, over the `limits.window` before it; cached briefly); None when the checkpoint has no
+        reference."""
         if self.reference is None:
             return None
         with self._lock:
             if self._status is not None and time.monotonic() - self._status.computed < STATUS_SECONDS:
                 return self._status
-        columns = self.store.columns(last=self.limits.window, model_hash=self.model.hash)
-        values = window_values(columns, self.reference)
-        status = Status(drift(self.reference, values, self.limits), len(columns["outcome"]), time.monotonic())
+        answered = self.store.answered_count(model_hash=self.model.hash)
+        columns = self.store.columns(last=check_span(answered, self.limits), model_hash=self.model.hash)
+        rows, n = checked_drift(self.reference, columns, answered, self.limits)
+        status = Status(rows, n, time.monotonic())
         with self._lock:
             self._status = status
         return status
