@@ -55,10 +55,11 @@ def analyse_and_store(predictor: Predictor, results: ResultStore, image: bytes |
                       protect: Collection[str] = ()) -> Stored:
     """Predict one image, save its result under the retention `source`, record it on `monitor` as `channel`.
 
-    image: an upload's bytes (its format sniffed from the content; `filename` only names it in messages), or a
-    ParsedDicom. protect: result ids that pruning must spare (the rest of the caller's batch). Raises what
-    Predictor.predict raises (InvalidImage, UnsupportedFormat, ...), recorded as a refusal first; ResultNotSaved (an
-    OSError) when the result cannot be written (not recorded: the caller answers it as its own failure).
+    image: an upload's bytes (the format sniffed from the content; `filename`'s suffix only tells an unsupported
+    file from a broken image), or a ParsedDicom. protect: result ids that pruning must spare (the rest of the
+    caller's batch). Raises what Predictor.predict raises (InvalidImage, UnsupportedFormat, ...), recorded as a
+    refusal first; ResultNotSaved (an OSError) when the result cannot be written (not recorded: the caller answers
+    it as its own failure).
     """
     started = time.perf_counter()
     try:
