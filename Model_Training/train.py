@@ -55,7 +55,14 @@ from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
 from chestxray.messages import UsageError
-from chestxray.meta import DEFAULT_CALIBRATION_FRACTION, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Meta, SplitSpec
+from chestxray.meta import (
+    DEFAULT_CALIBRATION_FRACTION,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    OUTPUT_STRIDES,
+    Meta,
+    SplitSpec,
+)
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
 from chestxray.scope import ScopeError
@@ -94,6 +101,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--labels", default="all", help="'all' (14 NIH labels), 'chestxray8' (the first 8), or comma-separated "
         "label names (default: %(default)s)")
     add("--image-size", type=int, default=512, help="square input size in pixels (default: %(default)s)")
+    add("--output-stride", type=int, default=32, choices=OUTPUT_STRIDES, help="input pixels per heatmap cell: the "
+        "maps are image-size/output-stride cells a side; 16 or 8 (ResNets only) dilate the last stages instead of "
+        "striding, finer maps for 4x or 16x the compute of those stages (default: %(default)s)")
+    add("--transition-kernel", type=int, default=3, help="kernel size of the transition convolution between the "
+        "trunk and the pooling, odd; 1 costs a ninth of 3, which matters at a fine output stride "
+        "(default: %(default)s)")
     add("--epochs", type=int, default=None, help=f"total epochs (default: {DEFAULT_EPOCHS}; on --resume the "
         "saved run's; pass a larger number to train longer)")
     add("--batch-size", type=int, default=16, help="images per step and per process (default: %(default)s)")
@@ -176,6 +189,10 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.workers >= 0, f"--workers must be non-negative, got {args.workers}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
         (args.orientation_images >= 0, f"--orientation-images must be non-negative, got {args.orientation_images}"),
+        (args.transition_kernel >= 1 and args.transition_kernel % 2 == 1,
+         f"--transition-kernel must be odd and positive, got {args.transition_kernel}"),
+        (args.output_stride == 32 or args.arch.startswith("resnet"),
+         f"--output-stride {args.output_stride} is available for the ResNet trunks only; {args.arch} has 32"),
     ]
     for ok, message in checks:
         if not ok:
@@ -408,7 +425,7 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
     progress = restore(run, opt)
     if ddp.main and progress.history:  # a kill after the last state but before its history: catch the files up
         write_run_files(run, data, progress.history)
-    ddp.log(f"training {args.arch} at {args.image_size} px on {run.device}"
+    ddp.log(f"training {args.arch} at {args.image_size} px (output stride {args.output_stride}) on {run.device}"
             f"{f' x {ddp.world_size} processes' if ddp.enabled else ''} ({len(data.train_ds)} train / "
             f"{len(data.val_ds)} val images, batch {args.batch_size}, {args.loss} loss, amp "
             f"{'on' if run.amp else 'off'}); run folder {run.dir}")
@@ -507,7 +524,8 @@ def _resume(args: argparse.Namespace, ddp: _Dist) -> dict:
 def build_meta_and_model(run: Run) -> tuple[Meta, torch.nn.Module]:
     """The model first: a missing ImageNet download stops the run before any data work."""
     args, ddp = run.args, run.ddp
-    meta = Meta.new(arch=args.arch, labels=run.labels, image_size=args.image_size)
+    meta = Meta.new(arch=args.arch, labels=run.labels, image_size=args.image_size, output_stride=args.output_stride,
+                    transition_kernel=args.transition_kernel)
     pretrained = not args.no_pretrained and run.state is None
     model = model_from_meta(meta, pretrained=pretrained) if ddp.main else None
     ddp.barrier()  # the first process downloads the weights once; the others then find them in the cache

@@ -36,7 +36,7 @@ DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"  # where training writes and
 
 def model_from_meta(meta: Meta, pretrained: bool = False) -> ChestXrayNet:
     """Build the (untrained, or ImageNet-initialised) model that `meta` describes."""
-    return build_model(meta.arch, len(meta.labels), meta.lse_r, meta.transition_kernel, pretrained)
+    return build_model(meta.arch, len(meta.labels), meta.lse_r, meta.transition_kernel, pretrained, meta.output_stride)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, backup: str | os.PathLike | None = None) -> None:

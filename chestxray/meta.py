@@ -16,6 +16,7 @@ from .labels import LABELS, LabelError, check_labels
 
 # The trunks model.py can build (model.ARCHS maps each to its torchvision builder; a test keeps the two equal).
 ARCH_NAMES: tuple[str, ...] = ("densenet121", "efficientnet_b1", "resnet18", "resnet50")
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)  # == model.OUTPUT_STRIDES (tested); below 32 for the ResNets only
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
@@ -173,6 +174,9 @@ class Meta:
     thresholds: tuple[float, ...]
     # data, epochs, val_auroc {label: float}, val_mean_auroc, date, commit, split (SplitSpec.to_dict()) ...
     training: dict = field(hash=False)
+    # Fields added later have defaults: an older checkpoint lacks them and meant the default. Input pixels per
+    # heatmap cell (model.OUTPUT_STRIDES); before it was a field, every trunk had its own, 32.
+    output_stride: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in ARCH_NAMES:
@@ -191,6 +195,11 @@ class Meta:
         object.__setattr__(self, "lse_r", float(self.lse_r))
         if _integer(self.transition_kernel, "transition_kernel", 1) % 2 == 0:
             raise _fail("transition_kernel", f"must be odd, got {self.transition_kernel}")
+        if _integer(self.output_stride, "output_stride", 1) not in OUTPUT_STRIDES:
+            raise _fail("output_stride", f"must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
+        if self.output_stride != 32 and not self.arch.startswith("resnet"):
+            raise _fail("output_stride", f"{self.output_stride} is available for the ResNet trunks only; "
+                        f"{self.arch} has 32")
         self._check_numbers()
         _check_training(self.training)
 
@@ -221,6 +230,7 @@ class Meta:
         std: tuple[float, float, float] = IMAGENET_STD,
         thresholds: tuple[float, ...] | None = None,
         training: dict | None = None,
+        output_stride: int = 32,
     ) -> Meta:
         """A fresh Meta with the seed defaults; thresholds 0.5 until training chooses them."""
         labels = tuple(labels)
@@ -234,15 +244,20 @@ class Meta:
             transition_kernel=int(transition_kernel),
             thresholds=tuple(thresholds) if thresholds is not None else (0.5,) * len(labels),
             training=dict(training or {}),
+            output_stride=int(output_stride),
         )
 
     @classmethod
     def from_dict(cls, d: Any) -> Meta:
-        """Rebuild from asdict() output; a missing or unknown key, or a bad value, raises CheckpointError naming it."""
+        """Rebuild from asdict() output; a missing or unknown key, or a bad value, raises CheckpointError naming it.
+
+        Only the fields added later (those with a default) may be missing: older checkpoints meant the default."""
         if not isinstance(d, dict):
             raise CheckpointError(f"checkpoint 'meta' must be a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - d.keys())
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - d.keys())
         unknown = sorted(str(k) for k in set(d) - names)
         if missing or unknown:
             parts = []

@@ -21,6 +21,10 @@ ARCHS: dict[str, tuple[str, str, int]] = {
     "resnet18": ("resnet18", "ResNet18_Weights", 512),
 }
 TRANSITION_CHANNELS = 1024
+# Input pixels per heatmap cell. 32 is the trunks' own; 16 and 8 (ResNets only) keep the last one or two stages at
+# the resolution before them, dilating their later convolutions (DeepLab, Chen et al. 2017) so each cell still sees
+# as much of the image. The weights are the same tensors at every stride, so ImageNet weights load unchanged.
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -69,6 +73,27 @@ def _load_trunk(arch: str, pretrained: bool) -> nn.Module:
         ) from None
 
 
+def _dilate_resnet(net: nn.Module, output_stride: int) -> None:
+    """Make a torchvision ResNet's output stride 16 (layer4) or 8 (layer3 and layer4) in place.
+
+    torchvision does this itself for Bottleneck ResNets (`replace_stride_with_dilation`) but refuses it for
+    BasicBlock ones (ResNet-18), so it is done here the same way for both: the stage's first block keeps the
+    previous dilation with stride 1 (its 3x3 conv and its downsample), the later 3x3 convs get the new dilation.
+    """
+    stages = {16: [net.layer4], 8: [net.layer3, net.layer4]}[output_stride]
+    dilation = 1
+    for stage in stages:
+        first = stage[0]
+        strided = first.conv2 if first.conv2.stride == (2, 2) else first.conv1  # Bottleneck v1.5 | BasicBlock
+        strided.stride, strided.dilation, strided.padding = (1, 1), (dilation, dilation), (dilation, dilation)
+        first.downsample[0].stride = (1, 1)
+        dilation *= 2
+        for block in stage:
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv is not strided:
+                    conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+
+
 def _trunk_layers(arch: str, net: nn.Module) -> nn.Module:
     if arch.startswith("resnet"):
         return nn.Sequential(
@@ -83,7 +108,10 @@ def _trunk_layers(arch: str, net: nn.Module) -> nn.Module:
 
 
 class ChestXrayNet(nn.Module):
-    """Trunk -> Conv2d(C, 1024, k) -> LSEPool2d(r) -> Linear(1024, L); forward (N, 3, S, S) -> logits (N, L)."""
+    """Trunk -> Conv2d(C, 1024, k) -> LSEPool2d(r) -> Linear(1024, L); forward (N, 3, S, S) -> logits (N, L).
+
+    output_stride (8, 16 or 32; below 32 for the ResNets only) sets the heatmap's cells: S/output_stride a side.
+    """
 
     def __init__(
         self,
@@ -92,6 +120,7 @@ class ChestXrayNet(nn.Module):
         lse_r: float = 10.0,
         transition_kernel: int = 3,
         pretrained: bool = False,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -100,8 +129,15 @@ class ChestXrayNet(nn.Module):
             raise ValueError(f"LSE r must be finite and positive, got {lse_r}")
         if transition_kernel < 1 or transition_kernel % 2 == 0:
             raise ValueError(f"transition kernel must be odd and positive, got {transition_kernel}")
-        self.arch = arch
-        self.trunk = _trunk_layers(arch, _load_trunk(arch, pretrained))
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        if output_stride != 32 and not arch.startswith("resnet"):
+            raise ValueError(f"output stride {output_stride} is available for the ResNet trunks only; {arch} has 32")
+        self.arch, self.output_stride = arch, output_stride
+        net = _load_trunk(arch, pretrained)
+        if output_stride != 32:
+            _dilate_resnet(net, output_stride)
+        self.trunk = _trunk_layers(arch, net)
         self.transition = nn.Conv2d(
             ARCHS[arch][2], TRANSITION_CHANNELS, transition_kernel, padding=transition_kernel // 2, bias=True
         )
@@ -109,7 +145,7 @@ class ChestXrayNet(nn.Module):
         self.classifier = nn.Linear(TRANSITION_CHANNELS, num_labels)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk + transition: (N, 3, S, S) -> A (N, 1024, h, w), h = S/32."""
+        """Trunk + transition: (N, 3, S, S) -> A (N, 1024, h, w), h = ceil(S / output_stride)."""
         return self.transition(self.trunk(x))
 
     def head(self, a: torch.Tensor) -> torch.Tensor:
@@ -121,7 +157,10 @@ class ChestXrayNet(nn.Module):
 
 
 def build_model(
-    arch: str, num_labels: int, lse_r: float = 10.0, transition_kernel: int = 3, pretrained: bool = False
+    arch: str, num_labels: int, lse_r: float = 10.0, transition_kernel: int = 3, pretrained: bool = False,
+    output_stride: int = 32,
 ) -> ChestXrayNet:
-    """Build a ChestXrayNet; pretrained=True loads ImageNet weights (raises PretrainedWeightsUnavailable offline)."""
-    return ChestXrayNet(arch, num_labels, lse_r, transition_kernel, pretrained)
+    """Build a ChestXrayNet; pretrained=True loads ImageNet weights (raises PretrainedWeightsUnavailable offline).
+
+    Raises ValueError for an unknown arch, an even kernel, or an output stride the trunk cannot give."""
+    return ChestXrayNet(arch, num_labels, lse_r, transition_kernel, pretrained, output_stride)

@@ -24,8 +24,9 @@ STATE_FILE = "last.pth"
 PREVIOUS_STATE_FILE = "last.prev.pth"  # the state before last.pth: a resume falls back to it if last.pth is damaged
 STATE_FORMAT = 1
 # Settings that define the run: a resume takes them from the saved configuration; another value is an error.
-LOCKED = ("arch", "labels", "image_size", "batch_size", "lr", "weight_decay", "scheduler", "loss", "seed",
-          "val_fraction", "calibration_fraction", "limit", "hflip", "no_pretrained", "clip_grad")
+LOCKED = ("arch", "labels", "image_size", "output_stride", "transition_kernel", "batch_size", "lr", "weight_decay",
+          "scheduler", "loss", "seed", "val_fraction", "calibration_fraction", "limit", "hflip", "no_pretrained",
+          "clip_grad")
 
 
 class NoTrainingState(CheckpointError):

@@ -176,6 +176,7 @@ NAN, INF = float("nan"), float("inf")
         ("image_size", "abc"), ("image_size", 100000), ("image_size", 16), ("image_size", 64.5), ("image_size", True),
         ("lse_r", 0), ("lse_r", NAN), ("lse_r", INF), ("lse_r", -1.0), ("lse_r", "10"),
         ("transition_kernel", 2), ("transition_kernel", 0), ("transition_kernel", 3.0), ("transition_kernel", "3"),
+        ("output_stride", 4), ("output_stride", 64), ("output_stride", 8.0), ("output_stride", "16"),
         ("labels", 5), ("labels", "Mass"), ("labels", [1, 2]), ("labels", ["Mass", "Tumour"]), ("labels", []),
         ("thresholds", "0.5"), ("thresholds", [0.5] * 13), ("thresholds", [NAN] * 14), ("thresholds", [1.5] * 14),
         ("thresholds", ["0.5"] * 14),
