@@ -190,9 +190,9 @@ def monitor() -> Monitor:
 # -- what the views pass to chestxray.service.analyse_and_store -------------------------------------------------------
 
 def request_source() -> str:
+    """The channel an upload is recorded under: "api" or "web"."""
     return "api" if request.path.startswith("/api/") else "web"
 
-    """The channel an upload is recorded under: "api" or "web"."""
 
 def refusal_reason(exc: BaseException) -> tuple[str, str]:
     """(outcome, reason) for an analysis that raised: bad input is refused, anything else failed."""
