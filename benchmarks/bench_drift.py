@@ -331,7 +331,7 @@ def plot(delays: dict, cap: int, path: Path) -> None:
     values = [d if d is not None else cap for d, *_ in delays.values()]
     bars = ax.barh(names, values, color=["#1f5fbf" if d is not None else "#b91c1c" for d, *_ in delays.values()])
     ax.axvline(200, color="grey", ls="--", label="goal: 200 images")
-    ax.set_xlabel("shifted images until the alert, longest over shift starts (red: not detected)")
+    ax.set_xlabel("shifted images until the alert, longest over shift starts (red: none)", fontsize=9)
     ax.legend(fontsize=8)
     ax.bar_label(bars, labels=[str(d) if d is not None else "none" for d, *_ in delays.values()], fontsize=8)
     FigureCanvasAgg(fig).print_png(str(path))
