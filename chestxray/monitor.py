@@ -8,7 +8,7 @@ no ground truth needed):
 
 - the population stability index (PSI) over the reference's deciles, an effect size (written by hand: a few lines,
   no library ships it; a test compares it with the formula computed independently);
-- the two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp), whose p-value accounts for the window's size;
+- the two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp), whose p-value counts both samples' sizes;
 - a one-sided binomial test of the out-of-scope count against the reference's out-of-scope rate (scipy);
 - per label, Fisher's exact test (scipy) of the window's called-positive count (calibrated probability at or above
   the label's threshold, before the evidence gate: the reference's own definition) against the reference split's
@@ -25,10 +25,10 @@ for the populations, not for that noise. The out-of-scope rate and the called-po
 tests alone.
 
 The monitor checks the window at every `AlertLimits.step`-th answered analysis (check_ends), not after each one:
-consecutive windows then share all but `step` analyses, so re-testing after each analysis buys almost no new evidence
-and gives the p-value a fresh chance to cross its limit each time; an alert that flickered on and off with single
-analyses was most of the false alerts in benchmarks/bench_drift.py. `AlertLimits.consecutive` > 1 also asks the same
-quantity to alert at that many consecutive checks (debouncing), at `step` analyses of detection delay per extra check.
+windows one analysis apart share all but one analysis, so re-testing after each would add almost no evidence while
+giving the p-value and PSI a fresh chance to cross their limits each time; alerts that flickered on and off with
+single analyses were most of the false alerts in benchmarks/bench_drift.py. `AlertLimits.consecutive` > 1 also asks
+the same quantity to alert at that many consecutive checks (debouncing), at `step` analyses of delay per extra check.
 Feedback agreement (PPV, sensitivity) comes with Wilson intervals (scipy.stats.binomtest). No Flask, no database.
 """
 from __future__ import annotations
