@@ -8,9 +8,11 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+from support.data import ROOT
+
 from Model_Training import train
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "Model_Training" / "train.py"
+TRAIN_PY = ROOT / "Model_Training" / "train.py"
 
 
 # The demo model's own recipe (ResNet-18, 128 px, 2 epochs) shrunk to seconds; the last value of a flag wins.
