@@ -45,7 +45,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from chestxray.baselines import prevalence_baseline
-from chestxray.calibration import Calibration
 from chestxray.checkpoint import CheckpointError, checkpoint_from_obj, safe_torch_load, write_checkpoint
 from chestxray.data import DataError, XrayDataset, collate_batch, subsample, targets
 from chestxray.device import DeviceUnavailable, resolve_device
@@ -65,7 +64,6 @@ from chestxray.messages import UsageError
 from chestxray.metrics import THRESHOLD_RULES, mean_auroc, patient_bootstrap_weights, weighted_auroc
 from chestxray.predictor import Predictor
 from chestxray.report import fmt, fmt_ci, text_table
-from chestxray.scope import ScopeError
 from chestxray.trainstate import (
     STATE_FILE,
     LockedSettingChanged,
@@ -81,6 +79,8 @@ from chestxray.trainstate import (
 )
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust, fit_trust
+from chestxray.trust.calibration import Calibration
+from chestxray.trust.scope import ScopeError
 from Model_Training import test as evaluation
 
 MODES = ("recalibrate", "finetune")

@@ -26,10 +26,10 @@ from chestxray.checkpoint import CheckpointError, Meta, checkpoint_from_obj, saf
 from chestxray.data import DataError, XrayDataset, collate_batch, load_index, rebuild_splits, subsample, with_roles
 from chestxray.device import resolve_device
 from chestxray.metrics import THRESHOLD_RULES
-from chestxray.orientation import DEFAULT_IMAGES
-from chestxray.scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, ScopeError
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, fit_trust
+from chestxray.trust.orientation import DEFAULT_IMAGES
+from chestxray.trust.scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS, ScopeError
 
 
 def get_args_parser() -> argparse.ArgumentParser:

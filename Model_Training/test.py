@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from chestxray.baselines import metadata_baseline, prevalence_baseline
-from chestxray.calibration import Calibration, calibration_report
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, Meta
 from chestxray.data import (
     DataError,
@@ -74,6 +73,7 @@ from chestxray.report import (
     write_plots,
     write_report,
 )
+from chestxray.trust.calibration import Calibration, calibration_report
 
 SPLIT_CHOICES = ("test", "calibration", "val", "train", "all")
 # The splits whose images chose something about the checkpoint: its weights, its epoch, its calibration, thresholds,

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from chestxray import orientation
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, model_from_meta, save_checkpoint
 from chestxray.data import (
     DataError,
@@ -65,7 +64,6 @@ from chestxray.meta import (
 )
 from chestxray.metrics import THRESHOLD_RULES, choose_thresholds
 from chestxray.model import ARCHS, PretrainedWeightsUnavailable
-from chestxray.scope import ScopeError
 from chestxray.trainstate import (
     CONFIG_FILE,
     STATE_FILE,
@@ -81,6 +79,8 @@ from chestxray.trainstate import (
     write_config,
 )
 from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import orientation
+from chestxray.trust.scope import ScopeError
 from Model_Training import fit_trust
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import add_out_argument, write_report  # noqa: E402
 from chestxray.data import load_index, rebuild_splits  # noqa: E402
 from chestxray.imaging import read_xray  # noqa: E402
-from chestxray.orientation import MIRRORED, ROTATED, UPRIGHT  # noqa: E402
 from chestxray.predictor import Predictor  # noqa: E402
+from chestxray.trust.orientation import MIRRORED, ROTATED, UPRIGHT  # noqa: E402
 
 VARIANTS = {
     "as given": lambda a: a,

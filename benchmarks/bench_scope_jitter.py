@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from chestxray.checkpoint import checkpoint_from_obj, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch
 from chestxray.imaging import InvalidImage, read_xray
-from chestxray.scope import fit_scope, image_statistics, pooled_features
+from chestxray.trust.scope import fit_scope, image_statistics, pooled_features
 
 sys.path.insert(0, str(ROOT / "Model_Training"))
 from fit_trust import build_normalize, build_transform, training_splits  # noqa: E402

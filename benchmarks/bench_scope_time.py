@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from common import NIH_IMAGES, add_out_argument, model_args_parser, timed
 
-from chestxray.calibration import Calibration
 from chestxray.checkpoint import model_from_meta
 from chestxray.imaging import read_xray
 from chestxray.meta import Meta
 from chestxray.predictor import Predictor
-from chestxray.scope import IMAGE_STATS, fit_scope
 from chestxray.trust import Trust
+from chestxray.trust.calibration import Calibration
+from chestxray.trust.scope import IMAGE_STATS, fit_scope
 
 IMAGE = NIH_IMAGES / "00000001_000.png"
 

@@ -5,7 +5,7 @@ size, a normalisation, a label list or a threshold. Loading uses `torch.load(wei
 object is refused, its code never runs) and strict state-dict loading (a peer package that loads with
 strict=False silently serves an untrained head).
 
-An optional fifth entry "trust" (chestxray/trust.py: in-scope statistics, calibration, validation evidence) is
+An optional fifth entry "trust" (chestxray/trust/: in-scope statistics, calibration, validation evidence) is
 written at the end of training or by Model_Training/fit_trust.py; a checkpoint without it still loads, and its
 answers say the in-scope check and calibration are not available. With calibration, Meta.thresholds are on the
 calibrated scale.

@@ -22,7 +22,7 @@ import numpy as np
 from .calls import CALLS, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
 from .metrics import CI_LEVEL, patient_bootstrap_weights, percentile_interval
 
-ECE_BINS = 10  # as chestxray.calibration.expected_calibration_error and metrics.calibration
+ECE_BINS = 10  # as chestxray.trust.calibration.expected_calibration_error and metrics.calibration
 
 
 def wilson(k: int, n: int, level: float = CI_LEVEL) -> dict:
@@ -123,7 +123,7 @@ def weighted_ece(y_true: np.ndarray, y_prob: np.ndarray, weights: np.ndarray, n_
 
     ECE = sum over uniform bins of (bin weight / total) * |observed - predicted| = sum |Σw·y - Σw·p| / Σw, with the
     bins of metrics.calibration (sklearn's calibration_curve: bin i holds edges[i] < p <= edges[i+1]). Unit weights
-    give chestxray.calibration.expected_calibration_error (tested), and integer weights equal repeating the rows.
+    give chestxray.trust.calibration.expected_calibration_error (tested), and integer weights equal repeating the rows.
     """
     y = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.clip(np.asarray(y_prob, dtype=np.float64).ravel(), 0.0, 1.0)

@@ -160,7 +160,7 @@ class Meta:
     thresholds are on the scale of the probabilities the Predictor shows: calibrated when the checkpoint holds
     a "trust" entry (its calibration), sigmoid(logit) otherwise. The trust entry itself (in-scope statistics as
     tensors, Platt parameters, per-label evidence, the orientation check) lives beside "meta" in the checkpoint,
-    not here, because it holds tensors; see chestxray/trust.py. training["n_train"] / ["n_val"] /
+    not here, because it holds tensors; see chestxray/trust/. training["n_train"] / ["n_val"] /
     ["n_calibration"] count the images.
     """
 

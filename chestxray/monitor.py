@@ -149,8 +149,8 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
         if scope_limit is not None:
             out_of_scope = float(np.mean(np.asarray(scope_scores) > scope_limit))
     if image_stats is not None:
-        from .scope import CONTRAST as CONTRAST_COLUMN
-        from .scope import THUMBNAIL
+        from .trust.scope import CONTRAST as CONTRAST_COLUMN
+        from .trust.scope import THUMBNAIL
 
         stats = np.asarray(image_stats, dtype=float)
         # The thumbnail averages the normalised input over equal cells, so its mean is the input's mean.

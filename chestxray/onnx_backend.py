@@ -32,7 +32,7 @@ from .cam import class_activation_maps
 from .checkpoint import CheckpointError, Meta
 from .fileio import atomic_write, number_row, to_json_data
 from .model import TRANSITION_CHANNELS, ChestXrayNet
-from .scope import pooled_features
+from .trust.scope import pooled_features
 
 ONNX_FORMAT = 1  # bump when the graph's inputs/outputs or the metadata keys change
 INPUT_NAME = "image"

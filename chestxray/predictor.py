@@ -20,17 +20,17 @@ from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
 from .cam import class_activation_maps, has_support, overlay
 from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
-from .evidence import RULE, format_scope, is_validated
 from .fileio import to_json_data
 from .imaging import Source, read_bytes, read_xray, sniff
 from .meta import CheckpointError, Meta
 from .metrics import binarize
 from .model import ChestXrayNet
 from .onnx_backend import OnnxModel, OnnxModelError
-from .orientation import orientation_features
-from .scope import image_statistics, pooled_features
 from .transforms import build_normalize, build_transform, preprocess
 from .trust import Trust, TrustError
+from .trust.evidence import RULE, format_scope, is_validated
+from .trust.orientation import orientation_features
+from .trust.scope import image_statistics, pooled_features
 
 BACKENDS = ("auto", "torch", "onnx")
 BACKEND_HELP = ("auto: PyTorch on CUDA; on a CPU, ONNX Runtime from an export made once beside the checkpoint "
@@ -71,7 +71,7 @@ class Prediction:
     validation evidence, and for every label when the checkpoint has no scope statistics; otherwise "positive" when
     the probability reaches the threshold, else "negative". `untrusted` is True when the operator allowed calls
     without that evidence (the answer then carries UNTRUSTED_WARNING). in_scope is None when the checkpoint has no
-    scope statistics. orientation is "upright", "appears mirrored" or "appears rotated" (chestxray.orientation: a
+    scope statistics. orientation is "upright", "appears mirrored" or "appears rotated" (chestxray.trust.orientation: a
     remark, never a refusal), None when the checkpoint has no orientation check.
     """
 

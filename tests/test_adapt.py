@@ -22,7 +22,6 @@ from support.checkpoints import make_checkpoint
 from support.data import NIH_DIR
 from support.training import kill_once_written
 
-from chestxray.calibration import expected_calibration_error
 from chestxray.checkpoint import load_checkpoint, safe_torch_load, write_checkpoint
 from chestxray.data import DataError, XrayDataset, collate_batch, load_index, targets
 from chestxray.labels import LABELS
@@ -35,9 +34,10 @@ from chestxray.local_labels import (
     read_local_labels,
     write_chexpert,
 )
-from chestxray.scope import collect_outputs
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import Trust
+from chestxray.trust.calibration import expected_calibration_error
+from chestxray.trust.scope import collect_outputs
 from chestxray.web.checkpoints import load_model
 from Model_Training import adapt
 

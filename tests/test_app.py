@@ -26,11 +26,11 @@ import predictions
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from chestxray.evidence import format_call
 from chestxray.messages import TRAIN_COMMAND
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
 from chestxray.results import DISPLAY_MAX_SIDE, default_label, label_names, ranked
+from chestxray.trust.evidence import format_call
 from chestxray.web import checkpoints, create_app
 from chestxray.web import http as webhttp
 

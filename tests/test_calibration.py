@@ -9,7 +9,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from chestxray.calibration import (
+from chestxray.trust.calibration import (
     MIN_SLOPE,
     PLATT_C,
     Calibration,

@@ -15,7 +15,6 @@ from sklearn.metrics import brier_score_loss, confusion_matrix, precision_score,
 from support.data import shared, shared_path
 
 from chestxray.baselines import MetadataModel, metadata_baseline, paired_mean_auroc_difference, prevalence_baseline
-from chestxray.calibration import expected_calibration_error
 from chestxray.calls import CALLS, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
 from chestxray.decisions import (
     calibration_errors,
@@ -27,6 +26,7 @@ from chestxray.decisions import (
     weighted_ece,
     wilson,
 )
+from chestxray.trust.calibration import expected_calibration_error
 
 
 def wilson_by_hand(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -223,9 +223,9 @@ def test_localization_on_boxed_images(trained_checkpoint, boxed_data_dir, metada
 def test_metrics_json_scores_the_products_calls(val_run, trained_checkpoint):
     from sklearn.metrics import confusion_matrix
 
-    from chestxray.calibration import expected_calibration_error
     from chestxray.calls import CALLS, POSITIVE
     from chestxray.predictor import Predictor
+    from chestxray.trust.calibration import expected_calibration_error
 
     out, console = val_run
     metrics = _strict_json(out / "metrics.json")

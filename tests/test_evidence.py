@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chestxray.evidence import (
+from chestxray.metrics import bootstrap_auroc
+from chestxray.trust.evidence import (
     MIN_POSITIVE_PATIENTS,
     MIN_SENSITIVITY_LOW,
     MIN_SPECIFICITY_LOW,
@@ -18,7 +19,6 @@ from chestxray.evidence import (
     is_validated,
     label_evidence,
 )
-from chestxray.metrics import bootstrap_auroc
 
 
 def _label(n_pos: int, n_neg: int, separation: float, seed: int = 0):

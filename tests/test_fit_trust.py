@@ -9,9 +9,9 @@ import torch
 
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import ROLES, load_index, rebuild_splits
-from chestxray.evidence import is_validated
 from chestxray.labels import LABELS
 from chestxray.trust import TRUST_KEY, Trust, TrustError
+from chestxray.trust.evidence import is_validated
 from Model_Training import fit_trust
 
 

@@ -19,8 +19,8 @@ from support.data import NIH_PNG, ROOT
 import predictions
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.onnx_backend import OnnxModel, OnnxModelError, export_onnx, quantize_int8, read_onnx_metadata
-from chestxray.scope import IMAGE_PART, IMAGE_STATS, ScopeError, ScopeStats
 from chestxray.trust import TRUST_FORMAT, Trust, TrustError
+from chestxray.trust.scope import IMAGE_PART, IMAGE_STATS, ScopeError, ScopeStats
 
 
 @pytest.fixture(scope="module")

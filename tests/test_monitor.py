@@ -31,8 +31,8 @@ from chestxray.monitor import (
     quantities,
     wilson,
 )
-from chestxray.scope import image_statistics
 from chestxray.transforms import build_normalize
+from chestxray.trust.scope import image_statistics
 
 LABELS = ("A", "B")
 

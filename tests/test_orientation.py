@@ -12,7 +12,10 @@ import torch
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch, load_index
 from chestxray.imaging import read_xray
-from chestxray.orientation import (
+from chestxray.predictor import Predictor
+from chestxray.transforms import build_normalize, build_transform
+from chestxray.trust import TRUST_KEY, Trust
+from chestxray.trust.orientation import (
     CLASSES,
     MIRRORED,
     ROTATED,
@@ -23,9 +26,6 @@ from chestxray.orientation import (
     fit_orientation,
     transformed,
 )
-from chestxray.predictor import Predictor
-from chestxray.transforms import build_normalize, build_transform
-from chestxray.trust import TRUST_KEY, Trust
 
 
 def _sample(nih_dir):

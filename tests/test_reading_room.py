@@ -14,8 +14,8 @@ from PIL import Image
 from pypdf import PdfReader
 from support.trust import make_trusted_checkpoint
 
-from chestxray.evidence import format_call
 from chestxray.formatting import auroc_text, label_name, percent
+from chestxray.trust.evidence import format_call
 
 
 def _png(array) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from chestxray.scope import (
+from chestxray.trust.scope import (
     CONTRAST,
     IMAGE_PART,
     IMAGE_STATS,

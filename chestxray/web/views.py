@@ -38,7 +38,6 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from chestxray.calls import statements
-from chestxray.evidence import format_call, format_scope
 from chestxray.fileio import SpreadsheetWriter
 from chestxray.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
@@ -47,6 +46,7 @@ from chestxray.predictor import Predictor
 from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
 from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
 from chestxray.service import ResultNotSaved, analyse_and_store
+from chestxray.trust.evidence import format_call, format_scope
 from chestxray.web import monitoring
 
 if TYPE_CHECKING:

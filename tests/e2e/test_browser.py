@@ -17,7 +17,7 @@ from support import forked
 from support.data import DICOM_MONO2, NIH_DIR, NIH_PNG
 from support.trust import VALIDATED, make_trusted_checkpoint
 
-from chestxray.evidence import format_call
+from chestxray.trust.evidence import format_call
 
 pytestmark = pytest.mark.e2e
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from chestxray.calibration import fit_calibration
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch, load_index
-from chestxray.evidence import MIN_POSITIVE_PATIENTS
-from chestxray.scope import collect_outputs, fit_scope
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust
+from chestxray.trust.calibration import fit_calibration
+from chestxray.trust.evidence import MIN_POSITIVE_PATIENTS
+from chestxray.trust.scope import collect_outputs, fit_scope
 
 VALIDATED = "Effusion"  # the one label the evidence validates
 

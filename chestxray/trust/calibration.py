@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from .fileio import check_record
-from .metrics import calibration as reliability
+from ..fileio import check_record
+from ..metrics import calibration as reliability
 
 # scikit-learn is imported inside the fitting functions only: it costs ~1 s at every start of the app and CLI.
 

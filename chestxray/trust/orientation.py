@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .fileio import check_record
+from ..fileio import check_record
 
 ORIENTATION_FORMAT = 1
 REFIT = "fit it again with Model_Training/fit_trust.py"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .fileio import check_record
+from ..fileio import check_record
 
 # scikit-learn is imported inside fit_scope's helper only: it costs ~1 s at every start of the app and CLI.
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..metrics import choose_thresholds
+from ..model import TRANSITION_CHANNELS
+from ..monitor import Reference, fit_reference
 from .calibration import Calibration, calibration_report, fit_calibration
 from .evidence import label_evidence
-from .metrics import choose_thresholds
-from .model import TRANSITION_CHANNELS
-from .monitor import Reference, fit_reference
 from .orientation import THUMBNAIL, Orientation, OrientationError, collect_orientation, fit_orientation
 from .scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .metrics import auroc_summary
+from ..metrics import auroc_summary
 
 MIN_POSITIVE_PATIENTS = 10
 MIN_AUROC_CI_LOW = 0.5
@@ -42,7 +42,7 @@ RULE = (f"called only when the calibration split (patients not used to fit the w
 
 def _patient_proportion(hits: np.ndarray, patients: np.ndarray) -> dict:
     """Proportion of True in hits (images) with a Wilson interval whose sample size is the number of patients."""
-    from .decisions import wilson
+    from ..decisions import wilson
 
     n_images, n_patients = int(hits.size), int(len(np.unique(patients)))
     if n_images == 0:
