@@ -12,6 +12,7 @@ so in `meta.training["demo"]` ({"images": N, "minutes": M}); the web app then sh
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +26,12 @@ from chestxray.checkpoint import (
     write_checkpoint,
 )
 from chestxray.meta import Meta
-from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_DIR = ROOT / "samples" / "nih"
 DEMO_CHECKPOINT = ROOT / ".cache" / "demo_model.pth"
+TRAIN_SCRIPT = ROOT / "Model_Training" / "train.py"
 # 128 px (the sample's images are 64-128 px anyway) at output stride 8: heatmaps of 16x16 cells. The finer stride
 # costs about 5x the compute of stride 32 (layer3 and layer4 run at 16x16); a 1x1 transition keeps that from
 # being 6x.
@@ -46,6 +47,16 @@ def demo_summary(meta: Meta) -> dict | None:
     """{"images": N, "minutes": M} when `meta` is a demo model's, else None."""
     demo = meta.training.get("demo")
     return demo if isinstance(demo, dict) else None
+
+
+def run_training(argv: list[str]) -> int:
+    """Run Model_Training/train.py with `argv` in a child process -> its exit code; its progress and messages go
+    straight to this process's terminal. Raises DemoError when it cannot be started."""
+    # A child process, not an import: one script never imports another (what they share lives in chestxray/).
+    try:
+        return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv]).returncode
+    except OSError as exc:
+        raise DemoError(f"cannot run {TRAIN_SCRIPT}: {exc.strerror or exc}") from None
 
 
 def build_demo_model(path: str | Path = DEMO_CHECKPOINT, data_dir: str | Path = SAMPLE_DIR,
@@ -67,7 +78,7 @@ def build_demo_model(path: str | Path = DEMO_CHECKPOINT, data_dir: str | Path = 
         argv = ["--data-dir", str(data_dir), *DEMO_TRAIN_ARGS, "--output", str(Path(tmp) / "demo.pth"),
                 "--run-dir", str(Path(tmp) / "run"), *extra_args, *([] if progress else ["--no-progress"])]
         start = time.monotonic()
-        rc = train.main(train.get_args_parser().parse_args(argv))
+        rc = run_training(argv)
         minutes = (time.monotonic() - start) / 60
         if rc != 0:
             raise DemoError(f"training the demo model on {data_dir} failed (exit code {rc}; see the messages above)")

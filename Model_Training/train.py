@@ -51,6 +51,7 @@ from chestxray.data import (
 from chestxray.device import DeviceUnavailable, resolve_device
 from chestxray.engine import TrainingDiverged, evaluate, train_one_epoch
 from chestxray.fileio import atomic_write, remove_stale_temporaries, write_json
+from chestxray.fitting import fit_checkpoint
 from chestxray.labels import CHESTXRAY8_LABELS, LABELS, LabelError, check_labels
 from chestxray.losses import LOSSES, build_loss
 from chestxray.messages import UsageError
@@ -81,7 +82,6 @@ from chestxray.trainstate import (
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import orientation
 from chestxray.trust.scope import ScopeError
-from Model_Training import fit_trust
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EPOCHS = 5
@@ -446,16 +446,13 @@ def _train(args: argparse.Namespace, ddp: _Dist) -> int:
 
 def fit_trust_into(args: argparse.Namespace) -> None:
     """Fit scope statistics (training split), their limit, calibration, calibrated thresholds, evidence (calibration
-    split) and the orientation check into the best checkpoint, without augmentation, exactly as
-    Model_Training/fit_trust.py does."""
-    fit_args = fit_trust.get_args_parser().parse_args(
-        ["--checkpoint", str(args.output), "--data-dir", str(args.data_dir), "--threshold-rule", args.threshold_rule,
-         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
-         "--orientation-images", str(args.orientation_images)]
-        + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
-        + ([] if args.no_progress else ["--progress"]))
+    split) and the orientation check into the best checkpoint, without augmentation, as Model_Training/fit_trust.py
+    does with its defaults."""
     try:
-        fit_trust.fit_checkpoint(fit_args, log=lambda line: print(line, flush=True))
+        fit_checkpoint(args.output, args.data_dir, threshold_rule=args.threshold_rule, batch_size=args.batch_size,
+                       workers=args.workers, device=args.device, orientation_images=args.orientation_images,
+                       cache_dir=args.cache_dir or None, progress=not args.no_progress,
+                       log=lambda line: print(line, flush=True))
     except ScopeError as exc:  # e.g. a smoke run with a single training image: the model itself is still saved
         print(f"warning: no in-scope check, calibration or evidence fitted ({exc}); answers say 'not available'",
               flush=True)

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch
+from chestxray.fitting import training_splits
 from chestxray.imaging import InvalidImage, read_xray
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust.scope import IMAGE_STATS, METHODS, collect_outputs, fit_scope, image_statistics, pooled_features
-from Model_Training.fit_trust import training_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_CXR = ROOT.parent / "shared" / "data" / "other-cxr"

@@ -11,7 +11,6 @@ those of bench_demo_scope.py. Figures in benchmarks/results/scope_jitter.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,11 +22,10 @@ from torch.utils.data import DataLoader
 
 from chestxray.checkpoint import checkpoint_from_obj, safe_torch_load
 from chestxray.data import XrayDataset, collate_batch
+from chestxray.fitting import training_splits
 from chestxray.imaging import InvalidImage, read_xray
+from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust.scope import fit_scope, image_statistics, pooled_features
-
-sys.path.insert(0, str(ROOT / "Model_Training"))
-from fit_trust import build_normalize, build_transform, training_splits  # noqa: E402
 
 GAMMAS = (0.6, 0.8, 1.25, 1.6)
 CONTRASTS = (0.5, 0.75)

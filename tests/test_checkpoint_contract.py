@@ -12,8 +12,9 @@ from support.training import QUICK_DEMO
 from support.trust import make_trusted_checkpoint
 
 from chestxray.checkpoint import CHECKPOINT_KEYS, CheckpointError, safe_torch_load, write_checkpoint
+from chestxray.fitting import fit_checkpoint
 from chestxray.predictor import Predictor
-from Model_Training import demo, export, fit_trust, train
+from Model_Training import demo, export, fit_trust
 
 
 def _same(a, b) -> bool:
@@ -52,11 +53,11 @@ def test_a_re_save_keeps_every_field_and_refuses_to_drop_or_invent_one(full, tmp
 
 
 def test_the_demo_re_save_keeps_trust_and_train(full, tmp_path, monkeypatch):
-    def fake_train(args):  # training itself is tested elsewhere; here only what demo.py does with its output
-        shutil.copyfile(full, args.output)
+    def fake_train(argv):  # training itself is tested elsewhere; here only what demo.py does with its output
+        shutil.copyfile(full, argv[argv.index("--output") + 1])
         return 0
 
-    monkeypatch.setattr(train, "main", fake_train)
+    monkeypatch.setattr(demo, "run_training", fake_train)
     built = demo.build_demo_model(tmp_path / "demo.pth", extra_args=QUICK_DEMO, progress=False)
     before, after = safe_torch_load(full), safe_torch_load(built)
     assert set(after) == set(before)
@@ -73,7 +74,7 @@ def test_fit_trust_keeps_the_other_fields(full, tmp_path, nih_dir):
     args = fit_trust.get_args_parser().parse_args(
         ["--checkpoint", str(path), "--data-dir", str(nih_dir), "--n-boot", "20", "--device", "cpu",
          "--orientation-images", "16"])
-    fit_trust.fit_checkpoint(args, log=lambda line: None)
+    fit_checkpoint(**vars(args), log=lambda line: None)
     before, after = safe_torch_load(full), safe_torch_load(path)
     assert set(after) == set(CHECKPOINT_KEYS)
     assert _same(after["model"], before["model"]) and _same(after["train"], before["train"])

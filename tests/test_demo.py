@@ -9,7 +9,7 @@ import pytest
 from support.training import QUICK_DEMO as QUICK
 
 from chestxray.checkpoint import load_checkpoint, save_checkpoint
-from Model_Training import demo, train
+from Model_Training import demo
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,10 @@ def test_demo_checkpoint_is_marked_with_its_images_and_minutes(demo_checkpoint):
 
 
 def test_a_cached_demo_is_reused_and_a_damaged_one_rebuilt(demo_checkpoint, tmp_path, monkeypatch):
-    def refuse(args):
+    def refuse(argv):
         raise AssertionError("the demo model was trained again")
 
-    monkeypatch.setattr(train, "main", refuse)
+    monkeypatch.setattr(demo, "run_training", refuse)
     before = os.stat(demo_checkpoint).st_mtime_ns
     assert demo.build_demo_model(demo_checkpoint, extra_args=QUICK, progress=False) == demo_checkpoint
     assert os.stat(demo_checkpoint).st_mtime_ns == before

@@ -9,6 +9,7 @@ import torch
 
 from chestxray.checkpoint import load_checkpoint, safe_torch_load
 from chestxray.data import ROLES, load_index, rebuild_splits
+from chestxray.fitting import fit_checkpoint
 from chestxray.labels import LABELS
 from chestxray.trust import TRUST_KEY, Trust, TrustError
 from chestxray.trust.evidence import is_validated
@@ -16,7 +17,8 @@ from Model_Training import fit_trust
 
 
 def _fit(tmp_path_factory, nih_dir, tiny_checkpoint, split: dict):
-    """The tiny checkpoint, recording `split` of the sample, upgraded by fit_trust.fit_checkpoint -> (path, log)."""
+    """The tiny checkpoint, recording `split` of the sample, upgraded by fitting.fit_checkpoint with fit_trust.py's
+    arguments -> (path, log)."""
     obj = safe_torch_load(tiny_checkpoint)
     obj["meta"]["training"] = {**obj["meta"]["training"], "split": split}
     path = tmp_path_factory.mktemp("fit") / "model.pth"
@@ -25,7 +27,7 @@ def _fit(tmp_path_factory, nih_dir, tiny_checkpoint, split: dict):
         ["--checkpoint", str(path), "--data-dir", str(nih_dir), "--n-boot", "50", "--device", "cpu",
          "--orientation-images", "16"])
     lines = []
-    fit_trust.fit_checkpoint(args, log=lines.append)
+    fit_checkpoint(**vars(args), log=lines.append)
     return path, "\n".join(lines)
 
 

@@ -139,13 +139,11 @@ def test_the_root_holds_no_module_but_the_two_entry_points():
         "a module at the root: move it into the chestxray package (chestxray/web/, chestxray/pacs/, ...)"
 
 
-# Scripts that still call another script's functions, until what they share moves into the package: the demo
-# builder runs train.main, train.py fits the trust entry with fit_trust's code, adapt.py evaluates with test.py's.
+# Scripts that still call another script's functions, until what they share moves into the package: adapt.py
+# evaluates with test.py's.
 # A new edge fails below; a removed one must leave this list (test_the_known_script_imports_are_still_there).
 KNOWN_SCRIPT_IMPORTS = {
     ("Model_Training/adapt.py", "Model_Training.test"),
-    ("Model_Training/demo.py", "Model_Training.train"),
-    ("Model_Training/train.py", "Model_Training.fit_trust"),
 }
 
 

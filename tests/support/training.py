@@ -8,9 +8,8 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from support.data import ROOT
-
 from Model_Training import train
+from support.data import ROOT
 
 TRAIN_PY = ROOT / "Model_Training" / "train.py"
 
