@@ -10,7 +10,14 @@ from support.data import NIH_DIR, NIH_PNG
 from torch import nn
 
 from chestxray.cam import predict_with_maps
-from chestxray.checkpoint import CheckpointError, Meta, load_checkpoint, model_from_meta, safe_torch_load, save_checkpoint
+from chestxray.checkpoint import (
+    CheckpointError,
+    Meta,
+    load_checkpoint,
+    model_from_meta,
+    safe_torch_load,
+    save_checkpoint,
+)
 from chestxray.imaging import read_xray
 from chestxray.meta import OUTPUT_STRIDES
 from chestxray.model import ARCHS, build_model
