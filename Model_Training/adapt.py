@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from chestxray import evaluation
 from chestxray.baselines import prevalence_baseline
 from chestxray.checkpoint import CheckpointError, checkpoint_from_obj, safe_torch_load, write_checkpoint
 from chestxray.data import DataError, XrayDataset, collate_batch, subsample, targets
@@ -81,7 +82,6 @@ from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust, fit_trust
 from chestxray.trust.calibration import Calibration
 from chestxray.trust.scope import ScopeError
-from Model_Training import test as evaluation
 
 MODES = ("recalibrate", "finetune")
 # A held-out label with fewer positive images than this has no usable AUROC interval (a bootstrap over one or two
@@ -408,9 +408,8 @@ def evaluate_checkpoint(path: Path, rows: pd.DataFrame, out: Path, args, title: 
     predictions frame)."""
     predictor = Predictor.from_checkpoint(path, device=args.device)
     meta = predictor.meta
-    ns = argparse.Namespace(cache_dir=None, batch_size=args.batch_size, workers=args.workers, amp=False,
-                            no_progress=args.no_progress, split="local held-out")
-    frame, unreadable = evaluation.predict_frame(ns, predictor, rows)
+    frame, unreadable = evaluation.predict_frame(predictor, rows, batch_size=args.batch_size, workers=args.workers,
+                                                 progress=not args.no_progress, split="local held-out", log=_log)
     metrics = evaluation.evaluate_frame(frame, meta.labels, meta.thresholds, args.bootstrap, args.seed)
     metrics.update(evaluation.user_metrics(frame, predictor, args.bootstrap, args.seed))
     metrics["calibration"]["per_label"] = metrics.pop("calibration_errors")

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from support.data import BBOX_CSV, NIH_DIR, NIH_PNG
 
 from chestxray.checkpoint import load_checkpoint
+from chestxray.evaluation import evaluate_frame, read_predictions
 from chestxray.labels import LABELS
 from Model_Training import test as evaluation
 
@@ -85,7 +86,7 @@ def test_metrics_json_contract_and_recompute_from_predictions(val_run):
     assert set(metrics["subgroups"]) == {"view=PA", "view=AP", "sex=F", "sex=M"}
     low, high = metrics["mean_auroc_ci"]
     assert low <= metrics["mean_auroc"] <= high
-    frame, y_true, y_prob = evaluation.read_predictions(out / "predictions.csv", LABELS)
+    frame, y_true, y_prob = read_predictions(out / "predictions.csv", LABELS)
     assert list(frame.columns[:3]) == ["image", "patient", "view"] and len(frame) == metrics["n_images"]
     assert ((y_prob > 0) & (y_prob < 1)).all()
     defined = []
@@ -106,8 +107,8 @@ def test_metrics_json_contract_and_recompute_from_predictions(val_run):
     j = next(j for j, name in enumerate(LABELS) if sub["per_label"][name]["auroc"] is not None)
     assert sub["per_label"][LABELS[j]]["auroc"] == pytest.approx(roc_auc_score(y_true[pa, j], y_prob[pa, j]),
                                                                   abs=1e-5)
-    recomputed = evaluation.evaluate_frame(frame, LABELS, [metrics["per_label"][n]["threshold"] for n in LABELS],
-                                           n_boot=50, seed=0)
+    recomputed = evaluate_frame(frame, LABELS, [metrics["per_label"][n]["threshold"] for n in LABELS],
+                                n_boot=50, seed=0)
     assert recomputed["mean_auroc_ci"] == pytest.approx(metrics["mean_auroc_ci"], abs=1e-5)
     table = pd.read_csv(out / "per_label.csv")
     assert table["label"].tolist() == list(LABELS)
@@ -118,7 +119,7 @@ def test_metrics_json_contract_and_recompute_from_predictions(val_run):
 def test_aurocs_recomputed_from_predictions_csv_equal_metrics_json_exactly(val_run):
     out, _ = val_run
     metrics = _strict_json(out / "metrics.json")
-    _, y_true, y_prob = evaluation.read_predictions(out / "predictions.csv", LABELS)
+    _, y_true, y_prob = read_predictions(out / "predictions.csv", LABELS)
     defined = 0
     for j, name in enumerate(LABELS):
         stored = metrics["per_label"][name]["auroc"]
@@ -229,7 +230,7 @@ def test_metrics_json_scores_the_products_calls(val_run, trained_checkpoint):
 
     out, console = val_run
     metrics = _strict_json(out / "metrics.json")
-    frame, y_true, y_prob = evaluation.read_predictions(out / "predictions.csv", LABELS)
+    frame, y_true, y_prob = read_predictions(out / "predictions.csv", LABELS)
     predictor = Predictor.from_checkpoint(trained_checkpoint, device="cpu")
     for j, name in enumerate(LABELS):
         calls = frame[f"{name}_call"].to_numpy()
@@ -263,7 +264,7 @@ def test_metadata_baseline_is_fitted_on_the_training_split(val_run, trained_chec
     _, meta, _ = load_checkpoint(trained_checkpoint)
     base = metrics["baselines"]["metadata"]
     assert base["available"] and base["n_train"] == meta.training["n_train"] == 48
-    frame, y_true, _ = evaluation.read_predictions(out / "predictions.csv", LABELS)
+    frame, y_true, _ = read_predictions(out / "predictions.csv", LABELS)
     aurocs = []
     for j, name in enumerate(LABELS):
         if base["per_label"][name]["auroc"] is not None:
@@ -387,7 +388,7 @@ def test_calls_are_the_apps_for_every_image(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert _run(["--checkpoint", str(checkpoint), "--data-dir", str(data), "--split", "all", "--out", str(out),
                  "--bootstrap", "0", "--workers", "0", "--no-progress"]) == 0
-    frame, y_true, _ = evaluation.read_predictions(out / "predictions.csv", LABELS)
+    frame, y_true, _ = read_predictions(out / "predictions.csv", LABELS)
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     for _, row in frame.iterrows():
         prediction = predictor.predict(data / row["image"])

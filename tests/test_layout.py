@@ -139,14 +139,6 @@ def test_the_root_holds_no_module_but_the_two_entry_points():
         "a module at the root: move it into the chestxray package (chestxray/web/, chestxray/pacs/, ...)"
 
 
-# Scripts that still call another script's functions, until what they share moves into the package: adapt.py
-# evaluates with test.py's.
-# A new edge fails below; a removed one must leave this list (test_the_known_script_imports_are_still_there).
-KNOWN_SCRIPT_IMPORTS = {
-    ("Model_Training/adapt.py", "Model_Training.test"),
-}
-
-
 def entry_point_imports(entry: str) -> set[str]:
     """The other entry points (as module names) that `entry` imports."""
     return imports_of(entry) & {module_name(other) for other in ENTRY_POINTS if other != entry}
@@ -154,13 +146,9 @@ def entry_point_imports(entry: str) -> set[str]:
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_no_entry_point_imports_another(entry):
-    found = {(entry, name) for name in entry_point_imports(entry)} - KNOWN_SCRIPT_IMPORTS
-    assert not found, f"{entry} imports another entry point: move what they share into chestxray/"
-
-
-def test_the_known_script_imports_are_still_there():
-    gone = {(entry, name) for entry, name in KNOWN_SCRIPT_IMPORTS if name not in entry_point_imports(entry)}
-    assert not gone, f"{sorted(gone)} no longer import each other: drop them from KNOWN_SCRIPT_IMPORTS"
+    found = entry_point_imports(entry)
+    assert not found, (f"{entry} imports {sorted(found)}: move what they share into chestxray/ (or run the other "
+                       "script as a child process)")
 
 
 @pytest.mark.parametrize("path", package_files())
