@@ -64,7 +64,7 @@ from chestxray.losses import pos_weight_from_targets
 from chestxray.messages import UsageError
 from chestxray.metrics import THRESHOLD_RULES, mean_auroc, patient_bootstrap_weights, weighted_auroc
 from chestxray.predictor import Predictor
-from chestxray.report import fmt, fmt_ci, text_table
+from chestxray.reporting.metrics_report import fmt, fmt_ci, text_table
 from chestxray.trainstate import (
     STATE_FILE,
     LockedSettingChanged,

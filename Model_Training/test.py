@@ -61,7 +61,7 @@ from chestxray.messages import UsageError
 from chestxray.meta import SplitSpec
 from chestxray.metrics import calibration
 from chestxray.predictor import Predictor
-from chestxray.report import (
+from chestxray.reporting.metrics_report import (
     baseline_lines,
     decision_rows,
     per_label_rows,

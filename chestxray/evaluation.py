@@ -21,7 +21,7 @@ from chestxray.fileio import write_json
 from chestxray.meta import Meta
 from chestxray.metrics import auroc_summary, evaluate_predictions
 from chestxray.predictor import Predictor
-from chestxray.report import per_label_frame, write_plots, write_report
+from chestxray.reporting.metrics_report import per_label_frame, write_plots, write_report
 
 SUBGROUPS = (("view", "PA"), ("view", "AP"), ("sex", "F"), ("sex", "M"))
 PREDICTION_COLUMNS = ("image", "patient", "view", "sex", "age")

@@ -21,8 +21,8 @@ from support.trust import VALIDATED, make_trusted_checkpoint
 
 from chestxray.calls import CALLS, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, statements
 from chestxray.checkpoint import safe_torch_load, write_checkpoint
-from chestxray.dicom_out import ReportContent, build_structured_report
 from chestxray.predictor import Predictor
+from chestxray.reporting.dicom import ReportContent, build_structured_report
 from Model_Training import demo
 
 DICOM_SOURCE = Path(pydicom.data.get_testdata_file("MR_small.dcm"))  # only its UIDs serve as the SR's source

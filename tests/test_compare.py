@@ -11,7 +11,7 @@ import time
 import pytest
 from support.data import NIH_DIR, NIH_PNG
 
-from chestxray.formatting import change_text, percent
+from chestxray.reporting.formatting import change_text, percent
 from chestxray.web.views import compare_changes
 
 OTHER_PNG = NIH_DIR / "images" / "00000002_000.png"

@@ -1,4 +1,5 @@
-"""chestxray.dicom_out: the Secondary Capture and the Comprehensive SR sent back to a PACS, read back with pydicom."""
+"""chestxray.reporting.dicom: the Secondary Capture and the Comprehensive SR sent back to a PACS, read back with
+pydicom."""
 from __future__ import annotations
 
 import io
@@ -10,11 +11,11 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from support.data import DICOM_MONO2
 
-from chestxray import dicom_out
 from chestxray.cam import overlay
-from chestxray.dicom_out import ReportContent, build_secondary_capture, build_structured_report
 from chestxray.imaging import read_xray
 from chestxray.labels import LABELS
+from chestxray.reporting import dicom
+from chestxray.reporting.dicom import ReportContent, build_secondary_capture, build_structured_report
 
 PATIENT_TAGS = ("PatientName", "PatientID", "PatientSex", "PatientBirthDate")
 
@@ -93,12 +94,12 @@ def test_the_panel_lists_what_is_called(source, content):
     none_called = ReportContent(model_name=content.model_name, labels=content.labels,
                                 probabilities=content.probabilities, calls=dict.fromkeys(content.labels, "negative"),
                                 thresholds=content.thresholds, image=content.image)
-    assert any("No finding called" in line for line in dicom_out.summary_lines(none_called))
+    assert any("No finding called" in line for line in dicom.summary_lines(none_called))
     for word, said in (("out of scope", "Out of scope"), ("not validated", "none is validated")):
-        lines = dicom_out.summary_lines(ReportContent(**{**vars(none_called),
+        lines = dicom.summary_lines(ReportContent(**{**vars(none_called),
                                                          "calls": dict.fromkeys(content.labels, word)}))
         assert any(said in line for line in lines) and not any("No finding called above" in line for line in lines)
-    lines = dicom_out.summary_lines(content)
+    lines = dicom.summary_lines(content)
     assert lines[0] == "AI result — not for clinical use"
     for name in content.positive:
         assert f"  {name}: {content.probabilities[name]:.0%}" in lines
@@ -115,8 +116,8 @@ def test_a_large_radiograph_is_scaled_down_in_the_picture(source, content):
     big = ReportContent(model_name="m", labels=content.labels, probabilities=content.probabilities,
                         calls=content.calls, thresholds=content.thresholds,
                         image=np.resize(content.image, (3000, 2500)), heatmap=content.heatmap)
-    pixels = dicom_out.render_picture(big)
-    assert pixels.shape[0] == dicom_out.MAX_SIDE
+    pixels = dicom.render_picture(big)
+    assert pixels.shape[0] == dicom.MAX_SIDE
 
 
 def _items_by_name(sequence) -> dict[str, pydicom.Dataset]:

@@ -1,4 +1,4 @@
-"""The results sent to a PACS copy the same patient and study attributes, and only those (dicom_out.COPIED), and
+"""The results sent to a PACS copy the same patient and study attributes, and only those (reporting.dicom.COPIED), and
 the picture says it carries text drawn on its pixels (docs/RELIABILITY.md, "Round 3")."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from support.data import DICOM_MONO2
 
-from chestxray.dicom_out import COPIED, ReportContent, build_secondary_capture, build_structured_report
+from chestxray.reporting.dicom import COPIED, ReportContent, build_secondary_capture, build_structured_report
 
 # What a source may carry beyond what a PACS needs to file the results: none of it may travel with them.
 EXTRA = {"PatientComments": "COMMENT-X", "StudyDescription": "STUDY-DESC-X", "AdmissionID": "ADMISSION-X",

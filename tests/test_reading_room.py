@@ -14,7 +14,7 @@ from PIL import Image
 from pypdf import PdfReader
 from support.trust import make_trusted_checkpoint
 
-from chestxray.formatting import auroc_text, label_name, percent
+from chestxray.reporting.formatting import auroc_text, label_name, percent
 from chestxray.trust.evidence import format_call
 
 

@@ -14,7 +14,7 @@ from pypdf import PdfReader
 from support.data import NIH_PNG
 
 from chestxray.cam import normalize_map
-from chestxray.report_pdf import PAPER_SIZES, ReportPage, report_bytes, scaled_map, strongest_zone, write_report
+from chestxray.reporting.pdf import PAPER_SIZES, ReportPage, report_bytes, scaled_map, strongest_zone, write_report
 from chestxray.trust.evidence import format_call
 
 RESULT_ID = "0123456789abcdef0123456789abcdef"

@@ -17,7 +17,7 @@ from pypdf import PdfReader
 from support.data import DICOM_MONO2, NIH_PNG
 from support.web import results_dir, saved_ids, upload
 
-from chestxray.report_pdf import strongest_zone
+from chestxray.reporting.pdf import strongest_zone
 from chestxray.results import label_names, ranked
 from chestxray.trust.evidence import format_call
 from chestxray.web import create_app

@@ -15,10 +15,10 @@
 - Every C-STORE refused at reception is reported to `on_refusal(outcome, reason)` when given (the app records it in
   the results database): outcome "refused" when the input is at fault, "failed" when the node is (no
   room, a disk or results store that cannot save); reason is one of REFUSALS' fixed categories, never header text.
-- With a destination, each in-scope result (Secondary Capture + Comprehensive SR, chestxray.dicom_out) is written to
-  the spool's outbox and sent from a separate thread; while the destination is down one result probes with back-off,
-  the others wait on disk, and the log gets one line when it goes down and one when it comes back. A restart
-  resumes every image and result the spool holds.
+- With a destination, each in-scope result (Secondary Capture + Comprehensive SR, chestxray.reporting.dicom) is
+  written to the spool's outbox and sent from a separate thread; while the destination is down one result probes
+  with back-off, the others wait on disk, and the log gets one line when it goes down and one when it comes back.
+  A restart resumes every image and result the spool holds.
 - Connections: at most max_associations at once and max_per_peer from one address; one that has not asked for an
   association within connect_timeout is closed, and silent ones are evicted first so a newcomer always finds a slot.
   The called AE title must be the node's own. Control characters in pynetdicom's log records are escaped.
@@ -76,8 +76,8 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from chestxray.dicom_out import ReportContent, build_secondary_capture, build_structured_report
 from chestxray.imaging import MAX_INFLATED_BYTES, InvalidImage, UnsupportedFormat, read_dicom
+from chestxray.reporting.dicom import ReportContent, build_secondary_capture, build_structured_report
 from chestxray.service import ParsedDicom, analyse_and_store
 
 log = logging.getLogger("dicom_node")

@@ -39,11 +39,11 @@ from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from chestxray.calls import statements
 from chestxray.fileio import SpreadsheetWriter
-from chestxray.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.messages import POINT_COMMAND, TRAIN_COMMAND
 from chestxray.predictor import Predictor
-from chestxray.report_pdf import SCALES, ReportPage, report_bytes, strongest_zone
+from chestxray.reporting.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
+from chestxray.reporting.pdf import SCALES, ReportPage, report_bytes, strongest_zone
 from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
 from chestxray.service import ResultNotSaved, analyse_and_store
 from chestxray.trust.evidence import format_call, format_scope
@@ -164,7 +164,8 @@ def model_context() -> dict:
     }
 
 
-# Names and numbers are written by chestxray.formatting only, so page, tab title and PDF print the same strings.
+# Names and numbers are written by chestxray.reporting.formatting only, so page, tab title and PDF print the same
+# strings.
 bp.add_app_template_filter(label_name, "label_name")
 bp.add_app_template_filter(percent, "percent")
 bp.add_app_template_global(auroc_text, "auroc_text")

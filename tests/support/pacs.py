@@ -21,8 +21,8 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from chestxray.dicom_out import ReportContent
 from chestxray.pacs.node import Analysis, Received
+from chestxray.reporting.dicom import ReportContent
 from support.data import NIH_PNG
 from support.hostile import SECRET_ID, SECRET_INSTITUTION, SECRET_NAME
 

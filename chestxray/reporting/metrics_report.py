@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from .metrics import has_both_classes
+from ..metrics import has_both_classes
 
 # Published mean AUROCs over the 14 labels on ChestX-ray14, for context only: the splits differ, and the official
 # test list is harder than a random patient-wise split (sicker patients, more AP views), by about 0.03 AUROC.

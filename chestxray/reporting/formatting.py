@@ -2,8 +2,9 @@
 worklist and the batch page all print a label, a probability, a threshold or an AUROC through these functions, so
 the same quantity reads as the same string everywhere.
 
-The rounding rule: percentages are rounded *down* (chestxray.trust.evidence.format_call), because rounding down is monotone
-and a positive call then never reads "p < threshold"; digits are added only when a negative call would read equal.
+The rounding rule: percentages are rounded *down* (chestxray.trust.evidence.format_call), because rounding down is
+monotone and a positive call then never reads "p < threshold"; digits are added only when a negative call would read
+equal.
 AUROCs are given to two decimals with their 95% interval.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .trust.evidence import format_call
+from ..trust.evidence import format_call
 
 NO_VALUE = "–"  # shown where a number was not recorded
 

@@ -25,8 +25,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .calls import statements
-from .cam import COLORMAP, upsample_map
+from ..calls import statements
+from ..cam import COLORMAP, upsample_map
 from .formatting import auroc_text, finding_text, label_name
 
 # matplotlib's PDF backend is imported in report_bytes only: it costs ~0.5 s at every start of the app.
@@ -214,7 +214,7 @@ def _draw_image(fig: Figure, page: ReportPage, colormap: str, opacity: float) ->
 
 
 def _draw_findings(fig: Figure, page: ReportPage, top: float) -> None:
-    # The page's order (chestxray.results.ranked) and its texts (chestxray.formatting).
+    # The page's order (chestxray.results.ranked) and its texts (chestxray.reporting.formatting).
     ranked = sorted(page.labels, key=lambda name: (page.calls[name] != "positive", -page.probabilities[name]))
     texts = [_texts(page, name) for name in ranked]
     cells = [[t.name, t.probability, t.threshold, t.call, t.auroc] for t in texts]
@@ -293,7 +293,7 @@ def write_report(target: str | os.PathLike | IO[bytes], pages: Sequence[ReportPa
     with matplotlib.rc_context({"pdf.fonttype": 42}), PdfPages(target, metadata={
         "Title": f"Chest X-ray findings report ({len(pages)} result{'s' if len(pages) > 1 else ''})",
         "Subject": "Research tool, not for clinical use",
-        "Creator": "chestxray.report_pdf",
+        "Creator": "chestxray.reporting.pdf",
     }) as pdf:
         for page in pages:
             pdf.savefig(draw_page(page, paper, colormap, opacity, made), dpi=PRINT_DPI)
