@@ -20,21 +20,10 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flask import (
-    Blueprint,
-    Flask,
-    Response,
-    abort,
-    current_app,
-    flash,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    url_for,
-)
+from flask import Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -65,6 +54,9 @@ from chestxray.store import (
     sqlite_url,
 )
 from chestxray.store.models import TRUTHS
+
+if TYPE_CHECKING:
+    from flask import Flask  # only in annotations here
 
 bp = Blueprint("monitoring", __name__)
 log = logging.getLogger("chestxray.web")
