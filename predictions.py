@@ -12,43 +12,26 @@ probability, the positive calls (or the error). Files are decoded by --workers D
 Under torchrun each rank scores one contiguous block of the sorted file list and writes its part beside the output
 file; rank 0 merges the parts into the output in input order.
 Exit code 1 if any image failed, 2 without a usable checkpoint or for bad arguments.
-The inference itself lives in chestxray.predictor (Predictor is re-exported here).
+The inference lives in chestxray.predictor (Predictor is re-exported here), the batched scoring and its
+JSON-lines / CSV output in chestxray.scoring.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from chestxray.cam import with_legend
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from chestxray.fileio import SpreadsheetWriter, atomic_write, dumps_json
-from chestxray.imaging import IMAGE_SUFFIXES
 from chestxray.messages import TRAIN_COMMAND
-from chestxray.monitor import input_statistics
 from chestxray.predictor import BACKEND_HELP, BACKENDS, Prediction, Predictor
-from chestxray.results import PNG_COMPRESS_LEVEL
-from chestxray.scoring import batched, decode_in_order, merge_parts, part_path, shard_bounds
-from chestxray.store import AnalysisStore, StoreError, answered_entry, model_version, refused_entry
+from chestxray.scoring import find_images, heatmap_folders, merge_ranks, open_outputs, score_files, shard_bounds
+from chestxray.store import AnalysisStore, StoreError
 
 __all__ = ["DEFAULT_CHECKPOINT", "Prediction", "Predictor", "get_args_parser", "main"]
-
-
-def find_images(paths: list[str]) -> list[Path]:
-    """Expand files and folders (searched recursively for PNG/JPEG/DICOM) into a sorted, de-duplicated list."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            found.append(p)  # a missing or odd file is reported as that image's error, not skipped
-    seen: set[Path] = set()
-    return [f for f in found if not (f in seen or seen.add(f))]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,48 +69,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _heatmap_dir(out: Path, image: Path, used: set[str]) -> Path:
-    # The stem of "..png" is "." and of "...png" is "..": as a folder name they would put the overlays in --out
-    # itself or in its parent.
-    stem = image.stem if image.stem not in ("", ".", "..") else "image"
-    name, n = stem, 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}"
-    used.add(name)
-    return out / name
-
-
-def _record(pred: Prediction, path: Path, folder: Path | None, which: str) -> dict:
-    """{"image": path, **to_dict()}, plus "heatmaps" {label: overlay PNG path} when `folder` is given."""
-    record = {"image": str(path), **pred.to_dict()}
-    if folder is not None:
-        record["heatmaps"] = {}
-        for label in pred.labels if which == "all" else pred.positive:
-            supported = pred.support[label]
-            caption = (f"{label}: colour = evidence for this finding, scaled to this map's own peak" if supported
-                       else f"{label}: no region supports this finding")
-            image = with_legend(pred.overlay(label), caption)
-            target = atomic_write(folder / f"{label}.png", lambda f, image=image: image.save(
-                f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))  # the web app's level: ~3x faster than 6
-            record["heatmaps"][label] = str(target)
-    return record
-
-
-def csv_header(labels) -> list[str]:
-    """The --csv columns: path, in_scope, one probability per label (model order), one call per label ("LABEL
-    call": positive, negative, not validated or out of scope), the positive calls, the warning, the error."""
-    return ["path", "in_scope", *labels, *(f"{name} call" for name in labels), "positive", "warning", "error"]
-
-
-def csv_row(record: dict, labels) -> list:
-    if "error" in record:
-        return [record["image"], "", *([""] * 2 * len(labels)), "", "", record["error"]]
-    rows = {item["label"]: item for item in record["labels"]}
-    return [record["image"], record["in_scope"], *(f"{rows[name]['probability']:.6f}" for name in labels),
-            *(rows[name]["call"] for name in labels), "|".join(record["positive"]), record.get("warning") or "", ""]
-
-
 def _usage(args: argparse.Namespace, world_size: int) -> str | None:
     if args.batch_size < 1:
         return f"--batch-size must be at least 1, got {args.batch_size}"
@@ -139,77 +80,8 @@ def _usage(args: argparse.Namespace, world_size: int) -> str | None:
     return None
 
 
-def _sinks(stack: ExitStack, args: argparse.Namespace, rank: int, world_size: int, labels):
-    """(JSON-lines file or None, CSV writer or None): stdout for JSON unless a file is named; parts under torchrun."""
-    def open_file(path: str | None):
-        if path is None:
-            return None
-        target = part_path(path, rank) if world_size > 1 else Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return stack.enter_context(target.open("w", newline="", encoding="utf-8"))
-
-    jsonl = open_file(args.jsonl) or (sys.stdout if world_size == 1 else None)
-    csv_file = open_file(args.csv)
-    writer = SpreadsheetWriter(csv_file) if csv_file is not None else None
-    if writer is not None:
-        writer.writerow(csv_header(labels))
-    return jsonl, writer
-
-
-def _score(predictor: Predictor, images: list[Path], folders: list, args: argparse.Namespace, jsonl, writer,
-           progress, store=None) -> int:
-    """Decode (workers), predict (batches) and write every image's record in input order; returns the failures.
-
-    store: a chestxray.store.AnalysisStore that gets one row per image (--database), or None."""
-    want_maps = args.out is not None and args.heatmaps != "none"
-    failed = 0
-    version = model_version(args.checkpoint, predictor) if store is not None else None
-    decoded = decode_in_order(images, predictor.transform, args.workers, max_bytes=int(args.max_file_mb * 2**20))
-    for batch in batched(decoded, args.batch_size):
-        good = [d for d in batch if d.error is None]
-        started = time.perf_counter()
-        preds = iter(predictor.predict_batch([d.image for d in good], want_maps, [d.format for d in good],
-                                             torch.stack([d.inputs for d in good])) if good else [])
-        seconds, entries = (time.perf_counter() - started) / max(1, len(good)), []  # each image's share of the batch
-        for d in batch:
-            if d.error is not None:
-                failed += 1
-                record = {"image": str(d.path), "error": d.error}
-                entries.append(refused_entry(source="cli", reason="unreadable image", latency_s=None, model=version)
-                               if store is not None else None)
-            else:
-                prediction = next(preds)
-                record = _record(prediction, d.path, folders[d.index], args.heatmaps)
-                entries.append(answered_entry(prediction, source="cli", latency_s=seconds, model=version, data=d.path,
-                                              input_stats=input_statistics(d.inputs)) if store is not None else None)
-                if record.get("in_scope") is False:  # said where a person watching the run sees it
-                    print(f"{d.path}: {record['scope']}", file=sys.stderr, flush=True)
-            if jsonl is not None:
-                jsonl.write(dumps_json(record) + "\n")
-                jsonl.flush()
-            if writer is not None:
-                writer.writerow(csv_row(record, predictor.labels))
-        if store is not None:
-            store.record_many(entries)  # technical facts only: never the path or the DICOM header's patient data
-        if progress is not None:
-            progress.update(len(batch))
-    return failed
-
-
-def _merge_ranks(args: argparse.Namespace, rank: int, world_size: int, failed: int) -> int:
-    """Under torchrun: wait for every rank, rank 0 merges the parts in rank (= input) order; the total failures."""
-    import torch.distributed as dist
-
-    failures = torch.tensor([failed])
-    dist.all_reduce(failures)  # every rank's exit code reports a failure anywhere
-    dist.barrier()
-    if rank == 0:
-        for path, header_lines in ((args.jsonl, 0), (args.csv, 1)):
-            if path:
-                merge_parts(path, world_size, header_lines=header_lines)
-    dist.barrier()
-    dist.destroy_process_group()
-    return int(failures.item())
+def _say_out_of_scope(path: Path, reason: str) -> None:
+    print(f"{path}: {reason}", file=sys.stderr, flush=True)  # where a person watching the run sees it
 
 
 def main(args: argparse.Namespace) -> int:
@@ -242,9 +114,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: no PNG, JPEG or DICOM files found in the given paths", file=sys.stderr)
         return 1
     # Overlay folders are named over the whole list first, so every rank names them as one process would.
-    used: set[str] = set()
-    folders = [_heatmap_dir(Path(args.out), path, used) if args.out and args.heatmaps != "none" else None
-               for path in images]
+    folders = heatmap_folders(args.out, images, args.heatmaps)
     start, stop = shard_bounds(len(images), rank, world_size)
     if world_size > 1:
         import torch.distributed as dist
@@ -256,12 +126,15 @@ def main(args: argparse.Namespace) -> int:
 
         progress = tqdm(total=stop - start, unit="img", file=sys.stderr)
     with ExitStack() as stack:
-        jsonl, writer = _sinks(stack, args, rank, world_size, predictor.labels)
-        failed = _score(predictor, images[start:stop], folders[start:stop], args, jsonl, writer, progress, store)
+        outputs = open_outputs(stack, args.jsonl, args.csv, predictor.labels, rank, world_size)
+        failed = score_files(predictor, images[start:stop], folders[start:stop], outputs, heatmaps=args.heatmaps,
+                             batch_size=args.batch_size, workers=args.workers,
+                             max_bytes=int(args.max_file_mb * 2**20), progress=progress, store=store,
+                             checkpoint=args.checkpoint, on_out_of_scope=_say_out_of_scope)
     if progress is not None:
         progress.close()
     if world_size > 1:
-        failed = _merge_ranks(args, rank, world_size, failed)
+        failed = merge_ranks(args.jsonl, args.csv, rank, world_size, failed)
     return 1 if failed else 0
 
 

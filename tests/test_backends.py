@@ -21,7 +21,7 @@ import predictions
 from chestxray.checkpoint import CheckpointError
 from chestxray.imaging import InvalidImage
 from chestxray.predictor import Predictor
-from chestxray.scoring import merge_parts, part_path, shard_bounds
+from chestxray.scoring import csv_header, find_images, merge_parts, part_path, shard_bounds
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_batched_scoring_equals_one_at_a_time(exported, folder, tmp_path, capsys
     # Today's path, independently: one Predictor.predict per file, in find_images order.
     predictor = Predictor.from_checkpoint(exported, device="cpu", backend=backend)
     expected = []
-    for path in predictions.find_images([str(folder)]):
+    for path in find_images([str(folder)]):
         try:
             expected.append({"image": str(path), **predictor.predict(path, heatmaps=False).to_dict()})
         except InvalidImage as exc:
@@ -117,7 +117,7 @@ def test_batched_scoring_equals_one_at_a_time(exported, folder, tmp_path, capsys
         assert got == want
     with open(tmp_path / "out.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == predictions.csv_header(predictor.labels)
+    assert rows[0] == csv_header(predictor.labels)
     assert [r[0] for r in rows[1:]] == [r["image"] for r in expected]
     for row, line in zip(rows[1:], stdout.splitlines()):
         record = json.loads(line)
