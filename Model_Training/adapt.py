@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from chestxray import evaluation
+from chestxray import evaluation, trainstate
 from chestxray.baselines import prevalence_baseline
 from chestxray.checkpoint import CheckpointError, checkpoint_from_obj, safe_torch_load, write_checkpoint
 from chestxray.data import DataError, XrayDataset, collate_batch, subsample, targets
@@ -65,19 +65,6 @@ from chestxray.messages import UsageError
 from chestxray.metrics import THRESHOLD_RULES, mean_auroc, patient_bootstrap_weights, weighted_auroc
 from chestxray.predictor import Predictor
 from chestxray.reporting.metrics_report import fmt, fmt_ci, text_table
-from chestxray.trainstate import (
-    STATE_FILE,
-    LockedSettingChanged,
-    NoTrainingState,
-    load_resume_state,
-    merge_config,
-    read_config,
-    rng_state,
-    save_state,
-    seed_everything,
-    set_rng_state,
-    write_config,
-)
 from chestxray.transforms import build_normalize, build_transform
 from chestxray.trust import TRUST_KEY, Trust, fit_trust
 from chestxray.trust.calibration import Calibration
@@ -223,7 +210,7 @@ def finetune(model, meta, parts: dict, informed, args, device, run_dir: Path, st
         return mean_auroc(y[:, cols], logits[:, cols]) if len(y) else math.nan
 
     if state is None:
-        seed_everything(args.seed)
+        trainstate.seed_everything(args.seed)
         run = _FinetuneRun.before_training(model, val_auroc())
     else:
         run = _FinetuneRun.resumed(model, optimizer, train_loader, state, args.epochs)
@@ -235,9 +222,9 @@ def finetune(model, meta, parts: dict, informed, args, device, run_dir: Path, st
         run.history.append({"epoch": epoch, "loss": loss, "val_mean_auroc": score})
         _log(f"finetune epoch {epoch}: loss {loss:.4f}, val mean AUROC {fmt(score)}")
         run.record(model, epoch, score, args.patience)
-        save_state(run_dir, {
+        trainstate.save_state(run_dir, {
             "epoch": epoch, "model": _cpu(model.state_dict()), "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), "sampler": train_loader.generator.get_state(), "history": run.history,
+            "rng": trainstate.rng_state(), "sampler": train_loader.generator.get_state(), "history": run.history,
             "best_score": run.best, "best_epoch": run.best_epoch, "best_model": _cpu(run.best_state),
             "stale": run.stale, "stopped": run.stopped, **(provenance or {})})
     model.load_state_dict(run.best_state)
@@ -300,7 +287,7 @@ class _FinetuneRun:
         """A run continued from its saved state: weights, optimiser, RNG and sampler as after its last epoch."""
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        trainstate.set_rng_state(state["rng"])
         train_loader.generator.set_state(state["sampler"])  # the next epoch draws the order it would have drawn
         run = cls(state["best_model"], state["best_score"], state["best_epoch"], list(state["history"]),
                   state["stale"], state["stopped"], state["epoch"] + 1)
@@ -330,17 +317,17 @@ def prepare_finetune_run(args: argparse.Namespace, base_sha256: str, labels_sha2
     state = None
     if args.resume:
         try:
-            state, notes = load_resume_state(run_dir)
-        except NoTrainingState as exc:
+            state, notes = trainstate.load_resume_state(run_dir)
+        except trainstate.NoTrainingState as exc:
             raise UsageError(f"--resume: {exc}; drop --resume to start a new fine-tune") from None
         for note in notes:
             _log(note)
-        saved = read_config(run_dir, state)
+        saved = trainstate.read_config(run_dir, state)
         parser = get_args_parser()
         defaults = {key: parser.get_default(key) for key in vars(args) if key not in ("resume", "run_dir")}
         try:
-            merged, changed = merge_config(vars(args), saved, defaults, LOCKED)
-        except LockedSettingChanged as exc:
+            merged, changed = trainstate.merge_config(vars(args), saved, defaults, LOCKED)
+        except trainstate.LockedSettingChanged as exc:
             raise UsageError(f"--{exc.key.replace('_', '-')} cannot change on --resume (the run in progress uses "
                              f"{exc.saved!r}); start a new fine-tune with another --run-dir instead") from None
         vars(args).update(merged)
@@ -351,12 +338,12 @@ def prepare_finetune_run(args: argparse.Namespace, base_sha256: str, labels_sha2
                                  f"used {str(state.get(key))[:12]}…); start a new fine-tune with another --run-dir")
         changes = ", ".join(f"--{key.replace('_', '-')} {new} (was {old})" for key, new, old in changed)
         _log(f"resuming {run_dir} after epoch {state['epoch']}" + (f"; changed: {changes}" if changes else ""))
-    elif (run_dir / STATE_FILE).exists():
-        raise UsageError(f"{run_dir} already holds a fine-tune ({STATE_FILE}); pass --resume to continue it, or "
-                         "choose another --run-dir (or --report-dir)")
+    elif (run_dir / trainstate.STATE_FILE).exists():
+        raise UsageError(f"{run_dir} already holds a fine-tune ({trainstate.STATE_FILE}); pass --resume to continue "
+                         "it, or choose another --run-dir (or --report-dir)")
     args.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    trainstate.write_config(run_dir, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     return run_dir, state
 
 
