@@ -214,7 +214,7 @@ def test_predict_redirects_to_result_page_with_all_labels(client, app, tiny_pred
     assert shown == expected.ranked() and len(shown) == len(tiny_predictor.labels)
     assert body.count('class="finding positive') == len(expected.positive) > 0
     for label in expected.labels:
-        p_text, _ = format_call(expected.probabilities[label], expected.thresholds[label])
+        p_text, _ = format_call(expected.probabilities[label], expected.thresholds[label], call=expected.call(label))
         assert f'<td class="num probability">{p_text}</td>' in body
     assert body.count('class="threshold"') == len(expected.labels)  # the threshold mark on every bar
     assert body.count('<td class="num threshold">50.0 %</td>') == len(expected.labels)

@@ -124,6 +124,16 @@ def test_the_issue_example_reads_as_not_positive():
     assert _percent(p_text) < _percent(t_text)
 
 
+@pytest.mark.parametrize("call", ["not validated", "out of scope"])
+def test_no_call_keeps_one_decimal_however_close_the_threshold(call):
+    # A demo model's calibrated probabilities sit within 1e-6 of their thresholds; with no call there is no side of
+    # the threshold to show, so the texts stay short (the page's findings table fits its panel).
+    assert format_call(0.07317072, 0.07317075, call=call) == ("7.3 %", "7.3 %")
+    p_text, t_text = format_call(0.07317072, 0.07317075, call="negative")  # a call: digits until p < t shows
+    assert _percent(p_text) < _percent(t_text) and len(p_text) > len("7.3 %")
+    assert format_call(0.5, 0.25, call=call) == ("50.0 %", "25.0 %")
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_display_never_contradicts_the_call(seed):
     rng = np.random.default_rng(seed)

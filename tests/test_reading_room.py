@@ -66,7 +66,7 @@ def test_every_number_reads_the_same_on_page_title_panel_pdf_and_csv(client, nih
     assert any(" (" in texts["auroc"] for texts in shown.values()), "the trusted checkpoint's AUROCs carry a CI"
     for row in rows:
         texts = shown[row["label"]]
-        p_text, t_text = format_call(row["probability"], row["threshold"])
+        p_text, t_text = format_call(row["probability"], row["threshold"], call=row["call"])
         assert texts == {"name": label_name(row["label"]), "probability": p_text, "threshold": t_text,
                          "call": row["call"], "auroc": auroc_text(row["auroc"], row["auroc_ci"])}
         assert "_" not in texts["name"]
@@ -79,7 +79,7 @@ def test_every_number_reads_the_same_on_page_title_panel_pdf_and_csv(client, nih
     # The model panel's thresholds: the same rule (rounded down), the same string as the findings' threshold.
     panel = page[page.index('id="model"'):]
     for row in rows:
-        if format_call(row["probability"], row["threshold"])[1] == percent(row["threshold"]):
+        if format_call(row["probability"], row["threshold"], call=row["call"])[1] == percent(row["threshold"]):
             assert re.search(rf"{re.escape(label_name(row['label']))}</th>\s*<td[^>]*>[^<]*</td>\s*"
                              rf"<td[^>]*>{re.escape(percent(row['threshold']))}</td>", panel), row["label"]
 
@@ -99,7 +99,7 @@ def test_every_number_reads_the_same_on_page_title_panel_pdf_and_csv(client, nih
     csv_row = next(csv.DictReader(io.StringIO(client.get(f"/results.csv?ids={rid}").data.decode())))
     for row in rows:
         value = float(csv_row[row["label"]])
-        assert format_call(value, row["threshold"])[0] == shown[row["label"]]["probability"]
+        assert format_call(value, row["threshold"], call=row["call"])[0] == shown[row["label"]]["probability"]
         assert csv_row[f"{row['label']} call"] == shown[row["label"]]["call"]
 
 

@@ -61,8 +61,8 @@ class FindingText:
 def finding_text(row: Mapping) -> FindingText:
     """The texts of one row of Prediction.to_dict()["labels"] (label, probability, threshold, call, auroc, auroc_ci);
     the probability and threshold texts never contradict the call (see format_call)."""
-    probability, threshold = format_call(row["probability"], row["threshold"])
     call = row.get("call") or ("positive" if row.get("positive") else "negative")
+    probability, threshold = format_call(row["probability"], row["threshold"], call=call)
     return FindingText(label=row["label"], name=label_name(row["label"]), call=call, probability=probability,
                        threshold=threshold, auroc=auroc_text(row.get("auroc"), row.get("auroc_ci")))
 

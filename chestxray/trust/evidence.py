@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..calls import NEGATIVE, POSITIVE
 from ..metrics import auroc_summary
 
 MIN_POSITIVE_PATIENTS = 10
@@ -143,14 +144,21 @@ def is_validated(evidence: Mapping | None) -> bool:
     return bool(evidence) and _decide(evidence)[0]
 
 
-def format_call(probability: float, threshold: float, decimals: int = 1) -> tuple[str, str]:
+def format_call(probability: float, threshold: float, decimals: int = 1, call: str | None = None) -> tuple[str, str]:
     """(probability text, threshold text) as percentages that never contradict probability >= threshold.
 
     Both are rounded down to the same number of decimals (rounding down is monotone, so a positive call always
     reads p >= t); when a negative call would read equal, decimals are added until the text shows p < t.
     E.g. (0.90645, 0.90647) -> ("90.645 %", "90.647 %"), where one decimal would show 90.6 % for both.
+
+    call: the core's call for this label, when known. "not validated" and "out of scope" claim no side of the
+    threshold, so there is nothing for the texts to contradict and both keep `decimals` (a demo model's calibrated
+    probabilities can sit within 1e-6 of their thresholds, and "7.317072 %" helps no reader).
     """
     p, t = float(probability), float(threshold)
+    if call is not None and call not in (POSITIVE, NEGATIVE):
+        scale = 10 ** (decimals + 2)
+        return tuple(f"{math.floor(v * scale) / scale * 100:.{decimals}f} %" for v in (p, t))
     for d in range(decimals, decimals + 10):
         scale = 10 ** (d + 2)
         fp, ft = math.floor(p * scale) / scale, math.floor(t * scale) / scale

@@ -68,7 +68,8 @@ def expected_findings(results: Path, rid: str) -> list[tuple[str, str]]:
     """Called findings first, then by probability; probability texts that agree with the call."""
     record = json.loads((results / rid / "result.json").read_text())
     ranked = sorted(record["labels"], key=lambda row: (not row["positive"], -row["probability"]))
-    return [(row["label"], format_call(row["probability"], row["threshold"])[0]) for row in ranked]
+    return [(row["label"], format_call(row["probability"], row["threshold"], call=row.get("call"))[0])
+            for row in ranked]
 
 
 @pytest.mark.slow(19)
