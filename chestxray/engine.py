@@ -208,22 +208,14 @@ def _sync_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def evaluate(
-    model: nn.Module,
-    loader,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    device: torch.device,
-    normalize: Normalize,
-    amp: bool = False,
-    channels_last: bool = False,
-    progress: bool = True,
-    desc: str = "val",
-) -> EvalResult:
-    """Predict the whole set (gathered over ranks) -> loss over its full label matrix, probabilities, AUROCs."""
+def evaluate(model: nn.Module, loader, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             device: torch.device, normalize: Normalize, **options) -> EvalResult:
+    """Predict the whole set (gathered over ranks) -> loss over its full label matrix, probabilities, AUROCs.
+
+    options: predict_logits' keywords (amp, channels_last, progress; desc defaults to "val")."""
     _sync_buffers(model)
-    logits, targets, indices, unreadable = predict_logits(
-        model, loader, device, normalize, amp=amp, channels_last=channels_last, progress=progress, desc=desc
-    )
+    options.setdefault("desc", "val")
+    logits, targets, indices, unreadable = predict_logits(model, loader, device, normalize, **options)
     logits, targets, indices, unreadable = gather_predictions(logits, targets, indices, unreadable)
     if len(indices) == 0:
         nan = np.full(targets.shape[1], np.nan)
