@@ -220,10 +220,10 @@ def _draw_findings(fig: Figure, page: ReportPage, top: float) -> None:
     cells = [[t.name, t.probability, t.threshold, t.call, t.auroc] for t in texts]
     ax = fig.add_axes((0.06, 0.08, 0.88, top - 0.08))
     ax.set_axis_off()
-    ax.set_title("Findings: called findings first, then by probability", loc="left", fontsize=10,
-                 fontweight="bold", color=INK)
+    ax.set_title("Findings: called findings first, then by probability; evidence AUROC on the calibration split",
+                 loc="left", fontsize=10, fontweight="bold", color=INK)
     table = ax.table(cellText=cells, colLabels=["Label", "Probability", "Threshold", "Call",
-                                                "Validation AUROC (95% CI)"],
+                                                "Evidence AUROC (95% CI)"],
                      colWidths=[0.27, 0.14, 0.14, 0.18, 0.27], cellLoc="left", loc="upper left")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
