@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run every benchmark one after another (never in parallel: they time the CPU) and rebuild BENCHMARKS.md.
+# Run every benchmark one after another (never in parallel: they time the CPU). Each writes its figures under
+# benchmarks/results/; BENCHMARKS.md quotes them in sections written by hand (with the context a reader needs), so
+# nothing here overwrites it: compare the new results files with `git diff benchmarks/results` and update its text.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,4 +24,4 @@ SMOKE=${SMOKE:-/tmp/chestxray-smoke.pth}
 TRAIN="Model_Training/train.py --data-dir ../shared/data/nih --image-size 64 --epochs 2 --no-pretrained --device cpu"
 [ -f "$SMOKE" ] || $PY $TRAIN --output "$SMOKE" --no-progress
 $PY benchmarks/bench_scope.py --checkpoint "$SMOKE" --data-dir ../shared/data/nih --command "$TRAIN"
-$PY benchmarks/collect.py
+echo "figures written under benchmarks/results/ (git diff benchmarks/results); BENCHMARKS.md is updated by hand"
