@@ -364,6 +364,7 @@ class Predictor:
         return {
             "arch": self.meta.arch,
             "image_size": self.meta.image_size,
+            "heatmap_cells": self.meta.image_size // self.meta.output_stride,  # per side, at output_stride
             "labels": list(self.labels),
             "thresholds": dict(zip(self.labels, map(float, self.thresholds))),
             "lse_r": self.meta.lse_r,

@@ -95,6 +95,8 @@ def test_model_card_page_is_html_and_the_json_stays(client, tiny_predictor):
     body = html.unescape(page.data.decode())
     card = tiny_predictor.model_card()
     assert card["arch"] in body and card["training"]["data"] in body and "Validation AUROC per label" in body
+    cells = tiny_predictor.meta.image_size // tiny_predictor.meta.output_stride
+    assert card["heatmap_cells"] == cells and f"heatmaps of {cells} × {cells} cells" in body
     assert 'href="/model"' in client.get("/").data.decode()  # the header's "Model card" opens the page
     assert client.get("/api/model").get_json() == card
 
