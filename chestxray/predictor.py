@@ -25,6 +25,7 @@ from .imaging import Source, read_bytes, read_xray, sniff
 from .meta import CheckpointError, Meta
 from .metrics import binarize
 from .model import ChestXrayNet
+from .monitor import input_statistics
 from .onnx_backend import OnnxModel, OnnxModelError
 from .transforms import build_normalize, build_transform, preprocess
 from .trust import Trust, TrustError
@@ -93,6 +94,7 @@ class Prediction:
     support: dict[str, bool] = field(default_factory=dict)  # some positive value in the label's map
     untrusted: bool = False
     orientation: str | None = None
+    input_stats: tuple[float, float] | None = None  # (brightness, contrast) of the model input, for the monitor
 
     @property
     def positive(self) -> list[str]:
@@ -310,6 +312,7 @@ class Predictor:
             if not heatmaps:
                 prediction.heatmaps = None
             prediction.orientation = judged[i] if judged is not None else None
+            prediction.input_stats = input_statistics(inputs[i])  # the monitor's, from the input already made
             predictions.append(prediction)
         return predictions
 

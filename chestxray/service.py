@@ -78,5 +78,5 @@ def analyse_and_store(predictor: Predictor, results: ResultStore, image: bytes |
     if monitor is not None:
         # The image's technical facts (bit depth, photometric) come from the header already read, or the bytes.
         facts_from = image.header if isinstance(image, ParsedDicom) else image
-        monitor.answered(prediction, channel, started, facts_from, record["id"], predictor)
+        monitor.answered(prediction, channel, started, facts_from, record["id"])
     return Stored(prediction, record)

@@ -31,6 +31,8 @@ def monitored_checkpoint(tmp_path_factory, tiny_checkpoint) -> Path:
     predictions = [predictor.predict(p) for p in SMALL]
     probs = np.array([[p.probabilities[label] for label in p.labels] for p in predictions])
     stats = np.array([input_statistics(predictor.transform(p.image)) for p in predictions])
+    # Each prediction carries the same figures, from the input its forward pass used (the monitor records them).
+    assert np.allclose([p.input_stats for p in predictions], stats, atol=1e-6)
     reference = fit_reference(probs, predictor.labels)
     reference.samples["brightness"], reference.samples["contrast"] = np.sort(stats[:, 0]), np.sort(stats[:, 1])
     obj = safe_torch_load(tiny_checkpoint)

@@ -604,7 +604,7 @@ def test_a_received_image_is_parsed_once_from_reception_to_its_dicom_result(tiny
     monkeypatch.setattr(pynetdicom.events, "decode", lambda *a, **k: parses.append("pynetdicom") or decode(*a, **k))
 
     class Monitor:
-        def answered(self, prediction, source, started, data, result_id, predictor=None):
+        def answered(self, prediction, source, started, data, result_id):
             facts.append(image_facts(data, prediction.to_dict()["format"]))
 
         def refused(self, source, started, exc):

@@ -19,7 +19,7 @@ class Recorder:
     def __init__(self):
         self.rows = []
 
-    def answered(self, prediction, source, started, data, result_id, predictor=None):
+    def answered(self, prediction, source, started, data, result_id):
         self.rows.append(("answered", source, type(data).__name__, result_id))
 
     def refused(self, source, started, exc):

@@ -40,7 +40,6 @@ from chestxray.monitor import (
     agreement,
     check_span,
     checked_drift,
-    input_statistics,
     percentile,
     periods,
 )
@@ -105,12 +104,11 @@ class Monitor:
         with self._lock:
             self._status = None  # the next page recomputes the alert with this analysis in the window
 
-    def answered(self, prediction, source: str, started: float, data: bytes | None, result_id: str | None,
-                 predictor=None) -> None:
+    def answered(self, prediction, source: str, started: float, data: bytes | None, result_id: str | None) -> None:
         """Record an answered analysis: the latency since `started` (time.perf_counter()), the input's technical
-        facts read from `data`, its brightness and contrast after `predictor`'s transform."""
+        facts read from `data`, and the brightness and contrast of its model input (Prediction.input_stats)."""
         latency = time.perf_counter() - started
-        stats = input_statistics(predictor.transform(prediction.image)) if predictor is not None else None
+        stats = prediction.input_stats
         self.record(answered_entry(prediction, source=source, latency_s=latency, model=self.model,
                                    result_id=result_id, data=data, input_stats=stats))
 
