@@ -1,6 +1,6 @@
 """End to end in headless Chromium, the result page at a phone's 320 and 390 px, a tablet's 768 px, laptops' 1024, 1280
-and 1366 px and desktops' 1400 and 1920 px: no sideways scrolling, no word of the findings list broken across lines, every column of every finding
-inside its panel, the worklist inside 320 px; and axe-core's serious violations stay at zero."""
+and 1366 px and desktops' 1400 and 1920 px: no sideways scrolling, no word of the findings list or the review form broken across lines, every column of every
+finding inside its panel, no review form cell spilling over its neighbour, the worklist inside 320 px; and axe-core's serious violations stay at zero."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,6 +44,9 @@ HIDDEN_CELLS = """(panel) => {
 }"""
 WIDEST = """(panel) => [...panel.querySelectorAll("*")].filter(e => e.scrollWidth > e.clientWidth + 1 && e.clientWidth)
   .map(e => `${e.tagName}.${e.className.baseVal ?? e.className} ${e.scrollWidth}>${e.clientWidth}`).slice(0, 6).join("; ")"""
+CROWDED_CELLS = """(table) => [...table.querySelectorAll("tbody th, tbody td")]
+  // Cells whose content is wider than the cell itself: it spills over its neighbour (a long label over the call).
+  .filter(cell => cell.scrollWidth > cell.clientWidth + 1).map(cell => cell.textContent.trim().slice(0, 30))"""
 OUTSIDE = """() => [...document.body.querySelectorAll("*")]
   .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
   .map(e => `${e.tagName}#${e.id}.${e.className.baseVal ?? e.className}`).slice(-4).join("; ")"""
@@ -85,6 +88,11 @@ def test_findings_list_reads_at_every_width(site, browser):
             problems.append(f"{width} px: words broken across lines: {broken}")
         if hidden := panel.evaluate(HIDDEN_CELLS):
             problems.append(f"{width} px: cells not shown in full: {hidden}")
+        review = page.locator("table.feedback-table")
+        if crowded := review.evaluate(CROWDED_CELLS):
+            problems.append(f"{width} px: review form cells spill over: {crowded}")
+        if broken := review.evaluate(BROKEN_WORDS):
+            problems.append(f"{width} px: review form words broken across lines: {broken}")
         names = page.locator(".label-link").all_inner_texts()
         if "Pleural Thickening" not in names or any("_" in name for name in names):
             problems.append(f"{width} px: labels not shown by their display names: {names}")
