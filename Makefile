@@ -60,6 +60,7 @@ test: setup-dev browser pacs postgres
 # The README's pictures, made by Chromium driving the real app on the demo model that `make run` serves (built first
 # when missing), so they show the current code.
 screenshots: setup-dev browser
+	@command -v pdftoppm >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q poppler-utils)
 	$(PY) Model_Training/demo.py --no-progress
 	$(PY) tests/e2e/screenshot.py --checkpoint .cache/demo_model.pth
 
