@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, DateFormatter
 from matplotlib.figure import Figure
 
 from chestxray.calls import NEGATIVE, POSITIVE
@@ -342,9 +343,11 @@ def _period_arg() -> str:
 def monitor_figures(period: str) -> dict:
     """Everything /monitor shows for the chosen period length."""
     m = monitor()
-    since = datetime.now(UTC) - timedelta(days=PERIODS[period] * (7 if period == "week" else 1))
+    until = datetime.now(UTC)
+    since = until - timedelta(days=PERIODS[period] * (7 if period == "week" else 1))
     columns = m.store.columns(since=since, model_hash=m.model.hash)
-    return {"periods": periods(columns, period, m.reference, m.limits), "columns": columns}
+    return {"periods": periods(columns, period, m.reference, m.limits), "columns": columns, "since": since,
+            "until": until}
 
 
 @bp.get("/monitor")
@@ -379,7 +382,8 @@ def _figure() -> tuple[Figure, object]:
 def plot_png(name: str, period: str) -> bytes:
     """One of PLOTS over the chosen periods, as PNG bytes (matplotlib Agg, no pyplot: safe in threads)."""
     m = monitor()
-    rows = monitor_figures(period)["periods"]
+    figures = monitor_figures(period)
+    rows = figures["periods"]
     x = [p.start for p in rows]
     fig, ax = _figure()
     if not rows:
@@ -410,6 +414,11 @@ def plot_png(name: str, period: str) -> bytes:
         ax.plot(x, [p.latency_p95 or np.nan for p in rows], marker="s", label="p95")
         ax.set_ylabel("latency (ms)")
     if rows:
+        # Every plot spans the whole chosen window with dates as ticks: with one or two periods of data, matplotlib's
+        # own limits stretch a lone point over years or a lone bar over hours.
+        ax.set_xlim(figures["since"], figures["until"] + timedelta(days=1))
+        ax.xaxis.set_major_locator(AutoDateLocator(maxticks=8))
+        ax.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
         ax.legend(fontsize=7, loc="upper left")
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     buffer = io.BytesIO()
