@@ -2,9 +2,10 @@
 
 The reference is fitted on the split the trust parts are fitted on (fit_trust: the calibration/validation split):
 each label's calibrated probability, the in-scope score and two input statistics (brightness and contrast of the
-model's input), kept as sorted samples, plus the split's prevalence, called-positive and out-of-scope rates. The
-monitor compares the newest `window` answered analyses with it (CheXstray, Soin et al. 2022: inputs and outputs,
-no ground truth needed):
+model's input), and each image's mean label rank (the mean over labels of its probability's percentile among the
+split's probabilities of that label), kept as sorted samples, plus the split's prevalence, called-positive and
+out-of-scope rates. The monitor compares the newest `window` answered analyses with it (CheXstray, Soin et al.
+2022: inputs and outputs, no ground truth needed):
 
 - the population stability index (PSI) over the reference's deciles, an effect size (written by hand: a few lines,
   no library ships it; a test compares it with the formula computed independently);
@@ -14,6 +15,12 @@ no ground truth needed):
   the label's threshold, before the evidence gate: the reference's own definition) against the reference split's
   count. A prevalence shift moves a label's called-positive rate as far as the model tells the finding apart, even
   where the whole probability distribution moves too little for PSI (a rare label's mass sits in one decile).
+
+The mean label rank pools the labels' weak signals: a change of the patient mix (more or fewer images with any
+finding) moves many labels' probabilities the same way, each too little for its own test, and the mean over labels
+keeps that common move while averaging away each label's own noise. Percentiles, not the probabilities themselves,
+so that every label counts equally (a sum of calibrated probabilities would be a test of the common labels only).
+It is tested as the label probabilities are; a reference written before it has none, and the monitor skips it.
 
 A quantity alerts when its shift is both large and not explained by chance: its PSI, less the PSI two samples of
 these sizes from one distribution show by chance, exceeds `AlertLimits.psi`, and its p-value is below
@@ -50,6 +57,7 @@ CONTRAST = "contrast"
 OUT_OF_SCOPE = "out_of_scope_rate"
 CALLED = "called_positive:"  # + label: the called-positive rate at the reference's threshold
 INPUTS = (SCOPE, BRIGHTNESS, CONTRAST)
+MEAN_LABEL_RANK = "mean_label_rank"  # per image: the mean over labels of the probability's reference percentile
 
 
 def probability_key(label: str) -> str:
@@ -128,6 +136,19 @@ def _kept(values: np.ndarray) -> np.ndarray:
     return np.quantile(values, (np.arange(REFERENCE_POINTS) + 0.5) / REFERENCE_POINTS)
 
 
+def mean_label_rank(probabilities: np.ndarray, samples: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, L) calibrated probabilities and each label's sorted reference sample (L of them) -> (N,) the mean over
+    labels of the probability's mid-rank percentile in its label's sample, in [0, 1] (ties count half; NaN where a
+    label's probability is missing)."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    ranks = np.empty_like(probabilities)
+    for j, sample in enumerate(samples):
+        p = probabilities[:, j]
+        ranks[:, j] = (np.searchsorted(sample, p, "left") + np.searchsorted(sample, p, "right")) / (2 * len(sample))
+        ranks[np.isnan(p), j] = np.nan
+    return ranks.mean(axis=1)
+
+
 def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.ndarray | None = None,
                   thresholds: Sequence[float] | None = None, scope_scores: np.ndarray | None = None,
                   scope_limit: float | None = None, image_stats: np.ndarray | None = None,
@@ -137,6 +158,8 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
     normalisation (mean, std) of channel 0 it was computed with."""
     calibrated = np.asarray(calibrated, dtype=float)
     samples = {probability_key(label): _kept(calibrated[:, j]) for j, label in enumerate(labels)}
+    if len(labels) > 1:  # of one label, the rank is that label's probability again: no second test of it
+        samples[MEAN_LABEL_RANK] = _kept(mean_label_rank(calibrated, [samples[probability_key(x)] for x in labels]))
     prevalence = positive_rate = cuts = {}
     if targets is not None:
         prevalence = {label: float(np.mean(np.asarray(targets)[:, j])) for j, label in enumerate(labels)}
@@ -236,9 +259,22 @@ def window_values(columns: Mapping, reference: Reference) -> dict[str, np.ndarra
             values[called_key(label)] = np.where(np.isfinite(p), p >= reference.thresholds[label], np.nan)
     for name in INPUTS:
         values[name] = np.asarray(columns[name], dtype=float)[answered]
+    if MEAN_LABEL_RANK in reference.samples:
+        values.update(pooled_values(columns, reference, answered))
     in_scope = np.asarray(columns["in_scope"], dtype=object)[answered]
     values[OUT_OF_SCOPE] = np.array([float(v is False) for v in in_scope if v is not None])
     return {key: v[np.isfinite(v)] for key, v in values.items() if key in quantities(reference)}
+
+
+def pooled_values(columns: Mapping, reference: Reference, answered: np.ndarray) -> dict[str, np.ndarray]:
+    """{MEAN_LABEL_RANK: (N,)} for the answered rows of the store's columns, over the labels the reference has a
+    probability sample of; {} when the columns lack one of them (the pooled figure would mean something else)."""
+    labels = [key[len("probability:"):] for key in reference.samples if key.startswith("probability:")]
+    if not labels or not set(labels) <= set(columns["labels"]):
+        return {}
+    index = [list(columns["labels"]).index(label) for label in labels]
+    probabilities = np.asarray(columns["probability"], dtype=float)[answered][:, index]
+    return {MEAN_LABEL_RANK: mean_label_rank(probabilities, [reference.samples[probability_key(x)] for x in labels])}
 
 
 def drift(reference: Reference, values: Mapping[str, np.ndarray], limits: AlertLimits = AlertLimits(),

@@ -13,6 +13,7 @@ import torch
 
 from chestxray.monitor import (
     CALLED,
+    MEAN_LABEL_RANK,
     OUT_OF_SCOPE,
     AlertLimits,
     Reference,
@@ -292,7 +293,7 @@ def test_fit_trust_stores_the_reference_of_its_calibration_split(tiny_checkpoint
                          build_normalize(meta), n_boot=10)
     ref = trust.reference
     assert ref.n_images == 40 and set(ref.samples) == {*(f"probability:{n}" for n in meta.labels), "scope_score",
-                                                       "brightness", "contrast"}
+                                                       "brightness", "contrast", MEAN_LABEL_RANK}
     inputs = [dataset[i][0] for i in range(len(dataset))]
     assert np.allclose(ref.samples["brightness"], np.sort([input_statistics(x)[0] for x in inputs]), atol=1e-5)
     targets = np.stack([dataset[i][1].numpy() for i in range(len(dataset))])
