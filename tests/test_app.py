@@ -26,7 +26,7 @@ import predictions
 from chestxray import results as results_module
 from chestxray.cam import heatmap_image
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from chestxray.messages import TRAIN_COMMAND
+from chestxray.messages import POINT_COMMAND, TRAIN_COMMAND
 from chestxray.model import ChestXrayNet
 from chestxray.predictor import Predictor
 from chestxray.results import DISPLAY_MAX_SIDE, default_label, label_names, ranked
@@ -474,7 +474,7 @@ def _assert_no_model_everywhere(client, reason: str) -> None:
     for path in ("/", "/nope"):
         body = html.unescape(client.get(path).data.decode())
         assert "No model is loaded" in body and reason in body
-        assert TRAIN_COMMAND in body and "python main.py --checkpoint PATH" in body
+        assert TRAIN_COMMAND in body and POINT_COMMAND in body
     page = client.post("/predict", data=upload(NIH_PNG))
     assert "No model is loaded" in back_to_upload_page(client, page)[0]
     for response in (client.post("/api/predict", data=upload(NIH_PNG)), client.get("/api/model")):

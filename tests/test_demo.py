@@ -9,6 +9,7 @@ import pytest
 from support.training import QUICK_DEMO as QUICK
 
 from chestxray.checkpoint import load_checkpoint, save_checkpoint
+from chestxray.messages import TRAIN_COMMAND
 from Model_Training import demo
 
 
@@ -150,7 +151,7 @@ def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path)
     for page in ("/", "/no-such-page"):
         text = " ".join(re.sub(r"<[^>]+>", "", client.get(page).get_data(as_text=True)).split())
         assert ("Demo model: trained on 262 images for 1.5 minutes; its answers are meaningless — train a real one "
-                "with python Model_Training/train.py") in text
+                f"with {TRAIN_COMMAND}") in text
     assert client.get("/api/model").get_json()["demo"] is True
 
     real = create_app({"CHECKPOINT": str(tiny_checkpoint), "RESULTS_DIR": str(tmp_path / "r2"),
