@@ -271,3 +271,14 @@ def test_every_c_store_the_dicom_node_refuses_gets_a_row_without_patient_data(ma
     metrics = app.test_client().get("/metrics").get_data(as_text=True)
     assert 'chestxray_analyses_total{outcome="refused",source="dicom"} 2.0' in metrics
     assert 'chestxray_analyses_total{outcome="answered",source="dicom"} 1.0' in metrics
+
+
+def test_every_monitored_quantity_has_a_readable_name():
+    from chestxray.monitor import CALLED, INPUTS, MEAN_LABEL_RANK, OUT_OF_SCOPE, probability_key
+    from chestxray.web import monitoring
+
+    quantities = [*INPUTS, MEAN_LABEL_RANK, OUT_OF_SCOPE, probability_key("Pleural_Thickening"),
+                  CALLED + "Pleural_Thickening"]
+    names = [monitoring.quantity_name(q) for q in quantities]
+    assert all("_" not in name for name in names), names  # never a raw key on /monitor or a result page's notice
+    assert monitoring.quantity_name(MEAN_LABEL_RANK) == "mean label rank (all labels)"

@@ -34,6 +34,7 @@ from chestxray.imaging import InvalidImage, UnsupportedFormat
 from chestxray.monitor import (
     CALLED,
     INPUTS,
+    MEAN_LABEL_RANK,
     OUT_OF_SCOPE,
     AlertLimits,
     DriftRow,
@@ -224,7 +225,7 @@ def quantity_name(quantity: str) -> str:
     if quantity.startswith(CALLED):
         return f"{quantity[len(CALLED):].replace('_', ' ')} called-positive rate"
     return {"scope_score": "in-scope score", "brightness": "input brightness", "contrast": "input contrast",
-            OUT_OF_SCOPE: "out-of-scope rate"}.get(quantity, quantity)
+            MEAN_LABEL_RANK: "mean label rank (all labels)", OUT_OF_SCOPE: "out-of-scope rate"}.get(quantity, quantity)
 
 
 # -- feedback ----------------------------------------------------------------------------------------------------------
