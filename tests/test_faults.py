@@ -51,9 +51,9 @@ def _files(folder: Path) -> list[str]:
 
 
 # "kind" marks a training state (killed writing epoch 2's); "meta" a best checkpoint (killed writing the first one
-# after epoch 1's state, i.e. the next epoch that improves on epoch 1).
-# The "meta" case needs a run whose validation AUROC improves after epoch 1: the 48 validation images of the shared
-# 937-image sample give one; the bundled sample's 21 do not (its seeded run's best epoch is 1), so it reads ../shared.
+# after epoch 1's state: the next epoch that improves on epoch 1, or the final save with trust data).
+# The "meta" case reads the shared 937-image sample, whose 48 validation images can give a run that improves after
+# epoch 1 (the bundled sample's 21 do not).
 @pytest.mark.parametrize("match, what", [("kind", "training state"),
                                          pytest.param("meta", "best checkpoint", marks=shared)])
 @pytest.mark.slow(20)
@@ -71,9 +71,11 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_state(n
     leftovers = [name for name in _files(run) + _files(tmp_path) if name.endswith(".tmp")]
     assert len(leftovers) == 1, (what, leftovers)
     state = torch.load(run / "last.pth", weights_only=True)
-    # A best checkpoint is written before the epoch's state, so the state on disk is the one before the killed epoch:
-    # which epoch improves first depends on the seeded run, only that one after epoch 1 does.
-    assert state["epoch"] == 1 if match == "kind" else state["epoch"] in (1, 2)
+    # A best checkpoint is written before the epoch's state, so the state on disk is the one before the killed epoch;
+    # which epoch improves first depends on the seeded run (and on the machine's float arithmetic). When none after
+    # epoch 1 does, the killed write is the final save of the best checkpoint with its trust data, after epoch 3's
+    # state.
+    assert state["epoch"] == 1 if match == "kind" else state["epoch"] in (1, 2, 3)
     if best.exists():
         load_checkpoint(best)
 
