@@ -10,8 +10,9 @@ After writing, the export is checked against PyTorch on a few images (fp32 must 
 
 --int8 quantizes statically (ONNX Runtime, QDQ, per-channel weights, head kept in float), calibrated on images from
 --calibration-dir: when that folder is an NIH data folder (Data_Entry CSV), only its *training* split is used, as
-the checkpoint was split; otherwise every image found in it. Check int8 quality with Model_Training/test.py on the
-validation split before using it (BENCHMARKS.md has the gate). Exit code 0 done, 2 bad input.
+the checkpoint was split; otherwise every image found in it. --calibration-method, --float-first-conv and
+--int8-activations choose among the settings benchmarks/int8_gate.py compares. Check int8 quality with
+benchmarks/int8_gate.py before using it (BENCHMARKS.md, "int8 quality gate"). Exit code 0 done, 2 bad input.
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "channel (default: per channel)")
     add("--quantize-head", action="store_true", help="quantize the head (pool, classifier, CAM) too (default: "
         "float head, so the maps and the pooled vector stay float)")
+    add("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+        help="how activation ranges are chosen from the calibration images: minmax, percentile (99.999 %%) or "
+        "entropy (default: %(default)s)")
+    add("--float-first-conv", action="store_true", help="keep the first convolution (the stem) in float too "
+        "(default: quantized)")
+    add("--int8-activations", action="store_true", help="signed int8 activations instead of uint8 (default: "
+        "uint8)")
     add("--seed", type=int, default=0, help="seed of the calibration sample (default: %(default)s)")
     return parser
 
@@ -167,6 +175,8 @@ def main(args: argparse.Namespace) -> int:
         quantized = int8_path(out)
         quantize_int8(out, quantized, calibration_batches(paths, meta, args.batch_size, skipped),
                       per_channel=not args.no_per_channel, exclude_head=not args.quantize_head,
+                      calibration=args.calibration_method, float_first_conv=args.float_first_conv,
+                      symmetric_activations=args.int8_activations,
                       note={"calibration_data": description, "checkpoint": checkpoint.name})
         diff = compare_with_torch(model, OnnxModel(quantized, device="cpu"), probe)
     except (UsageError, CheckpointError, DataError) as exc:  # OnnxModelError is a CheckpointError

@@ -375,6 +375,14 @@ def head_node_names(proto, include_transition: bool = False) -> list[str]:
     return head
 
 
+def first_conv_name(proto) -> str:
+    """Name of the first Conv node (the stem, fed by the image)."""
+    for node in proto.graph.node:  # topologically sorted: the first Conv met is the stem
+        if node.op_type == "Conv":
+            return node.name
+    raise ValueError("the graph has no Conv node; is it a model exported by this tool?")
+
+
 class _Calibration:
     """onnxruntime.quantization.CalibrationDataReader over an iterable of normalised (B, 3, S, S) batches."""
 
@@ -395,11 +403,16 @@ class _Calibration:
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, batches: Iterable[np.ndarray],
                   per_channel: bool = True, exclude_head: bool = True, float_transition: bool = False,
-                  symmetric_activations: bool = False, calibration: str = "minmax", note: dict | None = None) -> Path:
+                  symmetric_activations: bool = False, calibration: str = "minmax", note: dict | None = None,
+                  float_first_conv: bool = False) -> Path:
     """Static int8 (QDQ; MinMax, percentile or entropy calibration) of an exported fp32 model, calibrated on
     `batches`; metadata carried over.
 
     batches: normalised (B, 3, S, S) float32 arrays, e.g. training-split images (never the evaluation data).
+    float_first_conv keeps the stem convolution in float (it reads the image itself; keeping the first layer float
+    is the usual first step when int8 loses accuracy, and it is one Conv of many). calibration "entropy" gives
+    MinMax's ranges with onnxruntime's quantize_static: its entropy search has 128 histogram bins for 128 quantized
+    bins, so the only candidate is the full range, and quantize_static passes no option to change the bins.
     Raises OnnxModelError for a bad input file, ValueError for no calibration data.
     """
     import onnx
@@ -420,7 +433,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, bat
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Shape inference + graph optimisation (folds BatchNorm into Conv) so that each Conv gets one scale set.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        exclude = head_node_names(onnx.load(str(prepared)), float_transition) if exclude_head else []
+        graph = onnx.load(str(prepared))
+        exclude = head_node_names(graph, float_transition) if exclude_head else []
+        if float_first_conv:
+            exclude = [first_conv_name(graph), *exclude]
         activations = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
         quantize_static(
             str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,

@@ -224,3 +224,30 @@ def test_int8_quality_gate_on_the_validation_split(trained_on_sample, capsys):
     # It is really quantized: the probabilities move a little, and the graph holds int8 weights.
     assert 0 < np.abs(_sigmoid(l8) - _sigmoid(l32)).max() < 0.1
     assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(str(int8_path)).graph.initializer)
+
+
+def _first_conv_reads_dequantized(path) -> bool:
+    """Whether the graph's first Conv takes an input (image or weight) from a DequantizeLinear: a QDQ pair."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    first = next(node for node in graph.node if node.op_type == "Conv")
+    return any(name in dequantized for name in first.input)
+
+
+@pytest.mark.slow(8)
+def test_int8_options_keep_the_first_conv_float(scoped_checkpoint, tmp_path):
+    common = ["--checkpoint", str(scoped_checkpoint), "--int8", "--calibration-dir", str(NIH_DIR / "images_64"),
+              "--calibration-images", "8"]
+    assert _export([*common, "--out", str(tmp_path / "default.onnx")]) == 0
+    assert _export([*common, "--out", str(tmp_path / "stem.onnx"), "--float-first-conv", "--calibration-method",
+                    "percentile", "--int8-activations"]) == 0
+    default, stem = export.int8_path(tmp_path / "default.onnx"), export.int8_path(tmp_path / "stem.onnx")
+    assert _first_conv_reads_dequantized(default)
+    assert not _first_conv_reads_dequantized(stem)
+    quantization = OnnxModel(stem, device="cpu").info.quantization
+    assert quantization["method"].endswith("percentile") and quantization["activations"] == "int8"
+    graph = onnx.load(str(stem)).graph
+    assert next(n.name for n in graph.node if n.op_type == "Conv") in quantization["float_nodes"]
+    # Only the stem stays float: the other convolutions still read int8 weights through DequantizeLinear.
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 10
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
