@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from support.checkpoints import make_checkpoint
 
-    from chestxray.monitor import AlertLimits, check_span, checked_drift, input_statistics, quantities
+    from chestxray.monitor import AlertLimits, check_span, checked_drift, quantities
     from chestxray.predictor import Predictor
     from chestxray.store import AnalysisStore, ModelVersion, answered_entry
 
@@ -174,8 +174,7 @@ def main(args: argparse.Namespace) -> int:
 
     def entries(images: list[np.ndarray]) -> list[dict]:
         preds = predict(images)
-        return [answered_entry(p, source="replay", latency_s=0.0, model=model,
-                               input_stats=input_statistics(predictor.transform(x))) for p, x in zip(preds, images)]
+        return [answered_entry(p, source="replay", latency_s=0.0, model=model) for p in preds]
 
     held_images = [load_gray(f) for f in held_files]
     held_entries = entries(held_images)
@@ -266,12 +265,12 @@ def trained_patients(folder: str) -> set:
 
 def fitted_reference(predictor, images: list[np.ndarray], predict):
     """A reference fitted on `images` (probabilities, brightness, contrast, scope score when the model has one)."""
-    from chestxray.monitor import fit_reference, input_statistics
+    from chestxray.monitor import fit_reference
 
     preds = predict(images)
     probs = np.array([[p.probabilities[n] for n in predictor.labels] for p in preds])
     reference = fit_reference(probs, predictor.labels)
-    stats = np.array([input_statistics(predictor.transform(x)) for x in images])
+    stats = np.array([p.input_stats for p in preds])
     reference.samples["brightness"], reference.samples["contrast"] = np.sort(stats[:, 0]), np.sort(stats[:, 1])
     if preds[0].scope_score is not None:
         reference.samples["scope_score"] = np.sort([p.scope_score for p in preds])

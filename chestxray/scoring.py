@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 from .cam import with_legend
 from .fileio import SpreadsheetWriter, atomic_write, dumps_json
 from .imaging import IMAGE_SUFFIXES, InvalidImage, read_bytes, read_xray, sniff
-from .monitor import input_statistics
 from .predictor import Prediction, Predictor
 from .results import PNG_COMPRESS_LEVEL
 from .store import answered_entry, model_version, refused_entry
@@ -269,8 +268,8 @@ def score_files(predictor: Predictor, images: Sequence[Path], folders: Sequence[
             else:
                 prediction = next(preds)
                 record = image_record(prediction, d.path, folders[d.index], heatmaps)
-                entries.append(answered_entry(prediction, source="cli", latency_s=seconds, model=version, data=d.path,
-                                              input_stats=input_statistics(d.inputs)) if store is not None else None)
+                entries.append(answered_entry(prediction, source="cli", latency_s=seconds, model=version, data=d.path)
+                               if store is not None else None)
                 if record.get("in_scope") is False and on_out_of_scope is not None:
                     on_out_of_scope(d.path, record["scope"])
             outputs.write(record, predictor.labels)

@@ -58,6 +58,8 @@ def test_an_analysis_reads_back_as_written(database, predictions):
     header = pydicom.dcmread(DICOM_MONO2, stop_before_pixels=True)
     assert second["image"]["bit_depth"] == header.BitsStored
     assert second["image"]["photometric"] == header.PhotometricInterpretation
+    # Without input_stats given, the row holds the prediction's own (read from the input its forward pass used).
+    assert np.allclose([second["input"]["brightness"], second["input"]["contrast"]], dcm.input_stats, atol=1e-6)
     assert second["image"]["format"] == "DICOM" and second["source"] == "dicom"
     assert third["outcome"] == "refused" and third["reason"] == "unreadable image" and third["labels"] == []
     # since / until / limit, oldest first; newest first on request

@@ -4,7 +4,7 @@ the same quantity reads as the same string everywhere.
 
 The rounding rule: percentages are rounded *down* (chestxray.trust.evidence.format_call), because rounding down is
 monotone and a positive call then never reads "p < threshold"; digits are added only when a negative call would read
-equal.
+equal (a label without a call, not validated or out of scope, keeps one decimal).
 AUROCs are given to two decimals with their 95% interval.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FindingText:
     call: str  # the core's word (chestxray.calls), never re-derived here
     probability: str
     threshold: str
-    auroc: str  # validation AUROC with its 95% interval, or "–"
+    auroc: str  # the evidence AUROC (calibration split) with its 95% interval, or "–"
 
 
 def finding_text(row: Mapping) -> FindingText:

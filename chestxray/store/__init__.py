@@ -160,8 +160,11 @@ def answered_entry(prediction, *, source: str, latency_s: float | None, model: M
     """The row for an answered analysis, from a chestxray Prediction (its to_dict() calls and probabilities).
 
     data: the input's bytes or path, or its DICOM header already read, for image_facts only. input_stats:
-    (brightness, contrast) of the model input (chestxray.monitor.input_statistics)."""
+    (brightness, contrast) of the model input (chestxray.monitor.input_statistics); by default the prediction's own,
+    which the Predictor reads from the input its forward pass used."""
     document = prediction.to_dict()
+    if input_stats is None:
+        input_stats = getattr(prediction, "input_stats", None)
     width, height = document["original_size"]
     return {
         "result_id": result_id, "created": created or datetime.now(UTC), "source": source,

@@ -156,13 +156,11 @@ def format_call(probability: float, threshold: float, decimals: int = 1, call: s
     probabilities can sit within 1e-6 of their thresholds, and "7.317072 %" helps no reader).
     """
     p, t = float(probability), float(threshold)
-    if call is not None and call not in (POSITIVE, NEGATIVE):
-        scale = 10 ** (decimals + 2)
-        return tuple(f"{math.floor(v * scale) / scale * 100:.{decimals}f} %" for v in (p, t))
+    claims_a_side = call is None or call in (POSITIVE, NEGATIVE)
     for d in range(decimals, decimals + 10):
         scale = 10 ** (d + 2)
         fp, ft = math.floor(p * scale) / scale, math.floor(t * scale) / scale
-        if (p >= t) == (fp >= ft):
+        if not claims_a_side or (p >= t) == (fp >= ft):
             return f"{fp * 100:.{d}f} %", f"{ft * 100:.{d}f} %"
     # Differ below 1e-12: not printable; say so rather than print two equal numbers with opposite calls.
     return f"{math.floor(p * 1e4) / 100:.2f} % (just below)", f"{math.floor(t * 1e4) / 100:.2f} %"

@@ -117,8 +117,8 @@ def choose_checkpoint(args: argparse.Namespace) -> str:
     if args.no_demo or os.environ.get("CXR_CHECKPOINT") or Path(default).exists():
         return default
     print(f"No checkpoint at {default}: serving a demo model trained on the bundled sample, cached in "
-          f"{DEMO_CHECKPOINT} (the first start trains it: about 1.5 minutes on 2 CPU cores). Its answers are meaningless; "
-          "pass --no-demo to start without a model.", flush=True)
+          f"{DEMO_CHECKPOINT} (the first start trains it: about 1.5 minutes on 2 CPU cores). Its answers are "
+          "meaningless; pass --no-demo to start without a model.", flush=True)
     try:
         return str(build_demo(DEMO_CHECKPOINT))
     except DemoUnavailable as exc:

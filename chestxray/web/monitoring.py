@@ -110,9 +110,8 @@ class Monitor:
         """Record an answered analysis: the latency since `started` (time.perf_counter()), the input's technical
         facts read from `data`, and the brightness and contrast of its model input (Prediction.input_stats)."""
         latency = time.perf_counter() - started
-        stats = prediction.input_stats
         self.record(answered_entry(prediction, source=source, latency_s=latency, model=self.model,
-                                   result_id=result_id, data=data, input_stats=stats))
+                                   result_id=result_id, data=data))
 
     def refused(self, source: str, started: float, exc: BaseException) -> None:
         """Record an analysis that raised `exc`: its category only, never its message."""

@@ -1,6 +1,7 @@
 """End to end in headless Chromium, the result page at a phone's 320 and 390 px, a tablet's 768 px, laptops' 1024, 1280
-and 1366 px and desktops' 1400 and 1920 px: no sideways scrolling, no word of the findings list or the review form broken across lines, every column of every
-finding inside its panel, no review form cell spilling over its neighbour, the worklist inside 320 px; and axe-core's serious violations stay at zero."""
+and 1366 px and desktops' 1400 and 1920 px: no sideways scrolling, no word of the findings list or the review form
+broken across lines, every column of every finding inside its panel, no review form cell spilling over its neighbour,
+the worklist inside 320 px; and axe-core's serious violations stay at zero."""
 from __future__ import annotations
 
 from pathlib import Path
