@@ -8,13 +8,19 @@ once in the core by `Prediction.call` and never re-derived.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 POSITIVE = "positive"
 NEGATIVE = "negative"
 NOT_VALIDATED = "not validated"
 OUT_OF_SCOPE = "out of scope"
 CALLS = (POSITIVE, NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE)
+
+
+def ranked_labels(probabilities: Mapping[str, float], positive: Collection[str]) -> list[str]:
+    """The one order every renderer lists findings in: the labels called positive first, then the rest, each group
+    most probable first (ties keep the labels' order)."""
+    return sorted(probabilities, key=lambda name: (name not in positive, -probabilities[name]))
 
 
 def statements(answer: Mapping) -> dict[str, str | None]:

@@ -16,7 +16,7 @@ import torch
 from scipy.special import expit
 
 from .auto_backend import ensure_export
-from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE
+from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, ranked_labels
 from .cam import class_activation_maps, has_support, overlay
 from .checkpoint import checkpoint_from_obj, safe_torch_load
 from .device import resolve_device
@@ -108,8 +108,7 @@ class Prediction:
 
     def ranked(self) -> list[str]:
         """Called (positive) labels first, then the rest; each group by probability, highest first."""
-        positive = set(self.positive)
-        return sorted(self.labels, key=lambda name: (name not in positive, -self.probabilities[name]))
+        return ranked_labels({name: self.probabilities[name] for name in self.labels}, set(self.positive))
 
     def overlay(self, label: str, alpha: float = 0.45):
         """The heatmap of `label` blended over the X-ray, as an RGB PIL image of the original size."""

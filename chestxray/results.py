@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .calls import ranked_labels
 from .cam import heatmap_image, shared_peak
 from .fileio import atomic_write, write_json
 from .predictor import Prediction
@@ -65,7 +66,10 @@ def label_names(record: dict) -> list[str]:
 def ranked(record: dict) -> list[dict]:
     """The result's label rows ({label, probability, threshold, positive, ...}): called findings first, then the
     rest, each most probable first."""
-    return sorted(record["labels"], key=lambda row: (not row["positive"], -row["probability"]))
+    rows = {row["label"]: row for row in record["labels"]}
+    order = ranked_labels({label: row["probability"] for label, row in rows.items()},
+                          {label for label, row in rows.items() if row["positive"]})
+    return [rows[label] for label in order]
 
 
 def default_label(record: dict) -> str:

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from chestxray.calls import CALLS, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, statements
+from chestxray.calls import CALLS, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, ranked_labels, statements
 from chestxray.cam import overlay
 
 DISCLAIMER = "AI result — not for clinical use"
@@ -90,13 +90,13 @@ class ReportContent:
     @property
     def positive(self) -> tuple[str, ...]:
         """The labels called positive, highest probability first."""
-        return tuple(sorted((name for name in self.labels if self.calls[name] == POSITIVE),
-                            key=lambda name: -self.probabilities[name]))
+        called = {name for name in self.labels if self.calls[name] == POSITIVE}
+        return tuple(ranked_labels({name: self.probabilities[name] for name in self.labels}, called)[:len(called)])
 
     @classmethod
     def from_prediction(cls, prediction, model_name: str) -> ReportContent:
         """From a predictor's Prediction (labels, probabilities, calls, thresholds, image, heatmaps)."""
-        positive = sorted(prediction.positive, key=lambda name: -prediction.probabilities[name])
+        positive = prediction.ranked()[:len(prediction.positive)]
         heatmap = None
         if positive and prediction.heatmaps is not None:
             heatmap = prediction.heatmaps[list(prediction.labels).index(positive[0])]

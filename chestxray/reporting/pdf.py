@@ -1,7 +1,7 @@
 """Printable reports: one A4 (or Letter) page per saved result, drawn with matplotlib's PDF backend.
 
 Each page holds the X-ray with the chosen heatmap and its colour legend, the findings table (probability,
-threshold, call, validation AUROC), the model card summary, the dates, the result id and the "not for clinical
+threshold, call, evidence AUROC), the model card summary, the dates, the result id and the "not for clinical
 use" notice. matplotlib is already a dependency and its PdfPages writes standard PDF with real (extractable,
 searchable) text when TrueType fonts are embedded; no second PDF library is needed.
 
@@ -25,7 +25,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..calls import statements
+from ..calls import POSITIVE, ranked_labels, statements
 from ..cam import COLORMAP, upsample_map
 from .formatting import auroc_text, finding_text, label_name
 
@@ -53,8 +53,9 @@ class ReportPage:
     image: (H, W) display image, float in [0, 1] or uint8. heatmaps: raw class activation maps (L, h, w) in
     `labels` order, or None. label: the heatmap drawn (None: the plain image). calls: the call shown per label
     ("positive", "negative", or another word such as "not validated — no call"). notes: lines printed above the
-    findings (e.g. an out-of-scope warning). auroc / auroc_ci: the validation evidence per label, as the page shows
-    it (missing: "–"). in_scope: the in-scope check's verdict (False: the heatmap is described in the picture's words).
+    findings (e.g. an out-of-scope warning). auroc / auroc_ci: the evidence per label (calibration split), as the
+    page shows it (missing: "–"). in_scope: the in-scope check's verdict (False: the heatmap is described in the
+    picture's words).
     """
 
     result_id: str
@@ -214,8 +215,9 @@ def _draw_image(fig: Figure, page: ReportPage, colormap: str, opacity: float) ->
 
 
 def _draw_findings(fig: Figure, page: ReportPage, top: float) -> None:
-    # The page's order (chestxray.results.ranked) and its texts (chestxray.reporting.formatting).
-    ranked = sorted(page.labels, key=lambda name: (page.calls[name] != "positive", -page.probabilities[name]))
+    # The page's order (chestxray.calls.ranked_labels) and its texts (chestxray.reporting.formatting).
+    ranked = ranked_labels({name: page.probabilities[name] for name in page.labels},
+                           {name for name in page.labels if page.calls[name] == POSITIVE})
     texts = [_texts(page, name) for name in ranked]
     cells = [[t.name, t.probability, t.threshold, t.call, t.auroc] for t in texts]
     ax = fig.add_axes((0.06, 0.08, 0.88, top - 0.08))
