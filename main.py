@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from chestxray.batching import MAX_BATCH
 from chestxray.checkpoint import CheckpointError
 from chestxray.messages import TRAIN_COMMAND
 from chestxray.pacs import node as dicom_node
@@ -54,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-analyses", type=int, default=2,
                         help="images analysed at once; up to THREADS - MAX_ANALYSES - 1 more requests wait, the rest "
                              "get 503 with Retry-After, and one thread stays free for /healthz (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help="images of concurrent analyses gathered into one forward pass at most; 1 runs each on "
+                             "its own (default: %(default)s)")
     parser.add_argument("--instance-dir", default=str(ROOT / "instance"),
                         help="folder keeping the secret key across restarts, made 0600 on first start, unless "
                              "$CXR_SECRET_KEY is set (default: %(default)s)")
@@ -100,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         "RESULT_MIN_AGE": args.min_age,
         "MAX_ANALYSES": max(1, min(args.max_analyses, args.threads - 1)),
         "ANALYSIS_QUEUE": max(0, args.threads - args.max_analyses - 1),
+        "MAX_BATCH": args.max_batch,
         "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024),
         "INSTANCE_PATH": args.instance_dir,
         "TRUSTED_HOSTS": trusted_hosts(args),

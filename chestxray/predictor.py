@@ -272,14 +272,19 @@ class Predictor:
         and the web app refuse the same files with the same message. Raises InvalidImage (UnsupportedFormat for
         another file type) for unreadable input.
         """
-        image_format = None
-        if not isinstance(image, np.ndarray):
-            data = read_bytes(image)
-            if not filename and isinstance(image, (str, os.PathLike)):
-                filename = Path(image).name
-            image_format = sniff(data, filename)
-            image = read_xray(data)
+        image, image_format = self.decode(image, filename)
         return self.predict_batch([image], heatmaps, [image_format])[0]
+
+    @staticmethod
+    def decode(image: Source | np.ndarray, filename: str = "") -> tuple[np.ndarray, str | None]:
+        """Path/bytes/array -> ((H, W) image in [0, 1], its format or None for an array), as predict reads it."""
+        if isinstance(image, np.ndarray):
+            return image, None
+        data = read_bytes(image)
+        if not filename and isinstance(image, (str, os.PathLike)):
+            filename = Path(image).name
+        image_format = sniff(data, filename)
+        return read_xray(data), image_format
 
     def predict_batch(self, images: Sequence[np.ndarray], heatmaps: bool = True,
                       formats: Sequence[str | None] | None = None, inputs: torch.Tensor | None = None

@@ -7,12 +7,14 @@ its file name and any DICOM header are never written to disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from flask import Flask
 from flask_wtf.csrf import CSRFProtect
 
+from chestxray import batching
 from chestxray.results import ResultStore
 from chestxray.web import http, monitoring, views, worklist
 from chestxray.web.checkpoints import ROOT, default_checkpoint, load_model
@@ -27,12 +29,13 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 
 def create_app(config: dict | None = None) -> Flask:
     """Application factory. Keys: CHECKPOINT, DEVICE, BACKEND (torch|onnx), ALLOW_UNTRUSTED, RESULTS_DIR, RETENTION,
-    RESULT_MIN_AGE, MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_CONTENT_LENGTH, SECRET_KEY, INSTANCE_PATH (the folder
-    keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset, and the SQLite results database; default
-    ./instance), DATABASE (the results database's URL; monitoring.database_url), ALERT_LIMITS (monitor.AlertLimits),
-    MAX_REPORT_PAGES, TRUSTED_HOSTS (Flask's; default: localhost, 127.0.0.1), PUBLIC_URL (base of absolute URLs).
+    RESULT_MIN_AGE, MAX_FILES, MAX_ANALYSES, ANALYSIS_QUEUE, MAX_BATCH (chestxray.batching), MAX_CONTENT_LENGTH,
+    SECRET_KEY, INSTANCE_PATH (the folder keeping secret_key when SECRET_KEY and $CXR_SECRET_KEY are unset, and the
+    SQLite results database; default ./instance), DATABASE (the results database's URL; monitoring.database_url),
+    ALERT_LIMITS (monitor.AlertLimits), MAX_REPORT_PAGES, TRUSTED_HOSTS (Flask's; default: localhost, 127.0.0.1),
+    PUBLIC_URL (base of absolute URLs).
 
-    Raises ValueError for an invalid RETENTION, MAX_FILES or MAX_ANALYSES, or an unusable secret key
+    Raises ValueError for an invalid RETENTION, MAX_FILES, MAX_ANALYSES or MAX_BATCH, or an unusable secret key
     (chestxray.web.config.secret_key); chestxray.store.StoreError for a results database that cannot be opened.
     """
     config = config or {}
@@ -50,6 +53,7 @@ def create_app(config: dict | None = None) -> Flask:
         MAX_FILES=20,
         MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
         ANALYSIS_QUEUE=9,  # requests that may wait, in arrival order, for a slot; more get 503 + Retry-After
+        MAX_BATCH=batching.MAX_BATCH,  # concurrent analyses' images in one forward pass at most (1: no batching)
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
         MAX_REPORT_PAGES=20,  # results in one PDF report (each page costs about half a second of CPU)
         # Host names the app answers to (Flask refuses any other Host header with 400): a page on another site
@@ -68,7 +72,7 @@ def create_app(config: dict | None = None) -> Flask:
         # Kept across restarts, so forms opened before a restart still submit after it (sessions only carry
         # flash messages and the CSRF token).
         app.config["SECRET_KEY"] = secret_key(app.instance_path)
-    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES", "MAX_REPORT_PAGES"):
+    for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES", "MAX_BATCH", "MAX_REPORT_PAGES"):
         if int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
@@ -77,6 +81,9 @@ def create_app(config: dict | None = None) -> Flask:
                        bool(app.config["ALLOW_UNTRUSTED"]))
     if state.error:
         log.warning(views.no_model_message(state.error))
+    elif int(app.config["MAX_BATCH"]) > 1:  # the upload pages, the API and the DICOM node share its forward passes
+        state = dataclasses.replace(state, predictor=batching.BatchingPredictor(state.predictor,
+                                                                                int(app.config["MAX_BATCH"])))
     app.extensions["chestxray"] = state
     app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]),
                                                       min_age=float(app.config["RESULT_MIN_AGE"]))
