@@ -55,9 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-analyses", type=int, default=2,
                         help="images analysed at once; up to THREADS - MAX_ANALYSES - 1 more requests wait, the rest "
                              "get 503 with Retry-After, and one thread stays free for /healthz (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                        help="images of concurrent analyses gathered into one forward pass at most; 1 runs each on "
-                             "its own (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help=f"images of concurrent analyses gathered into one forward pass at most; 1 runs each on "
+                             f"its own (default: {MAX_BATCH} on CUDA, 1 on a CPU, where batching measured no gain)")
     parser.add_argument("--instance-dir", default=str(ROOT / "instance"),
                         help="folder keeping the secret key across restarts, made 0600 on first start, unless "
                              "$CXR_SECRET_KEY is set (default: %(default)s)")

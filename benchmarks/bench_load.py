@@ -149,6 +149,7 @@ def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_
            "--device", "cpu", "--min-age", "0", "--backend", args.backend]  # --min-age 0: pruned at once
     cmd += ["--threads", str(args.threads)] if args.threads is not None else []
     cmd += ["--max-analyses", str(args.max_analyses)] if args.max_analyses is not None else []
+    cmd += getattr(args, "extra", [])  # more main.py flags (bench_batching.py's --max-batch)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout

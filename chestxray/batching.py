@@ -25,8 +25,17 @@ import numpy as np
 from .imaging import Source
 from .predictor import Prediction, Predictor
 
-MAX_BATCH = 8  # images in one forward pass at most
+MAX_BATCH = 8  # images in one forward pass at most, by default on CUDA
 MAX_WAIT = 0.005  # seconds the worker waits for more images after the first of a batch
+
+
+def serving(predictor: Predictor, max_batch: int | None = None) -> Predictor | BatchingPredictor:
+    """The predictor a server shares between its threads: batching when max_batch > 1. None: MAX_BATCH on CUDA, where
+    a batch costs little more than one image; on a CPU each image alone (BENCHMARKS.md, "In-server batching": 8 clients
+    on 2 cores got 0.89-1.10x the throughput, as the cores are already busy with one image per analysis)."""
+    if max_batch is None:
+        max_batch = MAX_BATCH if str(getattr(predictor, "device", "cpu")).startswith("cuda") else 1
+    return BatchingPredictor(predictor, max_batch) if max_batch > 1 else predictor
 
 
 @dataclass

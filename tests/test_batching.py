@@ -104,11 +104,12 @@ def test_bad_settings_are_refused(checkpoint):
         BatchingPredictor(predictor, max_batch=0)
 
 
-def test_the_web_app_batches_by_default_and_max_batch_1_turns_it_off(checkpoint, tmp_path):
+def test_the_web_app_batches_when_asked_and_by_default_only_on_cuda(checkpoint, tmp_path):
+    from chestxray.batching import serving
     from chestxray.web import create_app
 
     served = {}
-    for max_batch in (None, 1):
+    for max_batch in (4, None):
         config = {"CHECKPOINT": str(checkpoint), "DEVICE": "cpu", "BACKEND": "torch", "TESTING": True,
                   "RESULTS_DIR": str(tmp_path / f"results-{max_batch}"), "INSTANCE_PATH": str(tmp_path / "instance")}
         if max_batch is not None:
@@ -120,10 +121,15 @@ def test_the_web_app_batches_by_default_and_max_batch_1_turns_it_off(checkpoint,
                                           content_type="multipart/form-data")
         assert response.status_code == 200, response.get_data(as_text=True)
         served[max_batch] = [item["probability"] for item in response.get_json()["labels"]]
-        assert isinstance(predictor, BatchingPredictor) == (max_batch is None)
-        if max_batch is None:
+        assert isinstance(predictor, BatchingPredictor) == (max_batch == 4)  # on this CPU, None: each image alone
+        if max_batch == 4:
+            assert predictor.max_batch == 4
             assert sum(predictor.batch_sizes.values()) == 1  # the upload went through the shared worker
-    assert np.abs(np.subtract(served[None], served[1])).max() <= 1e-6
+    assert np.abs(np.subtract(served[None], served[4])).max() <= 1e-6
+    cpu = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch")
+    assert serving(cpu) is cpu and serving(cpu, 1) is cpu
+    cpu.device = "cuda:0"  # what the default decides from (no GPU here to load it on)
+    assert serving(cpu).max_batch == 8
     with pytest.raises(ValueError, match="MAX_BATCH"):
         create_app({"CHECKPOINT": str(checkpoint), "DEVICE": "cpu", "MAX_BATCH": 0,
                     "INSTANCE_PATH": str(tmp_path / "instance")})

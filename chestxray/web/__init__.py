@@ -53,7 +53,7 @@ def create_app(config: dict | None = None) -> Flask:
         MAX_FILES=20,
         MAX_ANALYSES=2,  # analyses at once (each uses all cores; more only share them)
         ANALYSIS_QUEUE=9,  # requests that may wait, in arrival order, for a slot; more get 503 + Retry-After
-        MAX_BATCH=batching.MAX_BATCH,  # concurrent analyses' images in one forward pass at most (1: no batching)
+        MAX_BATCH=None,  # concurrent analyses' images in one forward pass at most (1: none; None: batching.serving)
         MAX_CONTENT_LENGTH=50 * 1024 * 1024,
         MAX_REPORT_PAGES=20,  # results in one PDF report (each page costs about half a second of CPU)
         # Host names the app answers to (Flask refuses any other Host header with 400): a page on another site
@@ -73,7 +73,7 @@ def create_app(config: dict | None = None) -> Flask:
         # flash messages and the CSRF token).
         app.config["SECRET_KEY"] = secret_key(app.instance_path)
     for key in ("RETENTION", "MAX_FILES", "MAX_ANALYSES", "MAX_BATCH", "MAX_REPORT_PAGES"):
-        if int(app.config[key]) < 1:
+        if app.config[key] is not None and int(app.config[key]) < 1:
             raise ValueError(f"{key} must be at least 1, got {app.config[key]}")
     app.json.sort_keys = False  # keep the model's label order in JSON
 
@@ -81,9 +81,10 @@ def create_app(config: dict | None = None) -> Flask:
                        bool(app.config["ALLOW_UNTRUSTED"]))
     if state.error:
         log.warning(views.no_model_message(state.error))
-    elif int(app.config["MAX_BATCH"]) > 1:  # the upload pages, the API and the DICOM node share its forward passes
-        state = dataclasses.replace(state, predictor=batching.BatchingPredictor(state.predictor,
-                                                                                int(app.config["MAX_BATCH"])))
+    else:  # the upload pages, the API and the DICOM node share it (and its forward passes, when batching)
+        max_batch = app.config["MAX_BATCH"]
+        state = dataclasses.replace(state, predictor=batching.serving(state.predictor,
+                                                                      None if max_batch is None else int(max_batch)))
     app.extensions["chestxray"] = state
     app.extensions["chestxray.results"] = ResultStore(app.config["RESULTS_DIR"], int(app.config["RETENTION"]),
                                                       min_age=float(app.config["RESULT_MIN_AGE"]))
