@@ -5,6 +5,10 @@ checkpoint gets a new export (the old one is removed) and an unchanged one is ne
 is kept it is checked against PyTorch on a few inputs: probabilities within PROBABILITY_TOLERANCE and every label's
 map within MAP_TOLERANCE (relative to the map's range), as Model_Training/export.py checks. When the export or the
 check fails, or the folder cannot be written, the caller falls back to PyTorch and says so in one line.
+
+Once the export is there, nothing here needs torch: the digest is hashlib's, and the export carries the checkpoint's
+meta and trust data (Predictor.from_checkpoint then never reads the .pth with torch). Only making and checking an
+export imports it.
 """
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .cam import predict_with_maps
-from .checkpoint import Meta
+from .meta import Meta
 from .onnx_backend import OnnxModel, OnnxModelError, export_onnx
+
+if TYPE_CHECKING:
+    import torch
 
 PROBABILITY_TOLERANCE = 1e-4  # max |probability difference| between PyTorch and the export
 MAP_TOLERANCE = 1e-3  # max |map difference| over the map's range
@@ -60,6 +66,10 @@ def _stale_exports(checkpoint: Path, keep: Path) -> list[Path]:
 def verify(model: torch.nn.Module, onnx_model: OnnxModel, meta: Meta, seed: int = 0) -> tuple[float, float]:
     """(max |probability difference|, max map difference over the map's range) on PROBES seeded inputs.
     Raises ExportRefused when either is over its tolerance."""
+    import torch
+
+    from .cam import predict_with_maps
+
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randn(PROBES, 3, meta.image_size, meta.image_size, generator=generator)
     with torch.inference_mode():

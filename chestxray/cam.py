@@ -8,17 +8,25 @@ Written by hand because no library exploits this; pytorch-grad-cam is the indepe
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
 
-from .model import ChestXrayNet
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ChestXrayNet
+
+# torch is imported inside the functions that run the model; the rendering below is NumPy, so the ONNX server
+# draws heatmaps without it.
 
 
 def class_activation_maps(model: ChestXrayNet, features: torch.Tensor) -> torch.Tensor:
     """A (N, 1024, h, w) -> raw maps (N, L, h, w) float32, W_c . A / (h w) (before ReLU); equals Grad-CAM's sum."""
+    import torch
+
     weight = model.classifier.weight.float()
     h, w = features.shape[-2:]
     return torch.einsum("lc,nchw->nlhw", weight, features.float()) / (h * w)
@@ -35,6 +43,8 @@ def grad_cam_trunk(model: ChestXrayNet, x: torch.Tensor, label_indices: list[int
 
     The trunk runs once without gradients; its output becomes a leaf and only the head is backpropagated.
     """
+    import torch
+
     labels = list(range(model.classifier.out_features)) if label_indices is None else list(label_indices)
     with torch.no_grad():
         trunk_out = model.trunk(x)
@@ -74,10 +84,27 @@ def shared_peak(maps: np.ndarray | torch.Tensor) -> float:
     return float(np.maximum(np.asarray(maps, dtype=np.float32), 0.0).max(initial=0.0))
 
 
-def upsample_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(h, w) map -> (height, width), bilinear (half-pixel centres, like cv2.resize)."""
-    t = torch.as_tensor(np.asarray(cam, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+def _bilinear_weights(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) float32 matrix of 1-D bilinear interpolation with half-pixel centres, as
+    torch.nn.functional.interpolate(align_corners=False) computes it: source = (i + 0.5) * in / out - 0.5, clamped
+    at 0, between its floor and the next pixel (the last pixel repeats)."""
+    src = np.maximum((np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * np.float32(size_in / size_out)
+                     - np.float32(0.5), np.float32(0.0))
+    low = np.minimum(src.astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = src - low.astype(np.float32)
+    weights = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(weights, (rows, low), np.float32(1.0) - frac)
+    np.add.at(weights, (rows, high), frac)
+    return weights
+
+
+def upsample_map(cam: np.ndarray | torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(h, w) map -> (height, width) float32, bilinear (half-pixel centres, like cv2.resize and torch's
+    interpolate with align_corners=False): one small matrix product per axis."""
+    m = np.asarray(cam, dtype=np.float32)
+    return _bilinear_weights(m.shape[0], height) @ m @ _bilinear_weights(m.shape[1], width).T
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: str = COLORMAP,

@@ -16,13 +16,16 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .fileio import atomic_write, remove_stale_temporaries
 from .meta import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, Meta, SplitSpec
-from .model import ChestXrayNet, build_model
+
+if TYPE_CHECKING:
+    from .model import ChestXrayNet
+
+# torch and the model are imported inside the functions that need them: the ONNX server imports this module for
+# CheckpointError and the constants only, and never loads torch (tests/test_torch_free.py).
 
 # Meta, SplitSpec and CheckpointError live in chestxray.meta (no torch import); re-exported for existing imports.
 __all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHECKPOINT", "FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "CheckpointError",
@@ -36,6 +39,8 @@ DEFAULT_CHECKPOINT = "chestxray_model_resnet50.pth"  # where training writes and
 
 def model_from_meta(meta: Meta, pretrained: bool = False) -> ChestXrayNet:
     """Build the (untrained, or ImageNet-initialised) model that `meta` describes."""
+    from .model import build_model
+
     return build_model(meta.arch, len(meta.labels), meta.lse_r, meta.transition_kernel, pretrained, meta.output_stride)
 
 
@@ -45,6 +50,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, backup: str | os.PathLi
     With `backup`, the file being replaced is first renamed to it (only once the new one is safely on disk), so
     the previous version survives a later corruption. A failed write (e.g. a full disk) leaves `path` as it was.
     """
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f), backup=backup, fsync=True)
 
 
@@ -77,6 +84,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if not zipfile.is_zipfile(path):
         # torch.save writes a zip archive; anything else (a cut-off file, junk, a legacy pickle) is refused here.
         raise CheckpointError(f"{path} is truncated or corrupt, or not a PyTorch checkpoint file")
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -93,6 +102,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 def _check_weights(state: Any) -> None:
     """Every weight a tensor of finite values: NaN/inf weights would give NaN probabilities on every page."""
+    import torch
+
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint field 'model' must be a state dict, got {type(state).__name__}")
     for name, value in state.items():
@@ -117,6 +128,8 @@ def checkpoint_from_obj(obj: Any, path: str | os.PathLike = "checkpoint") -> tup
         )
     if obj["format"] != FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {obj['format']!r}; this version reads format {FORMAT}")
+    import torch
+
     meta = Meta.from_dict(obj["meta"])
     _check_weights(obj["model"])
     # Built without storage (no random initialisation to throw away: ~0.1 s for ResNet-18, ~0.3 s for ResNet-50)

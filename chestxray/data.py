@@ -25,7 +25,7 @@ from .fileio import atomic_write
 from .imaging import IMAGE_SUFFIXES, InvalidImage, read_xray
 from .labels import LABELS, LabelError, parse_findings
 from .meta import DEFAULT_CALIBRATION_FRACTION, DEFAULT_TEST_FRACTION, SPLIT_ROLES_KEY, Meta, SplitSpec
-from .transforms import to_uint8_square
+from .transforms import resized_uint8  # the per-image stage before augmentation, for the cache
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "labels.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
@@ -463,11 +463,6 @@ def subsample(df: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFram
 
 # ----------------------------------------------------------------------------------------------------------------
 # Resized cache
-
-
-def resized_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) image in [0, 1] -> (size, size) uint8: the per-image stage of transforms.py before augmentation."""
-    return to_uint8_square(image, size)[0].numpy()
 
 
 class ResizedCache:

@@ -95,8 +95,8 @@ def predict_frame(predictor: Predictor, rows: pd.DataFrame, *, batch_size: int =
     labels = predictor.labels
     dataset = XrayDataset(rows, labels, predictor.transform, cache_dir, skip_unreadable=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_batch, pin_memory=predictor.device.type == "cuda")
-    amp = amp and predictor.device.type == "cuda"
+                        collate_fn=collate_batch, pin_memory=str(predictor.device).startswith("cuda"))
+    amp = amp and str(predictor.device).startswith("cuda")  # "cpu" on ONNX Runtime, whose inputs stay on the CPU
     predictions, y_true, indices = [], [], []
     for images, batch_targets, batch_indices, _ in tqdm(loader, desc="predict", unit="batch", leave=False,
                                                          disable=not progress, dynamic_ncols=True):

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -112,6 +113,31 @@ def check_record(record: Any, what: str, version: int, keys: Iterable[str], erro
     missing = [key for key in keys if key not in record]
     if missing:
         raise error(f"the {what} record lacks {missing}" + (f"; {refit}" if refit else ""))
+
+
+def is_tensor(obj: Any) -> bool:
+    """True for a torch tensor, asked without importing torch (nothing is a tensor before torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def float32_array(value: Any, what: str, error: type[Exception]) -> np.ndarray:
+    """A record's array (a tensor as torch.save stores it, or nested lists as an ONNX file's JSON holds them) ->
+    a float32 NumPy copy. Raises `error` naming `what` when it is not an array of numbers."""
+    try:
+        if is_tensor(value):
+            value = value.detach().cpu().float().numpy()
+        return np.array(value, dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise error(f"{what} must be an array of numbers, got {type(value).__name__}") from None
+
+
+def float32_tensor(array: np.ndarray) -> Any:
+    """A float32 torch tensor copy of `array`, for a record that torch.load(weights_only=True) must read (torch is
+    imported here, when a record is written, not when one is read)."""
+    import torch
+
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 # What a spreadsheet (Excel, LibreOffice, Google Sheets) reads as the start of a formula (OWASP, "CSV Injection").

@@ -17,6 +17,7 @@ from .labels import LABELS, LabelError, check_labels
 # The trunks model.py can build (model.ARCHS maps each to its torchvision builder; a test keeps the two equal).
 ARCH_NAMES: tuple[str, ...] = ("densenet121", "efficientnet_b1", "resnet18", "resnet50")
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)  # == model.OUTPUT_STRIDES (tested); below 32 for the ResNets only
+TRANSITION_CHANNELS = 1024  # the transition layer's width: the maps' and the in-scope check's features (model.py)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from .meta import TRANSITION_CHANNELS
+
 # arch -> (torchvision builder, weights enum name, trunk output channels); keys == meta.ARCH_NAMES (tested)
 ARCHS: dict[str, tuple[str, str, int]] = {
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
@@ -20,7 +22,6 @@ ARCHS: dict[str, tuple[str, str, int]] = {
     # Small trunk for smoke runs and fast tests; same head.
     "resnet18": ("resnet18", "ResNet18_Weights", 512),
 }
-TRANSITION_CHANNELS = 1024
 # Input pixels per heatmap cell. 32 is the trunks' own; 16 and 8 (ResNets only) keep the last one or two stages at
 # the resolution before them, dilating their later convolutions (DeepLab, Chen et al. 2017) so each cell still sees
 # as much of the image. The weights are the same tensors at every stride, so ImageNet weights load unchanged.

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import numpy as np
-import torch
 
 REFERENCE_FORMAT = 1
 REFERENCE_POINTS = 2000  # a larger split is kept as this many quantiles (KS and PSI need no more)
@@ -182,13 +181,13 @@ def fit_reference(calibrated: np.ndarray, labels: Sequence[str], targets: np.nda
     return Reference(split, len(calibrated), samples, prevalence, positive_rate, out_of_scope, cuts)
 
 
-def input_statistics(inputs: torch.Tensor | np.ndarray) -> tuple[float, float]:
+def input_statistics(inputs: np.ndarray) -> tuple[float, float]:
     """(brightness, contrast) of a model input after the per-image transform ((1, S, S) uint8, or floats in
-    [0, 1]): its mean and standard deviation in [0, 1], as fit_reference reads them from scope.image_statistics."""
-    v = torch.as_tensor(inputs)
-    v = v.float() / 255.0 if v.dtype == torch.uint8 else v.float()
-    v = v.flatten()
-    return float(v.mean()), float(v.std())
+    [0, 1]; a NumPy array or a CPU tensor): its mean and (sample) standard deviation in [0, 1], as fit_reference
+    reads them from scope.image_statistics."""
+    v = np.asarray(inputs)
+    v = (v / 255.0 if v.dtype == np.uint8 else v).astype(np.float64).ravel()
+    return float(v.mean()), float(v.std(ddof=1))
 
 
 def psi_edges(reference: np.ndarray, bins: int = PSI_BINS) -> np.ndarray:

@@ -13,6 +13,9 @@ of error as the checkpoint contract (OnnxModelError is a CheckpointError).
 int8 (quantize_int8) is ONNX Runtime's static quantization in QDQ form, calibrated on images the caller chooses
 (training-split images: calibrating on the validation split would flatter the quality gate); the head (LSE pool,
 classifier, CAM einsum, pooling) stays float so the maps and the in-scope vector are computed in float.
+
+Loading and running need ONNX Runtime and NumPy only: torch is imported by the export (and by a CUDA request), so a
+server on an exported file never loads it.
 """
 from __future__ import annotations
 
@@ -22,17 +25,17 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from .cam import class_activation_maps
-from .checkpoint import CheckpointError, Meta
-from .fileio import atomic_write, number_row, to_json_data
-from .model import TRANSITION_CHANNELS, ChestXrayNet
-from .trust.scope import pooled_features
+from .fileio import atomic_write, is_tensor, number_row, to_json_data
+from .meta import TRANSITION_CHANNELS, CheckpointError, Meta
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ChestXrayNet
 
 ONNX_FORMAT = 1  # bump when the graph's inputs/outputs or the metadata keys change
 INPUT_NAME = "image"
@@ -53,21 +56,28 @@ class OnnxModelError(CheckpointError):
     """An .onnx file that is not a loadable model of this tool; the message names the problem and the fix."""
 
 
-class _ExportGraph(nn.Module):
+def _export_graph(model: ChestXrayNet) -> torch.nn.Module:
     """The exported computation: x (B, 3, S, S) -> (logits (B, L), maps (B, L, h, w), pooled (B, C))."""
+    from torch import nn
 
-    def __init__(self, model: ChestXrayNet) -> None:
-        super().__init__()
-        self.model = model
+    from .cam import class_activation_maps
+    from .trust.scope import pooled_features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.model.features(x)
-        return self.model.head(features), class_activation_maps(self.model, features), pooled_features(features)
+    class ExportGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            features = self.model.features(x)
+            return self.model.head(features), class_activation_maps(self.model, features), pooled_features(features)
+
+    return ExportGraph()
 
 
 def _plain(obj: Any) -> Any:
     """Plain JSON data, tensors included (a checkpoint's extra entries may hold small tensors)."""
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         return obj.detach().cpu().tolist()
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -115,11 +125,12 @@ def export_onnx(model: ChestXrayNet, meta: Meta, path: str | os.PathLike, train:
     Written atomically. Raises ValueError if the model does not match `meta` (label count, transition width).
     """
     import onnx
+    import torch
 
     if model.classifier.out_features != len(meta.labels):
         raise ValueError(f"the model has {model.classifier.out_features} outputs but meta lists "
                          f"{len(meta.labels)} labels")
-    graph = _ExportGraph(model.float().cpu()).eval()
+    graph = _export_graph(model.float().cpu()).eval()
     size = int(meta.image_size)
     example = torch.zeros(2, 3, size, size)
     path = Path(path)
@@ -279,7 +290,7 @@ def onnx_providers(device: str = "auto") -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    has_cuda = "CUDAExecutionProvider" in available and _torch_sees_cuda()
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
     if device.startswith("cuda"):
@@ -287,12 +298,18 @@ def onnx_providers(device: str = "auto") -> list:
             raise RuntimeError(
                 "--device cuda with the onnx backend needs onnxruntime's CUDA execution provider and a GPU; this "
                 f"onnxruntime offers {available} (install onnxruntime-gpu instead of onnxruntime), "
-                f"torch.cuda.is_available() is {torch.cuda.is_available()}. Use --device cpu, or --backend torch")
+                f"torch.cuda.is_available() is {_torch_sees_cuda()}. Use --device cpu, or --backend torch")
         index = int(device.split(":", 1)[1]) if ":" in device else 0  # one GPU per rank under torchrun
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     if device != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return ["CPUExecutionProvider"]
+
+
+def _torch_sees_cuda() -> bool:
+    import torch  # only where onnxruntime offers CUDA, or CUDA is asked for
+
+    return torch.cuda.is_available()
 
 
 class OnnxModel:
@@ -317,8 +334,11 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = int(threads)
+        # ONNX Runtime reads the file itself (checked above: no external data): a serialized copy handed over as
+        # bytes would add the file's size to the server's memory, and the parsed proto is not needed any more.
+        del proto
         try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=onnx_providers(device))
+            self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
         except (RuntimeError, ValueError) as exc:  # onnxruntime's own errors are RuntimeError subclasses
             raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load the graph ({type(exc).__name__}: "
                                  f"{str(exc)[:200]}). Export it again with: {EXPORT_COMMAND}") from None
@@ -339,7 +359,7 @@ class OnnxModel:
 
         Raises ValueError for another shape (S is meta.image_size).
         """
-        if isinstance(batch, torch.Tensor):
+        if is_tensor(batch):
             batch = batch.detach().cpu().numpy()
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         size = int(self.meta.image_size)

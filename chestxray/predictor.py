@@ -2,6 +2,10 @@
 
 `Prediction.to_dict()` is the one JSON shape of a result: the CLI prints it (adding the image path and heatmap
 files), the web API answers it and `result.json` stores it (adding the result id, time and URLs).
+
+On ONNX Runtime (backend "onnx", or "auto" once its export exists) torch is never imported: the export carries the
+checkpoint's meta and trust data, and everything after the forward pass (preprocessing, the in-scope and orientation
+checks, calibration, heatmaps) is NumPy. The torch backend imports it when it loads the checkpoint.
 """
 from __future__ import annotations
 
@@ -10,28 +14,31 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy.special import expit
 
-from .auto_backend import ensure_export
+from .auto_backend import checkpoint_digest, ensure_export, export_path
 from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, ranked_labels
-from .cam import class_activation_maps, has_support, overlay
-from .checkpoint import checkpoint_from_obj, safe_torch_load
-from .device import resolve_device
+from .cam import has_support, overlay
+from .device import cuda_ruled_out
 from .fileio import to_json_data
 from .imaging import Source, read_bytes, read_xray, sniff
 from .meta import CheckpointError, Meta
 from .metrics import binarize
-from .model import ChestXrayNet
 from .monitor import input_statistics
 from .onnx_backend import OnnxModel, OnnxModelError
-from .transforms import build_normalize, build_transform, preprocess
+from .transforms import build_normalize, build_transform, preprocess, resized_uint8
 from .trust import Trust, TrustError
 from .trust.evidence import RULE, format_scope, is_validated
 from .trust.orientation import orientation_features
-from .trust.scope import image_statistics, pooled_features
+from .trust.scope import image_statistics
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ChestXrayNet
 
 BACKENDS = ("auto", "torch", "onnx")
 BACKEND_HELP = ("auto: PyTorch on CUDA; on a CPU, ONNX Runtime from an export made once beside the checkpoint "
@@ -48,6 +55,7 @@ UNTRUSTED_WARNING = ("Warning: untrusted answers allowed by the operator (--allo
                      "validation evidence, or images without an in-scope check, are called at their raw thresholds. "
                      "These calls have no validation behind them.")
 NO_EVIDENCE_REASON = "this checkpoint records no validation evidence; add it with Model_Training/fit_trust.py"
+AUTO_ONNX = "auto: ONNX Runtime on the CPU (its export checked against PyTorch)"
 
 
 def scope_message(in_scope: bool | None, score: float | None, limit: float | None, untrusted: bool = False) -> str:
@@ -161,7 +169,7 @@ class Predictor:
     """A loaded model with its preprocessing and trust data. Stateless per call, so one instance serves many threads.
 
     `model` is the PyTorch model (backend "torch") or an OnnxModel (backend "onnx"; its inputs are prepared on the
-    CPU and ONNX Runtime moves them to its execution provider).
+    CPU, as NumPy arrays, and ONNX Runtime moves them to its execution provider; `device` is then "cpu").
     """
 
     def __init__(self, model: ChestXrayNet | OnnxModel, meta: Meta, device: torch.device | str = "cpu",
@@ -175,8 +183,10 @@ class Predictor:
             self.backend = "onnx"
             self.onnx = model
             self.model = None
-            self.device = torch.device("cpu")
+            self.device = "cpu"
         else:
+            import torch
+
             self.backend = "torch"
             self.onnx = None
             self.device = torch.device(device)
@@ -210,8 +220,24 @@ class Predictor:
             backend = "onnx"  # an export given directly: nothing to choose
         if backend == "onnx" and path.suffix.lower() == ".onnx":
             onnx_model = OnnxModel(path, device=device)
-            return cls(onnx_model, onnx_model.meta, trust=_trust(_tensors(onnx_model.info.extra), onnx_model.meta,
-                                                                 path), allow_untrusted=allow_untrusted)
+            return cls(onnx_model, onnx_model.meta, trust=_trust(onnx_model.info.extra, onnx_model.meta, path),
+                       allow_untrusted=allow_untrusted)
+        if backend == "auto" and (device == "cpu" or (device == "auto" and cuda_ruled_out())):
+            # The export of this very file (named by its SHA-256) carries its meta and trust data: no torch.load.
+            exported = export_path(path, checkpoint_digest(path)) if path.is_file() else None
+            if exported is not None and exported.is_file():
+                try:
+                    onnx_model = OnnxModel(exported, device="cpu")
+                    predictor = cls(onnx_model, onnx_model.meta, trust=_trust(onnx_model.info.extra,
+                                                                              onnx_model.meta, path),
+                                    allow_untrusted=allow_untrusted)
+                    predictor.choice = AUTO_ONNX
+                    return predictor
+                except OnnxModelError:
+                    pass  # an unusable export: the path below loads the checkpoint, says why and serves PyTorch
+        from .checkpoint import checkpoint_from_obj, safe_torch_load
+        from .device import resolve_device
+
         obj = safe_torch_load(path, map_location="cpu")
         if backend == "onnx":
             beside = path.with_suffix(".onnx")
@@ -235,7 +261,7 @@ class Predictor:
                 exported = ensure_export(path, obj, model, meta, train, log)
                 onnx_model = OnnxModel(exported, device="cpu", expected_meta=meta)
                 predictor = cls(onnx_model, onnx_model.meta, trust=trust, allow_untrusted=allow_untrusted)
-                predictor.choice = "auto: ONNX Runtime on the CPU (its export checked against PyTorch)"
+                predictor.choice = AUTO_ONNX
                 return predictor
             except OnnxModelError as exc:  # CheckpointError too: any failure to use the export
                 log(f"warning: {exc}; serving with PyTorch instead")
@@ -248,21 +274,28 @@ class Predictor:
         """(H, W) image in [0, 1] -> (1, 3, S, S) float32 on the model's device, as in evaluation (transforms.py)."""
         return preprocess(self.meta, image, self.device)
 
-    def _outputs(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """One forward pass: (logits (B, L), maps (B, L, h, w), pooled transition features (B, C)).
+    def _outputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(B, 1, S, S) uint8 inputs -> one forward pass: (logits (B, L), maps (B, L, h, w), pooled transition
+        features (B, C), channel 0 of the normalised input (B, 1, S, S)), all NumPy.
 
         The maps cost one small einsum on the same features, so they are always made: every answer says which
         labels have support, and the in-scope check reads the pooled features of the same pass.
         """
         if self.onnx is not None:
-            logits, maps, pooled = self.onnx.run(x)
-            return logits, maps, torch.from_numpy(pooled)
+            x = self.normalize(inputs)
+            return (*self.onnx.run(x), x[:, :1])
+        import torch
+
+        from .cam import class_activation_maps
+        from .trust.scope import pooled_features
+
         with torch.inference_mode():
-            features = self.model.features(x.to(self.device))
+            x = self.normalize(torch.as_tensor(inputs).to(self.device))  # normalised on the model's device
+            features = self.model.features(x)
             logits = self.model.head(features).float().cpu().numpy()
             maps = class_activation_maps(self.model, features).cpu().numpy()
-            pooled = pooled_features(features).cpu()
-        return logits, maps, pooled
+            pooled = pooled_features(features).cpu().numpy()
+        return logits, maps, pooled, x[:, :1].cpu().numpy()
 
     def predict(self, image: Source | np.ndarray, heatmaps: bool = True, filename: str = "") -> Prediction:
         """Path/bytes/array -> Prediction. One forward pass gives probabilities, every label's heatmap and the
@@ -287,23 +320,23 @@ class Predictor:
         return read_xray(data), image_format
 
     def predict_batch(self, images: Sequence[np.ndarray], heatmaps: bool = True,
-                      formats: Sequence[str | None] | None = None, inputs: torch.Tensor | None = None
+                      formats: Sequence[str | None] | None = None, inputs: np.ndarray | torch.Tensor | None = None
                       ) -> list[Prediction]:
         """(H, W) images in [0, 1] -> one Prediction each, from one forward pass over the batch.
 
-        inputs: the images after the per-image stage, (B, 1, S, S) uint8 (e.g. made in DataLoader workers by
-        self.transform); computed here when None. Raises ValueError when the counts differ.
+        inputs: the images after the per-image stage, (B, 1, S, S) uint8, a NumPy array or a CPU tensor (e.g. made
+        in DataLoader workers by self.transform); computed here when None. Raises ValueError when the counts differ.
         """
         if inputs is None:
-            inputs = torch.stack([self.transform(image) for image in images])
+            inputs = np.stack([resized_uint8(image, self.meta.image_size)[None] for image in images])
+        inputs = np.asarray(inputs)
         formats = list(formats) if formats is not None else [None] * len(images)
         if not (len(images) == len(formats) == inputs.shape[0]):
             raise ValueError(f"{len(images)} images, {len(formats)} formats and {inputs.shape[0]} inputs differ")
-        x = self.normalize(inputs.to(self.device))
-        logits, maps, pooled = self._outputs(x)
+        logits, maps, pooled, x = self._outputs(inputs)
         scope, scores = self.trust.scope, None
         if scope is not None:  # the in-scope check scores the whole batch at once
-            stats = image_statistics(x, self.meta.mean[0], self.meta.std[0]).cpu() if scope.needs_images else None
+            stats = image_statistics(x, self.meta.mean[0], self.meta.std[0]) if scope.needs_images else None
             scores = scope.score(pooled, stats)
         # The orientation check reads the same pooled features and the input's thumbnail: no second pass.
         orientation = self.trust.orientation
@@ -401,15 +434,3 @@ def _trust(obj: Mapping, meta: Meta, path: str | os.PathLike) -> Trust:
     except TrustError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
-
-def _tensors(extra: Mapping) -> dict:
-    """An ONNX file's embedded checkpoint entries, with the scope statistics' lists back as float32 tensors."""
-    extra = dict(extra)
-    trust = extra.get("trust")
-    if isinstance(trust, Mapping) and isinstance(trust.get("scope"), Mapping):
-        scope = dict(trust["scope"])
-        for key in ("mean", "precision", "image_mean", "image_precision"):
-            if isinstance(scope.get(key), list):
-                scope[key] = torch.tensor(scope[key], dtype=torch.float32)
-        extra["trust"] = {**trust, "scope": scope}
-    return extra

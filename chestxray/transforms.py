@@ -8,45 +8,46 @@ Per image, in DataLoader workers or the server thread:
 Per batch, on the model's device:
   (N, 1, S, S) uint8 -> float / 255 -> gray replicated to 3 channels -> normalised with meta.mean / meta.std.
 
+The resize (resized_uint8) and the normalisation of a NumPy batch are NumPy and Pillow: the ONNX server runs them
+without torch. XrayTransform returns torch tensors (DataLoader workers) and imports torch when first called.
+
 Why two stages: a float 3-channel 512 px image is 3 MB; passing uint8 single-channel images from the workers and
 normalising on the device makes the loader about 13x faster from the cache (benchmarks/results/cache.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from .meta import Meta
 
-
-def to_tensor01(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(H, W) image, float in [0, 1] or uint8 -> (1, H, W) float32 tensor in [0, 1]."""
-    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    if t.ndim != 2:
-        raise ValueError(f"expected a single-channel (H, W) image, got shape {tuple(t.shape)}")
-    return t.unsqueeze(0)
+if TYPE_CHECKING:
+    import torch
 
 
-def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, H, W) float -> (C, size, size), antialiased bilinear; a no-op when already that size."""
-    if image.shape[-2:] == (size, size):
-        return image
-    return TF.resize(image, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+def resized_uint8(image: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+    """(H, W) image (float in [0, 1] or uint8) -> (size, size) uint8: antialiased bilinear in float (Pillow's
+    resampling, which torchvision's antialiased resize follows), rounded to 8 bits; uint8 already at size passes
+    unchanged. Raises ValueError for an image that is not (H, W)."""
+    a = np.asarray(image)
+    if a.ndim != 2:
+        raise ValueError(f"expected a single-channel (H, W) image, got shape {tuple(a.shape)}")
+    if a.dtype == np.uint8 and a.shape == (size, size):
+        return a
+    a = a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else a.astype(np.float32, copy=False)
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a), mode="F").resize((size, size), Image.BILINEAR))
+    return np.clip(np.round(a * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
 def to_uint8_square(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W) image (float in [0, 1] or uint8) -> (1, size, size) uint8; uint8 already at size passes unchanged."""
-    t = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
-    if t.dtype == torch.uint8 and tuple(t.shape) == (size, size):
-        return t.unsqueeze(0)
-    x = resize_square(to_tensor01(t), size)
-    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    """(H, W) image (float in [0, 1] or uint8) -> (1, size, size) uint8 tensor: resized_uint8 as a tensor."""
+    import torch
+
+    return torch.from_numpy(np.array(resized_uint8(image, size))).unsqueeze(0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class XrayTransform:
         x = to_uint8_square(image, self.size)
         if not self.train:
             return x
+        import torch
+        from torchvision.transforms import v2
+
         # Light augmentation only: radiographs are taken in a standard pose. No flip by default (it puts the heart
         # on the wrong side). Nearest-neighbour Pillow affine on 8-bit data: 0.3 ms at 512 px against 2.4 ms
         # bilinear and ~8 ms for a float grid_sample, which made the loader, not the GPU, the bottleneck; for
@@ -80,9 +84,17 @@ class Normalize:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """A tensor stays on its device (a NumPy batch gives a NumPy array, computed with the same float32 steps)."""
         if batch.ndim != 4 or batch.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, S, S) batch, got shape {tuple(batch.shape)}")
+        if isinstance(batch, np.ndarray):
+            x = batch.astype(np.float32)
+            x = x / np.float32(255.0) if batch.dtype == np.uint8 else x
+            mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+            return (x - mean) / np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        import torch
+
         x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

@@ -38,7 +38,8 @@ def test_distance_equals_sklearn_ledoit_wolf(gaussian):
     lw = LedoitWolf().fit(train.astype(np.float64))
     # sklearn's mahalanobis() returns squared distances.
     np.testing.assert_allclose(stats.score(val) ** 2, lw.mahalanobis(val.astype(np.float64)), rtol=1e-4)
-    assert stats.mean.dtype == torch.float32 and stats.precision.dtype == torch.float32
+    assert stats.mean.dtype == np.float32 and stats.precision.dtype == np.float32
+    assert stats.to_dict()["mean"].dtype == torch.float32  # a checkpoint holds tensors (torch.load(weights_only=True))
     assert stats.n_fit == 400
 
 
@@ -151,7 +152,7 @@ def test_image_variant_takes_the_larger_scaled_part(gaussian):
     np.testing.assert_array_equal(again.score(val, val_img), stats.score(val, val_img))
 
 
-def _stats(images: np.ndarray) -> torch.Tensor:
+def _stats(images: np.ndarray) -> np.ndarray:
     """(N, S, S) grey images in [0, 1] -> image_statistics with ImageNet channel-0 normalisation."""
     x = (torch.as_tensor(images, dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) - 0.485) / 0.229
     return image_statistics(x, 0.485, 0.229)
@@ -168,7 +169,7 @@ def _nih_64(nih_dir, n: int) -> np.ndarray:
 
 def test_layout_statistics_match_numpy_and_ignore_exposure_and_orientation(nih_dir):
     films = _nih_64(nih_dir, 4)
-    got = layout_statistics(_stats(films)).numpy()
+    got = layout_statistics(_stats(films))
     for film, row in zip(films, got):  # numpy on the same film: 8x8 block means, mirror correlation, quantiles
         thumb = film.reshape(8, 8, 8, 8).mean(axis=(1, 3))
         t = thumb - thumb.mean()
@@ -180,9 +181,9 @@ def test_layout_statistics_match_numpy_and_ignore_exposure_and_orientation(nih_d
     assert (got[:, 0] > 0.2).all() and (got[:, 1] > 0.5).all()  # films: symmetric, mostly coarse layout
     # A washed-out copy (a third of the contrast, lifted), a mirrored and a rotated copy: the same statistics.
     for changed in (0.3 + films / 3, films[:, :, ::-1], np.rot90(films, 1, axes=(1, 2)), np.rot90(films, 2, (1, 2))):
-        np.testing.assert_allclose(layout_statistics(_stats(np.ascontiguousarray(changed))).numpy(), got,
+        np.testing.assert_allclose(layout_statistics(_stats(np.ascontiguousarray(changed))), got,
                                    rtol=2e-3, atol=2e-3)
-    flat = layout_statistics(_stats(np.full((1, 64, 64), 0.5, np.float32))).numpy()
+    flat = layout_statistics(_stats(np.full((1, 64, 64), 0.5, np.float32)))
     assert flat[0, 0] == 0 and flat[0, 1] == 0  # nothing to correlate, no layout: far from every film
 
 

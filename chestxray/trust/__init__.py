@@ -19,17 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from ..meta import TRANSITION_CHANNELS
 from ..metrics import choose_thresholds
-from ..model import TRANSITION_CHANNELS
 from ..monitor import Reference, fit_reference
 from .calibration import Calibration, calibration_report, fit_calibration
 from .evidence import label_evidence
 from .orientation import THUMBNAIL, Orientation, OrientationError, collect_orientation, fit_orientation
 from .scope import DEFAULT_METHOD, DEFAULT_PERCENTILE, ScopeStats, collect_outputs, fit_scope
+
+if TYPE_CHECKING:
+    import torch
 
 TRUST_KEY = "trust"
 TRUST_FORMAT = 1

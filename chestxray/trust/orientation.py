@@ -12,17 +12,22 @@ gross layout: where the bright mediastinum and the dark lungs lie). Both are at 
 either backend, so the check costs one small matrix product per image.
 
 Stored in the checkpoint's trust entry as plain data (float32 tensors, numbers, strings), so torch.load
-(weights_only=True) reads it and the ONNX export embeds it as JSON lists (from_dict accepts either).
+(weights_only=True) reads it and the ONNX export embeds it as JSON lists (from_dict accepts either). Judging is
+NumPy; only the fitting (collect_orientation, transformed) runs the PyTorch model.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from ..fileio import check_record
+from ..fileio import check_record, float32_array, float32_tensor
+from .scope import thumbnails
+
+if TYPE_CHECKING:
+    import torch
 
 ORIENTATION_FORMAT = 1
 REFIT = "fit it again with Model_Training/fit_trust.py"
@@ -48,29 +53,32 @@ def transformed(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "mirrored":
         return x.flip(-1)
     if name.startswith("rotated "):
+        import torch
+
         return torch.rot90(x, int(name.split()[1]) // 90, dims=(-2, -1))
     raise OrientationError(f"unknown orientation class {name!r}; known: {list(CLASSES)}")
 
 
-def orientation_features(pooled: torch.Tensor | np.ndarray, x: torch.Tensor) -> np.ndarray:
-    """Pooled transition features (N, C) and the normalised input (N, 3, S, S) -> (N, C + THUMBNAIL**2) float32."""
-    pooled = torch.as_tensor(np.asarray(pooled) if not isinstance(pooled, torch.Tensor) else pooled).float().cpu()
+def orientation_features(pooled: np.ndarray | torch.Tensor, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Pooled transition features (N, C) and the normalised input (N, C', S, S; only channel 0 is read), NumPy
+    arrays or CPU tensors -> (N, C + THUMBNAIL**2) float32."""
+    pooled, x = np.asarray(pooled, dtype=np.float32), np.asarray(x)
     if pooled.ndim != 2 or x.ndim != 4 or pooled.shape[0] != x.shape[0]:
         raise OrientationError(f"expected pooled features (N, C) and inputs (N, 3, S, S), got {tuple(pooled.shape)} "
                                f"and {tuple(x.shape)}")
-    thumb = torch.nn.functional.adaptive_avg_pool2d(x[:, :1].float(), THUMBNAIL).flatten(1).cpu()
-    return torch.cat([pooled, thumb], dim=1).numpy()
+    return np.concatenate([pooled, thumbnails(x, THUMBNAIL)], axis=1)
 
 
 @dataclass(frozen=True)
 class Orientation:
-    """A fitted orientation head: standardisation (D,) and multinomial logistic weights (K, D), (K,) over CLASSES."""
+    """A fitted orientation head: standardisation (D,) and multinomial logistic weights (K, D), (K,) over CLASSES,
+    float32 NumPy arrays (tensors or lists are converted)."""
 
     classes: tuple[str, ...]
-    mean: torch.Tensor
-    scale: torch.Tensor
-    coef: torch.Tensor
-    intercept: torch.Tensor
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
     n_fit: int = 0
 
     def __post_init__(self) -> None:
@@ -78,14 +86,13 @@ class Orientation:
         if not classes or classes[0] != UPRIGHT or not set(classes) <= set(CLASSES):
             raise OrientationError(f"orientation classes {list(classes)} must start with {UPRIGHT!r} and come from "
                                    f"{list(CLASSES)}; {REFIT}")
-        tensors = {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float32) if not isinstance(
-            getattr(self, k), torch.Tensor) else getattr(self, k)).float().cpu()
-            for k in ("mean", "scale", "coef", "intercept")}
+        tensors = {k: float32_array(getattr(self, k), f"orientation {k}", OrientationError)
+                   for k in ("mean", "scale", "coef", "intercept")}
         d = tensors["mean"].shape[0] if tensors["mean"].ndim == 1 else -1
         if (tensors["scale"].shape != (d,) or tensors["coef"].shape != (len(classes), d)
                 or tensors["intercept"].shape != (len(classes),)):
             raise OrientationError(f"orientation weights have inconsistent shapes; {REFIT}")
-        if not all(torch.isfinite(t).all() for t in tensors.values()) or not (tensors["scale"] > 0).all():
+        if not all(np.isfinite(t).all() for t in tensors.values()) or not (tensors["scale"] > 0).all():
             raise OrientationError(f"orientation weights hold NaN, infinite or non-positive scales; {REFIT}")
         object.__setattr__(self, "classes", classes)
         for key, value in tensors.items():
@@ -101,8 +108,8 @@ class Orientation:
         if f.ndim != 2 or f.shape[1] != self.dims:
             raise OrientationError(f"orientation features have shape {f.shape}; the head was fitted on {self.dims} "
                                    f"values per image; {REFIT}")
-        z = (f - self.mean.double().numpy()) / self.scale.double().numpy()
-        logits = z @ self.coef.double().numpy().T + self.intercept.double().numpy()
+        z = (f - self.mean.astype(np.float64)) / self.scale.astype(np.float64)
+        logits = z @ self.coef.astype(np.float64).T + self.intercept.astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
@@ -117,8 +124,9 @@ class Orientation:
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (tensors, numbers, strings)."""
-        return {"format": ORIENTATION_FORMAT, "classes": list(self.classes), "mean": self.mean.clone(),
-                "scale": self.scale.clone(), "coef": self.coef.clone(), "intercept": self.intercept.clone(),
+        return {"format": ORIENTATION_FORMAT, "classes": list(self.classes), "mean": float32_tensor(self.mean),
+                "scale": float32_tensor(self.scale), "coef": float32_tensor(self.coef),
+                "intercept": float32_tensor(self.intercept),
                 "thumbnail": THUMBNAIL, "n_fit": int(self.n_fit)}
 
     @classmethod
@@ -168,32 +176,33 @@ def fit_orientation(features: np.ndarray, classes: Sequence[int], c: float = DEF
     if len(present) == 2:  # sklearn gives one row for two classes: logit of the second against the first
         coef = np.stack([np.zeros_like(coef[0]), coef[0]])
         intercept = np.array([0.0, intercept[0]])
-    return Orientation(tuple(CLASSES[k] for k in head.classes_), torch.from_numpy(mean).float(),
-                       torch.from_numpy(scale).float(), torch.from_numpy(coef).float(),
-                       torch.from_numpy(intercept).float(), int(n_images if n_images is not None else len(f)))
+    return Orientation(tuple(CLASSES[k] for k in head.classes_), mean, scale, coef, intercept,
+                       int(n_images if n_images is not None else len(f)))
 
 
-@torch.inference_mode()
 def collect_orientation(model: torch.nn.Module, loader, device: torch.device | str, normalize,
                         classes: Sequence[str] = CLASSES, progress: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Each image of `loader` (data.collate_batch batches) and its copies -> (features (M, D), class index (M,),
     images). One forward pass per class and batch, in eval mode."""
+    import torch
     from tqdm import tqdm
 
     from .scope import pooled_features
 
     model = model.eval()
     feats, ys, images = [], [], 0
-    for batch in tqdm(loader, desc="orientation", unit="batch", disable=not progress, leave=False):
-        inputs = batch[0]
-        if inputs.numel() == 0:
-            continue
-        x = normalize(inputs.to(device))
-        images += x.shape[0]
-        for name in classes:
-            xt = transformed(x, name)
-            feats.append(orientation_features(pooled_features(model.features(xt)), xt))
-            ys.append(np.full(x.shape[0], CLASSES.index(name)))
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="orientation", unit="batch", disable=not progress, leave=False):
+            inputs = batch[0]
+            if inputs.numel() == 0:
+                continue
+            x = normalize(inputs.to(device))
+            images += x.shape[0]
+            for name in classes:
+                xt = transformed(x, name)
+                feats.append(orientation_features(pooled_features(model.features(xt)).cpu(),
+                                                  xt[:, :1].float().cpu()))
+                ys.append(np.full(x.shape[0], CLASSES.index(name)))
     if not feats:
         raise OrientationError("no readable images to fit the orientation check on")
     return np.concatenate(feats), np.concatenate(ys), images

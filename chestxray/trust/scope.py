@@ -12,7 +12,8 @@ images, so the sample covariance is singular or badly conditioned; Ledoit-Wolf s
 well-conditioned estimate with no parameter to tune.
 
 Stored as plain data (two float32 tensors and numbers), so a checkpoint holding it still loads with
-torch.load(weights_only=True). The ONNX export computes the same distance from the same tensors.
+torch.load(weights_only=True); an ONNX export carries the same values as JSON lists. Scoring is NumPy (the ONNX
+server never imports torch); only collect_outputs, which runs the PyTorch model to fit the statistics, needs torch.
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from ..fileio import check_record
+from ..fileio import check_record, float32_array, float32_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    Array = torch.Tensor | np.ndarray
 
 # scikit-learn is imported inside fit_scope's helper only: it costs ~1 s at every start of the app and CLI.
 
@@ -67,35 +73,48 @@ class ScopeError(ValueError):
 
 
 def pooled_features(features: torch.Tensor) -> torch.Tensor:
-    """Transition output A (N, C, h, w) -> global-average-pooled features (N, C) float32."""
+    """Transition output A (N, C, h, w) tensor -> global-average-pooled features (N, C) float32 (in the graph)."""
     if features.ndim != 4:
         raise ScopeError(f"expected transition features (N, C, h, w), got shape {tuple(features.shape)}")
     return features.float().mean(dim=(2, 3))
 
 
-def image_statistics(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+def thumbnails(x: Array, side: int) -> np.ndarray:
+    """Channel 0 of a batch (N, C, S, S) averaged over a side x side grid -> (N, side * side) float32, the cells as
+    torch's adaptive_avg_pool2d draws them (equal cells when side divides S)."""
+    g = np.asarray(x)[:, 0].astype(np.float32, copy=False)
+
+    def cells(size: int) -> list[tuple[int, int]]:
+        return [(i * size // side, -(-(i + 1) * size // side)) for i in range(side)]
+
+    rows = np.stack([g[:, a:b].mean(axis=1) for a, b in cells(g.shape[1])], axis=1)
+    return np.stack([rows[:, :, a:b].mean(axis=2) for a, b in cells(g.shape[2])], axis=2).reshape(len(g), -1)
+
+
+def image_statistics(x: Array, mean: float, std: float) -> np.ndarray:
     """Cheap statistics of the normalised input (N, C, S, S) -> (N, IMAGE_STATS) float32: its first channel averaged
     to THUMBNAIL x THUMBNAIL (gross layout), a HISTOGRAM_BINS-bin histogram of its values (fractions), their
     standard deviation (contrast: a flat or washed-out image has almost none; column CONTRAST), and the QUANTILES
     of its values after stretching their 1st-99th percentile range to [0, 1].
 
-    mean/std: channel 0's normalisation (the checkpoint's meta.mean[0], meta.std[0]), to map values back to [0, 1]
-    for the histogram.
+    x: a NumPy array or a CPU tensor (only channel 0 is read). mean/std: channel 0's normalisation (the checkpoint's
+    meta.mean[0], meta.std[0]), to map values back to [0, 1] for the histogram.
     """
+    x = np.asarray(x)
     if x.ndim != 4:
         raise ScopeError(f"expected a normalised input batch (N, C, S, S), got shape {tuple(x.shape)}")
-    g = x[:, :1].float()
-    thumb = torch.nn.functional.adaptive_avg_pool2d(g, THUMBNAIL).flatten(1)
-    v = (g.flatten(1) * std + mean).clamp(0.0, 1.0)
-    bins = (v * HISTOGRAM_BINS).long().clamp_max(HISTOGRAM_BINS - 1)
-    hist = torch.zeros(v.shape[0], HISTOGRAM_BINS, device=v.device).scatter_add_(1, bins, torch.ones_like(v))
-    low, high = torch.quantile(v, torch.tensor([0.01, 0.99], device=v.device), dim=1, keepdim=True)
-    stretched = ((v - low) / (high - low).clamp_min(1e-3)).clamp(0.0, 1.0)
-    shape = torch.quantile(stretched, torch.tensor(QUANTILES, device=v.device), dim=1).T
-    return torch.cat([thumb, hist / v.shape[1], v.std(dim=1, keepdim=True), shape], dim=1)
+    n = x.shape[0]
+    v = np.clip(x[:, 0].reshape(n, -1).astype(np.float32) * np.float32(std) + np.float32(mean), 0.0, 1.0)
+    bins = np.minimum((v * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+    hist = np.bincount((bins + HISTOGRAM_BINS * np.arange(n)[:, None]).ravel(), minlength=n * HISTOGRAM_BINS)
+    low, high = np.quantile(v, [0.01, 0.99], axis=1, keepdims=True).astype(np.float32)
+    stretched = np.clip((v - low) / np.maximum(high - low, np.float32(1e-3)), 0.0, 1.0)
+    shape = np.quantile(stretched, QUANTILES, axis=1).T
+    return np.concatenate([thumbnails(x, THUMBNAIL), hist.reshape(n, HISTOGRAM_BINS) / v.shape[1],
+                           v.std(axis=1, ddof=1, keepdims=True), shape], axis=1).astype(np.float32)
 
 
-def layout_statistics(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+def layout_statistics(images: Array) -> np.ndarray:
     """image_statistics (N, IMAGE_STATS) -> (N, LAYOUT_STATS) float64: [symmetry, coarse share, *QUANTILES].
 
     symmetry: the correlation of the mean-removed thumbnail with its own mirror image, the larger of left-right and
@@ -105,28 +124,28 @@ def layout_statistics(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     unchanged by brightness and contrast, and a flat image scores 0 on both. Then the stretched grey-level quantiles
     as image_statistics holds them.
     """
-    s = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).double()
+    s = np.asarray(images, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != IMAGE_STATS:
         raise ScopeError(f"expected image statistics (N, {IMAGE_STATS}), got shape {tuple(s.shape)}")
     thumb = s[:, :THUMBNAIL**2].reshape(-1, THUMBNAIL, THUMBNAIL)
-    thumb = thumb - thumb.mean(dim=(1, 2), keepdim=True)
-    energy = (thumb * thumb).sum(dim=(1, 2))
-    safe = energy.clamp_min(1e-12)
-    left_right = (thumb * thumb.flip(2)).sum(dim=(1, 2)) / safe
-    up_down = (thumb * thumb.flip(1)).sum(dim=(1, 2)) / safe
-    coarse = (energy / THUMBNAIL**2).sqrt() / s[:, CONTRAST].clamp_min(1e-6)
-    return torch.cat([torch.stack([torch.maximum(left_right, up_down), coarse], dim=1), s[:, IMAGE_PART:]], dim=1)
+    thumb = thumb - thumb.mean(axis=(1, 2), keepdims=True)
+    energy = (thumb * thumb).sum(axis=(1, 2))
+    safe = np.maximum(energy, 1e-12)
+    left_right = (thumb * thumb[:, :, ::-1]).sum(axis=(1, 2)) / safe
+    up_down = (thumb * thumb[:, ::-1, :]).sum(axis=(1, 2)) / safe
+    coarse = np.sqrt(energy / THUMBNAIL**2) / np.maximum(s[:, CONTRAST], 1e-6)
+    return np.concatenate([np.stack([np.maximum(left_right, up_down), coarse], axis=1), s[:, IMAGE_PART:]], axis=1)
 
 
-def _input_part(images: torch.Tensor | np.ndarray, method: str) -> torch.Tensor:
+def _input_part(images: Array, method: str) -> np.ndarray:
     """The input part's statistics for `method`: image_statistics' first IMAGE_PART columns, or layout_statistics."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).float()
+    x = np.asarray(images, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != IMAGE_STATS:
         raise ScopeError(f"expected image statistics (N, {IMAGE_STATS}), got shape {tuple(x.shape)}")
-    return layout_statistics(x).float() if method == "mahalanobis+layout" else x[:, :IMAGE_PART]
+    return layout_statistics(x).astype(np.float32) if method == "mahalanobis+layout" else x[:, :IMAGE_PART]
 
 
-def _input_distance(part: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, method: str) -> np.ndarray:
+def _input_distance(part: np.ndarray, mean: np.ndarray, precision: np.ndarray, method: str) -> np.ndarray:
     """The input part's distance; for mahalanobis+layout the larger of its blocks' (each block's precision is stored
     already divided by its squared validation percentile, so each block's distance is in units of it)."""
     if method != "mahalanobis+layout":
@@ -134,7 +153,7 @@ def _input_distance(part: torch.Tensor, mean: torch.Tensor, precision: torch.Ten
     return np.max([_distance(part[:, a:b], mean[a:b], precision[a:b, a:b]) for a, b in LAYOUT_BLOCKS], axis=0)
 
 
-def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Ledoit-Wolf mean and precision of x (N, D). standardize: shrink the correlation, not the covariance.
 
     Why: Ledoit-Wolf shrinks toward a multiple of the identity; with dimensions of very different spread (an 8x8
@@ -144,67 +163,71 @@ def _gaussian(x: np.ndarray, standardize: bool = False) -> tuple[torch.Tensor, t
     from sklearn.covariance import LedoitWolf
     if not standardize:
         lw = LedoitWolf(assume_centered=False).fit(x)
-        return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+        return lw.location_.astype(np.float32), lw.precision_.astype(np.float32)
     sd = np.maximum(x.std(axis=0), 1e-6)
     lw = LedoitWolf(assume_centered=False).fit(x / sd)
     precision = lw.precision_ / sd[:, None] / sd[None, :]
-    return torch.from_numpy(lw.location_ * sd).float(), torch.from_numpy(precision).float()
+    return (lw.location_ * sd).astype(np.float32), precision.astype(np.float32)
 
 
-def _check_precision(precision: torch.Tensor, what: str) -> None:
+def _check_precision(precision: np.ndarray, what: str) -> None:
     """Raise ScopeError unless `precision` is symmetric positive definite: otherwise distances can be 0 (or the
     root of a negative number clamped to 0) far from the mean, and every image would look in scope."""
-    p = precision.double()
-    if not torch.allclose(p, p.T, rtol=1e-4, atol=1e-6 * float(p.abs().max().clamp_min(1e-30))):
+    p = precision.astype(np.float64)
+    if not np.allclose(p, p.T, rtol=1e-4, atol=1e-6 * max(float(np.abs(p).max()), 1e-30)):
         raise ScopeError(f"{what} is not symmetric; {REFIT}")
-    if torch.linalg.cholesky_ex(p).info.item() != 0:
-        raise ScopeError(f"{what} is not positive definite; {REFIT}")
+    try:
+        np.linalg.cholesky(p)
+    except np.linalg.LinAlgError:
+        raise ScopeError(f"{what} is not positive definite; {REFIT}") from None
 
 
-def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> np.ndarray:
-    d = (x.cpu().float() - mean).double()
-    return ((d @ precision.double()) * d).sum(dim=1).clamp_min(0.0).sqrt().numpy()
+def _distance(x: Array, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    d = (np.asarray(x, dtype=np.float32) - mean).astype(np.float64)
+    return np.sqrt(np.maximum(((d @ precision.astype(np.float64)) * d).sum(axis=1), 0.0))
 
 
-def _prepare(pooled: torch.Tensor | np.ndarray, method: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(pooled) if not isinstance(pooled, torch.Tensor) else pooled).float()
+def _prepare(pooled: Array, method: str) -> np.ndarray:
+    x = np.asarray(pooled, dtype=np.float32)
     if x.ndim != 2:
         raise ScopeError(f"expected pooled features (N, C), got shape {tuple(x.shape)}")
     if method == "mahalanobis-l2":
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
     return x
 
 
 @dataclass(frozen=True)
 class ScopeStats:
-    """Mean (C,) and precision (C, C) of the training features, float32, and the limit on the distance.
+    """Mean (C,) and precision (C, C) of the training features, float32 NumPy arrays (tensors or lists are
+    converted), and the limit on the distance.
 
     limit is NaN until `with_limit` chooses it on validation scores. score(): (N, C) -> (N,) float64 >= 0.
     """
 
     method: str
-    mean: torch.Tensor
-    precision: torch.Tensor
+    mean: np.ndarray
+    precision: np.ndarray
     limit: float = math.nan
     percentile: float = DEFAULT_PERCENTILE
     n_fit: int = 0
     n_limit: int = 0
     # mahalanobis+image and +layout only: the input part's Gaussian and the two parts' scales (validation
     # percentiles).
-    image_mean: torch.Tensor | None = None
-    image_precision: torch.Tensor | None = None
+    image_mean: np.ndarray | None = None
+    image_precision: np.ndarray | None = None
     feature_scale: float = 1.0
     image_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ScopeError(f"unknown scope method {self.method!r}; known: {list(METHODS)}")
-        mean, precision = torch.as_tensor(self.mean).float().cpu(), torch.as_tensor(self.precision).float().cpu()
+        mean = float32_array(self.mean, "scope mean", ScopeError)
+        precision = float32_array(self.precision, "scope precision", ScopeError)
         c = mean.shape[0] if mean.ndim == 1 else -1
         if mean.ndim != 1 or precision.shape != (c, c):
             raise ScopeError(f"scope mean {tuple(mean.shape)} and precision {tuple(precision.shape)} must be (C,) "
                              "and (C, C)")
-        if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all()):
             raise ScopeError("scope statistics hold NaN or infinite values; fit them again")
         _check_precision(precision, "scope precision")
         object.__setattr__(self, "mean", mean)
@@ -213,13 +236,14 @@ class ScopeStats:
         if self.needs_images:
             if self.image_mean is None or self.image_precision is None:
                 raise ScopeError(f"scope method {self.method} needs image_mean and image_precision")
-            object.__setattr__(self, "image_mean", torch.as_tensor(self.image_mean).float().cpu())
-            object.__setattr__(self, "image_precision", torch.as_tensor(self.image_precision).float().cpu())
+            object.__setattr__(self, "image_mean", float32_array(self.image_mean, "scope image mean", ScopeError))
+            object.__setattr__(self, "image_precision", float32_array(self.image_precision, "scope image precision",
+                                                                      ScopeError))
             n = INPUT_PART[self.method]
             if self.image_mean.shape != (n,) or self.image_precision.shape != (n, n):
                 raise ScopeError(f"scope image statistics have {tuple(self.image_mean.shape)} values; this version "
                                  f"computes {n} for {self.method}: {REFIT}")
-            if not (torch.isfinite(self.image_mean).all() and torch.isfinite(self.image_precision).all()):
+            if not (np.isfinite(self.image_mean).all() and np.isfinite(self.image_precision).all()):
                 raise ScopeError(f"scope image statistics hold NaN or infinite values; {REFIT}")
             _check_precision(self.image_precision, "scope image precision")
             # An infinite scale divides its part's distance to 0: every image would look in scope.
@@ -236,7 +260,7 @@ class ScopeStats:
         """True when score() also needs image_statistics() of the input."""
         return self.method in INPUT_PART
 
-    def score(self, pooled: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    def score(self, pooled: Array, images: Array | None = None) -> np.ndarray:
         """Scope score of each image -> (N,) float64 >= 0; larger = less like the training images.
 
         pooled: (N, C) pooled transition features; images: (N, IMAGE_STATS) image_statistics, when needs_images.
@@ -272,11 +296,11 @@ class ScopeStats:
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint: tensors, numbers and strings only (torch.load(weights_only=True) reads it)."""
-        d = {"format": SCOPE_FORMAT, "method": self.method, "mean": self.mean.clone(),
-             "precision": self.precision.clone(), "limit": self.limit, "percentile": self.percentile,
+        d = {"format": SCOPE_FORMAT, "method": self.method, "mean": float32_tensor(self.mean),
+             "precision": float32_tensor(self.precision), "limit": self.limit, "percentile": self.percentile,
              "n_fit": self.n_fit, "n_limit": self.n_limit}
         if self.needs_images:
-            d.update(image_mean=self.image_mean.clone(), image_precision=self.image_precision.clone(),
+            d.update(image_mean=float32_tensor(self.image_mean), image_precision=float32_tensor(self.image_precision),
                      feature_scale=self.feature_scale, image_scale=self.image_scale, thumbnail=THUMBNAIL)
         return d
 
@@ -297,8 +321,6 @@ class ScopeStats:
         definite precisions, a limit in (0, max_limit()]. Raises ScopeError naming the bad value."""
         check_record(d, "scope statistics", SCOPE_FORMAT, ("method", "mean", "precision", "limit"), ScopeError,
                      REFIT)
-        if not isinstance(d["mean"], torch.Tensor) or not isinstance(d["precision"], torch.Tensor):
-            raise ScopeError("scope mean and precision must be tensors")
         try:
             numbers = (float(d["limit"]), float(d.get("percentile", DEFAULT_PERCENTILE)), int(d.get("n_fit", 0)),
                        int(d.get("n_limit", 0)), float(d.get("feature_scale", 1.0)), float(d.get("image_scale", 1.0)))
@@ -316,9 +338,6 @@ class ScopeStats:
         return stats
 
 
-Array = torch.Tensor | np.ndarray
-
-
 def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Array | None = None,
               val_pooled: Array | None = None, val_images: Array | None = None,
               percentile: float = DEFAULT_PERCENTILE) -> ScopeStats:
@@ -330,7 +349,7 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
     """
     if method not in METHODS:
         raise ScopeError(f"unknown scope method {method!r}; known: {list(METHODS)}")
-    x = _prepare(train_pooled, method).double().numpy()
+    x = _prepare(train_pooled, method).astype(np.float64)
     if x.shape[0] < 2:
         raise ScopeError(f"fitting scope statistics needs at least 2 training images, got {x.shape[0]}")
     if not np.isfinite(x).all():
@@ -346,7 +365,7 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
     if method == "mahalanobis+layout":
         image_mean, image_precision = _layout_blocks(train_part, val_part, percentile)
     else:
-        image_mean, image_precision = _gaussian(train_part.double().numpy(), standardize=True)
+        image_mean, image_precision = _gaussian(train_part.astype(np.float64), standardize=True)
     feature_scale = float(np.percentile(_distance(_prepare(val_pooled, method), mean, precision), percentile))
     image_scale = float(np.percentile(_input_distance(val_part, image_mean, image_precision, method), percentile))
     return ScopeStats(method, mean, precision, n_fit=int(x.shape[0]), image_mean=image_mean,
@@ -354,20 +373,22 @@ def fit_scope(train_pooled: Array, method: str = "mahalanobis", train_images: Ar
                       image_scale=max(image_scale, 1e-12))
 
 
-def _layout_blocks(train_part: torch.Tensor, val_part: torch.Tensor, percentile: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _layout_blocks(train_part: np.ndarray, val_part: np.ndarray, percentile: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """mahalanobis+layout's input part: a Gaussian per LAYOUT_BLOCKS block, each precision divided by the square of
     its block's `percentile`-th validation distance -> (mean (LAYOUT_STATS,), block-diagonal precision)."""
     means, precisions = [], []
     for a, b in LAYOUT_BLOCKS:
-        mean, precision = _gaussian(train_part[:, a:b].double().numpy(), standardize=True)
+        mean, precision = _gaussian(train_part[:, a:b].astype(np.float64), standardize=True)
         scale = max(float(np.percentile(_distance(val_part[:, a:b], mean, precision), percentile)), 1e-6)
         means.append(mean)
         precisions.append(precision / scale**2)
-    return torch.cat(means), torch.block_diag(*precisions)
+    block_diagonal = np.zeros((LAYOUT_STATS, LAYOUT_STATS), dtype=np.float32)
+    for (a, b), precision in zip(LAYOUT_BLOCKS, precisions):
+        block_diagonal[a:b, a:b] = precision
+    return np.concatenate(means), block_diagonal
 
 
-@torch.inference_mode()
 def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, normalize,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One eval pass -> (logits (N, L) float32, pooled features (N, C) float32, targets (N, L), indices (N,),
@@ -376,23 +397,25 @@ def collect_outputs(model: torch.nn.Module, loader, device: torch.device | str, 
     `loader` yields data.collate_batch batches ((B, 1, S, S) uint8 images, targets, indices[, unreadable]);
     unreadable items are left out (compare the indices).
     """
+    import torch
     from tqdm import tqdm
 
     model = model.eval()
     device = torch.device(device)
     logits, pooled, targets, indices, thumbs = [], [], [], [], []
-    for batch in tqdm(loader, desc="scope", unit="batch", disable=not progress, leave=False):
-        images, batch_targets, batch_indices = batch[:3]
-        if images.numel() == 0:
-            continue
-        x = normalize(images.to(device))
-        a = model.features(x)
-        thumbs.append(image_statistics(x, normalize.mean[0], normalize.std[0]).cpu())
-        logits.append(model.head(a).float().cpu())
-        pooled.append(pooled_features(a).cpu())
-        targets.append(batch_targets.float())
-        indices.append(batch_indices.long())
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="scope", unit="batch", disable=not progress, leave=False):
+            images, batch_targets, batch_indices = batch[:3]
+            if images.numel() == 0:
+                continue
+            x = normalize(images.to(device))
+            a = model.features(x)
+            thumbs.append(image_statistics(x[:, :1].float().cpu().numpy(), normalize.mean[0], normalize.std[0]))
+            logits.append(model.head(a).float().cpu())
+            pooled.append(pooled_features(a).cpu())
+            targets.append(batch_targets.float())
+            indices.append(batch_indices.long())
     if not logits:
         raise ScopeError("no readable images in the loader")
     return (torch.cat(logits).numpy(), torch.cat(pooled).numpy(), torch.cat(targets).numpy(),
-            torch.cat(indices).numpy(), torch.cat(thumbs).numpy())
+            torch.cat(indices).numpy(), np.concatenate(thumbs))
