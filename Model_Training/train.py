@@ -145,6 +145,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(default: ImageNet weights via torchvision)")
     add("--hflip", action="store_true", help="random horizontal flips in augmentation (default: off; a flip "
         "puts the heart on the wrong side)")
+    add("--intensity-augment", type=float, default=0.0, help="strength s in [0, 1) of a random grey-level curve in "
+        "augmentation: gamma in [e^-s, e^s], contrast in [1 - s, 1 + s], a brightness offset; for exposure and "
+        "contrast that differ between sites; recorded in meta.training (default: %(default)s = off)")
     add("--allow-missing", action="store_true", help="skip labelled images whose file is missing, and report "
         "them (default: stop with a count and examples)")
     add("--check-data", action="store_true", help="read every train/val image once before training, list the "
@@ -186,6 +189,8 @@ def _check_args(args: argparse.Namespace) -> None:
         (0 < args.val_fraction < 1, f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}"),
         (0 < args.calibration_fraction < 1 - args.val_fraction, "--calibration-fraction must lie strictly between 0 "
          f"and 1 - --val-fraction ({1 - args.val_fraction:g}), got {args.calibration_fraction}"),
+        (0 <= args.intensity_augment < 1,
+         f"--intensity-augment must lie in [0, 1) (0 = off), got {args.intensity_augment}"),
         (args.workers >= 0, f"--workers must be non-negative, got {args.workers}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
         (args.orientation_images >= 0, f"--orientation-images must be non-negative, got {args.orientation_images}"),
@@ -566,7 +571,8 @@ def load_data(run: Run, meta: Meta) -> Data:
 
 def _datasets(run: Run, meta: Meta, splits: dict) -> tuple[XrayDataset, XrayDataset]:
     args = run.args
-    return (XrayDataset(splits["train"], run.labels, build_transform(meta, train=True, hflip=args.hflip),
+    return (XrayDataset(splits["train"], run.labels, build_transform(meta, train=True, hflip=args.hflip,
+                                                                      intensity=args.intensity_augment),
                         args.cache_dir, skip_unreadable=True),
             XrayDataset(splits["val"], run.labels, build_transform(meta, train=False), args.cache_dir,
                         skip_unreadable=True))
@@ -749,6 +755,7 @@ def _training_summary(run: Run, data: Data, result, epoch: int) -> dict:
         "split": with_roles(data.spec, data.splits),
         "loss": args.loss,
         "threshold_rule": args.threshold_rule,
+        "intensity_augment": args.intensity_augment,
         "n_train": len(data.train_ds),
         "n_val": int(len(result.indices)),
         "n_calibration": len(data.splits["calibration"]),

@@ -4,7 +4,8 @@ Per image, in DataLoader workers or the server thread:
   (H, W) float image in [0, 1] (imaging.read_xray) or uint8 (the resized cache)
   -> resize to meta.image_size x meta.image_size (antialiased bilinear in float; the whole image, no crop)
   -> 8-bit (1, S, S) uint8, the form the resized cache stores, so cached and uncached inputs are identical
-  -> [train only] small random rotation / scale / translation (Pillow, nearest neighbour), optional horizontal flip.
+  -> [train only] small random rotation / scale / translation (Pillow, nearest neighbour), optional horizontal flip,
+     optional random grey-level curve (gamma, contrast, brightness as one 256-entry lookup table).
 Per batch, on the model's device:
   (N, 1, S, S) uint8 -> float / 255 -> gray replicated to 3 channels -> normalised with meta.mean / meta.std.
 
@@ -50,6 +51,26 @@ def to_uint8_square(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor
     return torch.from_numpy(np.array(resized_uint8(image, size))).unsqueeze(0)
 
 
+def random_grey_curve(strength: float) -> list[int]:
+    """A random 256-entry lookup table: v -> a + b * v ** gamma on [0, 1], clipped, for Image.point.
+
+    gamma is log-uniform in [e^-strength, e^strength]; the contrast b uniform in [1 - strength, 1 + strength]; the
+    offset a keeps the curve inside [0, 1] when b < 1 (a washed-out film) and clips both ends when b > 1 (a narrower
+    window). Draws from torch's generator, so the DataLoader's per-worker seeds apply. Raises ValueError for a
+    strength outside [0, 1).
+    """
+    if not 0 <= strength < 1:
+        raise ValueError(f"the grey-level augmentation strength must lie in [0, 1), got {strength}")
+    import torch
+
+    u = torch.rand(3, dtype=torch.float64).tolist()
+    gamma = float(np.exp(strength * (2 * u[0] - 1)))
+    b = 1 + strength * (2 * u[1] - 1)
+    a = min(0.0, 1 - b) + u[2] * abs(1 - b)
+    v = np.linspace(0.0, 1.0, 256) ** gamma
+    return np.clip(np.rint(255 * (a + b * v)), 0, 255).astype(np.uint8).tolist()
+
+
 @dataclass(frozen=True)
 class XrayTransform:
     """Per-image stage: (H, W) image -> (1, S, S) uint8 tensor (see the module docstring)."""
@@ -57,6 +78,7 @@ class XrayTransform:
     size: int
     train: bool = False
     hflip: bool = False
+    intensity: float = 0.0  # grey-level augmentation strength (random_grey_curve); 0 = none
 
     def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = to_uint8_square(image, self.size)
@@ -74,6 +96,9 @@ class XrayTransform:
                               interpolation=v2.InterpolationMode.NEAREST)(pil)
         if self.hflip:
             pil = v2.RandomHorizontalFlip()(pil)
+        if self.intensity:
+            # Exposure and contrast differ between sites; one lookup table on 8-bit data costs a few microseconds.
+            pil = pil.point(random_grey_curve(self.intensity))
         return torch.from_numpy(np.array(pil, dtype=np.uint8)).unsqueeze(0)
 
 
@@ -101,9 +126,12 @@ class Normalize:
         return (x - mean) / std  # broadcasting replicates the gray channel into 3
 
 
-def build_transform(meta: Meta, train: bool = False, hflip: bool = False) -> XrayTransform:
-    """The per-image stage a checkpoint was trained with (train=True adds augmentation)."""
-    return XrayTransform(meta.image_size, train=train, hflip=hflip)
+def build_transform(meta: Meta, train: bool = False, hflip: bool = False, intensity: float = 0.0) -> XrayTransform:
+    """The per-image stage a checkpoint was trained with (train=True adds augmentation; hflip and intensity act only
+    then). Raises ValueError for an intensity outside [0, 1)."""
+    if not 0 <= intensity < 1:
+        raise ValueError(f"the grey-level augmentation strength must lie in [0, 1), got {intensity}")
+    return XrayTransform(meta.image_size, train=train, hflip=hflip, intensity=intensity)
 
 
 def build_normalize(meta: Meta) -> Normalize:

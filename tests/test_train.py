@@ -33,7 +33,7 @@ from Model_Training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_KEYS = {"data", "epochs", "val_auroc", "val_mean_auroc", "date", "commit", "split", "loss",
-                 "threshold_rule", "n_train", "n_val"}
+                 "threshold_rule", "n_train", "n_val", "intensity_augment"}
 
 
 def validation_predictions(data_dir: Path, checkpoint: Path, cache_dir: Path | None = None, split: str = "val"):
@@ -95,6 +95,7 @@ def test_training_writes_run_files_and_a_contract_checkpoint(trained_run, nih_di
         "calibration": ("calibration, thresholds, evidence, scope limit", 41)}
     assert roles["calibration"]["patients"] == 37 and roles["val"]["patients"] == 21
     assert (meta.training["n_train"], meta.training["n_val"], meta.training["loss"]) == (48, 21, "wbce")
+    assert meta.training["intensity_augment"] == 0.0 and config["intensity_augment"] == 0.0  # off by default
     assert meta.training["epochs"] == state["best_epoch"]
     assert meta.training["data_dir"] == "nih"
     assert all(0.0 <= t <= 1.0 for t in meta.thresholds) and len(meta.thresholds) == 14
@@ -126,6 +127,24 @@ def test_best_checkpoint_serves_predictions(trained_run, nih_dir):
         nih_dir / "images" / "00000001_000.png")
     assert set(prediction.probabilities) == set(LABELS)
     assert all(0.0 < p < 1.0 for p in prediction.probabilities.values())
+
+
+@pytest.mark.slow(3)
+def test_intensity_augment_reaches_the_training_images_only_and_is_recorded(nih_dir, tmp_path, capsys, monkeypatch):
+    built = []
+    real = train.build_transform
+    monkeypatch.setattr(train, "build_transform", lambda meta, **kw: built.append(real(meta, **kw)) or built[-1])
+    argv = small_run(nih_dir, "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "x.pth"),
+                     "--intensity-augment", "0.4", "--no-trust", limit=16, epochs=1)
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert {(t.train, t.intensity) for t in built} == {(True, 0.4), (False, 0.0)}  # validation, calibration: plain
+    _, meta, _ = load_checkpoint(tmp_path / "x.pth")
+    assert meta.training["intensity_augment"] == 0.4
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["intensity_augment"] == 0.4
+    rc, _, err = run_main(small_run(nih_dir, "--run-dir", str(tmp_path / "run"), "--resume", "--intensity-augment",
+                                    "0.2", limit=16, epochs=1), capsys)
+    assert rc == 2 and "--intensity-augment cannot change on --resume" in err
 
 
 def test_run_folder_in_use_needs_resume(trained_run, nih_dir, capsys):
@@ -296,6 +315,7 @@ def test_missing_pretrained_weights_stop_before_training(nih_dir, tmp_path, caps
     (["--data-dir", "D", "--labels", "Cardiomegaly,Heart"], "unknown label(s) ['Heart']"),
     (["--data-dir", "D", "--epochs", "0"], "--epochs must be at least 1"),
     (["--data-dir", "D", "--val-fraction", "1.5"], "--val-fraction must lie strictly between 0 and 1"),
+    (["--data-dir", "D", "--intensity-augment", "1"], "--intensity-augment must lie in [0, 1)"),
     (["--data-dir", "D", "--device", "cpu", "--amp", "on"], "--amp on needs a CUDA device"),
     (["--data-dir", "EMPTY", "--device", "cpu", "--arch", "resnet18", "--no-pretrained"],
      "none of the 112120 images listed in Data_Entry_2017_v2020.csv.gz"),  # the bundled one: no CSV there

@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from chestxray.checkpoint import Meta
 from chestxray.imaging import read_xray
-from chestxray.transforms import build_normalize, build_transform, preprocess, to_uint8_square
+from chestxray.transforms import build_normalize, build_transform, preprocess, random_grey_curve, to_uint8_square
 
 META = Meta.new(arch="resnet18", image_size=128)
 
@@ -65,6 +65,39 @@ def test_no_horizontal_flip_unless_asked():
     flip = build_transform(META, train=True, hflip=True)
     sides = [bool(flip(half)[0, :, :64].float().mean() > 127) for _ in range(40)]
     assert any(sides) and not all(sides)
+
+
+def test_grey_level_augmentation_is_a_monotone_curve_in_training_only(image):
+    meta = Meta.new(arch="resnet18", image_size=64)
+    plain = build_transform(meta)(image)
+    # Outside training the strength changes nothing: evaluation, calibration and trust fitting see the plain image.
+    assert torch.equal(build_transform(meta, train=False, intensity=0.5)(image), plain)
+    # In training, the same seed draws the same affine first, so the curve is the only difference: one output
+    # grey level per input grey level, in the same order, and the grey levels do move.
+    for seed in range(5):
+        torch.manual_seed(seed)
+        moved = build_transform(meta, train=True)(image)
+        torch.manual_seed(seed)
+        curved = build_transform(meta, train=True, intensity=0.5)(image)
+        assert curved.shape == (1, 64, 64) and curved.dtype == torch.uint8
+        pairs = torch.unique(torch.stack([moved.flatten(), curved.flatten()]), dim=1)
+        assert torch.unique(pairs[0]).numel() == pairs.shape[1]  # a function of the input grey level
+        assert torch.all(torch.diff(pairs[1].int()) >= 0)  # that keeps the order (unique sorts by the input)
+        assert not torch.equal(curved, moved)
+
+
+def test_random_grey_curve_range_and_strength():
+    torch.manual_seed(0)
+    assert random_grey_curve(0.0) == list(range(256))  # strength 0: the identity
+    for strength in (0.3, 0.6):
+        curves = np.array([random_grey_curve(strength) for _ in range(200)])
+        assert curves.min() >= 0 and curves.max() <= 255 and np.all(np.diff(curves, axis=1) >= 0)
+        spread = curves[:, 255] - curves[:, 0]  # contrast b in [1 - s, 1 + s]: washed out down to 255 (1 - s) ...
+        assert spread.min() >= np.floor(255 * (1 - strength)) - 1 and (spread < 255 * (1 - strength / 2)).any()
+        assert spread.max() == 255  # ... or a narrower window, clipped at both ends
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            build_transform(META, train=True, intensity=bad)
 
 
 def test_per_batch_stage_normalises_into_three_channels():
