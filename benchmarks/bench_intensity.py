@@ -1,7 +1,9 @@
 """Tried for the demo model: standardising each input image's grey levels (its 1st-99th percentile grey levels
 stretched to 0-255, or its histogram equalised) in training, calibration fitting and inference alike, so that a
-washed-out film from another site reaches the model with the contrast it learned on. Trains the demo recipe
-(Model_Training/demo.py's arguments) once per variant and seed and compares, per variant:
+washed-out film from another site reaches the model with the contrast it learned on; or, in training only, random
+grey-level curves (train.py --intensity-augment S: gamma, contrast, brightness), so that the features stop
+depending on a site's exposure. Trains the demo recipe (Model_Training/demo.py's arguments) once per variant and
+seed and compares, per variant:
 
 - acceptance per image set, counted as benchmarks/bench_demo_scope.py counts it (same sets, same Predictor path);
 - the in-scope check's parts (features, layout, histogram; each over its calibration scale) of the external films;
@@ -10,10 +12,11 @@ washed-out film from another site reaches the model with the contrast it learned
 - the calibration images against washed-out copies of themselves (grey levels 0.35 + 0.4 v): how far the
   probabilities move, and how many copies are still in scope.
 
-    python benchmarks/bench_intensity.py [--work /tmp/bench-intensity] [--reuse] [--seeds 0 1]
+    python benchmarks/bench_intensity.py [--work /tmp/bench-intensity] [--reuse] [--seeds 0 1] [--variants ...]
 
 The standardisation is applied here by wrapping the per-image stage (transforms.build_transform) of train.py, of
-the trust fitting and of the Predictor, so this script measures it without any option in the product code.
+the trust fitting and of the Predictor, so this script measures it without any option in the product code; the
+augmentation variants pass --intensity-augment to train.py and change nothing else.
 Figures in benchmarks/results/intensity.md.
 """
 from __future__ import annotations
@@ -40,7 +43,8 @@ from chestxray.trust import scope as S
 from Model_Training import demo
 from Model_Training import train as train_script
 
-VARIANTS = ("none", "stretch-1-99", "equalize")
+AUGMENT = {"augment-0.3": 0.3, "augment-0.6": 0.6}  # train.py --intensity-augment, training only
+VARIANTS = ("none", "stretch-1-99", "equalize", *AUGMENT)
 STRETCH = (1.0, 99.0)  # percentiles mapped to grey levels 0 and 255
 WASH = (0.35, 0.4)  # washed-out copy: 0.35 + 0.4 * v, grey levels 0.35-0.75 like the refused films
 SHOWN_FILMS = ("2168a917.jpg", "2c35005f.jpg", "b343e657.jpg")
@@ -80,7 +84,7 @@ class Standardised:
 @contextlib.contextmanager
 def standardised(variant: str):
     """train.py and the trust fitting build their per-image stage with `variant` inside this block."""
-    if variant == "none":
+    if variant not in STANDARDISE:
         yield
         return
     saved = train_script.build_transform, chestxray.fitting.build_transform
@@ -99,6 +103,8 @@ def build(variant: str, seed: int, work: Path, reuse: bool) -> Path:
         return out
     argv = ["--data-dir", str(demo.SAMPLE_DIR), *demo.DEMO_TRAIN_ARGS, "--seed", str(seed), "--output", str(out),
             "--run-dir", str(work / f"run-{variant}-seed{seed}"), "--no-progress"]
+    if variant in AUGMENT:
+        argv += ["--intensity-augment", str(AUGMENT[variant])]
     with standardised(variant):
         rc = train_script.main(train_script.get_args_parser().parse_args(argv))
     if rc != 0:
@@ -108,15 +114,14 @@ def build(variant: str, seed: int, work: Path, reuse: bool) -> Path:
 
 def predictor(path: Path, variant: str) -> Predictor:
     p = Predictor.from_checkpoint(path, device="cpu")
-    if variant != "none":
+    if variant in STANDARDISE:
         p.transform = Standardised(p.transform, variant)
     return p
 
 
 def parts(p: Predictor, data: bytes) -> tuple[float, float, float]:
     """One image's in-scope parts, each over its calibration scale: features, layout, histogram."""
-    x = p.normalize(p.transform(read_xray(data)).unsqueeze(0))
-    _, _, pooled = p._outputs(x)
+    _, _, pooled, x = p._outputs(p.transform(read_xray(data)).unsqueeze(0).numpy())  # x: the normalised channel 0
     sc = p.trust.scope
     feature = S._distance(S._prepare(pooled, sc.method), sc.mean, sc.precision)[0] / sc.feature_scale
     part = S._input_part(S.image_statistics(x, p.meta.mean[0], p.meta.std[0]), sc.method)
@@ -170,6 +175,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="external chest X-rays (default: %(default)s)")
     parser.add_argument("--nih", default=str(ROOT.parent / "shared" / "data" / "nih"),
                         help="NIH images for the held-out AUROC (default: %(default)s)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="variants to train and measure (default: all)")
     add_out_argument(parser, "intensity.md")
     return parser
 
@@ -208,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
             "samples/other-cxr": sets_of.folder(ROOT / "samples" / "other-cxr")}
     nih_rows = held_out_nih(Path(args.nih))
     results = {f"{v}, {seed}": measure(v, build(v, seed, work, args.reuse), sets, nih_rows)
-               for seed in args.seeds for v in VARIANTS}
+               for seed in args.seeds for v in args.variants}
     write_report(report(results, sets), args.out)
     return 0
 
