@@ -33,8 +33,10 @@ def serving(predictor: Predictor, max_batch: int | None = None) -> Predictor | B
     """The predictor a server shares between its threads: batching when max_batch > 1. None: MAX_BATCH on CUDA, where
     a batch costs little more than one image; on a CPU each image alone (BENCHMARKS.md, "In-server batching": 8 clients
     on 2 cores got 0.89-1.10x the throughput, as the cores are already busy with one image per analysis)."""
-    if max_batch is None:
-        max_batch = MAX_BATCH if str(getattr(predictor, "device", "cpu")).startswith("cuda") else 1
+    if max_batch is None:  # ONNX Runtime's device is its session's (Predictor.device is "cpu" there: inputs)
+        onnx = getattr(predictor, "onnx", None)
+        device = onnx.device if onnx is not None else str(getattr(predictor, "device", "cpu"))
+        max_batch = MAX_BATCH if device.startswith("cuda") else 1
     return BatchingPredictor(predictor, max_batch) if max_batch > 1 else predictor
 
 
