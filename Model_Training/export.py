@@ -114,7 +114,8 @@ def calibration_paths(folder: Path, meta: Meta, limit: int, seed: int) -> tuple[
         # calibration_fraction 0: a checkpoint from before the calibration split, whose train split was all the rest
         splits = make_splits(index, folder, val_fraction=float(split.get("val_fraction", 0.1)),
                              seed=int(split.get("seed", 0)),
-                             calibration_fraction=float(split.get("calibration_fraction", 0.0)))
+                             calibration_fraction=float(split.get("calibration_fraction", 0.0)),
+                             stratify=bool(split.get("stratify", False)))
     train = subsample(splits["train"], limit, seed)
     if len(train) == 0:
         raise UsageError(f"the training split of {folder} is empty: nothing to calibrate on")

@@ -127,6 +127,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION, help="fraction of the non-test "
         "patients held out for calibration, thresholds, evidence and the in-scope limit, never used to fit weights "
         "or choose the epoch (default: %(default)s)")
+    add("--stratify-split", action="store_true", help="assign patients to validation, calibration (and test) by "
+        "scikit-learn's StratifiedGroupKFold on view position x any finding, so that each split's view mix and "
+        "finding share are close to the data's; the fractions must then be multiples of 1/n, n <= 100; recorded in "
+        "the checkpoint's split (default: off: each patient's own seeded draw)")
     add("--threshold-rule", default="f1", choices=THRESHOLD_RULES, help="per-label threshold chosen on the "
         "calibration split (the validation split until the trust fit): max F1 or Youden's J (default: %(default)s)")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per training "
@@ -543,7 +547,8 @@ def load_data(run: Run, meta: Meta) -> Data:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = load_index(data_dir, allow_missing=args.allow_missing)
-        spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit, args.calibration_fraction)
+        spec = split_spec(index, data_dir, args.val_fraction, args.seed, args.limit, args.calibration_fraction,
+                          args.stratify_split)
         splits = rebuild_splits(meta.replace(training={"split": spec.to_dict()}), index, data_dir)
     for w in caught:  # e.g. the bundled official metadata standing in for the data folder's own: say so on stderr
         ddp.log(f"warning: {w.message}", file=sys.stderr)

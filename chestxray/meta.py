@@ -107,8 +107,11 @@ class SplitSpec:
     calibration_fraction of patients. calibration_fraction 0 marks a checkpoint trained before the calibration split
     existed: its validation split served both epoch selection and calibration. limit: at most that many images per
     split, a seeded sample (smoke runs). data_entry_sha256: the label file's SHA-256, which tells whether an
-    evaluated folder is the very data the model was trained on. The recorded dict may also hold "roles" (which split
-    served which role, with image and patient counts), a description that from_dict does not need.
+    evaluated folder is the very data the model was trained on. stratify: patients were assigned by scikit-learn's
+    StratifiedGroupKFold on view position x any finding (train.py --stratify-split; data.make_splits), not by
+    each patient's own draw, so the split depends on the whole index it was made from. The recorded dict may also hold
+    "roles" (which split served which role, with image and patient counts), a description that from_dict does not
+    need.
     """
 
     official: bool
@@ -118,11 +121,13 @@ class SplitSpec:
     test_fraction: float = DEFAULT_TEST_FRACTION
     data_entry_sha256: str | None = None
     calibration_fraction: float = 0.0
+    stratify: bool = False
 
     def __post_init__(self) -> None:
         name = "training.split"
-        if not isinstance(self.official, bool):
-            raise _fail(f"{name}.official", f"must be true or false, got {type(self.official).__name__}")
+        for key in ("official", "stratify"):
+            if not isinstance(getattr(self, key), bool):
+                raise _fail(f"{name}.{key}", f"must be true or false, got {type(getattr(self, key)).__name__}")
         for key in ("val_fraction", "test_fraction"):
             value = _finite(getattr(self, key), f"{name}.{key}")
             if not 0.0 < value < 1.0:

@@ -26,7 +26,7 @@ STATE_FORMAT = 1
 # Settings that define the run: a resume takes them from the saved configuration; another value is an error.
 LOCKED = ("arch", "labels", "image_size", "output_stride", "transition_kernel", "batch_size", "lr", "weight_decay",
           "scheduler", "loss", "seed", "val_fraction", "calibration_fraction", "limit", "hflip", "no_pretrained",
-          "clip_grad", "intensity_augment")
+          "clip_grad", "intensity_augment", "stratify_split")
 
 
 class NoTrainingState(CheckpointError):
