@@ -5,48 +5,58 @@
 With --checkpoint and --train-data (the folder it was trained on, a labels CSV of some of the shared NIH sample's
 patients), the reference is the one the checkpoint carries (train.py / fit_trust.py fit it on its calibration split:
 calibrated probabilities, the mean label rank, thresholds and called-positive rates, scope score, brightness,
-contrast), and the stream is
-the shared sample's images of the patients that are not in --train-data. Without them the reference is fitted
-(chestxray.monitor.fit_reference) on half of the shared sample's patients and the other half is streamed. The held-out
-images in random order (reshuffled to make a long stream) are the in-distribution stream: every alert onset there is
-a false alert. Each shifted stream starts with one full window of in-distribution images, then switches to: other-cxr
-images (repeated: the folder holds few), contrast-reduced, gamma-shifted, inverted and lower-resolution copies of the
-held-out images, and a different prevalence (only images with a finding; only images without). Detection delay =
-shifted images recorded until the alert first fires. The monitor checks at every --step-th answered analysis
-(chestxray.monitor.checked_drift, as the app's Monitor.status does), so its state is read at each check and held in
-between; a shift that starts just after a check waits longer than one that starts just before, so each shifted stream
-is replayed with the shift starting at --phases points spread over one step, and the longest delay is the one
-reported.
+contrast), and the stream is the shared sample's images of the patients that are not in --train-data. Without them the
+reference is fitted (chestxray.monitor.fit_reference) on half of the shared sample's patients and the other half is
+streamed. The held-out images in random order (made into a long stream, no image repeated within a window where the
+pool allows) are the in-distribution stream: every alert onset there is a false alert. Each shifted stream starts with
+one full window of in-distribution images, then switches to: other-cxr images (repeated: the folder holds few),
+contrast-reduced, gamma-shifted, inverted and lower-resolution copies of the held-out images, and a different
+prevalence (only images with a finding; only images without). Detection delay = shifted images recorded until the
+alert first fires. The monitor checks at every --step-th answered analysis (chestxray.monitor.checked_drift, as the
+app's Monitor.status does), so its state is read at each check and held in between; a shift that starts just after a
+check waits longer than one that starts just before, so each shifted stream is replayed with the shift starting at
+--phases points spread over one step, and the longest delay is the one reported.
 Write throughput: analyses recorded per second by SQLite and by a PostgreSQL started here (tests/support/store.py),
 one transaction per analysis as the app does, beside the model's own rate on the same machine in the same run.
 Without --checkpoint a random-initialised ResNet-18 at 128 px is used (no trained model ships with the repository):
 its outputs still depend on the input, so input shifts move them, but a prevalence shift cannot: a prevalence shift
 shows in the outputs only as far as the model tells findings apart. BENCHMARKS.md's model was made with:
 
-    python - <<'EOF'   # 3/4 of the patients (seed 0): labels.csv + copies of their images into DIR
+    python - <<'EOF'   # held out: 1 of 4 patient folds stratified by view x any finding; the rest into DIR
     import shutil, numpy as np, pandas as pd; from pathlib import Path
-    S, out = Path("../shared/data/nih"), Path("DIR"); labels = pd.read_csv(S / "labels.csv")
+    from sklearn.model_selection import StratifiedGroupKFold
+    S, out = Path("../shared/data/nih"), Path("DIR"); labels = pd.read_csv(S / "labels.csv").set_index("Image Index")
     files = sorted([*(S / "images_64").glob("*.png"), *(S / "images_256").glob("*.png")])
-    patient = dict(zip(labels["Image Index"], labels["Patient ID"]))
-    patients = sorted({patient[f.name] for f in files}); np.random.default_rng(0).shuffle(patients)
-    keep = {f.name for f in files if patient[f.name] in set(patients[: 3 * len(patients) // 4])}
+    rows = labels.loc[[f.name for f in files]]
+    strata = rows["View Position"] + "|" + (rows["Finding Labels"] != "No Finding").astype(str)
+    _, held = next(StratifiedGroupKFold(4, shuffle=True, random_state=0).split(np.zeros(len(files)), strata,
+                                                                               rows["Patient ID"]))
+    keep = {f.name for i, f in enumerate(files) if i not in set(held)}
     (out / "images").mkdir(parents=True)
     [shutil.copyfile(f, out / "images" / f.name) for f in files if f.name in keep]
-    rows = (S / "labels.csv").read_text().splitlines(keepends=True)
-    (out / "labels.csv").write_text(rows[0] + "".join(r for r in rows[1:] if r.split(",", 1)[0] in keep))
+    lines = (S / "labels.csv").read_text().splitlines(keepends=True)
+    (out / "labels.csv").write_text(lines[0] + "".join(r for r in lines[1:] if r.split(",", 1)[0] in keep))
     EOF
     nice python Model_Training/train.py --data-dir DIR --output m.pth --run-dir RUN --arch resnet18 \
         --image-size 128 --epochs 12 --batch-size 16 --lr 0.0003 --no-pretrained --device cpu --val-fraction 0.1 \
-        --calibration-fraction 0.4 --orientation-images 0 --seed 0 --workers 1 --cache-dir CACHE --no-progress
+        --calibration-fraction 0.4 --stratify-split --orientation-images 0 --seed 0 --workers 1 --cache-dir CACHE \
+        --no-progress
     python Model_Training/fit_trust.py --checkpoint m.pth --data-dir DIR --out model.pth \
         --orientation-images 0 --n-boot 200
+    python benchmarks/bench_drift.py --checkpoint model.pth --train-data DIR \
+        --out benchmarks/results/drift-stratified.md
 
-The patients: the shared sample's, sorted, shuffled with numpy.random.default_rng(0), the first 3/4 (262 patients,
-609 images; 300 train, 61 validation, 248 calibration). That run (best epoch 8, validation mean AUROC 0.65) was the
-best by validation mean AUROC of six runs that differed only in what a user chooses: --lr 0.001 with seeds 0, 1, 2,
---lr 0.001 at --image-size 64, --lr 0.0003, 12 epochs each, and the former recipe (--lr 0.001, 6 epochs). Each run
-keeps its best epoch by validation AUROC; the held-out stream and the drift results chose nothing. BENCHMARKS.md
-lists the six and says what the chosen model's outputs tell apart on the held-out images.
+The held-out pool is one of four patient-disjoint folds of scikit-learn's StratifiedGroupKFold on view position x any
+finding (198 images of 86 patients; DIR: 589 images of 264 patients), and train.py --stratify-split assigns DIR's
+patients to train / validation / calibration the same way, so the calibration split (the monitor's reference) and
+the held-out pool are two samples of one population with the same view mix and finding share (the report lists both,
+with Fisher's exact p). The recipe is otherwise the one chosen in a9d1f6e as the best of six runs by validation AUROC
+(lr 3e-4, 128 px, 12 epochs, the epoch kept by validation AUROC); nothing was chosen on the held-out stream. Before,
+the held-out patients were the last quarter of the sorted patients shuffled with numpy.random.default_rng(0) and the
+split was train.py's plain one: the held-out pool had 10% AP views against the calibration split's 23% (Fisher p
+0.0005). Every stream is drawn so that no image comes back within a window where its pool holds a window's worth
+(spaced_order); a smaller pool (the held-out pool of 198 against a window of 200) is cycled in one random order, so a
+window repeats only window - pool images: the monitor's tests take a window's images as independent draws.
 """
 from __future__ import annotations
 
@@ -113,6 +123,19 @@ def shifts(images: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
             "gamma 0.6": [np.power(x, 0.6) for x in images],
             "inverted": [1.0 - x for x in images],
             "lower resolution (1/8, upsampled)": [lowres(x) for x in images]}
+
+
+def spaced_order(n_pool: int, n: int, spacing: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) indices into a pool of n_pool, each drawn at random among those not drawn in the last spacing - 1 draws
+    (1 <= spacing <= n_pool): with spacing = min(window, pool) no window repeats an image when the pool holds a
+    window's worth, and a smaller pool repeats only window - pool per window (its first order, then cycled)."""
+    recent: list[int] = []
+    order = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        free = np.setdiff1d(np.arange(n_pool), recent[max(0, k - spacing + 1):k])
+        order[k] = rng.choice(free)
+        recent.append(int(order[k]))
+    return order
 
 
 def record_now(store, entry: dict) -> None:
@@ -185,16 +208,22 @@ def main(args: argparse.Namespace) -> int:
                          consecutive=args.consecutive)
     model = ModelVersion("bench", "bench", "torch")
 
-    def entries(images: list[np.ndarray]) -> list[dict]:
-        preds = predict(images)
+    def as_entries(preds: list) -> list[dict]:
         return [answered_entry(p, source="replay", latency_s=0.0, model=model) for p in preds]
 
+    def entries(images: list[np.ndarray]) -> list[dict]:
+        return as_entries(predict(images))
+
     held_images = [load_gray(f) for f in held_files]
-    held_entries = entries(held_images)
+    held_preds = predict(held_images)
+    held_entries = as_entries(held_preds)
+    mix = composition(args, predictor, reference, labels, held_files, held_preds) if own is not None else []
+    print("\n".join(mix), flush=True)
 
     def stream(pool: list[dict], n: int) -> list[dict]:
-        order = np.concatenate([rng.permutation(len(pool)) for _ in range(n // len(pool) + 1)])[:n]
-        return [pool[i] for i in order]
+        """n of the pool in random order, no image again within a window where the pool allows (spaced_order):
+        repeats within a window are not independent draws, and the monitor's tests assume independent images."""
+        return [pool[i] for i in spaced_order(len(pool), n, min(limits.window, len(pool)), rng)]
 
     def alerting_quantities(store) -> list[str]:
         """The monitor's verdict as the app computes it (Monitor.status) at the newest check."""
@@ -244,10 +273,11 @@ def main(args: argparse.Namespace) -> int:
     where, model_text = describe(args, predictor, reference, own is not None, checkpoint, len(ref_files),
                                  len(ref_patients), len(held_files))
     lines = ["# Drift detection and store throughput (benchmarks/bench_drift.py)", "",
-             f"{where}, reshuffled to {args.in_distribution}. Window {limits.window}, checked at every "
-             f"{limits.step}th analysis, alert at {limits.consecutive} check(s) in a row, PSI limit {limits.psi} "
-             f"beyond chance, alpha {limits.alpha} (Bonferroni over {len(quantities(reference))} quantities), "
-             f"seed {args.seed}. Model: {model_text}.", "",
+             f"{where}, drawn into a stream of {args.in_distribution} with no image again within a window where "
+             f"the pool allows (a pool smaller than the window cycles in one random order). Window {limits.window}, "
+             f"checked at every {limits.step}th analysis, alert at {limits.consecutive} check(s) in a row, PSI limit "
+             f"{limits.psi} beyond chance, alpha {limits.alpha} (Bonferroni over {len(quantities(reference))} "
+             f"quantities), seed {args.seed}. Model: {model_text}.", "",
              f"Detection delay: the longest over {len(offsets)} shift starts (after one full window plus "
              f"{', '.join(map(str, offsets))} analyses; 0 = just after a check).", "",
              "| stream | images in pool | detection delay (images), longest | per shift start | alerting quantities |",
@@ -257,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
                      f"{', '.join(str(d) if d is not None else '-' for d in each)} | {', '.join(which) or '-'} |")
     lines += ["", f"In-distribution: {onsets} alert onsets over {len(evaluated)} analyses ({n_checks} checks) = "
               f"**{1000 * onsets / len(evaluated):.2f} false alerts per 1,000 images** "
-              f"(alerting {100 * alerting:.1f}% of the time).", "",
+              f"(alerting {100 * alerting:.1f}% of the time).", "", *mix,
               "| writer | analyses / s | ratio to the model |", "|---|---|---|"]
     model_rate = list(rates.values())[-1]
     for name, rate in rates.items():
@@ -274,6 +304,43 @@ def trained_patients(folder: str) -> set:
     from chestxray.data import find_data_entry, read_data_entry
 
     return set(read_data_entry(find_data_entry(folder))["patient"].astype(int))
+
+
+def composition(args, predictor, reference, labels, held_files: list[Path], held_preds: list) -> list[str]:
+    """The report's lines on what the in-distribution stream is: view mix and finding share of the checkpoint's
+    calibration split (rebuilt from its recorded split of --train-data) against the held-out pool, with Fisher's
+    exact p, and how well the pool's mean label rank tells images with a finding from those without (AUROC)."""
+    import warnings
+
+    from scipy.stats import fisher_exact
+    from sklearn.metrics import roc_auc_score
+
+    from chestxray.data import load_index, rebuild_splits
+    from chestxray.labels import NO_FINDING
+    from chestxray.monitor import mean_label_rank, probability_key
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bundled official lists standing in: training said so already
+        calibration = rebuild_splits(predictor.meta, load_index(args.train_data), args.train_data)["calibration"]
+    rows = labels.set_index("Image Index").loc[[f.name for f in held_files]]
+    held = {"AP views": (rows["View Position"] == "AP").to_numpy(),
+            "with a finding": (rows["Finding Labels"] != NO_FINDING).to_numpy()}
+    calib = {"AP views": (calibration["view"] == "AP").to_numpy(),
+             "with a finding": (calibration["findings"] != NO_FINDING).to_numpy()}
+    how = "stratified" if predictor.meta.split and predictor.meta.split.stratify else "by each patient's own draw"
+    lines = [f"What the in-distribution stream is: the checkpoint's calibration split ({len(calibration)} images; "
+             f"split {how}) against the held-out "
+             f"pool ({len(held_files)} images):", "",
+             "| share | calibration split | held-out pool | Fisher's exact p |", "|---|---|---|---|"]
+    for name in held:
+        a, b = calib[name], held[name]
+        p = fisher_exact([[a.sum(), (~a).sum()], [b.sum(), (~b).sum()]]).pvalue
+        lines.append(f"| {name} | {100 * a.mean():.1f}% ({a.sum()}) | {100 * b.mean():.1f}% ({b.sum()}) | {p:.2g} |")
+    probs = np.array([[p.probabilities[n] for n in predictor.labels] for p in held_preds])
+    rank = mean_label_rank(probs, [reference.samples[probability_key(n)] for n in predictor.labels])
+    auroc = roc_auc_score(held["with a finding"], rank)
+    return lines + ["", f"On the held-out pool the mean label rank tells images with a finding from those without "
+                        f"with AUROC {auroc:.2f} (0.5 = not at all): a prevalence shift moves it only that far.", ""]
 
 
 def fitted_reference(predictor, images: list[np.ndarray], predict):
