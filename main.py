@@ -16,7 +16,7 @@ from pathlib import Path
 from chestxray.batching import MAX_BATCH
 from chestxray.checkpoint import CheckpointError
 from chestxray.messages import TRAIN_COMMAND
-from chestxray.pacs import node as dicom_node
+from chestxray.pacs import options as dicom_options
 from chestxray.predictor import BACKEND_HELP, BACKENDS
 from chestxray.store import StoreError
 from chestxray.web import LOOPBACK_HOSTS, create_app, http, worklist
@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the app's address as clients reach it, e.g. https://cxr.hospital.example; absolute "
                         "URLs in the API and the CSV are built from it (default: the request's trusted host)")
     http.add_server_arguments(parser)
-    dicom_node.add_arguments(parser)
+    dicom_options.add_arguments(parser)
     return parser
 
 

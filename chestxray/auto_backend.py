@@ -12,7 +12,6 @@ export imports it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .fileio import cached_file_sha256
 from .meta import Meta
 from .onnx_backend import OnnxModel, OnnxModelError, export_onnx
 
@@ -38,13 +38,7 @@ class ExportRefused(OnnxModelError):
     """The export could not be made or did not match PyTorch: serve with PyTorch instead."""
 
 
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of the checkpoint file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+checkpoint_digest = cached_file_sha256  # SHA-256 of the checkpoint file, hex (once per file version)
 
 
 def export_path(checkpoint: str | os.PathLike, digest: str) -> Path:

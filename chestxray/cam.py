@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -107,6 +106,12 @@ def upsample_map(cam: np.ndarray | torch.Tensor, height: int, width: int) -> np.
     return _bilinear_weights(m.shape[0], height) @ m @ _bilinear_weights(m.shape[1], width).T
 
 
+def _colormap(name: str):
+    from matplotlib import colormaps  # imported at the first picture drawn, not at every import of this module
+
+    return colormaps[name]
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: str = COLORMAP,
             peak: float | None = None) -> Image.Image:
     """Blend a heatmap over an X-ray: image (H, W) in [0, 1], cam (h, w) raw -> RGB PIL image (W x H).
@@ -117,7 +122,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, colormap: s
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     h, w = image.shape
     heat = upsample_map(normalize_map(cam, peak), h, w)
-    colour = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
+    colour = _colormap(colormap)(np.clip(heat, 0, 1))[..., :3]
     gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
     blended = (1 - alpha) * gray + alpha * colour
     return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
@@ -127,7 +132,7 @@ def heatmap_image(cam: np.ndarray, height: int, width: int, colormap: str = COLO
                   peak: float | None = None) -> Image.Image:
     """The colour-mapped heatmap alone, RGBA with opacity following the heat (for a CSS-blended layer)."""
     heat = upsample_map(normalize_map(cam, peak), height, width)
-    rgba = colormaps[colormap](np.clip(heat, 0, 1))
+    rgba = _colormap(colormap)(np.clip(heat, 0, 1))
     rgba[..., 3] = np.clip(heat, 0, 1)
     return Image.fromarray(np.round(rgba * 255).astype(np.uint8), mode="RGBA")
 
@@ -143,7 +148,7 @@ def with_legend(image: Image.Image, caption: str, colormap: str = COLORMAP) -> I
     bar_h, text_h = max(8, h // 40), 14
     out = Image.new("RGB", (w, h + bar_h + 2 * text_h + 6), "white")
     out.paste(image.convert("RGB"), (0, 0))
-    ramp = colormaps[colormap](np.linspace(0, 1, max(w - 20, 2)))[None, :, :3]
+    ramp = _colormap(colormap)(np.linspace(0, 1, max(w - 20, 2)))[None, :, :3]
     bar = Image.fromarray(np.round(np.repeat(ramp, bar_h, axis=0) * 255).astype(np.uint8), mode="RGB")
     out.paste(bar, (10, h + 3))
     draw, font = ImageDraw.Draw(out), ImageFont.load_default()

@@ -7,12 +7,14 @@ written (checkpoints, training state, history, the image cache, saved results) g
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +53,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | by
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex, read now."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """file_sha256, computed once per file version (path, size, modification time) in this process: a checkpoint's
+    digest names its export and its model version in the results database. Not for checks a changed file must not
+    pass unseen (use file_sha256)."""
+    st = os.stat(path)
+    return _sha256_of_version(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

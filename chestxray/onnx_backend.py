@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .fileio import atomic_write, is_tensor, number_row, to_json_data
+from .fileio import atomic_write, file_sha256, is_tensor, number_row, to_json_data
 from .meta import TRANSITION_CHANNELS, CheckpointError, Meta
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ KEY_PRECISION = "chestxray.precision"
 KEY_QUANTIZATION = "chestxray.quantization"
 PRECISIONS = ("fp32", "int8")
 EXPORT_COMMAND = "python Model_Training/export.py --checkpoint CKPT --out model.onnx"
+# SHA-256 of the files that passed every load check (OnnxModel), in this tool's own cache folder
+CHECKED_RECORD = Path(__file__).resolve().parents[1] / ".cache" / "onnx-checked.json"
+CHECKED_KEEP = 64  # digests kept (newest)
 
 
 class OnnxModelError(CheckpointError):
@@ -312,17 +315,75 @@ def _torch_sees_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def checked_digests() -> list[str]:
+    """SHA-256 digests of the .onnx files that passed every load check (newest last); [] when none or unreadable."""
+    try:
+        digests = json.loads(CHECKED_RECORD.read_text())
+    except (OSError, ValueError):
+        return []
+    return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
+
+
+def _remember_checked(digest: str) -> None:
+    """Add a digest to CHECKED_RECORD (bounded, written atomically); a folder that cannot be written is no error:
+    the next load then checks the file again."""
+    digests = [d for d in checked_digests() if d != digest][-(CHECKED_KEEP - 1):] + [digest]
+    try:
+        CHECKED_RECORD.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(CHECKED_RECORD, json.dumps(digests))
+    except OSError:
+        pass
+
+
 class OnnxModel:
-    """An exported model in an ONNX Runtime session. run() is thread-safe (ORT sessions are), no per-call state."""
+    """An exported model in an ONNX Runtime session. run() is thread-safe (ORT sessions are), no per-call state.
+
+    Loading checks the file before ONNX Runtime reads it (no external data: onnx's parser), its metadata and its
+    graph's declared inputs and outputs, and after loading, what one pass on a blank batch really returns. A file
+    that passed all of it is remembered by its SHA-256 (CHECKED_RECORD, in this tool's own cache folder, not beside
+    the model, so whoever can write the models folder cannot vouch for a file); the same bytes later skip the parse
+    and the blank pass, which are most of a server's cold start on ONNX Runtime. Any other bytes get every check.
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  expected_meta: Meta | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
-        proto = _load_proto(self.path)
-        info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(self.path))
-        check_graph(proto, info.meta, str(self.path))
+        if not self.path.is_file():
+            raise OnnxModelError(f"ONNX model not found: {self.path}. Export one with: {EXPORT_COMMAND}")
+        digest = file_sha256(self.path)
+        checked = digest in checked_digests()
+        if not checked:
+            proto = _load_proto(self.path)
+            info = parse_metadata({p.key: p.value for p in proto.metadata_props}, str(self.path))
+            check_graph(proto, info.meta, str(self.path))
+            # ONNX Runtime reads the file itself (checked above: no external data): a serialized copy handed over
+            # as bytes would add the file's size to the server's memory, and the parsed proto is not needed.
+            del proto
+            self._set_meta(info, expected_meta)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
+        except (RuntimeError, ValueError) as exc:  # onnxruntime's own errors are RuntimeError subclasses
+            raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load the graph ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}). Export it again with: {EXPORT_COMMAND}") from None
+        self.providers = self.session.get_providers()
+        if checked:  # the same metadata, read by ONNX Runtime instead of onnx's parser
+            self._set_meta(parse_metadata(dict(self.session.get_modelmeta().custom_metadata_map), str(self.path)),
+                           expected_meta)
+        else:
+            # The declared output shapes (check_graph) are not enforced by ONNX Runtime: a graph may declare 14
+            # logits and compute 3. One pass on a blank batch checks what it really returns, so a bad file fails
+            # here with a clear error instead of in the middle of a prediction.
+            size = int(self.meta.image_size)
+            self.run(np.zeros((1, 3, size, size), dtype=np.float32))
+            _remember_checked(digest)
+
+    def _set_meta(self, info: OnnxMetadata, expected_meta: Meta | None) -> None:
         if expected_meta is not None and expected_meta.to_dict() != info.meta.to_dict():
             differ = sorted(k for k, v in expected_meta.to_dict().items() if info.meta.to_dict().get(k) != v)
             raise OnnxModelError(f"{self.path} was exported from another checkpoint: its metadata differs in "
@@ -330,24 +391,6 @@ class OnnxModel:
         self.info = info
         self.meta = info.meta
         self.precision = info.precision
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        # ONNX Runtime reads the file itself (checked above: no external data): a serialized copy handed over as
-        # bytes would add the file's size to the server's memory, and the parsed proto is not needed any more.
-        del proto
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(device))
-        except (RuntimeError, ValueError) as exc:  # onnxruntime's own errors are RuntimeError subclasses
-            raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load the graph ({type(exc).__name__}: "
-                                 f"{str(exc)[:200]}). Export it again with: {EXPORT_COMMAND}") from None
-        self.providers = self.session.get_providers()
-        # The declared output shapes (check_graph) are not enforced by ONNX Runtime: a graph may declare 14 logits
-        # and compute 3. One pass on a blank batch checks what it really returns, so a bad file fails here with a
-        # clear error instead of in the middle of a prediction.
-        size = int(self.meta.image_size)
-        self.run(np.zeros((1, 3, size, size), dtype=np.float32))
 
     @property
     def device(self) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.special import expit
 
 from .auto_backend import checkpoint_digest, ensure_export, export_path
 from .calls import NEGATIVE, NOT_VALIDATED, OUT_OF_SCOPE, POSITIVE, ranked_labels
@@ -31,6 +30,7 @@ from .monitor import input_statistics
 from .onnx_backend import OnnxModel, OnnxModelError
 from .transforms import build_normalize, build_transform, preprocess, resized_uint8
 from .trust import Trust, TrustError
+from .trust.calibration import sigmoid
 from .trust.evidence import RULE, format_scope, is_validated
 from .trust.orientation import orientation_features
 from .trust.scope import image_statistics
@@ -359,7 +359,7 @@ class Predictor:
         if trust.calibration is not None:
             probs = trust.calibration.apply(logits)
         else:
-            probs = expit(logits)
+            probs = sigmoid(logits)
         in_scope = limit = None
         if score is not None:
             limit = trust.scope.limit

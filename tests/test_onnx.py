@@ -251,3 +251,38 @@ def test_int8_options_keep_the_first_conv_float(scoped_checkpoint, tmp_path):
     # Only the stem stays float: the other convolutions still read int8 weights through DequantizeLinear.
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 10
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+
+
+def test_a_file_that_passed_its_checks_loads_without_them_and_any_other_bytes_get_them(fp32_onnx, tmp_path,
+                                                                                     monkeypatch):
+    """OnnxModel remembers files that passed every check by their SHA-256, in the tool's cache folder (not beside
+    the model): the same bytes load again without onnx's parse and the blank pass, with the same metadata; a file
+    changed in one metadata value is checked in full, and a file that failed is never remembered."""
+    import chestxray.onnx_backend as backend
+
+    monkeypatch.setattr(backend, "CHECKED_RECORD", tmp_path / "cache" / "onnx-checked.json")
+    checks = []
+    parse = backend._load_proto
+    monkeypatch.setattr(backend, "_load_proto", lambda path: checks.append(path.name) or parse(path))
+    first = OnnxModel(fp32_onnx, device="cpu")
+    assert checks == [fp32_onnx.name] and len(backend.checked_digests()) == 1
+    again = OnnxModel(fp32_onnx, device="cpu")
+    assert checks == [fp32_onnx.name]  # not parsed again
+    assert (again.meta, again.info.extra, again.precision) == (first.meta, first.info.extra, first.precision)
+    batch = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    for a, b in zip(first.run(batch), again.run(batch)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(OnnxModelError, match="another checkpoint"):  # the metadata is still compared
+        OnnxModel(fp32_onnx, device="cpu", expected_meta=Meta.from_dict({**first.meta.to_dict(),
+                                                                         "thresholds": [0.3] * 14}))
+
+    changed = tmp_path / "changed.onnx"
+    _rewrite(fp32_onnx, changed, {KEY_META: _meta_with(fp32_onnx, thresholds=[0.25] * 14)})
+    assert list(OnnxModel(changed, device="cpu").meta.thresholds) == [0.25] * 14
+    assert checks == [fp32_onnx.name, changed.name]  # other bytes: checked in full
+    bad = tmp_path / "bad.onnx"
+    _rewrite(fp32_onnx, bad, {KEY_FORMAT: "99"})
+    for _ in range(2):
+        with pytest.raises(OnnxModelError, match="export format"):
+            OnnxModel(bad, device="cpu")
+    assert len(backend.checked_digests()) == 2 and not list(tmp_path.glob("*.json"))

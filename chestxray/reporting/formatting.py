@@ -13,9 +13,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..trust.evidence import format_call
 
 NO_VALUE = "–"  # shown where a number was not recorded
+SCALES = {
+    "own": "each map scaled to its own peak",
+    "shared": "one scale for all labels (the peak over every label's map)",
+}
 
 
 def label_name(label: str) -> str:
@@ -74,3 +80,22 @@ def finding_texts(record: Mapping) -> dict[str, FindingText]:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def strongest_zone(cam: np.ndarray, in_scope: bool = True) -> str:
+    """Where a raw (h, w) map peaks, in words: "the lower zone, on the image's right"; "" for a map with no evidence.
+
+    Zones are thirds of the image; sides are the image's (on a PA view the image's right is the patient's left).
+    For an image out of scope (in_scope False) the words are the picture's, not a chest's: "the lower third of the
+    image, towards its right".
+    """
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.size == 0 or float(cam.max()) <= 0:
+        return ""
+    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    third, across = min(2, 3 * int(row) // cam.shape[0]), min(2, 3 * int(col) // cam.shape[1])
+    if not in_scope:
+        return (f"the {('upper', 'middle', 'lower')[third]} third of the image, "
+                f"{('towards its left', 'in its middle', 'towards its right')[across]}")
+    side = ("on the image's left", "centrally", "on the image's right")[across]
+    return f"the {('upper', 'middle', 'lower')[third]} zone, {side}"

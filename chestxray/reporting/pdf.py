@@ -27,15 +27,11 @@ from matplotlib.figure import Figure
 
 from ..calls import POSITIVE, ranked_labels, statements
 from ..cam import COLORMAP, upsample_map
-from .formatting import auroc_text, finding_text, label_name
+from .formatting import SCALES, auroc_text, finding_text, label_name, strongest_zone  # noqa: F401 (re-exported)
 
 # matplotlib's PDF backend is imported in report_bytes only: it costs ~0.5 s at every start of the app.
 
 PAPER_SIZES = {"a4": (8.27, 11.69), "letter": (8.5, 11.0)}  # inches, portrait
-SCALES = {
-    "own": "each map scaled to its own peak",
-    "shared": "one scale for all labels (the peak over every label's map)",
-}
 NOTICE = ("Not for clinical use. This is a research and teaching tool, not a medical device: its outputs are "
           "unvalidated estimates from a model trained on NIH ChestX-ray14's text-mined labels and may be wrong. "
           "Do not use them to diagnose or treat anyone.")
@@ -128,25 +124,6 @@ def scaled_map(heatmaps: np.ndarray, index: int, scale: str = "own") -> tuple[np
     positive = np.maximum(np.asarray(heatmaps, dtype=np.float32), 0.0)
     peak = float(positive[index].max() if scale == "own" else positive.max())
     return (positive[index] / peak if peak > 0 else np.zeros_like(positive[index])), peak
-
-
-def strongest_zone(cam: np.ndarray, in_scope: bool = True) -> str:
-    """Where a raw (h, w) map peaks, in words: "the lower zone, on the image's right"; "" for a map with no evidence.
-
-    Zones are thirds of the image; sides are the image's (on a PA view the image's right is the patient's left).
-    For an image out of scope (in_scope False) the words are the picture's, not a chest's: "the lower third of the
-    image, towards its right".
-    """
-    cam = np.asarray(cam, dtype=np.float32)
-    if cam.size == 0 or float(cam.max()) <= 0:
-        return ""
-    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    third, across = min(2, 3 * int(row) // cam.shape[0]), min(2, 3 * int(col) // cam.shape[1])
-    if not in_scope:
-        return (f"the {('upper', 'middle', 'lower')[third]} third of the image, "
-                f"{('towards its left', 'in its middle', 'towards its right')[across]}")
-    side = ("on the image's left", "centrally", "on the image's right")[across]
-    return f"the {('upper', 'middle', 'lower')[third]} zone, {side}"
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +27,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import selectinload, sessionmaker
 
+from ..fileio import cached_file_sha256
 from .models import OUTCOMES, SOURCES, TRUTHS, Analysis, Base, Feedback, LabelAnswer
 
 if TYPE_CHECKING:
@@ -100,23 +99,13 @@ def model_version(checkpoint: str | os.PathLike | None, predictor=None) -> Model
     digest = None
     if checkpoint:
         with contextlib.suppress(OSError):
-            st = os.stat(checkpoint)
-            digest = _file_hash(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns)
+            digest = cached_file_sha256(checkpoint)
     if predictor is not None:
         name = f"{name or 'model'} ({predictor.meta.arch} {predictor.meta.image_size}px)"
     backend = None
     if predictor is not None:
         backend = predictor.model_card()["backend"]
     return ModelVersion(name, digest, backend)
-
-
-@lru_cache(maxsize=16)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_facts(source: bytes | str | os.PathLike | Dataset | None, image_format: str | None) -> dict:

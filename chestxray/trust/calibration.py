@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import expit
 
 from ..fileio import check_record
 from ..metrics import calibration as reliability
@@ -32,6 +31,12 @@ REFIT = "fit it again with Model_Training/fit_trust.py"
 # positives are perfectly separated, where an unpenalised fit diverges.
 PLATT_C = 1.0
 ECE_BINS = 10
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-z) without overflow for large |z| (scipy.special.expit's values to float64 rounding; NumPy only,
+    so a server does not import scipy to answer)."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))
 
 
 class CalibrationError(ValueError):
@@ -73,7 +78,7 @@ class Calibration:
         z = np.asarray(logits, dtype=np.float64)
         if z.shape[-1] != len(self.labels):
             raise CalibrationError(f"logits have {z.shape[-1]} labels; the calibration has {len(self.labels)}")
-        return expit(z * np.asarray(self.slope) + np.asarray(self.intercept))
+        return sigmoid(z * np.asarray(self.slope) + np.asarray(self.intercept))
 
     def to_dict(self) -> dict:
         """Plain data (lists of numbers and strings) for the checkpoint and JSON."""

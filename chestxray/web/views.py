@@ -42,14 +42,23 @@ from chestxray.fileio import SpreadsheetWriter
 from chestxray.imaging import ACCEPTED, InvalidImage, UnsupportedFormat
 from chestxray.messages import POINT_COMMAND, TRAIN_COMMAND
 from chestxray.predictor import Predictor
-from chestxray.reporting.formatting import FindingText, auroc_text, change_text, finding_texts, label_name, percent
-from chestxray.reporting.pdf import SCALES, ReportPage, report_bytes, strongest_zone
+from chestxray.reporting.formatting import (
+    SCALES,
+    FindingText,
+    auroc_text,
+    change_text,
+    finding_texts,
+    label_name,
+    percent,
+    strongest_zone,
+)
 from chestxray.results import ResultNotFound, ResultStore, default_label, label_names, ranked
 from chestxray.service import ResultNotSaved, analyse_and_store
 from chestxray.trust.evidence import format_call, format_scope
 from chestxray.web import monitoring
 
 if TYPE_CHECKING:
+    from chestxray.reporting.pdf import ReportPage
     from chestxray.web.checkpoints import ModelState
 
 RETRY_AFTER_SECONDS = 5  # what a 503 "busy" tells clients to wait
@@ -584,6 +593,8 @@ def heatmaps_npy(rid: str):
 
 def report_page(rid: str, view: View | None = None) -> ReportPage:
     """The PDF report page of a saved result in the given view (default: the result's default view)."""
+    from chestxray.reporting.pdf import ReportPage  # matplotlib's figure: only when a report is asked for
+
     record = load_result(rid)
     view = view or View(default_label(record), 60, False, DEFAULT_SCALE)
     image = np.asarray(Image.open(result_store().image_path(rid)).convert("L"))
@@ -594,6 +605,8 @@ def report_page(rid: str, view: View | None = None) -> ReportPage:
 def pdf_response(pages: list[ReportPage], name: str, opacity: int = 60) -> Response:
     # Rendering costs about as much CPU per page as an analysis: it waits for the same slots (or gets 503), so a
     # report of many results never takes the threads /healthz and the other pages need.
+    from chestxray.reporting.pdf import report_bytes
+
     with current_app.extensions["analyses"].enter():
         pdf = report_bytes(pages, opacity=opacity / 100)
     return Response(pdf, mimetype="application/pdf",

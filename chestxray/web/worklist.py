@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, current_app, render_template, request, url_for
 
-from chestxray.pacs import node as dicom_node
 from chestxray.web.views import no_model_message
+
+if TYPE_CHECKING:
+    from chestxray.pacs.node import DicomNode
 
 bp = Blueprint("worklist", __name__)
 
@@ -37,13 +40,15 @@ def worklist():
     return render_template("worklist.html", rows=rows, sort=sort, sorts=SORTS, node=node)
 
 
-def start_node(app: Flask, args: argparse.Namespace) -> dicom_node.DicomNode | None:
+def start_node(app: Flask, args: argparse.Namespace) -> DicomNode | None:
     """Start the DICOM node the --dicom-* flags ask for, sharing the app's model and results store; None without.
 
     Raises ValueError for bad flags or a missing model, OSError when the port cannot be bound.
     """
     if args.dicom_port is None:
         return None
+    from chestxray.pacs import node as dicom_node  # pynetdicom, pydicom, highdicom: only a node's start pays for them
+
     state = app.extensions["chestxray"]
     if state.predictor is None:
         raise ValueError("the DICOM node needs a loaded model: " + no_model_message(state.error))
