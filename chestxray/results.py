@@ -114,7 +114,9 @@ class ResultStore:
             np.save(tmp / "heatmaps.npy", np.asarray(prediction.heatmaps, dtype=np.float32))
             (tmp / "heatmap").mkdir()
             write_json(tmp / "result.json", record)
-            _render_heatmap(tmp, record, default_label(record))  # the one shown first; the others on request
+            # Every heat layer, the one shown first included, is drawn when it is first asked for (then kept):
+            # an API client, the batch scorer or the DICOM node never views them, and drawing one (colour map, PNG
+            # of the display size) cost about a third of a small model's whole analysis.
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             os.rename(tmp, self.folder / record["id"])
         except BaseException:

@@ -266,7 +266,9 @@ def test_heatmaps_are_rendered_on_first_request_and_kept(client, app):
     folder = results_dir(app) / rid
     record = json.loads((folder / "result.json").read_text())
     top = default_label(record)
-    assert [p.name for p in (folder / "heatmap").iterdir()] == [f"{top}.png"]  # only the one shown first
+    assert list((folder / "heatmap").iterdir()) == []  # none drawn until asked for, not even the one shown first
+    assert client.get(f"/results/{rid}/heatmap/{top}.png").status_code == 200
+    assert [p.name for p in (folder / "heatmap").iterdir()] == [f"{top}.png"]
     other = next(label for label in label_names(record) if label != top)
     response = client.get(f"/results/{rid}/heatmap/{other}.png")
     assert response.status_code == 200 and response.mimetype == "image/png"
@@ -558,7 +560,7 @@ def test_a_failed_save_leaves_nothing_behind(make_app, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results_module, "_render_heatmap", fail)
+    monkeypatch.setattr(results_module, "write_json", fail)  # the last write of a result folder
     response = app.test_client().post("/api/predict", data=upload(NIH_PNG))
     assert response.status_code == 503 and list(results_dir(app).iterdir()) == []
 
