@@ -141,17 +141,18 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, checkpoint: Path, results: Path, log_path: Path,
-                 timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
-    """`python main.py` on a free loopback port; returns (process, port) once /healthz answers."""
+                 timeout: float = 120.0, root: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """`python main.py` (of the source tree `root`) on a free loopback port; returns (process, port) once /healthz
+    answers."""
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+    cmd = [sys.executable, str(root / "main.py"), "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--results-dir", str(results), "--retention", str(args.retention),
            "--device", "cpu", "--min-age", "0", "--backend", args.backend]  # --min-age 0: pruned at once
     cmd += ["--threads", str(args.threads)] if args.threads is not None else []
     cmd += ["--max-analyses", str(args.max_analyses)] if args.max_analyses is not None else []
     cmd += getattr(args, "extra", [])  # more main.py flags (bench_batching.py's --max-batch)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

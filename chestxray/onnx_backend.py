@@ -364,6 +364,11 @@ class OnnxModel:
             self._set_meta(info, expected_meta)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's pool threads spin while waiting for work by default. Beside anything else on the CPU (the
+        # server's other analyses, decoding, PNG writing, another program) the spinning takes the cores the others
+        # need: with it off, 2 concurrent ResNet-18 runs gave 1.26x the runs per second on 2 loaded cores
+        # (BENCHMARKS.md, "Eight readers at once").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         try:
