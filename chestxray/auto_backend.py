@@ -38,7 +38,10 @@ class ExportRefused(OnnxModelError):
     """The export could not be made or did not match PyTorch: serve with PyTorch instead."""
 
 
-checkpoint_digest = cached_file_sha256  # SHA-256 of the checkpoint file, hex (once per file version)
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the checkpoint file, hex: what names its export. Read once per file version in a process (the
+    results database names the model version by the same digest)."""
+    return cached_file_sha256(path)
 
 
 def export_path(checkpoint: str | os.PathLike, digest: str) -> Path:
