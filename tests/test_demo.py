@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -158,3 +159,22 @@ def test_every_page_and_the_api_say_demo(demo_marked, tiny_checkpoint, tmp_path)
                             "DEVICE": "cpu", "INSTANCE_PATH": str(tmp_path / "instance2")}).test_client()
     assert "Demo model" not in real.get("/").get_data(as_text=True)
     assert real.get("/api/model").get_json()["demo"] is False
+
+
+def test_a_demo_checkpoint_with_its_export_beside_it_starts_without_the_child(tmp_path, monkeypatch):
+    """Once the auto backend has exported the demo checkpoint (named by its SHA-256), a start finds it without running
+    demo.py (whose torch import and load were most of every later start); other bytes still go to the child."""
+    from chestxray.auto_backend import checkpoint_digest, export_path
+    from chestxray.web import checkpoints
+
+    runs = []
+    monkeypatch.setattr(checkpoints.subprocess, "run",
+                        lambda cmd, **kwargs: runs.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    demo = tmp_path / "demo_model.pth"
+    demo.write_bytes(b"the demo checkpoint")
+    export_path(demo, checkpoint_digest(demo)).write_bytes(b"its export")
+    assert checkpoints.build_demo(demo) == demo and runs == []
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another version")
+    export_path(other, checkpoint_digest(demo)).write_bytes(b"an export of the first version's bytes")
+    assert checkpoints.build_demo(other) == other and len(runs) == 1

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from chestxray.auto_backend import checkpoint_digest, export_path
 from chestxray.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from chestxray.predictor import Predictor
 
@@ -41,8 +42,14 @@ class DemoUnavailable(RuntimeError):
 def build_demo(path: str | os.PathLike = DEMO_CHECKPOINT) -> Path:
     """Run Model_Training/demo.py in a child process to build (or find) the demo checkpoint at `path` -> path.
 
-    Its progress goes straight to this process's terminal. Raises DemoUnavailable when it fails.
+    Its progress goes straight to this process's terminal. Raises DemoUnavailable when it fails. A demo checkpoint
+    whose ONNX export (named by the file's SHA-256, chestxray.auto_backend) is beside it is returned at once: those
+    very bytes were loaded and checked when the export was made, and the child (which imports torch to load the file
+    again) was most of every later `make run` start.
     """
+    path = Path(path)
+    if path.is_file() and export_path(path, checkpoint_digest(path)).is_file():
+        return path
     # A child process, not an import: the training script and its dependencies stay out of the server process, and
     # the package imports no entry point.
     try:
