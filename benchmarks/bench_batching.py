@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import PROBABILITY_TOLERANCE, multipart, percentile, post, rss_mib, run_concurrently, start_server
+from bench_load import PROBABILITY_TOLERANCE, multipart, post, rss_mib, run_concurrently, start_server, timed_round
 from common import ROOT, livesite, support
 
 make_checkpoint = support.checkpoints.make_checkpoint
@@ -75,15 +75,12 @@ def main(args: argparse.Namespace) -> int:
             load = [os.getloadavg()[0]]
             for _ in range(args.rounds):
                 for v in variants:
-                    start = time.perf_counter()
-                    outcomes = run_concurrently(servers[v][1], bodies, args.requests, args.clients, args.timeout,
-                                                time.monotonic() + 3600)
-                    wall = time.perf_counter() - start
-                    good = [o for o in outcomes if o.status == 200]
+                    throughput, p95, errors, good = timed_round(servers[v][1], bodies, args.requests, args.clients,
+                                                                args.timeout)
                     r = results[v]
-                    r["errors"] += len(outcomes) - len(good)
-                    r["throughput"].append(len(good) / wall)
-                    r["p95"].append(percentile([o.seconds for o in good], 95) if good else float("nan"))
+                    r["errors"] += errors
+                    r["throughput"].append(throughput)
+                    r["p95"].append(p95)
                     for o in good:
                         ref = reference[o.image].probabilities or {}
                         r["gap"] = max([r["gap"], *(abs(o.probabilities[k] - ref[k]) for k in ref)])

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import multipart, percentile, post, rss_mib, run_concurrently, start_server
+from bench_load import multipart, post, rss_mib, run_concurrently, start_server, timed_round
 from common import NIH_IMAGES, ROOT, livesite
 
 MAKE_CHECKPOINT = """
@@ -100,14 +100,11 @@ def main(args: argparse.Namespace) -> int:
             load = [os.getloadavg()[0]]
             for _ in range(args.rounds):
                 for n in names:
-                    start = time.perf_counter()
-                    outcomes = run_concurrently(servers[n][1], bodies, args.requests, args.clients, args.timeout,
-                                                time.monotonic() + 3600)
-                    wall = time.perf_counter() - start
-                    good = [o for o in outcomes if o.status == 200]
-                    results[n]["errors"] += len(outcomes) - len(good)
-                    results[n]["throughput"].append(len(good) / wall)
-                    results[n]["p95"].append(percentile([o.seconds for o in good], 95) if good else float("nan"))
+                    throughput, p95, errors, _ = timed_round(servers[n][1], bodies, args.requests, args.clients,
+                                                          args.timeout)
+                    results[n]["errors"] += errors
+                    results[n]["throughput"].append(throughput)
+                    results[n]["p95"].append(p95)
                 load.append(os.getloadavg()[0])
             rss = {n: rss_mib(proc.pid) for n, (proc, _) in servers.items()}
         finally:
